@@ -1,0 +1,2 @@
+//! The `fieldcrypt` command-line tool.
+fn main() {}

@@ -1,0 +1,5 @@
+//! Keys: ids, secret material, states.
+
+mod id;
+
+pub use id::KeyId;

@@ -1,0 +1,9 @@
+//! Client-side field-level encryption for MongoDB.
+#![forbid(unsafe_code)]
+#![deny(missing_docs, rustdoc::broken_intra_doc_links)]
+
+mod error;
+mod key;
+
+pub use error::{Error, Result};
+pub use key::KeyId;
