@@ -113,6 +113,12 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
+    /// The development server ([`crate::devserver`], for tests and examples) could not be
+    /// found, installed or started; the message says why and how to provide one.
+    #[cfg(feature = "mongodb")]
+    #[error("dev server: {0}")]
+    DevServer(String),
+
     /// An error from the MongoDB driver.
     #[cfg(feature = "mongodb")]
     #[error("MongoDB error: {0}")]

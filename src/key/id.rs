@@ -118,6 +118,8 @@ mod tests {
     #[test]
     fn fail_parse_garbage() {
         assert!("not-a-uuid".parse::<KeyId>().is_err());
-        assert!("zz345678-1234-1234-1234-123456789012".parse::<KeyId>().is_err());
+        assert!("zz345678-1234-1234-1234-123456789012"
+            .parse::<KeyId>()
+            .is_err());
     }
 }

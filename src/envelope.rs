@@ -1,0 +1,320 @@
+//! The envelope: the stored form of one encrypted value (docs/FORMAT.md is the specification).
+//!
+//! ```text
+//! BSON Binary, subtype 0x8F (user-defined):
+//!   0   u8     format version (1)
+//!   1   u8     suite id
+//!   2   u8     flags: 0x01 namespace bound, 0x02 _id bound, 0x04 owner bound, 0x08 padded
+//!   3   u8     BSON element type of the original value
+//!   4   [16]   key id (UUID)
+//!   20  [n]    nonce (AES-SIV: the synthetic IV)
+//!   ..  [*]    ciphertext of the value's own BSON bytes (+ padding)
+//!   ..  [t]    tag (none for AES-SIV)
+//! associated data = header (bytes 0..20) ‖ path ‖ [namespace] ‖ [_id] ‖ [owner]
+//! ```
+
+use zeroize::Zeroize;
+
+use crate::error::{Error, Result};
+use crate::key::{Key, KeyId};
+use crate::rawbson;
+use crate::suite::Suite;
+
+/// The BSON Binary subtype of a fieldcrypt envelope (user-defined range). Never 6, which
+/// MongoDB's servers and drivers reserve for their own encryption payloads.
+pub const ENVELOPE_SUBTYPE: u8 = 0x8F;
+
+/// The current (and only) envelope format version.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// Length of the authenticated header.
+pub const HEADER_LEN: usize = 20;
+
+/// Header flag bits.
+pub(crate) mod flags {
+    pub const NAMESPACE: u8 = 0x01;
+    pub const ID: u8 = 0x02;
+    pub const OWNER: u8 = 0x04;
+    pub const PADDED: u8 = 0x08;
+    pub const ALL: u8 = NAMESPACE | ID | OWNER | PADDED;
+}
+
+/// A BSON value as its element type and its own bytes (no type byte, no name).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RawValue<'a> {
+    pub ty: u8,
+    pub bytes: &'a [u8],
+}
+
+/// Where a ciphertext lives; all of it goes into the associated data, so a ciphertext moved
+/// anywhere else fails to decrypt.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Binding<'a> {
+    /// The field path with array indexes left out (`addresses.street`).
+    pub path: &'a str,
+    /// `db.collection`, when known.
+    pub namespace: Option<&'a str>,
+    /// The document's `_id`, when the field is bound to it.
+    pub id: Option<RawValue<'a>>,
+    /// The owner field's value, when the collection is owner-scoped.
+    pub owner: Option<RawValue<'a>>,
+}
+
+impl Binding<'_> {
+    fn flags(&self) -> u8 {
+        let mut f = 0;
+        if self.namespace.is_some() {
+            f |= flags::NAMESPACE;
+        }
+        if self.id.is_some() {
+            f |= flags::ID;
+        }
+        if self.owner.is_some() {
+            f |= flags::OWNER;
+        }
+        f
+    }
+
+    /// Writes the associated data for `header` into `ad` (cleared first).
+    fn write_ad(&self, header: &[u8], ad: &mut Vec<u8>) -> Result<()> {
+        ad.clear();
+        ad.extend_from_slice(header);
+        put_bytes(ad, self.path.as_bytes())?;
+        let f = header[2];
+        if f & flags::NAMESPACE != 0 {
+            let ns = self.namespace.ok_or(Error::MissingContext(
+                "the value is bound to a namespace; give the collection namespace",
+            ))?;
+            put_bytes(ad, ns.as_bytes())?;
+        }
+        if f & flags::ID != 0 {
+            let id = self.id.ok_or(Error::MissingContext(
+                "the value is bound to the document _id, which is missing",
+            ))?;
+            ad.push(id.ty);
+            put_bytes(ad, id.bytes)?;
+        }
+        if f & flags::OWNER != 0 {
+            let owner = self.owner.ok_or(Error::MissingContext(
+                "the value is bound to an owner; give the owner field and keep it in the document",
+            ))?;
+            ad.push(owner.ty);
+            put_bytes(ad, owner.bytes)?;
+        }
+        Ok(())
+    }
+}
+
+fn put_bytes(ad: &mut Vec<u8>, b: &[u8]) -> Result<()> {
+    let len = u32::try_from(b.len()).map_err(|_| Error::Config("binding value too long".into()))?;
+    ad.extend_from_slice(&len.to_le_bytes());
+    ad.extend_from_slice(b);
+    Ok(())
+}
+
+/// A parsed (not yet authenticated) envelope, borrowing its bytes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Envelope<'a> {
+    pub header: &'a [u8],
+    pub suite: Suite,
+    pub flags: u8,
+    pub bson_type: u8,
+    pub key_id: KeyId,
+    pub nonce: &'a [u8],
+    pub ciphertext: &'a [u8],
+    pub tag: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Parses envelope bytes (the Binary's payload). Checks structure only.
+    pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self> {
+        if bytes.len() < HEADER_LEN {
+            return Err(Error::MalformedCiphertext(
+                "envelope shorter than its header",
+            ));
+        }
+        let (header, rest) = bytes.split_at(HEADER_LEN);
+        if header[0] != FORMAT_VERSION {
+            return Err(Error::MalformedCiphertext("unsupported envelope version"));
+        }
+        let suite = Suite::from_id(header[1])?;
+        let flags = header[2];
+        if flags & !flags::ALL != 0 {
+            return Err(Error::MalformedCiphertext("unknown envelope flags"));
+        }
+        let bson_type = header[3];
+        if !rawbson::is_value_type(bson_type) {
+            return Err(Error::MalformedCiphertext("invalid BSON type in envelope"));
+        }
+        let key_id = KeyId::from_slice(&header[4..20])?;
+        let (n, t) = (suite.nonce_len(), suite.tag_len());
+        if rest.len() < n + t {
+            return Err(Error::MalformedCiphertext("envelope truncated"));
+        }
+        let (nonce, rest) = rest.split_at(n);
+        let (ciphertext, tag) = rest.split_at(rest.len() - t);
+        Ok(Envelope {
+            header,
+            suite,
+            flags,
+            bson_type,
+            key_id,
+            nonce,
+            ciphertext,
+            tag,
+        })
+    }
+
+    /// Authenticates and decrypts, appending the value's bytes to `out`; returns its BSON type.
+    /// On any failure `out` is left as it was.
+    pub(crate) fn open_into(
+        &self,
+        key: &Key,
+        binding: &Binding<'_>,
+        ad: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<u8> {
+        if key.id() != self.key_id {
+            return Err(Error::UnknownKey(self.key_id));
+        }
+        let secret = key.for_decrypt()?;
+        if secret.kind() != crate::key::KeyKind::Fieldcrypt {
+            return Err(Error::KeyMisuse {
+                id: self.key_id,
+                reason: "not a fieldcrypt key",
+            });
+        }
+        binding.write_ad(self.header, ad)?;
+        let start = out.len();
+        out.extend_from_slice(self.ciphertext);
+        let opened = secret.suites().open(
+            self.suite,
+            secret.material(),
+            ad,
+            self.nonce,
+            &mut out[start..],
+            self.tag,
+        );
+        if let Err(e) = opened {
+            out[start..].zeroize();
+            out.truncate(start);
+            return Err(e);
+        }
+        let mut end = out.len();
+        if self.flags & flags::PADDED != 0 {
+            match unpad(&out[start..]) {
+                Some(len) => end = start + len,
+                None => {
+                    out[start..].zeroize();
+                    out.truncate(start);
+                    return Err(Error::MalformedCiphertext(
+                        "bad padding in authenticated plaintext",
+                    ));
+                }
+            }
+        }
+        out.truncate(end);
+        if !rawbson::value_is_well_formed(self.bson_type, &out[start..]) {
+            out[start..].zeroize();
+            out.truncate(start);
+            return Err(Error::MalformedCiphertext(
+                "decrypted value is not well-formed BSON for its type",
+            ));
+        }
+        Ok(self.bson_type)
+    }
+}
+
+/// How to encrypt one value.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SealParams {
+    pub suite: Suite,
+    /// Pad the plaintext to a multiple of this many bytes (length hiding).
+    pub pad_to: Option<u32>,
+}
+
+/// Encrypts `value` under `key` and appends the envelope bytes to `out`.
+pub(crate) fn seal_into(
+    key: &Key,
+    params: SealParams,
+    value: RawValue<'_>,
+    binding: &Binding<'_>,
+    ad: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let secret = key.for_encrypt()?;
+    if secret.kind() != crate::key::KeyKind::Fieldcrypt {
+        return Err(Error::KeyMisuse {
+            id: key.id(),
+            reason: "not a fieldcrypt key",
+        });
+    }
+    let suite = params.suite;
+    if let Some(limit) = suite.usage_limit() {
+        secret
+            .reserve(1, limit)
+            .map_err(|limit| Error::KeyUsageLimit {
+                key: key.id(),
+                limit,
+            })?;
+    }
+    let mut fl = binding.flags();
+    if params.pad_to.is_some() {
+        fl |= flags::PADDED;
+    }
+    let start = out.len();
+    out.push(FORMAT_VERSION);
+    out.push(suite.id());
+    out.push(fl);
+    out.push(value.ty);
+    out.extend_from_slice(key.id().as_bytes());
+    binding.write_ad(&out[start..start + HEADER_LEN], ad)?;
+    let nonce_at = out.len();
+    out.resize(nonce_at + suite.nonce_len(), 0);
+    let pt_at = out.len();
+    out.extend_from_slice(value.bytes);
+    if let Some(bucket) = params.pad_to {
+        pad(out, pt_at, bucket as usize);
+    }
+    let tag_at = out.len();
+    out.resize(tag_at + suite.tag_len(), 0);
+    let (head, tail) = out[nonce_at..].split_at_mut(pt_at - nonce_at);
+    let (body, tag) = tail.split_at_mut(tag_at - pt_at);
+    secret
+        .suites()
+        .seal(suite, secret.material(), ad, head, body, tag)
+}
+
+/// ISO/IEC 7816-4 padding: `0x80` then zeros up to a multiple of `bucket` (at least one byte).
+fn pad(out: &mut Vec<u8>, pt_at: usize, bucket: usize) {
+    let len = out.len() - pt_at + 1;
+    let padded = len.div_ceil(bucket.max(1)) * bucket.max(1);
+    out.push(0x80);
+    out.resize(pt_at + padded, 0);
+}
+
+/// The unpadded length, or `None` when the padding is malformed.
+fn unpad(b: &[u8]) -> Option<usize> {
+    let last = b.iter().rposition(|&x| x != 0)?;
+    (b[last] == 0x80).then_some(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pad_unpad() {
+        for bucket in [1usize, 16, 32] {
+            for len in 0..70 {
+                let mut v = vec![0xAAu8; len];
+                pad(&mut v, 0, bucket);
+                assert_eq!(v.len() % bucket, 0);
+                assert!(v.len() > len);
+                assert_eq!(unpad(&v), Some(len));
+            }
+        }
+        assert_eq!(unpad(&[1, 2, 0]), None);
+        assert_eq!(unpad(&[]), None);
+    }
+}

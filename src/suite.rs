@@ -1,0 +1,361 @@
+//! The closed set of cipher suites, and the per-key cipher states built from a root key.
+//!
+//! Callers never see a nonce: [`SuiteKeys::seal`] draws it from a thread-local CSPRNG (seeded
+//! from the OS, reseeded periodically, no system call per value) and writes it into the
+//! envelope itself.
+//!
+//! Each suite gets its own subkey, derived from the 32-byte root key with HKDF-SHA-256 and a
+//! suite-specific label, so one root key never feeds two algorithms directly.
+
+use core::fmt;
+use std::sync::OnceLock;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit};
+use aes_siv::siv::Aes256Siv;
+use chacha20poly1305::{ChaCha20Poly1305, XChaCha20Poly1305};
+use hkdf::Hkdf;
+use hmac::Hmac;
+use rand::RngCore;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::key::KeyMaterial;
+
+/// Encryptions allowed per key for suites with random 96-bit nonces (AES-256-GCM,
+/// ChaCha20-Poly1305): 2^32, NIST SP 800-38D §8.3's bound for randomly generated IVs, which
+/// keeps the chance of a nonce collision below 2^-32.
+pub const RANDOM_NONCE_LIMIT: u64 = 1 << 32;
+
+/// Length of every suite's authentication tag (or synthetic IV), in bytes.
+pub const TAG_LEN: usize = 16;
+
+/// A cipher suite. The set is closed: the envelope stores [`Suite::id`], and an unknown id is
+/// a malformed envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Suite {
+    /// AES-256-GCM with a random 96-bit nonce. Fastest with AES hardware; at most
+    /// [`RANDOM_NONCE_LIMIT`] encryptions per key.
+    Aes256Gcm,
+    /// ChaCha20-Poly1305 (RFC 8439) with a random 96-bit nonce; same per-key limit as AES-GCM.
+    ChaCha20Poly1305,
+    /// XChaCha20-Poly1305 with a random 192-bit nonce: no practical per-key message limit.
+    XChaCha20Poly1305,
+    /// AES-256-SIV (RFC 5297), used as a *deterministic* AEAD: equal plaintexts under the same
+    /// key and binding give equal ciphertexts, which is what makes equality queries possible and
+    /// is also exactly what it leaks (equality and frequency). Never a default.
+    Aes256SivDeterministic,
+}
+
+impl Suite {
+    /// Every suite, in id order.
+    pub const ALL: [Suite; 4] = [
+        Suite::Aes256Gcm,
+        Suite::ChaCha20Poly1305,
+        Suite::XChaCha20Poly1305,
+        Suite::Aes256SivDeterministic,
+    ];
+
+    /// The suite's id byte in the envelope header.
+    #[must_use]
+    pub const fn id(self) -> u8 {
+        match self {
+            Suite::Aes256Gcm => 1,
+            Suite::ChaCha20Poly1305 => 2,
+            Suite::XChaCha20Poly1305 => 3,
+            Suite::Aes256SivDeterministic => 4,
+        }
+    }
+
+    /// The suite with this id byte.
+    ///
+    /// # Errors
+    /// [`Error::MalformedCiphertext`] for an unknown id.
+    pub const fn from_id(id: u8) -> Result<Self> {
+        Ok(match id {
+            1 => Suite::Aes256Gcm,
+            2 => Suite::ChaCha20Poly1305,
+            3 => Suite::XChaCha20Poly1305,
+            4 => Suite::Aes256SivDeterministic,
+            _ => return Err(Error::MalformedCiphertext("unknown suite id")),
+        })
+    }
+
+    /// The suite's name, as written in schema files.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Suite::Aes256Gcm => "AES-256-GCM",
+            Suite::ChaCha20Poly1305 => "ChaCha20-Poly1305",
+            Suite::XChaCha20Poly1305 => "XChaCha20-Poly1305",
+            Suite::Aes256SivDeterministic => "AES-256-SIV-deterministic",
+        }
+    }
+
+    /// Bytes stored before the ciphertext: the nonce, or for AES-SIV the synthetic IV (which is
+    /// also its authentication tag).
+    #[must_use]
+    pub const fn nonce_len(self) -> usize {
+        match self {
+            Suite::Aes256Gcm | Suite::ChaCha20Poly1305 => 12,
+            Suite::XChaCha20Poly1305 => 24,
+            Suite::Aes256SivDeterministic => TAG_LEN,
+        }
+    }
+
+    /// Bytes stored after the ciphertext (the tag); zero for AES-SIV, whose tag is its IV.
+    #[must_use]
+    pub const fn tag_len(self) -> usize {
+        match self {
+            Suite::Aes256SivDeterministic => 0,
+            _ => TAG_LEN,
+        }
+    }
+
+    /// Whether equal inputs give equal ciphertexts.
+    #[must_use]
+    pub const fn is_deterministic(self) -> bool {
+        matches!(self, Suite::Aes256SivDeterministic)
+    }
+
+    /// How many encryptions one key may make with this suite, when limited by nonce collisions.
+    #[must_use]
+    pub const fn usage_limit(self) -> Option<u64> {
+        match self {
+            Suite::Aes256Gcm | Suite::ChaCha20Poly1305 => Some(RANDOM_NONCE_LIMIT),
+            Suite::XChaCha20Poly1305 | Suite::Aes256SivDeterministic => None,
+        }
+    }
+
+    const fn hkdf_label(self) -> &'static [u8] {
+        match self {
+            Suite::Aes256Gcm => b"fieldcrypt/v1/suite/AES-256-GCM",
+            Suite::ChaCha20Poly1305 => b"fieldcrypt/v1/suite/ChaCha20-Poly1305",
+            Suite::XChaCha20Poly1305 => b"fieldcrypt/v1/suite/XChaCha20-Poly1305",
+            Suite::Aes256SivDeterministic => b"fieldcrypt/v1/suite/AES-256-SIV",
+        }
+    }
+}
+
+impl fmt::Display for Suite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for Suite {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Suite::ALL
+            .into_iter()
+            .find(|suite| suite.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown suite {s:?} (expected one of AES-256-GCM, ChaCha20-Poly1305, \
+                     XChaCha20-Poly1305, AES-256-SIV-deterministic)"
+                ))
+            })
+    }
+}
+
+const BLIND_INDEX_LABEL: &[u8] = b"fieldcrypt/v1/blind-index/HMAC-SHA-256";
+
+/// Derives `N` bytes for `label` from a root key.
+fn derive<const N: usize>(root: &KeyMaterial, label: &[u8]) -> Zeroizing<[u8; N]> {
+    let mut out = Zeroizing::new([0u8; N]);
+    Hkdf::<Sha256>::new(None, root.expose_secret())
+        .expand(label, out.as_mut())
+        .expect("N is far below HKDF-SHA-256's 8160-byte limit"); // allowed: N ≤ 64 here
+    out
+}
+
+/// The cipher states of one root key, each built on first use and kept until the key drops.
+/// The RustCrypto types wipe their expanded keys on drop (`zeroize` features).
+#[derive(Default)]
+pub(crate) struct SuiteKeys {
+    gcm: OnceLock<Aes256Gcm>,
+    chacha: OnceLock<ChaCha20Poly1305>,
+    xchacha: OnceLock<XChaCha20Poly1305>,
+    // aes-siv's `Siv` needs `&mut self`, so the subkey is kept and a `Siv` made per call.
+    siv: OnceLock<Zeroizing<[u8; 64]>>,
+    blind_index: OnceLock<Hmac<Sha256>>,
+}
+
+impl SuiteKeys {
+    fn gcm(&self, root: &KeyMaterial) -> &Aes256Gcm {
+        self.gcm.get_or_init(|| {
+            let k = derive::<32>(root, Suite::Aes256Gcm.hkdf_label());
+            Aes256Gcm::new(k.as_ref().into())
+        })
+    }
+
+    fn chacha(&self, root: &KeyMaterial) -> &ChaCha20Poly1305 {
+        self.chacha.get_or_init(|| {
+            let k = derive::<32>(root, Suite::ChaCha20Poly1305.hkdf_label());
+            ChaCha20Poly1305::new(k.as_ref().into())
+        })
+    }
+
+    fn xchacha(&self, root: &KeyMaterial) -> &XChaCha20Poly1305 {
+        self.xchacha.get_or_init(|| {
+            let k = derive::<32>(root, Suite::XChaCha20Poly1305.hkdf_label());
+            XChaCha20Poly1305::new(k.as_ref().into())
+        })
+    }
+
+    fn siv(&self, root: &KeyMaterial) -> Aes256Siv {
+        let k = self
+            .siv
+            .get_or_init(|| derive::<64>(root, Suite::Aes256SivDeterministic.hkdf_label()));
+        Aes256Siv::new(k.as_ref().into())
+    }
+
+    /// The keyed HMAC-SHA-256 state for blind indexes; clone it per value.
+    pub(crate) fn blind_index(&self, root: &KeyMaterial) -> &Hmac<Sha256> {
+        self.blind_index.get_or_init(|| {
+            let k = derive::<32>(root, BLIND_INDEX_LABEL);
+            <Hmac<Sha256> as hmac::Mac>::new_from_slice(k.as_ref())
+                .expect("HMAC takes keys of any length") // allowed: infallible for HMAC
+        })
+    }
+
+    /// Encrypts `buf` in place. Fills `nonce` (length [`Suite::nonce_len`]) and `tag` (length
+    /// [`Suite::tag_len`]).
+    pub(crate) fn seal(
+        &self,
+        suite: Suite,
+        root: &KeyMaterial,
+        aad: &[u8],
+        nonce: &mut [u8],
+        buf: &mut [u8],
+        tag: &mut [u8],
+    ) -> Result<()> {
+        // The aead crates fail only on inputs beyond their length limits (~64 GiB).
+        let too_long = |_| Error::Config("value too long to encrypt".into());
+        match suite {
+            Suite::Aes256Gcm => {
+                rand::thread_rng().fill_bytes(nonce);
+                let t = self
+                    .gcm(root)
+                    .encrypt_in_place_detached(nonce[..].into(), aad, buf)
+                    .map_err(too_long)?;
+                tag.copy_from_slice(&t);
+            }
+            Suite::ChaCha20Poly1305 => {
+                rand::thread_rng().fill_bytes(nonce);
+                let t = self
+                    .chacha(root)
+                    .encrypt_in_place_detached(nonce[..].into(), aad, buf)
+                    .map_err(too_long)?;
+                tag.copy_from_slice(&t);
+            }
+            Suite::XChaCha20Poly1305 => {
+                rand::thread_rng().fill_bytes(nonce);
+                let t = self
+                    .xchacha(root)
+                    .encrypt_in_place_detached(nonce[..].into(), aad, buf)
+                    .map_err(too_long)?;
+                tag.copy_from_slice(&t);
+            }
+            Suite::Aes256SivDeterministic => {
+                let siv = self
+                    .siv(root)
+                    .encrypt_in_place_detached([aad], buf)
+                    .map_err(too_long)?;
+                nonce.copy_from_slice(&siv);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decrypts `buf` in place after checking the tag. On failure `buf` holds no plaintext.
+    pub(crate) fn open(
+        &self,
+        suite: Suite,
+        root: &KeyMaterial,
+        aad: &[u8],
+        nonce: &[u8],
+        buf: &mut [u8],
+        tag: &[u8],
+    ) -> Result<()> {
+        let ok = match suite {
+            Suite::Aes256Gcm => {
+                self.gcm(root)
+                    .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
+            }
+            Suite::ChaCha20Poly1305 => {
+                self.chacha(root)
+                    .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
+            }
+            Suite::XChaCha20Poly1305 => {
+                self.xchacha(root)
+                    .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
+            }
+            Suite::Aes256SivDeterministic => {
+                self.siv(root)
+                    .decrypt_in_place_detached([aad], buf, nonce.into())
+            }
+        };
+        ok.map_err(|_| Error::Decrypt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_are_distinct() {
+        for s in Suite::ALL {
+            assert_eq!(Suite::from_id(s.id()).unwrap(), s);
+            assert_eq!(s.name().parse::<Suite>().unwrap(), s);
+        }
+        assert!(Suite::from_id(0).is_err());
+        assert!(Suite::from_id(5).is_err());
+    }
+
+    #[test]
+    fn seal_open_round_trip_every_suite() {
+        let root = KeyMaterial::generate(32);
+        let keys = SuiteKeys::default();
+        for suite in Suite::ALL {
+            for len in [0usize, 1, 15, 16, 17, 100] {
+                let pt: Vec<u8> = (0..=255u8).cycle().take(len).collect();
+                let mut buf = pt.clone();
+                let mut nonce = vec![0u8; suite.nonce_len()];
+                let mut tag = vec![0u8; suite.tag_len()];
+                keys.seal(suite, &root, b"ad", &mut nonce, &mut buf, &mut tag)
+                    .unwrap();
+                if len > 0 {
+                    assert_ne!(buf, pt, "{suite}");
+                }
+                let mut bad = buf.clone();
+                assert!(keys
+                    .open(suite, &root, b"other", &nonce, &mut bad, &tag)
+                    .is_err());
+                keys.open(suite, &root, b"ad", &nonce, &mut buf, &tag)
+                    .unwrap();
+                assert_eq!(buf, pt, "{suite}");
+            }
+        }
+    }
+
+    #[test]
+    fn deterministic_suite_is_deterministic_and_others_are_not() {
+        let root = KeyMaterial::generate(32);
+        let keys = SuiteKeys::default();
+        for suite in Suite::ALL {
+            let run = || {
+                let mut buf = b"same value".to_vec();
+                let mut nonce = vec![0u8; suite.nonce_len()];
+                let mut tag = vec![0u8; suite.tag_len()];
+                keys.seal(suite, &root, b"ad", &mut nonce, &mut buf, &mut tag)
+                    .unwrap();
+                (nonce, buf, tag)
+            };
+            assert_eq!(run() == run(), suite.is_deterministic(), "{suite}");
+        }
+    }
+}

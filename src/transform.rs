@@ -1,0 +1,762 @@
+//! Encrypting and decrypting whole documents: the hot path.
+//!
+//! Every operation runs on raw BSON: the input is walked element by element with
+//! [`bson::RawDocument`], unchanged elements are copied as bytes, and the output document is
+//! written byte by byte. The owned-document API converts at the edges and runs the same engine,
+//! so both paths give identical bytes.
+//!
+//! Encryption needs the schema (which fields, how); decryption needs only the keyring: it finds
+//! every envelope anywhere in a document and looks its key up by the id in its header.
+
+use std::sync::Arc;
+
+use bson::{Bson, Document, RawDocument, RawDocumentBuf};
+use rayon::prelude::*;
+
+use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
+use crate::envelope::{self, Binding, Envelope, RawValue, SealParams, ENVELOPE_SUBTYPE};
+use crate::error::{Error, Result};
+use crate::key::{Key, KeyId};
+use crate::keyring::Keyring;
+use crate::rawbson::{self, ty, Element};
+use crate::schema::{FieldRule, Node, Schema};
+
+/// The BSON Binary subtype MongoDB uses for its own encrypted values (CSFLE / Queryable
+/// Encryption).
+pub const CSFLE_SUBTYPE: u8 = 6;
+
+/// Batches at least this large are split across threads by the `*_many` methods.
+pub const PARALLEL_THRESHOLD: usize = 64;
+
+/// Where documents live; bound into every ciphertext's associated data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Context {
+    /// `db.collection`. When set, ciphertexts are bound to it.
+    pub namespace: Option<String>,
+    /// The owner field, for decrypting owner-bound values without the schema (encryption takes
+    /// it from the schema).
+    pub owner_field: Option<String>,
+}
+
+impl Context {
+    /// A context with no namespace: ciphertexts are bound to their field path only.
+    #[must_use]
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A context for the collection `namespace` (`db.collection`).
+    #[must_use]
+    pub fn namespace(namespace: impl Into<String>) -> Self {
+        Context {
+            namespace: Some(namespace.into()),
+            owner_field: None,
+        }
+    }
+
+    /// Sets the owner field used to find the owner value when decrypting.
+    #[must_use]
+    pub fn with_owner_field(mut self, field: impl Into<String>) -> Self {
+        self.owner_field = Some(field.into());
+        self
+    }
+}
+
+/// Encrypts and decrypts documents with a keyring and a schema. Cheap to clone; share it.
+#[derive(Clone)]
+pub struct Cryptor {
+    keyring: Arc<dyn Keyring>,
+    schema: Arc<Schema>,
+}
+
+impl core::fmt::Debug for Cryptor {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Cryptor")
+            .field("fields", &self.schema.rules().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cryptor {
+    /// A cryptor that encrypts per `schema` and decrypts with `keyring`.
+    pub fn new(keyring: impl Keyring + 'static, schema: Schema) -> Self {
+        Cryptor {
+            keyring: Arc::new(keyring),
+            schema: Arc::new(schema),
+        }
+    }
+
+    /// A cryptor sharing an existing keyring handle.
+    pub fn with_shared(keyring: Arc<dyn Keyring>, schema: Arc<Schema>) -> Self {
+        Cryptor { keyring, schema }
+    }
+
+    /// A cryptor that only decrypts (its schema is empty).
+    pub fn decrypt_only(keyring: impl Keyring + 'static) -> Self {
+        Self::new(keyring, Schema::empty())
+    }
+
+    /// The schema.
+    #[must_use]
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The keyring.
+    #[must_use]
+    pub fn keyring(&self) -> &Arc<dyn Keyring> {
+        &self.keyring
+    }
+
+    /// Encrypts the schema's fields of a raw document, without deserializing it.
+    ///
+    /// Values that are already envelopes (or CSFLE values) are left as they are. A document
+    /// with `_id`-bound fields and no `_id` gets a new ObjectId `_id`, first.
+    ///
+    /// # Errors
+    /// Malformed BSON, unknown alias, key state or usage-limit errors.
+    pub fn encrypt_raw(&self, doc: &RawDocument, ctx: &Context) -> Result<RawDocumentBuf> {
+        let mut out = Vec::with_capacity(doc.as_bytes().len() + 64 * self.schema.rules().len());
+        self.encrypt_raw_into(doc, ctx, &mut out)?;
+        RawDocumentBuf::from_bytes(out).map_err(Error::from)
+    }
+
+    /// Decrypts every fieldcrypt envelope in a raw document.
+    ///
+    /// # Errors
+    /// [`Error::Decrypt`] (opaque) for a ciphertext that does not authenticate; unknown,
+    /// disabled or destroyed keys; malformed BSON or envelopes.
+    pub fn decrypt_raw(&self, doc: &RawDocument, ctx: &Context) -> Result<RawDocumentBuf> {
+        let mut out = Vec::with_capacity(doc.as_bytes().len());
+        self.decrypt_raw_into(doc, ctx, &mut out)?;
+        RawDocumentBuf::from_bytes(out).map_err(Error::from)
+    }
+
+    /// Encrypts a raw document into `out` (cleared first), reusing its allocation.
+    ///
+    /// # Errors
+    /// As [`Cryptor::encrypt_raw`].
+    pub fn encrypt_raw_into(
+        &self,
+        doc: &RawDocument,
+        ctx: &Context,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        out.clear();
+        let mut generated_id = [0u8; 12];
+        let id = if self.schema.needs_id() {
+            match rawbson::find(doc, "_id")? {
+                Some(e) => Some(e.raw_value()),
+                None => {
+                    generated_id = bson::oid::ObjectId::new().bytes();
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let needs_generated_id = self.schema.needs_id() && id.is_none();
+        let mut w = Walker::new(self, ctx);
+        w.id = id.or(needs_generated_id.then_some(RawValue {
+            ty: ty::OBJECT_ID,
+            bytes: &generated_id,
+        }));
+        if let Some(owner_field) = self.schema.owner_field() {
+            w.owner = rawbson::find(doc, owner_field)?.map(|e| e.raw_value());
+            w.owner_required = Some(owner_field);
+        }
+        let at = rawbson::begin_len(out);
+        if needs_generated_id {
+            rawbson::put_key(out, ty::OBJECT_ID, "_id");
+            out.extend_from_slice(&generated_id);
+        }
+        w.encrypt_fields(doc, self.schema.tree(), out)?;
+        rawbson::end_doc(out, at)
+    }
+
+    /// Decrypts a raw document into `out` (cleared first), reusing its allocation.
+    ///
+    /// # Errors
+    /// As [`Cryptor::decrypt_raw`].
+    pub fn decrypt_raw_into(
+        &self,
+        doc: &RawDocument,
+        ctx: &Context,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        out.clear();
+        let mut w = Walker::new(self, ctx);
+        w.id = rawbson::find(doc, "_id")?.map(|e| e.raw_value());
+        let owner_field = ctx.owner_field.as_deref().or(self.schema.owner_field());
+        if let Some(f) = owner_field {
+            w.owner = rawbson::find(doc, f)?.map(|e| e.raw_value());
+        }
+        w.decrypt_doc(doc, false, out)
+    }
+
+    /// Encrypts an owned document (through the raw engine).
+    ///
+    /// # Errors
+    /// As [`Cryptor::encrypt_raw`].
+    pub fn encrypt_document(&self, doc: &Document, ctx: &Context) -> Result<Document> {
+        let raw = RawDocumentBuf::from_document(doc)?;
+        self.encrypt_raw(&raw, ctx)?
+            .to_document()
+            .map_err(Error::from)
+    }
+
+    /// Decrypts an owned document (through the raw engine).
+    ///
+    /// # Errors
+    /// As [`Cryptor::decrypt_raw`].
+    pub fn decrypt_document(&self, doc: &Document, ctx: &Context) -> Result<Document> {
+        let raw = RawDocumentBuf::from_document(doc)?;
+        self.decrypt_raw(&raw, ctx)?
+            .to_document()
+            .map_err(Error::from)
+    }
+
+    /// Encrypts many documents, in parallel on all cores when there are at least
+    /// [`PARALLEL_THRESHOLD`]. Results are in input order.
+    #[must_use]
+    pub fn encrypt_many<D: AsRef<RawDocument> + Sync>(
+        &self,
+        docs: &[D],
+        ctx: &Context,
+    ) -> Vec<Result<RawDocumentBuf>> {
+        self.map_many(docs, |d| self.encrypt_raw(d, ctx))
+    }
+
+    /// Decrypts many documents, in parallel on all cores when there are at least
+    /// [`PARALLEL_THRESHOLD`]. Results are in input order.
+    #[must_use]
+    pub fn decrypt_many<D: AsRef<RawDocument> + Sync>(
+        &self,
+        docs: &[D],
+        ctx: &Context,
+    ) -> Vec<Result<RawDocumentBuf>> {
+        self.map_many(docs, |d| self.decrypt_raw(d, ctx))
+    }
+
+    fn map_many<D, F>(&self, docs: &[D], f: F) -> Vec<Result<RawDocumentBuf>>
+    where
+        D: AsRef<RawDocument> + Sync,
+        F: Fn(&RawDocument) -> Result<RawDocumentBuf> + Sync,
+    {
+        if docs.len() >= PARALLEL_THRESHOLD {
+            docs.par_iter().map(|d| f(d.as_ref())).collect()
+        } else {
+            docs.iter().map(|d| f(d.as_ref())).collect()
+        }
+    }
+
+    /// Encrypts one value as it would be stored at `path` (a schema path), for explicit use
+    /// and for query rewriting. `id` and `owner` are needed when the field binds them.
+    ///
+    /// # Errors
+    /// [`Error::Schema`] when `path` is not an encrypted field; key errors.
+    pub fn encrypt_value(
+        &self,
+        path: &str,
+        value: &Bson,
+        ctx: &Context,
+        id: Option<&Bson>,
+        owner: Option<&Bson>,
+    ) -> Result<bson::Binary> {
+        let rule = self.rule(path)?;
+        let enc = rule.field.encrypt.as_ref().ok_or_else(|| {
+            Error::schema(path, "field has a blind index only; nothing to encrypt")
+        })?;
+        let key = self.keyring.primary(&enc.key)?;
+        let v = value_bytes(value)?;
+        let idv = id.map(value_bytes).transpose()?;
+        let ov = owner.map(value_bytes).transpose()?;
+        if rule.field.bind_id && idv.is_none() {
+            return Err(Error::MissingContext(
+                "this field is bound to _id; give the document's _id",
+            ));
+        }
+        let binding = Binding {
+            path: &rule.normalized,
+            namespace: ctx.namespace.as_deref(),
+            id: if rule.field.bind_id {
+                idv.as_ref().map(|(t, b)| RawValue { ty: *t, bytes: b })
+            } else {
+                None
+            },
+            owner: ov.as_ref().map(|(t, b)| RawValue { ty: *t, bytes: b }),
+        };
+        let mut payload = Vec::with_capacity(v.1.len() + 64);
+        envelope::seal_into(
+            &key,
+            SealParams {
+                suite: enc.suite,
+                pad_to: rule.field.pad_to,
+            },
+            RawValue {
+                ty: v.0,
+                bytes: &v.1,
+            },
+            &binding,
+            &mut Vec::new(),
+            &mut payload,
+        )?;
+        Ok(binary(ENVELOPE_SUBTYPE, payload))
+    }
+
+    /// The ciphertexts a deterministic field would hold for `value`, one per readable key of its
+    /// alias (current primary first), so that an equality query also matches values written
+    /// before a rotation. `owner` is needed in owner-scoped collections.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedQuery`] when the field is not deterministic.
+    pub fn query_ciphertexts(
+        &self,
+        path: &str,
+        value: &Bson,
+        ctx: &Context,
+        owner: Option<&Bson>,
+    ) -> Result<Vec<bson::Binary>> {
+        let rule = self.rule(path)?;
+        let enc = match &rule.field.encrypt {
+            Some(e) if e.suite.is_deterministic() => e,
+            _ => {
+                return Err(Error::UnsupportedQuery {
+                    operator: "equality".into(),
+                    field: path.into(),
+                    reason: "only deterministic or blind-indexed fields can be queried by value",
+                })
+            }
+        };
+        let v = value_bytes(value)?;
+        let ov = owner.map(value_bytes).transpose()?;
+        let binding = Binding {
+            path: &rule.normalized,
+            namespace: ctx.namespace.as_deref(),
+            id: None,
+            owner: ov.as_ref().map(|(t, b)| RawValue { ty: *t, bytes: b }),
+        };
+        let mut out = Vec::new();
+        let mut ad = Vec::new();
+        for key in self.keyring.readable_keys(&enc.key)? {
+            // A deterministic encryption under a demoted key, for matching only: seal with a
+            // primary-state view of the same secret. Nothing is stored with it.
+            let as_primary = key.with_state(crate::key::KeyState::Primary);
+            let mut payload = Vec::with_capacity(v.1.len() + 64);
+            envelope::seal_into(
+                &as_primary,
+                SealParams {
+                    suite: enc.suite,
+                    pad_to: rule.field.pad_to,
+                },
+                RawValue {
+                    ty: v.0,
+                    bytes: &v.1,
+                },
+                &binding,
+                &mut ad,
+                &mut payload,
+            )?;
+            out.push(binary(ENVELOPE_SUBTYPE, payload));
+        }
+        Ok(out)
+    }
+
+    /// The blind-index values for `value` at `path`, one per readable key of the index alias
+    /// (current primary first), for an equality query.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedQuery`] when the field has no blind index.
+    pub fn blind_index_values(&self, path: &str, value: &Bson) -> Result<Vec<bson::Binary>> {
+        let rule = self.rule(path)?;
+        let bi = rule
+            .field
+            .blind_index
+            .as_ref()
+            .ok_or_else(|| Error::UnsupportedQuery {
+                operator: "equality".into(),
+                field: path.into(),
+                reason: "the field has no blind index",
+            })?;
+        let v = value_bytes(value)?;
+        let mut out = Vec::new();
+        for key in self.keyring.readable_keys(&bi.key)? {
+            let mut payload = Vec::with_capacity(49);
+            blind_index::compute_into(
+                &key,
+                &rule.normalized,
+                RawValue {
+                    ty: v.0,
+                    bytes: &v.1,
+                },
+                bi.len(),
+                &mut payload,
+            )?;
+            out.push(binary(BLIND_INDEX_SUBTYPE, payload));
+        }
+        Ok(out)
+    }
+
+    /// Decrypts one envelope found at `path`. `id` and `owner` are the document's, when bound.
+    ///
+    /// # Errors
+    /// As [`Cryptor::decrypt_raw`].
+    pub fn decrypt_value(
+        &self,
+        path: &str,
+        value: &bson::Binary,
+        ctx: &Context,
+        id: Option<&Bson>,
+        owner: Option<&Bson>,
+    ) -> Result<Bson> {
+        let mut d = Document::new();
+        if let Some(id) = id {
+            d.insert("_id", id.clone());
+        }
+        let owner_field = ctx.owner_field.as_deref().or(self.schema.owner_field());
+        if let (Some(f), Some(o)) = (owner_field, owner) {
+            d.insert(f, o.clone());
+        }
+        // Rebuild the value at its path so the one decryption engine applies.
+        let segs: Vec<&str> = path.split('.').collect();
+        let mut v = Bson::Binary(value.clone());
+        for s in segs[1..].iter().rev() {
+            v = Bson::Document(bson::doc! { *s: v });
+        }
+        d.insert(segs[0], v);
+        let mut out = self.decrypt_document(&d, ctx)?;
+        let mut cur = out
+            .remove(segs[0])
+            .ok_or(Error::MalformedCiphertext("value vanished"))?;
+        for s in &segs[1..] {
+            cur = match cur {
+                Bson::Document(mut inner) => inner
+                    .remove(*s)
+                    .ok_or(Error::MalformedCiphertext("value vanished"))?,
+                _ => return Err(Error::MalformedCiphertext("value vanished")),
+            };
+        }
+        Ok(cur)
+    }
+
+    fn rule(&self, path: &str) -> Result<&FieldRule> {
+        let normalized: String = path
+            .split('.')
+            .filter(|s| *s != crate::schema::EACH)
+            .collect::<Vec<_>>()
+            .join(".");
+        self.schema
+            .rule(&normalized)
+            .ok_or_else(|| Error::schema(path, "not an encrypted field in the schema"))
+    }
+
+    /// Every key id referenced by envelopes and blind indexes in a document (for audits and
+    /// key-vault prefetching).
+    ///
+    /// # Errors
+    /// Malformed BSON.
+    pub fn referenced_keys(doc: &RawDocument) -> Result<Vec<KeyId>> {
+        let mut ids = Vec::new();
+        collect_keys(doc, &mut ids)?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+}
+
+fn collect_keys(doc: &RawDocument, ids: &mut Vec<KeyId>) -> Result<()> {
+    for e in rawbson::elements(doc) {
+        let e = e?;
+        match (e.ty, e.binary()) {
+            (ty::DOCUMENT | ty::ARRAY, _) => collect_keys(e.document()?, ids)?,
+            (_, Some((ENVELOPE_SUBTYPE, p))) => ids.push(Envelope::parse(p)?.key_id),
+            (_, Some((BLIND_INDEX_SUBTYPE, p))) => ids.push(blind_index::key_id(p)?),
+            (_, Some((CSFLE_SUBTYPE, p))) if p.len() >= 17 && matches!(p[0], 1 | 2) => {
+                ids.push(KeyId::from_slice(&p[1..17])?);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn binary(subtype: u8, bytes: Vec<u8>) -> bson::Binary {
+    bson::Binary {
+        subtype: bson::spec::BinarySubtype::from(subtype),
+        bytes,
+    }
+}
+
+/// A single value's type byte and own bytes.
+fn value_bytes(v: &Bson) -> Result<(u8, Vec<u8>)> {
+    let mut doc = RawDocumentBuf::new();
+    let raw = bson::RawBson::try_from(v.clone()).map_err(Error::bson)?;
+    doc.append("v", raw);
+    let el = rawbson::elements(&doc)
+        .next()
+        .ok_or(Error::MalformedBson("empty value".into()))??;
+    Ok((el.ty, el.value.to_vec()))
+}
+
+/// Per-call state of a document walk; scratch buffers are reused across fields.
+struct Walker<'c> {
+    cryptor: &'c Cryptor,
+    ctx: &'c Context,
+    id: Option<RawValue<'c>>,
+    owner: Option<RawValue<'c>>,
+    owner_required: Option<&'c str>,
+    path: String,
+    ad: Vec<u8>,
+    /// The last key looked up, by id: documents mostly use one key.
+    last_key: Option<Arc<Key>>,
+    primaries: Vec<(usize, Arc<Key>)>,
+}
+
+impl<'c> Walker<'c> {
+    fn new(cryptor: &'c Cryptor, ctx: &'c Context) -> Self {
+        Walker {
+            cryptor,
+            ctx,
+            id: None,
+            owner: None,
+            owner_required: None,
+            path: String::with_capacity(64),
+            ad: Vec::with_capacity(128),
+            last_key: None,
+            primaries: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, key: &str) -> usize {
+        let len = self.path.len();
+        if len > 0 {
+            self.path.push('.');
+        }
+        self.path.push_str(key);
+        len
+    }
+
+    fn primary(&mut self, slot: usize, alias: &str) -> Result<Arc<Key>> {
+        if let Some((_, k)) = self.primaries.iter().find(|(s, _)| *s == slot) {
+            return Ok(k.clone());
+        }
+        let k = self.cryptor.keyring.primary(alias)?;
+        self.primaries.push((slot, k.clone()));
+        Ok(k)
+    }
+
+    fn key_by_id(&mut self, id: KeyId) -> Result<Arc<Key>> {
+        match &self.last_key {
+            Some(k) if k.id() == id => Ok(k.clone()),
+            _ => {
+                let k = self.cryptor.keyring.key(&id)?;
+                self.last_key = Some(k.clone());
+                Ok(k)
+            }
+        }
+    }
+
+    // ---- encryption ----
+
+    /// Writes the elements of `doc` (not its length/terminator), encrypting per `node`.
+    fn encrypt_fields(
+        &mut self,
+        doc: &'c RawDocument,
+        node: &Node,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let regenerated = self.regenerated_indexes(doc, node)?;
+        for e in rawbson::elements(doc) {
+            let e = e?;
+            if regenerated.iter().any(|n| n == e.key) {
+                continue; // replaced by a freshly computed index below
+            }
+            let Some(child) = node.child(e.key) else {
+                out.extend_from_slice(e.raw);
+                continue;
+            };
+            let mark = self.push(e.key);
+            if let Some(ri) = child.rule {
+                self.encrypt_field(ri, e, out)?;
+            } else if e.ty == ty::DOCUMENT {
+                rawbson::put_key(out, ty::DOCUMENT, e.key);
+                let at = rawbson::begin_len(out);
+                self.encrypt_fields(e.document()?, child, out)?;
+                rawbson::end_doc(out, at)?;
+            } else if e.ty == ty::ARRAY {
+                // Paths go through arrays: apply the same node to each embedded document.
+                rawbson::put_key(out, ty::ARRAY, e.key);
+                let at = rawbson::begin_len(out);
+                for item in rawbson::elements(e.document()?) {
+                    let item = item?;
+                    if item.ty == ty::DOCUMENT {
+                        rawbson::put_key(out, ty::DOCUMENT, item.key);
+                        let at2 = rawbson::begin_len(out);
+                        self.encrypt_fields(item.document()?, child, out)?;
+                        rawbson::end_doc(out, at2)?;
+                    } else {
+                        out.extend_from_slice(item.raw);
+                    }
+                }
+                rawbson::end_doc(out, at)?;
+            } else {
+                out.extend_from_slice(e.raw);
+            }
+            self.path.truncate(mark);
+        }
+        Ok(())
+    }
+
+    /// Names of blind-index fields in `doc` that will be recomputed (their source field is
+    /// present in clear), so the stale copies are dropped.
+    fn regenerated_indexes(&self, doc: &RawDocument, node: &Node) -> Result<Vec<String>> {
+        let rules = self.cryptor.schema.rules();
+        let mut names = Vec::new();
+        for (key, child) in &node.children {
+            let Some(rule) = child.rule.map(|i| &rules[i]) else {
+                continue;
+            };
+            let Some(name) = rule.blind_index_name() else {
+                continue;
+            };
+            if let Some(src) = rawbson::find(doc, key)? {
+                if !is_encrypted(&src) {
+                    names.push(name);
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    fn encrypt_field(&mut self, ri: usize, e: Element<'c>, out: &mut Vec<u8>) -> Result<()> {
+        let rule = &self.cryptor.schema.rules()[ri];
+        if is_encrypted(&e) {
+            out.extend_from_slice(e.raw);
+            return Ok(());
+        }
+        if let Some(enc) = &rule.field.encrypt {
+            let key = self.primary(ri, &enc.key)?;
+            let params = SealParams {
+                suite: enc.suite,
+                pad_to: rule.field.pad_to,
+            };
+            if rule.each_element && e.ty == ty::ARRAY {
+                rawbson::put_key(out, ty::ARRAY, e.key);
+                let at = rawbson::begin_len(out);
+                for item in rawbson::elements(e.document()?) {
+                    let item = item?;
+                    if is_encrypted(&item) {
+                        out.extend_from_slice(item.raw);
+                    } else {
+                        rawbson::put_key(out, ty::BINARY, item.key);
+                        self.seal(&key, params, rule.field.bind_id, item.raw_value(), out)?;
+                    }
+                }
+                rawbson::end_doc(out, at)?;
+            } else {
+                rawbson::put_key(out, ty::BINARY, e.key);
+                self.seal(&key, params, rule.field.bind_id, e.raw_value(), out)?;
+            }
+        }
+        if let (Some(bi), Some(name)) = (&rule.field.blind_index, rule.blind_index_name()) {
+            let slot = usize::MAX - ri;
+            let key = self.primary(slot, &bi.key)?;
+            rawbson::put_key(out, ty::BINARY, &name);
+            let at = rawbson::begin_binary(out, BLIND_INDEX_SUBTYPE);
+            blind_index::compute_into(&key, &rule.normalized, e.raw_value(), bi.len(), out)?;
+            rawbson::end_binary(out, at)?;
+        }
+        Ok(())
+    }
+
+    fn seal(
+        &mut self,
+        key: &Key,
+        params: SealParams,
+        bind_id: bool,
+        value: RawValue<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        if let (Some(field), None) = (self.owner_required, self.owner) {
+            let _ = field;
+            return Err(Error::MissingContext(
+                "the document has no value for the schema's owner field",
+            ));
+        }
+        let binding = Binding {
+            path: &self.path,
+            namespace: self.ctx.namespace.as_deref(),
+            id: if bind_id { self.id } else { None },
+            owner: self.owner,
+        };
+        let at = rawbson::begin_binary(out, ENVELOPE_SUBTYPE);
+        envelope::seal_into(key, params, value, &binding, &mut self.ad, out)?;
+        rawbson::end_binary(out, at)
+    }
+
+    // ---- decryption ----
+
+    fn decrypt_doc(
+        &mut self,
+        doc: &'c RawDocument,
+        is_array: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let at = rawbson::begin_len(out);
+        for e in rawbson::elements(doc) {
+            let e = e?;
+            match (e.ty, e.binary()) {
+                (ty::DOCUMENT | ty::ARRAY, _) => {
+                    let mark = if is_array {
+                        self.path.len()
+                    } else {
+                        self.push(e.key)
+                    };
+                    rawbson::put_key(out, e.ty, e.key);
+                    self.decrypt_doc(e.document()?, e.ty == ty::ARRAY, out)?;
+                    self.path.truncate(mark);
+                }
+                (_, Some((ENVELOPE_SUBTYPE, payload))) => {
+                    let mark = if is_array {
+                        self.path.len()
+                    } else {
+                        self.push(e.key)
+                    };
+                    self.open(e.key, payload, out)?;
+                    self.path.truncate(mark);
+                }
+                _ => out.extend_from_slice(e.raw),
+            }
+        }
+        rawbson::end_doc(out, at)
+    }
+
+    fn open(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let env = Envelope::parse(payload)?;
+        let key = self.key_by_id(env.key_id)?;
+        let binding = Binding {
+            path: &self.path,
+            namespace: self.ctx.namespace.as_deref(),
+            id: self.id,
+            owner: self.owner,
+        };
+        let type_at = out.len();
+        rawbson::put_key(out, 0, name);
+        match env.open_into(&key, &binding, &mut self.ad, out) {
+            Ok(t) => {
+                out[type_at] = t;
+                Ok(())
+            }
+            Err(err) => {
+                out.truncate(type_at);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Whether an element already holds a ciphertext (ours or MongoDB's).
+fn is_encrypted(e: &Element<'_>) -> bool {
+    matches!(e.binary(), Some((ENVELOPE_SUBTYPE | CSFLE_SUBTYPE, _)))
+}
