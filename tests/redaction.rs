@@ -1,0 +1,142 @@
+//! Nothing that holds a secret prints it: every such type is formatted with `{:?}` (and `{}`
+//! where it has Display) and checked for the key bytes in raw, hex and base64 form, and for
+//! plaintext values in errors.
+
+use std::sync::Arc;
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use bson::doc;
+use fieldcrypt::{
+    Context, Cryptor, Error, Field, InMemoryKeyring, Key, KeyId, KeyKind, KeyMaterial, KeyState,
+    Keyring, LocalMasterKey, Schema,
+};
+
+/// Every printable encoding of `secret` that a leak could take.
+fn encodings(secret: &[u8]) -> Vec<String> {
+    let mut v = vec![
+        hex::encode(secret),
+        hex::encode_upper(secret),
+        STANDARD.encode(secret),
+        STANDARD_NO_PAD.encode(secret),
+        URL_SAFE.encode(secret),
+        URL_SAFE_NO_PAD.encode(secret),
+        format!("{secret:?}"),
+    ];
+    if let Ok(s) = std::str::from_utf8(secret) {
+        v.push(s.to_owned());
+    }
+    v
+}
+
+fn assert_clean(printed: &str, secret: &[u8], what: &str) {
+    for enc in encodings(secret) {
+        // Short fragments could match by chance; the encodings of 32+ bytes cannot.
+        assert!(!printed.contains(&enc), "{what} leaks a secret: {printed}");
+    }
+}
+
+#[test]
+fn key_types_print_no_material() {
+    let material = [0x5Au8; 32];
+    let key = Key::from_material(
+        KeyId::random(),
+        "pii",
+        KeyKind::Fieldcrypt,
+        KeyState::Primary,
+        KeyMaterial::from_slice(&material),
+        0,
+    )
+    .unwrap();
+    let ring = InMemoryKeyring::new();
+    ring.insert(key.clone());
+    let ring = Arc::new(ring);
+    let printed = [
+        format!("{key:?}"),
+        format!("{:?}", KeyMaterial::from_slice(&material)),
+        format!("{ring:?}"),
+        format!("{:?}", ring.primary("pii").unwrap()),
+        format!("{:?}", Cryptor::new(ring.clone(), Schema::empty())),
+    ];
+    for p in &printed {
+        assert_clean(p, &material, "a key type");
+    }
+    assert!(printed[1].contains("REDACTED"));
+}
+
+#[test]
+fn local_master_key_prints_nothing_secret() {
+    let mk = LocalMasterKey::generate();
+    let bytes = STANDARD.decode(mk.expose_base64().as_bytes()).unwrap();
+    assert_eq!(bytes.len(), 96);
+    assert_clean(&format!("{mk:?}"), &bytes, "LocalMasterKey");
+}
+
+#[test]
+fn errors_carry_no_plaintext_or_key_bytes() {
+    let ring = InMemoryKeyring::new();
+    ring.generate("pii");
+    let material = ring
+        .primary("pii")
+        .unwrap()
+        .material()
+        .unwrap()
+        .expose_secret()
+        .to_vec();
+    let ring = Arc::new(ring);
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .field("email", Field::deterministic("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring.clone(), schema);
+    let plaintext = "PLAINTEXT-SSN-123-45-6789";
+    let enc = c
+        .encrypt_document(
+            &doc! { "ssn": plaintext, "email": plaintext },
+            &Context::namespace("a.b"),
+        )
+        .unwrap();
+    let mut errors: Vec<Error> = Vec::new();
+    // Wrong namespace (auth failure), missing namespace, tampering, unknown key, query refusal.
+    errors.push(
+        c.decrypt_document(&enc, &Context::namespace("a.c"))
+            .unwrap_err(),
+    );
+    errors.push(c.decrypt_document(&enc, &Context::none()).unwrap_err());
+    let Some(bson::Bson::Binary(b)) = enc.get("ssn") else {
+        panic!()
+    };
+    let mut tampered = b.clone();
+    let last = tampered.bytes.len() - 1;
+    tampered.bytes[last] ^= 1;
+    errors.push(
+        c.decrypt_document(&doc! { "ssn": tampered }, &Context::namespace("a.b"))
+            .unwrap_err(),
+    );
+    errors.push(
+        Cryptor::decrypt_only(InMemoryKeyring::new())
+            .decrypt_document(&enc, &Context::namespace("a.b"))
+            .unwrap_err(),
+    );
+    errors.push(
+        c.query_ciphertexts("ssn", &plaintext.into(), &Context::none(), None)
+            .unwrap_err(),
+    );
+    errors.push(
+        InMemoryKeyring::from_keyset_json(&ring.to_keyset_json().replace("primary", "bogus"))
+            .unwrap_err(),
+    );
+    for e in &errors {
+        for printed in [format!("{e}"), format!("{e:?}")] {
+            assert!(
+                !printed.contains(plaintext),
+                "error leaks plaintext: {printed}"
+            );
+            assert_clean(&printed, &material, "an error");
+        }
+    }
+    // The decryption failure is one opaque error.
+    assert!(matches!(errors[0], Error::Decrypt));
+    assert!(matches!(errors[2], Error::Decrypt));
+}

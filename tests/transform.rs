@@ -1,0 +1,531 @@
+//! The core document transform: round trips, bindings, tampering, rotation, key states.
+
+use std::sync::Arc;
+
+use bson::spec::BinarySubtype;
+use bson::{doc, rawdoc, Binary, Bson, Document, RawDocumentBuf};
+use fieldcrypt::{
+    BlindIndex, Context, Cryptor, Error, Field, InMemoryKeyring, Key, KeyId, KeyKind, KeyMaterial,
+    KeyState, Keyring, Schema, Suite, ENVELOPE_SUBTYPE,
+};
+
+fn every_type() -> Document {
+    doc! {
+        "string": "hello wörld",
+        "empty": "",
+        "int32": -7i32,
+        "int64": 1i64 << 40,
+        "double": 3.25f64,
+        "decimal": bson::Decimal128::from_bytes([7u8; 16]),
+        "bool": true,
+        "date": bson::DateTime::from_millis(1_700_000_000_123),
+        "oid": bson::oid::ObjectId::parse_str("65f000000000000000000001").unwrap(),
+        "bin_generic": Binary { subtype: BinarySubtype::Generic, bytes: vec![0, 1, 2, 255] },
+        "bin_user": Binary { subtype: BinarySubtype::UserDefined(0x90), bytes: vec![9; 40] },
+        "uuid": Binary { subtype: BinarySubtype::Uuid, bytes: vec![4; 16] },
+        "regex": bson::Regex { pattern: "^a.*b$".into(), options: "im".into() },
+        "timestamp": bson::Timestamp { time: 17, increment: 4 },
+        "null": Bson::Null,
+        "doc": { "nested": { "deep": [1, 2, { "x": "y" }] } },
+        "array": [1, "two", 3.0, { "four": 4 }, [5]],
+        "code": Bson::JavaScriptCode("function() { return 1; }".into()),
+        "code_scope": Bson::JavaScriptCodeWithScope(bson::JavaScriptCodeWithScope { code: "x".into(), scope: doc! { "x": 1 } }),
+        "symbol": Bson::Symbol("sym".into()),
+        "minkey": Bson::MinKey,
+        "maxkey": Bson::MaxKey,
+        "undefined": Bson::Undefined,
+    }
+}
+
+fn schema_for_all(doc: &Document, suite: Suite) -> Schema {
+    let mut b = Schema::builder();
+    for k in doc.keys() {
+        b = b.field(k.clone(), Field::randomized("pii").suite(suite));
+    }
+    b.build().unwrap()
+}
+
+fn ring() -> Arc<InMemoryKeyring> {
+    let r = InMemoryKeyring::new();
+    r.generate("pii");
+    r.generate("det");
+    r.generate("idx");
+    Arc::new(r)
+}
+
+fn is_envelope(v: &Bson) -> bool {
+    matches!(v, Bson::Binary(b) if b.subtype == BinarySubtype::UserDefined(ENVELOPE_SUBTYPE))
+}
+
+#[test]
+fn every_bson_type_round_trips_in_every_suite() {
+    let plain = every_type();
+    for suite in Suite::ALL {
+        let c = Cryptor::new(ring(), schema_for_all(&plain, suite));
+        let ctx = Context::namespace("app.users");
+        let enc = c.encrypt_document(&plain, &ctx).unwrap();
+        for (k, v) in &enc {
+            assert!(is_envelope(v), "{suite}: {k} not encrypted");
+        }
+        let dec = c.decrypt_document(&enc, &ctx).unwrap();
+        assert_eq!(dec, plain, "{suite}");
+        // Raw and owned paths agree byte for byte.
+        let raw_enc = RawDocumentBuf::from_document(&enc).unwrap();
+        let raw_dec = c.decrypt_raw(&raw_enc, &ctx).unwrap();
+        assert_eq!(
+            raw_dec.as_bytes(),
+            RawDocumentBuf::from_document(&plain).unwrap().as_bytes()
+        );
+    }
+}
+
+#[test]
+fn nested_paths_and_arrays() {
+    let schema = Schema::builder()
+        .field("profile.email", Field::randomized("pii"))
+        .field("addresses.street", Field::randomized("pii"))
+        .field("tags.$[]", Field::randomized("pii"))
+        .field("whole", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let plain = doc! {
+        "_id": 1,
+        "profile": { "email": "a@b.c", "name": "clear" },
+        "addresses": [ { "street": "Main St", "zip": "1" }, { "street": "2nd", "zip": "2" }, "not a doc" ],
+        "tags": ["t1", "t2", 3],
+        "whole": ["x", "y"],
+    };
+    let ctx = Context::none();
+    let enc = c.encrypt_document(&plain, &ctx).unwrap();
+    let p = enc.get_document("profile").unwrap();
+    assert!(is_envelope(p.get("email").unwrap()));
+    assert_eq!(p.get_str("name").unwrap(), "clear");
+    let addrs = enc.get_array("addresses").unwrap();
+    for a in &addrs[..2] {
+        let a = a.as_document().unwrap();
+        assert!(is_envelope(a.get("street").unwrap()));
+        assert!(!is_envelope(a.get("zip").unwrap()));
+    }
+    assert_eq!(addrs[2], Bson::String("not a doc".into()));
+    let tags = enc.get_array("tags").unwrap();
+    assert_eq!(tags.len(), 3);
+    assert!(tags.iter().all(is_envelope));
+    assert!(is_envelope(enc.get("whole").unwrap()));
+    assert_eq!(c.decrypt_document(&enc, &ctx).unwrap(), plain);
+    // Encrypting again leaves existing ciphertexts as they are.
+    assert_eq!(c.encrypt_document(&enc, &ctx).unwrap(), enc);
+}
+
+#[test]
+fn decryption_needs_only_the_keyring() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field(
+            "a.b",
+            Field::randomized("pii").suite(Suite::XChaCha20Poly1305),
+        )
+        .build()
+        .unwrap();
+    let enc = Cryptor::new(keys.clone(), schema)
+        .encrypt_document(&doc! { "a": { "b": 42 } }, &Context::none())
+        .unwrap();
+    let reader = Cryptor::decrypt_only(keys);
+    assert_eq!(
+        reader.decrypt_document(&enc, &Context::none()).unwrap(),
+        doc! { "a": { "b": 42 } }
+    );
+}
+
+#[test]
+fn fail_moved_ciphertexts_do_not_decrypt() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii").bind_id())
+        .field("note", Field::randomized("pii"))
+        .field("other", Field::randomized("pii"))
+        .owner_field("owner")
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys, schema);
+    let ns = Context::namespace("app.users");
+    let d1 = c
+        .encrypt_document(
+            &doc! { "_id": 1, "owner": "alice", "ssn": "123", "note": "n1" },
+            &ns,
+        )
+        .unwrap();
+    let d2 = c
+        .encrypt_document(
+            &doc! { "_id": 2, "owner": "alice", "ssn": "456", "note": "n2" },
+            &ns,
+        )
+        .unwrap();
+    assert!(c.decrypt_document(&d1, &ns).is_ok());
+
+    // Another field.
+    let mut moved = d1.clone();
+    moved.insert("other", d1.get("note").unwrap().clone());
+    assert!(matches!(
+        c.decrypt_document(&moved, &ns),
+        Err(Error::Decrypt)
+    ));
+    // Another collection.
+    assert!(matches!(
+        c.decrypt_document(&d1, &Context::namespace("app.admins")),
+        Err(Error::Decrypt)
+    ));
+    // No namespace given for a namespace-bound value.
+    assert!(matches!(
+        c.decrypt_document(&d1, &Context::none()),
+        Err(Error::MissingContext(_))
+    ));
+    // Another document (_id-bound field)...
+    let mut moved = d2.clone();
+    moved.insert("ssn", d1.get("ssn").unwrap().clone());
+    assert!(matches!(
+        c.decrypt_document(&moved, &ns),
+        Err(Error::Decrypt)
+    ));
+    // ...while a field that is not _id-bound may move between documents of the same owner.
+    let mut moved = d2.clone();
+    moved.insert("note", d1.get("note").unwrap().clone());
+    assert!(c.decrypt_document(&moved, &ns).is_ok());
+    // Another owner.
+    let mut stolen = d1.clone();
+    stolen.insert("owner", "mallory");
+    assert!(matches!(
+        c.decrypt_document(&stolen, &ns),
+        Err(Error::Decrypt)
+    ));
+}
+
+#[test]
+fn missing_id_is_generated_for_bound_fields() {
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii").bind_id())
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let enc = c
+        .encrypt_document(&doc! { "ssn": "1" }, &Context::none())
+        .unwrap();
+    assert_eq!(enc.keys().next().map(String::as_str), Some("_id"));
+    assert!(enc.get_object_id("_id").is_ok());
+    let dec = c.decrypt_document(&enc, &Context::none()).unwrap();
+    assert_eq!(dec.get_str("ssn").unwrap(), "1");
+}
+
+#[test]
+fn fail_every_bit_flip_and_truncation_is_rejected() {
+    for suite in Suite::ALL {
+        let schema = Schema::builder()
+            .field("v", Field::randomized("pii").suite(suite).pad_to(16))
+            .build()
+            .unwrap();
+        let c = Cryptor::new(ring(), schema);
+        let enc = c
+            .encrypt_document(&doc! { "v": "secret value" }, &Context::none())
+            .unwrap();
+        let Bson::Binary(bin) = enc.get("v").unwrap() else {
+            panic!()
+        };
+        for i in 0..bin.bytes.len() * 8 {
+            let mut b = bin.bytes.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            let d = doc! { "v": Binary { subtype: bin.subtype, bytes: b } };
+            let r = c.decrypt_document(&d, &Context::none());
+            assert!(r.is_err(), "{suite}: flip of bit {i} accepted");
+        }
+        for len in 0..bin.bytes.len() {
+            let d = doc! { "v": Binary { subtype: bin.subtype, bytes: bin.bytes[..len].to_vec() } };
+            assert!(
+                c.decrypt_document(&d, &Context::none()).is_err(),
+                "{suite}: truncation to {len} accepted"
+            );
+        }
+    }
+}
+
+#[test]
+fn rotation_keeps_old_data_readable_and_new_writes_use_the_new_key() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys.clone(), schema);
+    let ctx = Context::none();
+    let old_key = keys.primary("pii").unwrap().id();
+    let before = c.encrypt_document(&doc! { "ssn": "old" }, &ctx).unwrap();
+    let new_key = keys.rotate("pii");
+    assert_ne!(old_key, new_key);
+    let after = c.encrypt_document(&doc! { "ssn": "new" }, &ctx).unwrap();
+    let id_of = |d: &Document| {
+        Cryptor::referenced_keys(&RawDocumentBuf::from_document(d).unwrap()).unwrap()
+    };
+    assert_eq!(id_of(&before), vec![old_key]);
+    assert_eq!(id_of(&after), vec![new_key]);
+    assert_eq!(
+        c.decrypt_document(&before, &ctx)
+            .unwrap()
+            .get_str("ssn")
+            .unwrap(),
+        "old"
+    );
+    assert_eq!(
+        c.decrypt_document(&after, &ctx)
+            .unwrap()
+            .get_str("ssn")
+            .unwrap(),
+        "new"
+    );
+    // Disabled: refused, and says which key; enabled again: readable.
+    keys.set_state(&old_key, KeyState::Disabled).unwrap();
+    match c.decrypt_document(&before, &ctx) {
+        Err(Error::KeyDisabled(id)) => assert_eq!(id, old_key),
+        other => panic!("{other:?}"),
+    }
+    keys.set_state(&old_key, KeyState::Active).unwrap();
+    assert!(c.decrypt_document(&before, &ctx).is_ok());
+    keys.destroy(&old_key).unwrap();
+    assert!(matches!(
+        c.decrypt_document(&before, &ctx),
+        Err(Error::KeyDestroyed(_))
+    ));
+}
+
+#[test]
+fn fail_unknown_key_names_the_id() {
+    let schema = Schema::builder()
+        .field("x", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let enc = Cryptor::new(ring(), schema)
+        .encrypt_document(&doc! { "x": 1 }, &Context::none())
+        .unwrap();
+    let other = Cryptor::decrypt_only(ring());
+    let err = other.decrypt_document(&enc, &Context::none()).unwrap_err();
+    let Error::UnknownKey(id) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(err.to_string().contains(&id.to_string()));
+}
+
+#[test]
+fn fail_usage_limit_asks_for_rotation() {
+    let keys = InMemoryKeyring::new();
+    let id = KeyId::random();
+    keys.insert(
+        Key::from_material(
+            id,
+            "pii",
+            KeyKind::Fieldcrypt,
+            KeyState::Primary,
+            KeyMaterial::generate(32),
+            fieldcrypt::RANDOM_NONCE_LIMIT - 1,
+        )
+        .unwrap(),
+    );
+    let keys = Arc::new(keys);
+    let schema = Schema::builder()
+        .field("x", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys.clone(), schema);
+    assert!(c
+        .encrypt_document(&doc! { "x": 1 }, &Context::none())
+        .is_ok());
+    let err = c
+        .encrypt_document(&doc! { "x": 2 }, &Context::none())
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyUsageLimit { .. }));
+    assert!(err.to_string().contains("rotate"));
+    assert_eq!(
+        keys.key(&id).unwrap().encryptions(),
+        fieldcrypt::RANDOM_NONCE_LIMIT
+    );
+    // XChaCha20 has no such limit; after rotation AES-GCM works again.
+    keys.rotate("pii");
+    assert!(c
+        .encrypt_document(&doc! { "x": 3 }, &Context::none())
+        .is_ok());
+}
+
+#[test]
+fn deterministic_fields_support_equality_and_leak_only_equality() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field("email", Field::deterministic("det"))
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys.clone(), schema);
+    let ctx = Context::namespace("app.users");
+    let a = c
+        .encrypt_document(&doc! { "email": "x@y.z", "ssn": "1" }, &ctx)
+        .unwrap();
+    let b = c
+        .encrypt_document(&doc! { "email": "x@y.z", "ssn": "1" }, &ctx)
+        .unwrap();
+    assert_eq!(a.get("email"), b.get("email"));
+    assert_ne!(a.get("ssn"), b.get("ssn"));
+    let q = c
+        .query_ciphertexts("email", &Bson::from("x@y.z"), &ctx, None)
+        .unwrap();
+    assert_eq!(Some(&Bson::Binary(q[0].clone())), a.get("email"));
+    // After rotation, the query matches both old and new ciphertexts.
+    keys.rotate("det");
+    let q2 = c
+        .query_ciphertexts("email", &Bson::from("x@y.z"), &ctx, None)
+        .unwrap();
+    assert_eq!(q2.len(), 2);
+    assert!(q2
+        .iter()
+        .any(|x| Some(&Bson::Binary(x.clone())) == a.get("email")));
+    assert!(matches!(
+        c.query_ciphertexts("ssn", &Bson::from("1"), &ctx, None),
+        Err(Error::UnsupportedQuery { .. })
+    ));
+}
+
+#[test]
+fn blind_index_only_and_with_encryption() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field(
+            "token",
+            Field::blind_index_only(BlindIndex::new("idx").truncate(16)),
+        )
+        .field(
+            "api_key",
+            Field::randomized("pii").with_blind_index(BlindIndex::new("idx").name("api_key_hash")),
+        )
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys, schema);
+    let ctx = Context::none();
+    let enc = c
+        .encrypt_document(&doc! { "token": "tok-123", "api_key": "ak-9" }, &ctx)
+        .unwrap();
+    assert!(
+        enc.get("token").is_none(),
+        "index-only field must not be stored"
+    );
+    let Bson::Binary(idx) = enc.get("token_bidx").unwrap() else {
+        panic!()
+    };
+    assert_eq!(idx.bytes.len(), 1 + 16 + 16);
+    assert!(enc.get("api_key_hash").is_some());
+    assert!(is_envelope(enc.get("api_key").unwrap()));
+    assert_eq!(
+        c.blind_index_values("token", &Bson::from("tok-123"))
+            .unwrap()[0],
+        *idx
+    );
+    assert_ne!(
+        c.blind_index_values("token", &Bson::from("tok-124"))
+            .unwrap()[0],
+        *idx
+    );
+    // Re-encrypting a decrypted document recomputes the index instead of duplicating it.
+    let dec = c.decrypt_document(&enc, &ctx).unwrap();
+    let again = c.encrypt_document(&dec, &ctx).unwrap();
+    assert_eq!(again.keys().filter(|k| *k == "api_key_hash").count(), 1);
+}
+
+#[test]
+fn padding_hides_length_within_a_bucket() {
+    let schema = Schema::builder()
+        .field("v", Field::randomized("pii").pad_to(32))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let len = |s: &str| {
+        let d = c
+            .encrypt_document(&doc! { "v": s }, &Context::none())
+            .unwrap();
+        let Bson::Binary(b) = d.get("v").unwrap() else {
+            panic!()
+        };
+        b.bytes.len()
+    };
+    assert_eq!(len(""), len("a much longer value, 21"));
+    assert_ne!(len(""), len(&"x".repeat(40)));
+}
+
+#[test]
+fn fail_malformed_bson_is_an_error_not_a_panic() {
+    let schema = Schema::builder()
+        .field("a", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let good = rawdoc! { "a": "x", "b": { "c": 1 } };
+    let bytes = good.as_bytes();
+    for cut in 5..bytes.len() {
+        let mut b = bytes[..cut].to_vec();
+        let n = i32::try_from(b.len()).unwrap();
+        b[..4].copy_from_slice(&n.to_le_bytes());
+        b.push(0);
+        if let Ok(d) = bson::RawDocument::from_bytes(&b) {
+            let _ = c.encrypt_raw(d, &Context::none());
+            let _ = c.decrypt_raw(d, &Context::none());
+        }
+    }
+    for i in 4..bytes.len() {
+        for v in [0u8, 0x7f, 0xff, 0x05, 0x03] {
+            let mut b = bytes.to_vec();
+            b[i] = v;
+            if let Ok(d) = bson::RawDocument::from_bytes(&b) {
+                let _ = c.encrypt_raw(d, &Context::none());
+                let _ = c.decrypt_raw(d, &Context::none());
+            }
+        }
+    }
+}
+
+#[test]
+fn many_matches_one_by_one() {
+    let schema = Schema::builder()
+        .field("n", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let docs: Vec<RawDocumentBuf> = (0..200).map(|i| rawdoc! { "_id": i, "n": i }).collect();
+    let enc: Vec<RawDocumentBuf> = c
+        .encrypt_many(&docs, &Context::none())
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let dec: Vec<RawDocumentBuf> = c
+        .decrypt_many(&enc, &Context::none())
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(dec, docs);
+}
+
+#[test]
+fn explicit_value_api_round_trips() {
+    let schema = Schema::builder()
+        .field("p.ssn", Field::randomized("pii").bind_id())
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let ctx = Context::namespace("db.c");
+    let id = Bson::Int32(5);
+    let ct = c
+        .encrypt_value("p.ssn", &Bson::from("123-45"), &ctx, Some(&id), None)
+        .unwrap();
+    let v = c
+        .decrypt_value("p.ssn", &ct, &ctx, Some(&id), None)
+        .unwrap();
+    assert_eq!(v, Bson::from("123-45"));
+    assert!(c
+        .decrypt_value("p.ssn", &ct, &ctx, Some(&Bson::Int32(6)), None)
+        .is_err());
+    assert!(c
+        .encrypt_value("p.ssn", &Bson::from("x"), &ctx, None, None)
+        .is_err());
+}
