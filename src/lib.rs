@@ -3,6 +3,8 @@
 #![deny(missing_docs, rustdoc::broken_intra_doc_links)]
 
 mod csfle;
+#[cfg(feature = "mongodb")]
+pub mod devserver;
 mod error;
 mod key;
 
