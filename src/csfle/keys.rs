@@ -149,7 +149,7 @@ impl fmt::Debug for CsfleDataKey {
 /// Read one from a [`Document`] or from Extended JSON (what `mongoexport` writes), unwrap it
 /// with [`CsfleKeyDocument::unwrap_with`], and write new ones with
 /// [`CsfleDataKey::to_key_document`] and [`CsfleKeyDocument::to_document`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 #[non_exhaustive]
 pub struct CsfleKeyDocument {
     /// `_id`: the key id.
@@ -363,6 +363,25 @@ impl CsfleKeyDocument {
             Ok(_) => Err(Error::KeyFormat("not a JSON object".into())),
             Err(_) => Err(Error::KeyFormat("not valid Extended JSON".into())),
         }
+    }
+}
+
+impl fmt::Debug for CsfleKeyDocument {
+    /// Everything but the wrapped key material, of which only the length is shown: it is
+    /// encrypted, but key bytes of any kind stay out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CsfleKeyDocument")
+            .field("id", &self.id)
+            .field("key_alt_names", &self.key_alt_names)
+            .field(
+                "key_material",
+                &format_args!("[{} bytes]", self.key_material.len()),
+            )
+            .field("master_key", &self.master_key)
+            .field("status", &self.status)
+            .field("creation_date", &self.creation_date)
+            .field("update_date", &self.update_date)
+            .finish()
     }
 }
 
@@ -783,6 +802,12 @@ mod tests {
             !s.contains("205") && !s.to_lowercase().contains("cd"),
             "{s}"
         );
+        let master = LocalMasterKey::generate();
+        let doc = key.to_key_document(&master);
+        let s = format!("{doc:?}");
+        let bytes_prefix = format!("{:?}", &doc.key_material[..4]);
+        assert!(s.contains("[160 bytes]"), "{s}");
+        assert!(!s.contains(bytes_prefix.trim_end_matches(']')), "{s}");
         let mut set = CsfleKeySet::new();
         set.insert(key).unwrap();
         let s = format!("{set:?}");

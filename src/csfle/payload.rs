@@ -517,3 +517,43 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use crate::csfle::aead::KEY_LEN;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Untrusted bytes never panic the parser or the decryptor, and never decrypt.
+        #[test]
+        fn arbitrary_bytes_are_rejected_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let key = CsfleKey::new(&[0x33; KEY_LEN]);
+            if let Ok(p) = parse_payload(&bytes) {
+                let mut out = Vec::new();
+                prop_assert!(decrypt_into(&key, &p, &mut out).is_err());
+                prop_assert!(out.is_empty());
+            }
+        }
+
+        /// Strings of every length round-trip under both algorithms, and any single-bit flip of
+        /// the result fails.
+        #[test]
+        fn strings_round_trip_and_resist_flips(s in ".{0,70}", flip in any::<prop::sample::Index>(), det in any::<bool>()) {
+            let key = CsfleKey::new(&[0x44; KEY_LEN]);
+            let alg = if det { CsfleAlgorithm::Deterministic } else { CsfleAlgorithm::Random };
+            let (t, v) = value_to_bytes(&Bson::String(s)).unwrap();
+            let mut ct = Vec::new();
+            encrypt(&key, alg, KeyId::from_bytes([1; 16]), t, &v, &mut ct).unwrap();
+            let mut out = Vec::new();
+            decrypt_into(&key, &parse_payload(&ct).unwrap(), &mut out).unwrap();
+            prop_assert_eq!(&out[..], &v[..]);
+            let bit = flip.index(ct.len() * 8);
+            ct[bit / 8] ^= 1 << (bit % 8);
+            out.clear();
+            let r = parse_payload(&ct).and_then(|p| decrypt_into(&key, &p, &mut out));
+            prop_assert!(r.is_err());
+            prop_assert!(out.is_empty());
+        }
+    }
+}
