@@ -96,7 +96,13 @@ const SUPERVISOR: &str = r#"
 exec 3<&0 0</dev/null 4>&1 1>&2
 "$@" 3<&- &
 pid=$!
-{ cat <&3; kill $pid; sleep 10; kill -9 $pid; } >/dev/null 2>&1 4>&- &
+{
+  cat <&3
+  kill $pid
+  i=0
+  while kill -0 $pid && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  kill -0 $pid && kill -9 $pid
+} >/dev/null 2>&1 4>&- &
 watcher=$!
 exec 3<&- 4>&-
 wait $pid
@@ -135,6 +141,9 @@ impl DevServer {
     ///
     /// Each call starts a new server (unless `MONGODB_URI` is set); test binaries with many tests
     /// should use [`DevServer::shared`] instead.
+    ///
+    /// Dropping the returned value stops the server and waits for it to be gone (about 2 s for
+    /// SecantusDB, which shuts down gracefully and removes its temporary storage).
     ///
     /// # Errors
     ///
