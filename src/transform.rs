@@ -14,6 +14,7 @@ use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use rayon::prelude::*;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
+use crate::csfle;
 use crate::envelope::{self, Binding, Envelope, RawValue, SealParams, ENVELOPE_SUBTYPE};
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId};
@@ -272,6 +273,7 @@ impl Cryptor {
         let v = value_bytes(value)?;
         let idv = id.map(value_bytes).transpose()?;
         let ov = owner.map(value_bytes).transpose()?;
+        self.require_owner(owner)?;
         if rule.field.bind_id && idv.is_none() {
             return Err(Error::MissingContext(
                 "this field is bound to _id; give the document's _id",
@@ -329,6 +331,7 @@ impl Cryptor {
                 })
             }
         };
+        self.require_owner(owner)?;
         let v = value_bytes(value)?;
         let ov = owner.map(value_bytes).transpose()?;
         let binding = Binding {
@@ -438,6 +441,17 @@ impl Cryptor {
             };
         }
         Ok(cur)
+    }
+
+    /// In an owner-scoped schema every ciphertext is bound to an owner: refuse to make one
+    /// without (it would decrypt for any owner).
+    fn require_owner(&self, owner: Option<&Bson>) -> Result<()> {
+        match (self.schema.owner_field(), owner) {
+            (Some(_), None) => Err(Error::MissingContext(
+                "the schema is owner-scoped: give the owner value",
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn rule(&self, path: &str) -> Result<&FieldRule> {
@@ -726,6 +740,7 @@ impl<'c> Walker<'c> {
                     self.open(e.key, payload, out)?;
                     self.path.truncate(mark);
                 }
+                (_, Some((CSFLE_SUBTYPE, payload))) => self.open_csfle(e.key, payload, out)?,
                 _ => out.extend_from_slice(e.raw),
             }
         }
@@ -753,6 +768,21 @@ impl<'c> Walker<'c> {
                 Err(err)
             }
         }
+    }
+}
+
+impl Walker<'_> {
+    /// Decrypts a MongoDB CSFLE (FLE1) value with a 96-byte CSFLE key from the same keyring.
+    fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let p = csfle::parse_payload(payload)?;
+        let key = self.key_by_id(p.key_id)?;
+        let cipher = key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
+            id: p.key_id,
+            reason: "not a 96-byte CSFLE data key",
+        })?;
+        let type_at = out.len();
+        rawbson::put_key(out, p.bson_type, name);
+        csfle::decrypt_into(cipher, &p, out).inspect_err(|_| out.truncate(type_at))
     }
 }
 

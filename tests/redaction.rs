@@ -2,6 +2,8 @@
 //! where it has Display) and checked for the key bytes in raw, hex and base64 form, and for
 //! plaintext values in errors.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};

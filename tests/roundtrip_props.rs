@@ -1,6 +1,8 @@
 //! Property tests: arbitrary BSON documents round-trip through the owned and raw paths, and
 //! both paths give identical bytes.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 use std::sync::Arc;
 
 use bson::spec::BinarySubtype;

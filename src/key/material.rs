@@ -2,11 +2,13 @@
 
 use core::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretSlice};
 
-use super::KeyKind;
+use super::{KeyKind, CSFLE_KEY_LEN};
+use crate::csfle::CsfleKey;
 use crate::suite::SuiteKeys;
 
 /// Secret key bytes. Lives only inside a [`SecretSlice`], is wiped on drop, and prints as
@@ -74,6 +76,7 @@ pub(crate) struct KeySecret {
     kind: KeyKind,
     encryptions: AtomicU64,
     suites: SuiteKeys,
+    csfle: OnceLock<Option<CsfleKey>>,
 }
 
 impl KeySecret {
@@ -83,6 +86,7 @@ impl KeySecret {
             kind,
             encryptions: AtomicU64::new(encryptions),
             suites: SuiteKeys::default(),
+            csfle: OnceLock::new(),
         }
     }
 
@@ -96,6 +100,16 @@ impl KeySecret {
 
     pub(crate) fn suites(&self) -> &SuiteKeys {
         &self.suites
+    }
+
+    /// The precomputed CSFLE cipher state of a 96-byte CSFLE key (`None` for other kinds).
+    pub(crate) fn csfle(&self) -> Option<&CsfleKey> {
+        self.csfle
+            .get_or_init(|| {
+                let bytes: &[u8; CSFLE_KEY_LEN] = self.material.expose_secret().try_into().ok()?;
+                (self.kind == KeyKind::Csfle).then(|| CsfleKey::new(bytes))
+            })
+            .as_ref()
     }
 
     pub(crate) fn encryptions(&self) -> u64 {
