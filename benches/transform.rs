@@ -18,69 +18,14 @@ use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bson::{doc, Document, RawDocumentBuf};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fieldcrypt::{
-    Context, Cryptor, CsfleAlgorithm, CsfleDataKey, Field, InMemoryKeyring, Key, KeyId, KeyKind,
-    KeyMaterial, KeyState, Schema, Suite,
-};
-use secrecy::SecretBox;
-
-const W1_FIELDS: usize = 1500;
-
-fn w1_plain() -> Document {
-    let mut d = Document::new();
-    for i in 1..=W1_FIELDS {
-        d.insert(format!("key{i:04}"), format!("value {i:04}"));
-    }
-    d
-}
-
-/// W1 in MongoDB's CSFLE deterministic format, with the same key in a fieldcrypt keyring.
-fn w1_csfle() -> (Cryptor, RawDocumentBuf) {
-    let mut material = [0u8; 96];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut material);
-    let id = KeyId::random();
-    let dk = CsfleDataKey::from_material(id, SecretBox::new(Box::new(material)), vec![]).unwrap();
-    let ring = InMemoryKeyring::new();
-    ring.insert(
-        Key::from_material(
-            id,
-            "csfle",
-            KeyKind::Csfle,
-            KeyState::Active,
-            KeyMaterial::from_slice(&material),
-            0,
-        )
-        .unwrap(),
-    );
-    let mut enc = Document::new();
-    for (k, v) in w1_plain() {
-        let b = dk.encrypt_value(CsfleAlgorithm::Deterministic, &v).unwrap();
-        enc.insert(k, b);
-    }
-    (
-        Cryptor::decrypt_only(Arc::new(ring)),
-        RawDocumentBuf::from_document(&enc).unwrap(),
-    )
-}
-
-fn w1_fieldcrypt(suite: Suite) -> (Cryptor, RawDocumentBuf) {
-    let ring = InMemoryKeyring::new();
-    ring.generate("k");
-    let mut b = Schema::builder();
-    for i in 1..=W1_FIELDS {
-        b = b.field(format!("key{i:04}"), Field::randomized("k").suite(suite));
-    }
-    let c = Cryptor::new(Arc::new(ring), b.build().unwrap());
-    let plain = RawDocumentBuf::from_document(&w1_plain()).unwrap();
-    let enc = c.encrypt_raw(&plain, &Context::none()).unwrap();
-    (c, enc)
-}
+use fieldcrypt::workloads::{self, Format};
+use fieldcrypt::{Context, Cryptor, Field, InMemoryKeyring, Schema, Suite};
 
 fn bench_w1(c: &mut Criterion) {
     let mut g = c.benchmark_group("W1_bulk_decrypt");
     g.throughput(Throughput::Elements(1));
     g.sample_size(20);
-    let (cr, doc) = w1_csfle();
+    let (cr, doc) = workloads::w1_encrypted(Format::Csfle).unwrap();
     g.bench_function("csfle_deterministic", |b| {
         let mut out = Vec::new();
         b.iter(|| {
@@ -89,7 +34,7 @@ fn bench_w1(c: &mut Criterion) {
         });
     });
     for suite in Suite::ALL {
-        let (cr, doc) = w1_fieldcrypt(suite);
+        let (cr, doc) = workloads::w1_encrypted(Format::Fieldcrypt(suite)).unwrap();
         g.bench_function(suite.name(), |b| {
             let mut out = Vec::new();
             b.iter(|| {
@@ -101,39 +46,10 @@ fn bench_w1(c: &mut Criterion) {
     g.finish();
 }
 
-/// A user-like document (~250 bytes) with three encrypted fields of ~32 bytes, one nested.
-fn w2_user(i: u32) -> Document {
-    doc! {
-        "_id": bson::oid::ObjectId::new(),
-        "username": format!("user{i:08}"),
-        "created": bson::DateTime::from_millis(1_700_000_000_000 + i64::from(i)),
-        "plan": "pro",
-        "logins": i,
-        "email": format!("user{i:08}@example-mail.com......"),
-        "ssn": format!("{:03}-{:02}-{:04}-padding-to-32-bytes", i % 1000, i % 100, i % 10000),
-        "profile": { "country": "NL", "phone": format!("+31 6 {i:08} ext. 000000000"), "lang": "nl" },
-    }
-}
-
-fn w2_schema() -> Schema {
-    Schema::builder()
-        .field("email", Field::randomized("pii"))
-        .field("ssn", Field::randomized("pii"))
-        .field("profile.phone", Field::randomized("pii"))
-        .build()
-        .unwrap()
-}
-
 fn bench_w2(c: &mut Criterion) {
-    let ring = InMemoryKeyring::new();
-    ring.generate("pii");
-    let cr = Cryptor::new(Arc::new(ring), w2_schema());
-    let ctx = Context::namespace("app.users");
-    let plain: Vec<Document> = (0..1000).map(w2_user).collect();
-    let raw: Vec<RawDocumentBuf> = plain
-        .iter()
-        .map(|d| RawDocumentBuf::from_document(d).unwrap())
-        .collect();
+    let (cr, raw) = workloads::w2_setup(Suite::Aes256Gcm, 1000).unwrap();
+    let ctx = workloads::w2_context();
+    let plain: Vec<Document> = raw.iter().map(|d| d.to_document().unwrap()).collect();
     let enc: Vec<RawDocumentBuf> = raw
         .iter()
         .map(|d| cr.encrypt_raw(d, &ctx).unwrap())

@@ -67,6 +67,7 @@ mod rawbson;
 mod schema;
 mod suite;
 mod transform;
+pub mod workloads;
 
 pub use blind_index::BLIND_INDEX_SUBTYPE;
 pub use csfle::{CsfleAlgorithm, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, LocalMasterKey};

@@ -214,8 +214,12 @@ pub(crate) struct Node {
 }
 
 impl Node {
+    /// The child for `key`; children are kept sorted, so this is a binary search.
     pub(crate) fn child(&self, key: &str) -> Option<&Node> {
-        self.children.iter().find(|(k, _)| k == key).map(|(_, n)| n)
+        self.children
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.children[i].1)
     }
 }
 
@@ -259,7 +263,8 @@ impl SchemaBuilder {
         for (path, field) in self.fields {
             rules.push(check_field(path, field)?);
         }
-        // Overlaps: one encrypted path (or blind index) inside or equal to another.
+        // Overlaps: one encrypted path (or blind index) inside or equal to another. Checked by
+        // looking up every path and each of its ancestors in a map: O(paths × depth).
         let mut occupied: Vec<(String, &str)> = Vec::new();
         for r in &rules {
             occupied.push((r.normalized.clone(), &r.path));
@@ -267,16 +272,19 @@ impl SchemaBuilder {
                 occupied.push((bi, &r.path));
             }
         }
-        for (i, (a, pa)) in occupied.iter().enumerate() {
-            for (b, pb) in &occupied[i + 1..] {
-                if overlaps(a, b) {
-                    let what = if pa == pb {
-                        format!("its blind index {b:?} overlaps the field")
-                    } else {
-                        format!("overlaps {pb:?} (one path is inside the other)")
-                    };
-                    return Err(Error::schema(pa.to_string(), what));
+        let mut seen: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        for (p, src) in &occupied {
+            if let Some(other) = seen.insert(p, src) {
+                return Err(overlap_error(other, src, p));
+            }
+        }
+        for (p, src) in &occupied {
+            let mut prefix = p.as_str();
+            while let Some((parent, _)) = prefix.rsplit_once('.') {
+                if let Some(other) = seen.get(parent) {
+                    return Err(overlap_error(other, src, p));
                 }
+                prefix = parent;
             }
         }
         if let Some(owner) = &self.owner_field {
@@ -297,11 +305,11 @@ impl SchemaBuilder {
         for (i, r) in rules.iter().enumerate() {
             let mut node = &mut tree;
             for seg in r.normalized.split('.') {
-                let pos = match node.children.iter().position(|(k, _)| k == seg) {
-                    Some(p) => p,
-                    None => {
-                        node.children.push((seg.to_owned(), Node::default()));
-                        node.children.len() - 1
+                let pos = match node.children.binary_search_by(|(k, _)| k.as_str().cmp(seg)) {
+                    Ok(p) => p,
+                    Err(p) => {
+                        node.children.insert(p, (seg.to_owned(), Node::default()));
+                        p
                     }
                 };
                 node = &mut node.children[pos].1;
@@ -315,6 +323,14 @@ impl SchemaBuilder {
             tree,
             needs_id,
         })
+    }
+}
+
+fn overlap_error(a: &str, b: &str, at: &str) -> Error {
+    if a == b {
+        Error::schema(a, format!("its blind index {at:?} overlaps another field"))
+    } else {
+        Error::schema(a, format!("overlaps {b:?} (one path is inside the other)"))
     }
 }
 

@@ -188,11 +188,11 @@ impl Cryptor {
     ) -> Result<()> {
         out.clear();
         let mut w = Walker::new(self, ctx);
-        w.id = rawbson::find(doc, "_id")?.map(|e| e.raw_value());
-        let owner_field = ctx.owner_field.as_deref().or(self.schema.owner_field());
-        if let Some(f) = owner_field {
-            w.owner = rawbson::find(doc, f)?.map(|e| e.raw_value());
-        }
+        // `_id` and the owner are looked up only when an envelope is bound to them.
+        w.unresolved = Some((
+            doc,
+            ctx.owner_field.as_deref().or(self.schema.owner_field()),
+        ));
         w.decrypt_doc(doc, false, out)
     }
 
@@ -524,7 +524,11 @@ struct Walker<'c> {
     ad: Vec<u8>,
     /// The last key looked up, by id: documents mostly use one key.
     last_key: Option<Arc<Key>>,
-    primaries: Vec<(usize, Arc<Key>)>,
+    /// For decryption: the document and owner field whose `_id` and owner have not been looked
+    /// up yet.
+    unresolved: Option<(&'c RawDocument, Option<&'c str>)>,
+    /// Primary keys by alias, looked up once per document (aliases are few).
+    primaries: Vec<Arc<Key>>,
 }
 
 impl<'c> Walker<'c> {
@@ -535,6 +539,7 @@ impl<'c> Walker<'c> {
             id: None,
             owner: None,
             owner_required: None,
+            unresolved: None,
             path: String::with_capacity(64),
             ad: Vec::with_capacity(128),
             last_key: None,
@@ -551,12 +556,12 @@ impl<'c> Walker<'c> {
         len
     }
 
-    fn primary(&mut self, slot: usize, alias: &str) -> Result<Arc<Key>> {
-        if let Some((_, k)) = self.primaries.iter().find(|(s, _)| *s == slot) {
+    fn primary(&mut self, alias: &str) -> Result<Arc<Key>> {
+        if let Some(k) = self.primaries.iter().find(|k| k.alias() == alias) {
             return Ok(k.clone());
         }
         let k = self.cryptor.keyring.primary(alias)?;
-        self.primaries.push((slot, k.clone()));
+        self.primaries.push(k.clone());
         Ok(k)
     }
 
@@ -650,7 +655,7 @@ impl<'c> Walker<'c> {
             return Ok(());
         }
         if let Some(enc) = &rule.field.encrypt {
-            let key = self.primary(ri, &enc.key)?;
+            let key = self.primary(&enc.key)?;
             let params = SealParams {
                 suite: enc.suite,
                 pad_to: rule.field.pad_to,
@@ -674,8 +679,7 @@ impl<'c> Walker<'c> {
             }
         }
         if let (Some(bi), Some(name)) = (&rule.field.blind_index, rule.blind_index_name()) {
-            let slot = usize::MAX - ri;
-            let key = self.primary(slot, &bi.key)?;
+            let key = self.primary(&bi.key)?;
             rawbson::put_key(out, ty::BINARY, &name);
             let at = rawbson::begin_binary(out, BLIND_INDEX_SUBTYPE);
             blind_index::compute_into(&key, &rule.normalized, e.raw_value(), bi.len(), out)?;
@@ -750,6 +754,14 @@ impl<'c> Walker<'c> {
     fn open(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
         let key = self.key_by_id(env.key_id)?;
+        if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
+            if let Some((doc, owner_field)) = self.unresolved.take() {
+                self.id = rawbson::find(doc, "_id")?.map(|e| e.raw_value());
+                if let Some(f) = owner_field {
+                    self.owner = rawbson::find(doc, f)?.map(|e| e.raw_value());
+                }
+            }
+        }
         let binding = Binding {
             path: &self.path,
             namespace: self.ctx.namespace.as_deref(),
