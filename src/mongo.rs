@@ -10,6 +10,17 @@ use crate::error::Result;
 use crate::key::KeyId;
 use crate::keyring::{InMemoryKeyring, Keyring};
 
+mod collection;
+mod query;
+mod validator;
+pub use collection::{
+    tenant_alias, tenant_aliases, tenant_schema, Aggregate, CountDocuments, Delete,
+    EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndUpdate, InsertMany, InsertOne,
+    NoSession, ReplaceOne, Update, WithSession,
+};
+pub use query::QueryRewriter;
+pub use validator::{apply_validator, json_schema, validator};
+
 
 /// A keyring whose keys may have to be fetched (and unwrapped) before synchronous use.
 ///

@@ -1,0 +1,838 @@
+//! The operations of [`EncryptedCollection`], as action builders shaped like the driver's:
+//! each is configured with `.with_options(...)` / `.session(...)` and run by `.await`.
+
+use std::borrow::Borrow;
+use std::future::IntoFuture;
+use std::marker::PhantomData;
+
+use bson::{Document, RawDocumentBuf};
+use mongodb::options::{
+    AggregateOptions, Collation, CountOptions, DeleteOptions, FindOneAndUpdateOptions,
+    FindOneOptions, FindOptions, InsertManyOptions, InsertOneOptions, ReplaceOptions,
+    UpdateModifications, UpdateOptions,
+};
+use mongodb::results::{DeleteResult, InsertManyResult, InsertOneResult, UpdateResult};
+use mongodb::{BoxFuture, ClientSession};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{check_collation, cursor, to_raw, EncryptedCollection, EncryptedCursor};
+use crate::error::{Error, Result};
+
+/// Type state of [`Find`] and [`Aggregate`] without an explicit session: the cursor they
+/// return owns everything it needs.
+#[derive(Debug)]
+pub struct NoSession;
+
+/// Type state of [`Find`] and [`Aggregate`] run in a session: the cursor they return reads
+/// its later batches through that session, so it borrows it.
+#[derive(Debug)]
+pub struct WithSession<'s>(&'s mut ClientSession);
+
+/// Runs a driver action with the session, if one was given.
+macro_rules! run {
+    ($action:expr, $session:expr) => {
+        match $session {
+            Some(s) => $action.session(s).await,
+            None => $action.await,
+        }
+    };
+}
+
+/// `with_options` and `session` setters of the actions that return no cursor.
+macro_rules! options_and_session {
+    ($action:ident, $options:ty) => {
+        impl<'a, T> $action<'a, T> {
+            /// Sets the driver options of this operation. Options that could compare or
+            /// order encrypted values (sort, projection, collation, array filters, index
+            /// bounds) are checked like the filter.
+            pub fn with_options(mut self, options: impl Into<Option<$options>>) -> Self {
+                self.options = options.into();
+                self
+            }
+
+            /// Runs the operation in `session`, and in its transaction if one is started.
+            pub fn session(mut self, session: &'a mut ClientSession) -> Self {
+                self.session = Some(session);
+                self
+            }
+        }
+    };
+}
+
+impl<T> EncryptedCollection<T> {
+    fn trace(&self, operation: &'static str) {
+        // Operation, namespace and scope only: never a filter, a document or an owner value.
+        tracing::debug!(
+            target: "fieldcrypt::collection",
+            operation,
+            namespace = self.namespace(),
+            scoped = self.owner.is_some(),
+        );
+    }
+
+    /// Checks the handle, prefetches the schema's keys and rewrites a filter.
+    async fn begin(&self, operation: &'static str) -> Result<()> {
+        self.check_usable()?;
+        self.trace(operation);
+        self.prefetch_aliases().await
+    }
+
+    fn prepare_update(
+        &self,
+        filter: &Document,
+        update: UpdateModifications,
+        array_filters: Option<Vec<Document>>,
+        sort: Option<&Document>,
+        collation: Option<&Collation>,
+    ) -> Result<(Document, UpdateModifications, Option<Vec<Document>>)> {
+        let q = self.rewriter();
+        let (new_filter, touched) = q.filter_touching(filter)?;
+        let (update, array_filters) = match update {
+            UpdateModifications::Document(d) => {
+                let af = array_filters
+                    .map(|af| q.array_filters(&af, &d, filter))
+                    .transpose()?;
+                (UpdateModifications::Document(q.update(&d, filter)?), af)
+            }
+            UpdateModifications::Pipeline(p) => {
+                q.update_pipeline(&p)?;
+                (UpdateModifications::Pipeline(p), array_filters)
+            }
+            _ => return Err(Error::Config("unsupported kind of update".into())),
+        };
+        if let Some(s) = sort {
+            q.sort(s)?;
+        }
+        check_collation(collation, touched.as_ref())?;
+        Ok((new_filter, update, array_filters))
+    }
+}
+
+impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
+    /// Encrypts and inserts one document (binding it to the handle's owner, if scoped).
+    ///
+    /// `await` returns `Result<InsertOneResult>`.
+    pub fn insert_one(&self, doc: impl Borrow<T>) -> InsertOne<'_, T> {
+        InsertOne {
+            coll: self,
+            doc: to_raw(doc.borrow()),
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Encrypts (in parallel for large batches) and inserts documents; the driver sends them
+    /// in as few `insert` commands as the server's batch limits allow.
+    ///
+    /// `await` returns `Result<InsertManyResult>`.
+    pub fn insert_many(&self, docs: impl IntoIterator<Item = impl Borrow<T>>) -> InsertMany<'_, T> {
+        InsertMany {
+            coll: self,
+            docs: docs.into_iter().map(|d| to_raw(d.borrow())).collect(),
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Replaces the document matching `filter` with `replacement`, encrypted. `_id`-bound
+    /// fields take the `_id` of the replacement, or of an `_id` equality in `filter`.
+    ///
+    /// `await` returns `Result<UpdateResult>`.
+    pub fn replace_one(&self, filter: Document, replacement: impl Borrow<T>) -> ReplaceOne<'_, T> {
+        ReplaceOne {
+            coll: self,
+            filter,
+            replacement: to_raw(replacement.borrow()),
+            options: None,
+            session: None,
+        }
+    }
+}
+
+impl<T> EncryptedCollection<T> {
+    /// Finds the documents matching `filter`, rewritten for encrypted fields.
+    ///
+    /// `await` returns `Result<EncryptedCursor<T>>`, a stream that decrypts as it goes.
+    pub fn find(&self, filter: Document) -> Find<'_, T> {
+        Find {
+            coll: self,
+            filter,
+            options: None,
+            session: NoSession,
+        }
+    }
+
+    /// Finds one document matching `filter`.
+    ///
+    /// `await` returns `Result<Option<T>>`.
+    pub fn find_one(&self, filter: Document) -> FindOne<'_, T> {
+        FindOne {
+            coll: self,
+            filter,
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Updates one document: values written to encrypted fields are encrypted.
+    ///
+    /// `await` returns `Result<UpdateResult>`.
+    pub fn update_one(
+        &self,
+        filter: Document,
+        update: impl Into<UpdateModifications>,
+    ) -> Update<'_, T> {
+        Update {
+            coll: self,
+            filter,
+            update: update.into(),
+            many: false,
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Updates every matching document: values written to encrypted fields are encrypted.
+    ///
+    /// `await` returns `Result<UpdateResult>`.
+    pub fn update_many(
+        &self,
+        filter: Document,
+        update: impl Into<UpdateModifications>,
+    ) -> Update<'_, T> {
+        Update {
+            many: true,
+            ..self.update_one(filter, update)
+        }
+    }
+
+    /// Updates one document and returns it (before or after, per the options), decrypted.
+    ///
+    /// `await` returns `Result<Option<T>>`.
+    pub fn find_one_and_update(
+        &self,
+        filter: Document,
+        update: impl Into<UpdateModifications>,
+    ) -> FindOneAndUpdate<'_, T> {
+        FindOneAndUpdate {
+            coll: self,
+            filter,
+            update: update.into(),
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Deletes one matching document.
+    ///
+    /// `await` returns `Result<DeleteResult>`.
+    pub fn delete_one(&self, filter: Document) -> Delete<'_, T> {
+        Delete {
+            coll: self,
+            filter,
+            many: false,
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Deletes every matching document.
+    ///
+    /// `await` returns `Result<DeleteResult>`.
+    pub fn delete_many(&self, filter: Document) -> Delete<'_, T> {
+        Delete {
+            many: true,
+            ..self.delete_one(filter)
+        }
+    }
+
+    /// Counts the matching documents.
+    ///
+    /// `await` returns `Result<u64>`.
+    pub fn count_documents(&self, filter: Document) -> CountDocuments<'_, T> {
+        CountDocuments {
+            coll: self,
+            filter,
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Runs an aggregation pipeline (`$match` stages rewritten; stages that would evaluate,
+    /// group, sort or join on encrypted fields refused). Results are decrypted.
+    ///
+    /// `await` returns `Result<EncryptedCursor<Document>>`; choose another result type with
+    /// [`Aggregate::with_type`].
+    pub fn aggregate(&self, pipeline: impl IntoIterator<Item = Document>) -> Aggregate<'_, T> {
+        Aggregate {
+            coll: self,
+            pipeline: pipeline.into_iter().collect(),
+            options: None,
+            session: NoSession,
+            _result: PhantomData,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Inserts one document. Construct with [`EncryptedCollection::insert_one`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct InsertOne<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    doc: Result<RawDocumentBuf>,
+    options: Option<InsertOneOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(InsertOne, InsertOneOptions);
+
+impl<'a, T: 'a> IntoFuture for InsertOne<'a, T> {
+    type Output = Result<InsertOneResult>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin("insert_one").await?;
+            let encrypted = coll.rewriter().document(&self.doc?)?;
+            let action = coll.coll.insert_one(encrypted).with_options(self.options);
+            Ok(run!(action, self.session)?)
+        })
+    }
+}
+
+/// Inserts documents. Construct with [`EncryptedCollection::insert_many`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct InsertMany<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    docs: Result<Vec<RawDocumentBuf>>,
+    options: Option<InsertManyOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(InsertMany, InsertManyOptions);
+
+impl<'a, T: 'a> IntoFuture for InsertMany<'a, T> {
+    type Output = Result<InsertManyResult>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin("insert_many").await?;
+            let encrypted = coll.encrypt_all(self.docs?).await?;
+            let action = coll.coll.insert_many(encrypted).with_options(self.options);
+            Ok(run!(action, self.session)?)
+        })
+    }
+}
+
+/// Finds documents. Construct with [`EncryptedCollection::find`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct Find<'a, T, S = NoSession> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    options: Option<FindOptions>,
+    session: S,
+}
+
+impl<'a, T, S> Find<'a, T, S> {
+    /// Sets the driver's find options (sort, projection and index bounds are checked).
+    pub fn with_options(mut self, options: impl Into<Option<FindOptions>>) -> Self {
+        self.options = options.into();
+        self
+    }
+
+    fn opts(&mut self) -> &mut FindOptions {
+        self.options.get_or_insert_with(FindOptions::default)
+    }
+
+    /// Sorts the results; sorting by an encrypted field is refused.
+    pub fn sort(mut self, sort: Document) -> Self {
+        self.opts().sort = Some(sort);
+        self
+    }
+
+    /// Limits the fields returned (the owner field is added when decryption needs it).
+    pub fn projection(mut self, projection: Document) -> Self {
+        self.opts().projection = Some(projection);
+        self
+    }
+
+    /// Returns at most this many documents.
+    pub fn limit(mut self, limit: i64) -> Self {
+        self.opts().limit = Some(limit);
+        self
+    }
+
+    /// Skips this many documents.
+    pub fn skip(mut self, skip: u64) -> Self {
+        self.opts().skip = Some(skip);
+        self
+    }
+
+    /// Asks the server for batches of this many documents.
+    pub fn batch_size(mut self, size: u32) -> Self {
+        self.opts().batch_size = Some(size);
+        self
+    }
+}
+
+impl<'a, T> Find<'a, T, NoSession> {
+    /// Runs the query in `session` (and its transaction); the cursor reads through it.
+    pub fn session<'s>(self, session: &'s mut ClientSession) -> Find<'a, T, WithSession<'s>> {
+        Find {
+            coll: self.coll,
+            filter: self.filter,
+            options: self.options,
+            session: WithSession(session),
+        }
+    }
+}
+
+impl<T> EncryptedCollection<T> {
+    async fn prepare_find(
+        &self,
+        filter: &Document,
+        options: Option<FindOptions>,
+    ) -> Result<(Document, Option<FindOptions>)> {
+        self.begin("find").await?;
+        let q = self.rewriter();
+        let (filter, touched) = q.filter_touching(filter)?;
+        let options = match options {
+            None => None,
+            Some(mut o) => {
+                if let Some(s) = &o.sort {
+                    q.sort(s)?;
+                }
+                if let Some(p) = &o.projection {
+                    o.projection = Some(q.projection(p)?);
+                }
+                for (bounds, name) in [(&o.min, "min"), (&o.max, "max")] {
+                    if let Some(b) = bounds {
+                        q.bounds(b, name)?;
+                    }
+                }
+                check_collation(o.collation.as_ref(), touched.as_ref())?;
+                Some(o)
+            }
+        };
+        Ok((filter, options))
+    }
+}
+
+impl<'a, T> IntoFuture for Find<'a, T, NoSession>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    type Output = Result<EncryptedCursor<'static, T>>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            let (filter, options) = coll.prepare_find(&self.filter, self.options).await?;
+            let batches = coll.coll.find(filter).with_options(options).batch().await?;
+            Ok(cursor::from_cursor(batches, coll.decryptor()))
+        })
+    }
+}
+
+impl<'a, 's: 'a, T> IntoFuture for Find<'a, T, WithSession<'s>>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    type Output = Result<EncryptedCursor<'s, T>>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            let session = self.session.0;
+            let (filter, options) = coll.prepare_find(&self.filter, self.options).await?;
+            let batches = coll
+                .coll
+                .find(filter)
+                .with_options(options)
+                .session(&mut *session)
+                .batch()
+                .await?;
+            Ok(cursor::from_session_cursor(
+                batches,
+                session,
+                coll.decryptor(),
+            ))
+        })
+    }
+}
+
+/// Finds one document. Construct with [`EncryptedCollection::find_one`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct FindOne<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    options: Option<FindOneOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(FindOne, FindOneOptions);
+
+impl<'a, T> IntoFuture for FindOne<'a, T>
+where
+    T: DeserializeOwned + 'static,
+{
+    type Output = Result<Option<T>>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin("find_one").await?;
+            let q = coll.rewriter();
+            let (filter, touched) = q.filter_touching(&self.filter)?;
+            let mut options = self.options;
+            if let Some(o) = options.as_mut() {
+                if let Some(s) = &o.sort {
+                    q.sort(s)?;
+                }
+                if let Some(p) = &o.projection {
+                    o.projection = Some(q.projection(p)?);
+                }
+                for (bounds, name) in [(&o.min, "min"), (&o.max, "max")] {
+                    if let Some(b) = bounds {
+                        q.bounds(b, name)?;
+                    }
+                }
+                check_collation(o.collation.as_ref(), touched.as_ref())?;
+            }
+            let action = coll.coll.find_one(filter).with_options(options);
+            match run!(action, self.session)? {
+                Some(raw) => Ok(Some(coll.decrypt_one(raw).await?)),
+                None => Ok(None),
+            }
+        })
+    }
+}
+
+/// Updates one or many documents. Construct with [`EncryptedCollection::update_one`] or
+/// [`EncryptedCollection::update_many`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct Update<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    update: UpdateModifications,
+    many: bool,
+    options: Option<UpdateOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(Update, UpdateOptions);
+
+impl<'a, T: 'a> IntoFuture for Update<'a, T> {
+    type Output = Result<UpdateResult>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin(if self.many {
+                "update_many"
+            } else {
+                "update_one"
+            })
+            .await?;
+            let mut options = self.options;
+            let (filter, update, array_filters) = coll.prepare_update(
+                &self.filter,
+                self.update,
+                options.as_mut().and_then(|o| o.array_filters.take()),
+                options.as_ref().and_then(|o| o.sort.as_ref()),
+                options.as_ref().and_then(|o| o.collation.as_ref()),
+            )?;
+            if let Some(o) = options.as_mut() {
+                o.array_filters = array_filters;
+            }
+            let action = if self.many {
+                coll.coll.update_many(filter, update)
+            } else {
+                coll.coll.update_one(filter, update)
+            }
+            .with_options(options);
+            Ok(run!(action, self.session)?)
+        })
+    }
+}
+
+/// Updates one document and returns it. Construct with
+/// [`EncryptedCollection::find_one_and_update`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct FindOneAndUpdate<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    update: UpdateModifications,
+    options: Option<FindOneAndUpdateOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(FindOneAndUpdate, FindOneAndUpdateOptions);
+
+impl<'a, T> IntoFuture for FindOneAndUpdate<'a, T>
+where
+    T: DeserializeOwned + 'static,
+{
+    type Output = Result<Option<T>>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin("find_one_and_update").await?;
+            let mut options = self.options;
+            let (filter, update, array_filters) = coll.prepare_update(
+                &self.filter,
+                self.update,
+                options.as_mut().and_then(|o| o.array_filters.take()),
+                options.as_ref().and_then(|o| o.sort.as_ref()),
+                options.as_ref().and_then(|o| o.collation.as_ref()),
+            )?;
+            if let Some(o) = options.as_mut() {
+                o.array_filters = array_filters;
+                if let Some(p) = &o.projection {
+                    o.projection = Some(coll.rewriter().projection(p)?);
+                }
+            }
+            let action = coll
+                .coll
+                .find_one_and_update(filter, update)
+                .with_options(options);
+            match run!(action, self.session)? {
+                Some(raw) => Ok(Some(coll.decrypt_one(raw).await?)),
+                None => Ok(None),
+            }
+        })
+    }
+}
+
+/// Replaces one document. Construct with [`EncryptedCollection::replace_one`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct ReplaceOne<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    replacement: Result<RawDocumentBuf>,
+    options: Option<ReplaceOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(ReplaceOne, ReplaceOptions);
+
+impl<'a, T: 'a> IntoFuture for ReplaceOne<'a, T> {
+    type Output = Result<UpdateResult>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin("replace_one").await?;
+            let q = coll.rewriter();
+            let replacement = q.replacement(&self.replacement?, &self.filter)?;
+            let (filter, touched) = q.filter_touching(&self.filter)?;
+            if let Some(o) = &self.options {
+                if let Some(s) = &o.sort {
+                    q.sort(s)?;
+                }
+                check_collation(o.collation.as_ref(), touched.as_ref())?;
+            }
+            let action = coll
+                .coll
+                .replace_one(filter, replacement)
+                .with_options(self.options);
+            Ok(run!(action, self.session)?)
+        })
+    }
+}
+
+/// Deletes one or many documents. Construct with [`EncryptedCollection::delete_one`] or
+/// [`EncryptedCollection::delete_many`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct Delete<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    many: bool,
+    options: Option<DeleteOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(Delete, DeleteOptions);
+
+impl<'a, T: 'a> IntoFuture for Delete<'a, T> {
+    type Output = Result<DeleteResult>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin(if self.many {
+                "delete_many"
+            } else {
+                "delete_one"
+            })
+            .await?;
+            let (filter, touched) = coll.rewriter().filter_touching(&self.filter)?;
+            if let Some(o) = &self.options {
+                check_collation(o.collation.as_ref(), touched.as_ref())?;
+            }
+            let action = if self.many {
+                coll.coll.delete_many(filter)
+            } else {
+                coll.coll.delete_one(filter)
+            }
+            .with_options(self.options);
+            Ok(run!(action, self.session)?)
+        })
+    }
+}
+
+/// Counts documents. Construct with [`EncryptedCollection::count_documents`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct CountDocuments<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    options: Option<CountOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(CountDocuments, CountOptions);
+
+impl<'a, T: 'a> IntoFuture for CountDocuments<'a, T> {
+    type Output = Result<u64>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            coll.begin("count_documents").await?;
+            let (filter, touched) = coll.rewriter().filter_touching(&self.filter)?;
+            if let Some(o) = &self.options {
+                check_collation(o.collation.as_ref(), touched.as_ref())?;
+            }
+            let action = coll.coll.count_documents(filter).with_options(self.options);
+            Ok(run!(action, self.session)?)
+        })
+    }
+}
+
+/// Runs an aggregation pipeline. Construct with [`EncryptedCollection::aggregate`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct Aggregate<'a, T, R = Document, S = NoSession> {
+    coll: &'a EncryptedCollection<T>,
+    pipeline: Vec<Document>,
+    options: Option<AggregateOptions>,
+    session: S,
+    _result: PhantomData<fn() -> R>,
+}
+
+impl<'a, T, R, S> Aggregate<'a, T, R, S> {
+    /// Sets the driver's aggregate options.
+    pub fn with_options(mut self, options: impl Into<Option<AggregateOptions>>) -> Self {
+        self.options = options.into();
+        self
+    }
+
+    /// Deserializes the (decrypted) results as `U`.
+    pub fn with_type<U>(self) -> Aggregate<'a, T, U, S> {
+        Aggregate {
+            coll: self.coll,
+            pipeline: self.pipeline,
+            options: self.options,
+            session: self.session,
+            _result: PhantomData,
+        }
+    }
+}
+
+impl<'a, T, R> Aggregate<'a, T, R, NoSession> {
+    /// Runs the pipeline in `session` (and its transaction); the cursor reads through it.
+    pub fn session<'s>(
+        self,
+        session: &'s mut ClientSession,
+    ) -> Aggregate<'a, T, R, WithSession<'s>> {
+        Aggregate {
+            coll: self.coll,
+            pipeline: self.pipeline,
+            options: self.options,
+            session: WithSession(session),
+            _result: PhantomData,
+        }
+    }
+}
+
+impl<T> EncryptedCollection<T> {
+    async fn prepare_aggregate(
+        &self,
+        pipeline: &[Document],
+        options: Option<&AggregateOptions>,
+    ) -> Result<Vec<Document>> {
+        self.begin("aggregate").await?;
+        let (pipeline, touched) = self.rewriter().pipeline(pipeline)?;
+        if let Some(o) = options {
+            check_collation(o.collation.as_ref(), touched.as_ref())?;
+        }
+        Ok(pipeline)
+    }
+}
+
+impl<'a, T, R> IntoFuture for Aggregate<'a, T, R, NoSession>
+where
+    R: DeserializeOwned + Send + 'static,
+{
+    type Output = Result<EncryptedCursor<'static, R>>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            let pipeline = coll
+                .prepare_aggregate(&self.pipeline, self.options.as_ref())
+                .await?;
+            let batches = coll
+                .coll
+                .aggregate(pipeline)
+                .with_options(self.options)
+                .batch()
+                .await?;
+            Ok(cursor::from_cursor(batches, coll.decryptor()))
+        })
+    }
+}
+
+impl<'a, 's: 'a, T, R> IntoFuture for Aggregate<'a, T, R, WithSession<'s>>
+where
+    R: DeserializeOwned + Send + 'static,
+{
+    type Output = Result<EncryptedCursor<'s, R>>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let coll = self.coll;
+            let session = self.session.0;
+            let pipeline = coll
+                .prepare_aggregate(&self.pipeline, self.options.as_ref())
+                .await?;
+            let batches = coll
+                .coll
+                .aggregate(pipeline)
+                .with_options(self.options)
+                .session(&mut *session)
+                .batch()
+                .await?;
+            Ok(cursor::from_session_cursor(
+                batches,
+                session,
+                coll.decryptor(),
+            ))
+        })
+    }
+}
