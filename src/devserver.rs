@@ -576,7 +576,6 @@ fn ensure_venv() -> Result<Venv> {
     // The lock is released when `lock` is closed.
 }
 
-#[allow(clippy::incompatible_msrv)] // File::try_lock is stable since Rust 1.89.
 fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
     let deadline = Instant::now() + LOCK_TIMEOUT;
     let mut told = false;
