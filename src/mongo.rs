@@ -21,6 +21,9 @@ pub use collection::{
 pub use query::QueryRewriter;
 pub use validator::{apply_validator, json_schema, validator};
 
+mod kek;
+pub use kek::{KekProvider, LocalKek, MASTER_KEY_ENV};
+
 
 /// A keyring whose keys may have to be fetched (and unwrapped) before synchronous use.
 ///
