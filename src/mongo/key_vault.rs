@@ -1,0 +1,1071 @@
+//! The key vault: data keys in a MongoDB collection, wrapped by a key-encryption key, unwrapped
+//! into a cache that the synchronous [`Keyring`] reads.
+//!
+//! ```text
+//!  create_key / rotate ──▶ KeyMaterial::generate ──▶ KekProvider::wrap ──▶ insert key document
+//!  prefetch_ids / prefetch_aliases ──▶ find ──▶ KekProvider::unwrap ──▶ cache (TTL, capacity)
+//!  Keyring::key / primary / readable_keys ◀── cache (memory only, never waits)
+//! ```
+//!
+//! Layout of the files:
+//! - `key_vault/document.rs`: the key document (MongoDB's layout plus `fieldcrypt`), primary
+//!   election.
+//! - `key_vault/cache.rs`: the cache of unwrapped keys and its counters.
+//! - `key_vault/usage.rs`: usage leases for random-nonce suites.
+//!
+//! See `docs/KEY_VAULT.md` for the document layout, the concurrency design and operations.
+
+mod cache;
+mod document;
+mod usage;
+
+use core::fmt;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bson::spec::BinarySubtype;
+use bson::{doc, Binary, Bson, Document};
+use futures_util::TryStreamExt;
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::IndexOptions;
+use mongodb::{Client, Collection, IndexModel};
+use subtle::ConstantTimeEq;
+
+use self::cache::{AliasEntry, KeyCache, KeyEntry};
+use self::document::{
+    alias_filter, elect, status_of, NewKey, StoredKey, ALIAS, FIELDCRYPT, GENERATION, ID,
+    KEY_ALT_NAMES, KEY_MATERIAL, MASTER_KEY, STATE, STATUS, UPDATE_DATE,
+};
+use self::usage::{Lease, LeaseCell};
+use super::kek::KekProvider;
+use super::KeySource;
+use crate::csfle::CsfleKeyDocument;
+use crate::error::{Error, Result};
+use crate::key::{Key, KeyId, KeyKind, KeyMaterial, KeyState, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
+use crate::keyring::Keyring;
+
+pub use self::cache::CacheStats;
+pub use self::document::KeyInfo;
+
+/// Where key documents live unless told otherwise: MongoDB's default key vault namespace.
+pub const DEFAULT_KEY_VAULT_NAMESPACE: &str = "keyvault.datakeys";
+
+/// How long an unwrapped key stays usable without a reload: 60 s, as in MongoDB's drivers.
+/// A state change made by another process is seen within this time.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// How many unwrapped keys the cache holds at most.
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+
+/// The largest block of random-nonce encryptions a process reserves at once (leases start at
+/// 4096 and double up to this).
+pub const DEFAULT_USAGE_LEASE: u64 = 1 << 20;
+
+/// How many times an operation that loses a race on a unique index tries again.
+const MAX_ATTEMPTS: usize = 16;
+
+/// Key documents re-wrapped per round trip by [`KeyVault::rewrap`].
+const REWRAP_BATCH: i64 = 500;
+
+/// MongoDB's error codes.
+const DUPLICATE_KEY: i32 = 11000;
+const INDEX_OPTIONS_CONFLICT: i32 = 85;
+const INDEX_KEY_SPECS_CONFLICT: i32 = 86;
+
+const ALT_NAMES_INDEX: &str = "keyAltNames_1";
+const GENERATION_INDEX: &str = "fieldcrypt_alias_generation";
+
+/// The KEKs of a vault: one wraps new keys; all of them (that accept a key's `masterKey`) are
+/// tried to unwrap.
+#[derive(Clone)]
+struct Keks {
+    wrap: Arc<dyn KekProvider>,
+    unwrap_also: Vec<Arc<dyn KekProvider>>,
+}
+
+/// The key vault: data keys stored in a MongoDB collection (default
+/// [`DEFAULT_KEY_VAULT_NAMESPACE`]) in the layout of MongoDB's CSFLE key documents, wrapped by a
+/// [`KekProvider`], unwrapped on demand into a cache with a TTL and a capacity.
+///
+/// It is a [`Keyring`] (synchronous, from the cache: call the [`KeySource`] prefetch methods
+/// first, as `EncryptedCollection` does) and manages keys: creation and rotation per alias,
+/// state changes (seen by other processes within the cache TTL), destruction
+/// (crypto-shredding), and re-wrapping every key under a new KEK. Share it behind an [`Arc`].
+///
+/// ```no_run
+/// # async fn demo(client: mongodb::Client) -> fieldcrypt::Result<()> {
+/// use std::sync::Arc;
+/// use fieldcrypt::mongo::{KeySource, KeyVault, LocalKek};
+/// use fieldcrypt::{Context, Cryptor, Field, Schema};
+///
+/// let vault = Arc::new(KeyVault::new(&client, Arc::new(LocalKek::from_env()?))?);
+/// vault.ensure_alias("pii").await?;
+/// let schema = Schema::builder().field("ssn", Field::randomized("pii")).build()?;
+/// let cryptor = Cryptor::new(vault.clone(), schema);
+/// vault.prefetch_aliases(&["pii".to_owned()]).await?;
+/// let sealed = cryptor.encrypt_document(&bson::doc! { "ssn": "123" }, &Context::none())?;
+/// # Ok(()) }
+/// ```
+pub struct KeyVault {
+    coll: Collection<Document>,
+    namespace: String,
+    keks: RwLock<Keks>,
+    cache: Arc<KeyCache>,
+    usage_lease: u64,
+    indexes: tokio::sync::OnceCell<()>,
+}
+
+/// Options for a [`KeyVault`]; start with [`KeyVault::builder`].
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct KeyVaultBuilder {
+    client: Client,
+    keks: Keks,
+    namespace: String,
+    cache_ttl: Duration,
+    cache_capacity: usize,
+    usage_lease: u64,
+}
+
+impl KeyVaultBuilder {
+    /// The key vault collection as `database.collection` (default
+    /// [`DEFAULT_KEY_VAULT_NAMESPACE`]).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long an unwrapped key is used before it is fetched and unwrapped again (default
+    /// [`DEFAULT_CACHE_TTL`]). Bounds how long another process's state change goes unseen, how
+    /// long a revoked KEK keeps working here, and how long an unused key stays in memory.
+    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache_ttl = ttl;
+        self
+    }
+
+    /// How many unwrapped keys are kept at most (default [`DEFAULT_CACHE_CAPACITY`]); the
+    /// least recently loaded go first.
+    pub fn cache_capacity(mut self, keys: usize) -> Self {
+        self.cache_capacity = keys;
+        self
+    }
+
+    /// The largest usage lease (default [`DEFAULT_USAGE_LEASE`]); see `docs/KEY_VAULT.md`.
+    pub fn usage_lease(mut self, encryptions: u64) -> Self {
+        self.usage_lease = encryptions;
+        self
+    }
+
+    /// Another KEK to try when unwrapping (never to wrap): the old KEK while keys move to a new
+    /// one with [`KeyVault::rewrap`], or a second KMS.
+    pub fn unwrap_also_with(mut self, kek: Arc<dyn KekProvider>) -> Self {
+        self.keks.unwrap_also.push(kek);
+        self
+    }
+
+    /// Builds the vault. No I/O happens here; [`KeyVault::ensure_indexes`] runs before the
+    /// first key is created.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a namespace that is not `database.collection`, a zero TTL or
+    /// capacity, or a zero usage lease.
+    pub fn build(self) -> Result<KeyVault> {
+        let (db, coll) = self
+            .namespace
+            .split_once('.')
+            .filter(|(d, c)| !d.is_empty() && !c.is_empty())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "key vault namespace {:?} is not \"database.collection\"",
+                    self.namespace
+                ))
+            })?;
+        if self.cache_ttl.is_zero() || self.cache_capacity == 0 || self.usage_lease == 0 {
+            return Err(Error::Config(
+                "key vault cache TTL, cache capacity and usage lease must be positive".into(),
+            ));
+        }
+        let cache = Arc::new(KeyCache::new(self.cache_ttl, self.cache_capacity));
+        spawn_sweeper(&cache, self.cache_ttl);
+        Ok(KeyVault {
+            coll: self.client.database(db).collection(coll),
+            namespace: self.namespace,
+            keks: RwLock::new(self.keks),
+            cache,
+            usage_lease: self.usage_lease,
+            indexes: tokio::sync::OnceCell::new(),
+        })
+    }
+}
+
+impl fmt::Debug for KeyVaultBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyVaultBuilder")
+            .field("namespace", &self.namespace)
+            .field("kek", &self.keks.wrap.provider())
+            .field("cache_ttl", &self.cache_ttl)
+            .field("cache_capacity", &self.cache_capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Drops expired keys in the background, so unused key material leaves memory within about a
+/// TTL even when nothing calls the vault. Stops when the vault is dropped.
+fn spawn_sweeper(cache: &Arc<KeyCache>, ttl: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let cache = Arc::downgrade(cache);
+    let period = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
+    runtime.spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            match cache.upgrade() {
+                Some(c) => c.purge_expired(),
+                None => break,
+            }
+        }
+    });
+}
+
+impl KeyVault {
+    /// A vault in [`DEFAULT_KEY_VAULT_NAMESPACE`] with default options, wrapping keys with
+    /// `kek`.
+    ///
+    /// # Errors
+    /// As [`KeyVaultBuilder::build`].
+    pub fn new(client: &Client, kek: Arc<dyn KekProvider>) -> Result<Self> {
+        Self::builder(client, kek).build()
+    }
+
+    /// A builder for a vault that wraps new keys with `kek`.
+    pub fn builder(client: &Client, kek: Arc<dyn KekProvider>) -> KeyVaultBuilder {
+        KeyVaultBuilder {
+            client: client.clone(),
+            keks: Keks {
+                wrap: kek,
+                unwrap_also: Vec::new(),
+            },
+            namespace: DEFAULT_KEY_VAULT_NAMESPACE.to_owned(),
+            cache_ttl: DEFAULT_CACHE_TTL,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            usage_lease: DEFAULT_USAGE_LEASE,
+        }
+    }
+
+    /// The key vault namespace, `database.collection`.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The `masterKey.provider` that new keys are wrapped with.
+    #[must_use]
+    pub fn kek_provider(&self) -> String {
+        self.keks().wrap.provider().to_owned()
+    }
+
+    /// The cache's counters.
+    #[must_use]
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Drops every cached key now (their material is wiped once no operation in flight holds
+    /// it); the next prefetch fetches and unwraps again.
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    fn keks(&self) -> Keks {
+        // Replaced whole under the lock; a poisoned lock still holds a complete value.
+        self.keks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    // ---- indexes ----
+
+    /// Creates the key vault's indexes if they are missing (once per vault; creating keys does
+    /// it first):
+    ///
+    /// - `keyAltNames_1`: unique on `keyAltNames`, partial on `{keyAltNames: {$exists: true}}`,
+    ///   exactly as MongoDB's documentation asks for CSFLE key vaults;
+    /// - `fieldcrypt_alias_generation`: unique on `{fieldcrypt.alias, fieldcrypt.generation}`,
+    ///   partial on `fieldcrypt.generation` existing, which orders the primary claims of an
+    ///   alias.
+    ///
+    /// # Errors
+    /// [`Error::Mongo`]; [`Error::Config`] when an index on `keyAltNames` exists but is not
+    /// unique.
+    pub async fn ensure_indexes(&self) -> Result<()> {
+        self.indexes
+            .get_or_try_init(|| self.create_indexes())
+            .await
+            .map(|_| ())
+    }
+
+    async fn create_indexes(&self) -> Result<()> {
+        let alt_names = IndexModel::builder()
+            .keys(doc! { KEY_ALT_NAMES: 1 })
+            .options(
+                IndexOptions::builder()
+                    .name(ALT_NAMES_INDEX.to_owned())
+                    .unique(true)
+                    .partial_filter_expression(doc! { KEY_ALT_NAMES: { "$exists": true } })
+                    .build(),
+            )
+            .build();
+        if let Err(e) = self.coll.create_index(alt_names).await {
+            if !matches!(
+                command_code(&e),
+                Some(INDEX_OPTIONS_CONFLICT | INDEX_KEY_SPECS_CONFLICT)
+            ) {
+                return Err(e.into());
+            }
+            // An index made by someone else (e.g. without the partial filter): fine if unique.
+            let unique = self
+                .coll
+                .list_indexes()
+                .await?
+                .try_collect::<Vec<_>>()
+                .await?
+                .iter()
+                .any(|i| {
+                    i.keys == doc! { KEY_ALT_NAMES: 1 }
+                        && i.options.as_ref().and_then(|o| o.unique) == Some(true)
+                });
+            if !unique {
+                return Err(Error::Config(format!(
+                    "key vault {}: the index on keyAltNames is not unique",
+                    self.namespace
+                )));
+            }
+        }
+        let generations = IndexModel::builder()
+            .keys(doc! { ALIAS: 1, GENERATION: 1 })
+            .options(
+                IndexOptions::builder()
+                    .name(GENERATION_INDEX.to_owned())
+                    .unique(true)
+                    .partial_filter_expression(doc! { GENERATION: { "$exists": true } })
+                    .build(),
+            )
+            .build();
+        self.coll.create_index(generations).await?;
+        Ok(())
+    }
+
+    // ---- reading and unwrapping ----
+
+    async fn find(&self, filter: Document) -> Result<Vec<StoredKey>> {
+        let docs: Vec<Document> = self.coll.find(filter).await?.try_collect().await?;
+        docs.iter().map(StoredKey::parse).collect()
+    }
+
+    /// Every stored key of `alias` (managed, or a CSFLE document whose first keyAltName is
+    /// `alias`).
+    async fn alias_keys(&self, alias: &str) -> Result<Vec<StoredKey>> {
+        let mut keys = self.find(alias_filter(&[alias.to_owned()])).await?;
+        keys.retain(|k| k.alias == alias);
+        Ok(keys)
+    }
+
+    async fn unwrap_material(
+        &self,
+        id: KeyId,
+        master_key: &Document,
+        wrapped: &[u8],
+    ) -> Result<KeyMaterial> {
+        let keks = self.keks();
+        let provider = master_key.get_str("provider").unwrap_or("");
+        let candidates: Vec<_> = std::iter::once(&keks.wrap)
+            .chain(&keks.unwrap_also)
+            .filter(|k| k.can_unwrap(master_key))
+            .collect();
+        if candidates.is_empty() {
+            return Err(Error::KeyFormat(format!(
+                "key {id} is wrapped by KMS provider {provider:?}, and this key vault has no KEK for it"
+            )));
+        }
+        for kek in candidates {
+            match kek.unwrap(master_key, wrapped).await {
+                Ok(m) => return Ok(m),
+                // Not this KEK's key: try the next.
+                Err(Error::Decrypt | Error::MalformedCiphertext(_) | Error::KeyFormat(_)) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Err(Error::KeyFormat(format!(
+            "keyMaterial of key {id} does not unwrap under this key vault's KEKs for provider \
+             {provider:?} (wrong master key, or a corrupted key document)"
+        )))
+    }
+
+    /// Builds the cache entry for a stored key in `state`, reusing the cached secret when the
+    /// material is unchanged (so usage counters, leases and cipher states carry over).
+    async fn entry_for(&self, stored: &StoredKey, state: KeyState) -> Result<KeyEntry> {
+        let new_lease = |base: u64| Arc::new(LeaseCell::new(Lease::new(base, self.usage_lease)));
+        let Some(wrapped) = stored
+            .key_material
+            .as_deref()
+            .filter(|_| state != KeyState::Destroyed)
+        else {
+            let key = Key::destroyed(stored.id, stored.alias.clone(), stored.kind)
+                .with_created(stored.created);
+            return Ok(KeyEntry::new(key, new_lease(0)));
+        };
+        let material = self
+            .unwrap_material(stored.id, &stored.master_key, wrapped)
+            .await?;
+        if let Some(old) = self.cache.entry(&stored.id) {
+            if let Ok(cached) = old.key.material() {
+                if !bool::from(cached.expose_secret().ct_eq(material.expose_secret())) {
+                    return Err(Error::KeyFormat(format!(
+                        "key {}: its material changed in the key vault",
+                        stored.id
+                    )));
+                }
+                if old.key.kind() == stored.kind && old.key.alias() == stored.alias {
+                    return Ok(KeyEntry::new(old.key.with_state(state), old.lease));
+                }
+            }
+        }
+        let key = Key::from_material(
+            stored.id,
+            stored.alias.clone(),
+            stored.kind,
+            state,
+            material,
+            stored.encryptions(),
+        )?
+        .with_created(stored.created);
+        Ok(KeyEntry::new(key, new_lease(stored.encryptions())))
+    }
+
+    /// Loads every key of `aliases` into the cache, with their alias lists.
+    async fn load_aliases(&self, aliases: &[String]) -> Result<()> {
+        let wanted: HashSet<&str> = aliases.iter().map(String::as_str).collect();
+        let mut stored = self.find(alias_filter(aliases)).await?;
+        stored.retain(|k| wanted.contains(k.alias.as_str()));
+        self.cache.count_loads(stored.len());
+        for (alias, generation) in elect(&mut stored) {
+            // Another process died between claiming primary and demoting the old one, or is
+            // doing it right now: finish its job (idempotent).
+            if let Err(e) = self.demote_below(&alias, generation).await {
+                tracing::warn!(alias = %alias, error = %e, "could not demote a superseded primary");
+            }
+        }
+        // Primary first, then newest first.
+        stored.sort_by_key(|k| {
+            (
+                k.state != KeyState::Primary,
+                std::cmp::Reverse(k.managed.map(|m| m.version)),
+                std::cmp::Reverse(k.created),
+            )
+        });
+        let mut entries = Vec::with_capacity(stored.len());
+        let mut lists: HashMap<&str, (Option<KeyId>, Vec<KeyId>)> = aliases
+            .iter()
+            .map(|a| (a.as_str(), (None, Vec::new())))
+            .collect();
+        for k in &stored {
+            entries.push(self.entry_for(k, k.state).await?);
+            if let Some((primary, ids)) = lists.get_mut(k.alias.as_str()) {
+                if k.state == KeyState::Primary {
+                    *primary = Some(k.id);
+                }
+                ids.push(k.id);
+            }
+        }
+        self.cache.insert_keys(entries);
+        for (alias, (primary, ids)) in lists {
+            self.cache
+                .insert_alias(alias.to_owned(), AliasEntry::new(primary, ids));
+        }
+        Ok(())
+    }
+
+    // ---- management ----
+
+    /// Creates a new fieldcrypt key (32 bytes from the OS CSPRNG) for `alias` and makes it
+    /// the primary; the previous primary becomes active (decrypts, no longer encrypts).
+    ///
+    /// Safe against concurrent creators in other processes: each gets its own version, and of
+    /// concurrent rotations exactly one ends as primary.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an empty alias, KEK errors, [`Error::Mongo`].
+    pub async fn create_key(&self, alias: &str) -> Result<KeyId> {
+        check_alias(alias)?;
+        self.ensure_indexes().await?;
+        match self.insert_key(alias, false).await? {
+            Some(id) => Ok(id),
+            None => Err(Error::Config(format!(
+                "could not create a key for {alias:?}"
+            ))),
+        }
+    }
+
+    /// Same as [`KeyVault::create_key`]: a rotation makes a new primary for the alias.
+    ///
+    /// # Errors
+    /// As [`KeyVault::create_key`].
+    pub async fn rotate(&self, alias: &str) -> Result<KeyId> {
+        self.create_key(alias).await
+    }
+
+    /// The primary key of `alias`, creating the alias's first key if it has none (e.g. a
+    /// tenant's own key, [`tenant_alias`](super::tenant_alias)`("pii", tenant)`, on the
+    /// tenant's first write).
+    /// Concurrent callers in any process end up with the same key.
+    ///
+    /// An alias whose keys are all disabled or destroyed is not given a new key: that is
+    /// [`Error::NoPrimaryKey`] (a destroyed tenant stays destroyed until someone rotates it on
+    /// purpose).
+    ///
+    /// # Errors
+    /// [`Error::NoPrimaryKey`], [`Error::Config`] for an empty alias, KEK errors,
+    /// [`Error::Mongo`].
+    pub async fn ensure_alias(&self, alias: &str) -> Result<KeyId> {
+        if let Some(id) = self.cache.cached_primary_id(alias) {
+            return Ok(id);
+        }
+        check_alias(alias)?;
+        for _ in 0..MAX_ATTEMPTS {
+            let mut keys = self.alias_keys(alias).await?;
+            if !keys.is_empty() {
+                elect(&mut keys);
+                return keys
+                    .iter()
+                    .find(|k| k.state == KeyState::Primary)
+                    .map(|k| k.id)
+                    .ok_or_else(|| Error::NoPrimaryKey(alias.to_owned()));
+            }
+            self.ensure_indexes().await?;
+            if let Some(id) = self.insert_key(alias, true).await? {
+                return Ok(id);
+            }
+            // Someone else created the first key meanwhile: read it.
+        }
+        Err(Error::Config(format!(
+            "could not create the first key of {alias:?}: lost {MAX_ATTEMPTS} races"
+        )))
+    }
+
+    /// Inserts a new primary key for `alias` (or, with `first_only`, only if the alias has no
+    /// key yet: `None` otherwise), then demotes the older primaries.
+    async fn insert_key(&self, alias: &str, first_only: bool) -> Result<Option<KeyId>> {
+        let kek = self.keks().wrap;
+        let (master_key, wrapped) = {
+            let material = KeyMaterial::generate(FIELDCRYPT_KEY_LEN);
+            kek.wrap(&material).await?
+            // `material` is wiped here; only the wrapped form is kept.
+        };
+        let id = KeyId::random();
+        // After a duplicate, never retry the same numbers: the keyAltName may be taken by a
+        // document that is not one of this alias's keys (a CSFLE key named like one).
+        let (mut tried_version, mut tried_generation) = (0, 0);
+        for _ in 0..MAX_ATTEMPTS {
+            let existing = self.alias_keys(alias).await?;
+            if first_only && !existing.is_empty() {
+                return Ok(None);
+            }
+            let version = existing
+                .iter()
+                .filter_map(|k| k.managed.map(|m| m.version))
+                .max()
+                .unwrap_or(0)
+                .max(tried_version)
+                + 1;
+            let generation = existing
+                .iter()
+                .map(StoredKey::generation)
+                .max()
+                .unwrap_or(0)
+                .max(tried_generation)
+                + 1;
+            (tried_version, tried_generation) = (version, generation);
+            let doc = NewKey {
+                id,
+                alias,
+                kind: KeyKind::Fieldcrypt,
+                version,
+                generation,
+                master_key: &master_key,
+                wrapped: &wrapped,
+            }
+            .to_document();
+            match self.coll.insert_one(doc).await {
+                Ok(_) => {
+                    self.demote_below(alias, generation).await?;
+                    self.cache.invalidate_alias(alias);
+                    tracing::info!(key = %id, alias, version, "created primary key");
+                    return Ok(Some(id));
+                }
+                // Another process took this version or generation: recount and retry.
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Config(format!(
+            "could not create a key for {alias:?}: lost {MAX_ATTEMPTS} races with other creators"
+        )))
+    }
+
+    /// Demotes every primary of `alias` whose claim is older than `generation`.
+    async fn demote_below(&self, alias: &str, generation: i64) -> Result<()> {
+        self.coll
+            .update_many(
+                doc! {
+                    ALIAS: alias,
+                    STATE: KeyState::Primary.as_str(),
+                    "$or": [
+                        { GENERATION: { "$lt": generation } },
+                        { GENERATION: { "$exists": false } },
+                    ],
+                },
+                doc! {
+                    "$set": { STATE: KeyState::Active.as_str() },
+                    "$currentDate": { UPDATE_DATE: true },
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Changes a key's state, with the rules of [`InMemoryKeyring::set_state`]: promoting a
+    /// key to primary demotes its alias's current primary; a destroyed key stays destroyed;
+    /// destroying removes `keyMaterial` from the document (see [`KeyVault::destroy`]).
+    ///
+    /// This process sees the change at once; others within their cache TTL.
+    ///
+    /// # Errors
+    /// [`Error::UnknownKey`]; [`Error::KeyDestroyed`] when reviving a destroyed key;
+    /// [`Error::KeyMisuse`] when promoting a CSFLE key document made by MongoDB's drivers
+    /// (fieldcrypt keeps those in libmongocrypt's exact layout, which has no primary);
+    /// [`Error::Mongo`].
+    ///
+    /// [`InMemoryKeyring::set_state`]: crate::InMemoryKeyring::set_state
+    pub async fn set_state(&self, id: &KeyId, state: KeyState) -> Result<()> {
+        let stored = self
+            .find(doc! { ID: id.to_binary() })
+            .await?
+            .pop()
+            .ok_or(Error::UnknownKey(*id))?;
+        if stored.state == KeyState::Destroyed {
+            return if state == KeyState::Destroyed {
+                Ok(())
+            } else {
+                Err(Error::KeyDestroyed(*id))
+            };
+        }
+        let live = doc! { ID: id.to_binary(), KEY_MATERIAL: { "$exists": true } };
+        let managed = stored.managed.is_some();
+        match state {
+            KeyState::Destroyed => {
+                self.destroy_where(live, managed).await?;
+            }
+            KeyState::Primary if !managed => {
+                return Err(Error::KeyMisuse {
+                    id: *id,
+                    reason: "a CSFLE key document without fieldcrypt's fields cannot be primary",
+                })
+            }
+            KeyState::Primary => self.promote(&stored, live).await?,
+            KeyState::Active | KeyState::Disabled => {
+                let mut set = doc! { STATUS: status_of(state) };
+                if managed {
+                    set.insert(STATE, state.as_str());
+                }
+                let r = self
+                    .coll
+                    .update_one(
+                        live,
+                        doc! { "$set": set, "$currentDate": { UPDATE_DATE: true } },
+                    )
+                    .await?;
+                if r.matched_count == 0 {
+                    return Err(Error::KeyDestroyed(*id));
+                }
+            }
+        }
+        self.cache.invalidate_key(id);
+        self.cache.invalidate_alias(&stored.alias);
+        tracing::info!(key = %id, alias = %stored.alias, state = %state, "key state changed");
+        Ok(())
+    }
+
+    /// Makes `stored` the primary of its alias with a new, highest generation.
+    async fn promote(&self, stored: &StoredKey, live: Document) -> Result<()> {
+        self.ensure_indexes().await?;
+        for _ in 0..MAX_ATTEMPTS {
+            let generation = self
+                .alias_keys(&stored.alias)
+                .await?
+                .iter()
+                .map(StoredKey::generation)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let r = self
+                .coll
+                .update_one(
+                    live.clone(),
+                    doc! {
+                        "$set": {
+                            STATE: KeyState::Primary.as_str(),
+                            GENERATION: generation,
+                            STATUS: status_of(KeyState::Primary),
+                        },
+                        "$currentDate": { UPDATE_DATE: true },
+                    },
+                )
+                .await;
+            match r {
+                Ok(r) if r.matched_count == 0 => return Err(Error::KeyDestroyed(stored.id)),
+                Ok(_) => return self.demote_below(&stored.alias, generation).await,
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Config(format!(
+            "could not promote key {}: lost {MAX_ATTEMPTS} races",
+            stored.id
+        )))
+    }
+
+    /// Destroys a key: removes `keyMaterial` from its document (status 1, state destroyed), so
+    /// that the vault no longer holds any copy of the wrapped key and data under it is
+    /// unreadable (crypto-shredding). Irreversible. This process drops its unwrapped copy at
+    /// once; other processes within their cache TTL.
+    ///
+    /// Backups, the oplog and the storage engine may still hold the old document for a while;
+    /// see `docs/KEY_VAULT.md`.
+    ///
+    /// # Errors
+    /// [`Error::UnknownKey`], [`Error::Mongo`].
+    pub async fn destroy(&self, id: &KeyId) -> Result<()> {
+        self.set_state(id, KeyState::Destroyed).await
+    }
+
+    /// Destroys every key of `alias` (all versions), e.g. a tenant's key to shred that
+    /// tenant's data. Returns how many keys were destroyed.
+    ///
+    /// # Errors
+    /// [`Error::Mongo`].
+    pub async fn destroy_alias(&self, alias: &str) -> Result<u64> {
+        let keys = self.alias_keys(alias).await?;
+        let mut n = self
+            .destroy_where(
+                doc! { ALIAS: alias, KEY_MATERIAL: { "$exists": true } },
+                true,
+            )
+            .await?;
+        let unmanaged: Vec<Bson> = keys
+            .iter()
+            .filter(|k| k.managed.is_none() && k.state != KeyState::Destroyed)
+            .map(|k| Bson::Binary(k.id.to_binary()))
+            .collect();
+        if !unmanaged.is_empty() {
+            n += self
+                .destroy_where(
+                    doc! {
+                        ID: { "$in": unmanaged },
+                        FIELDCRYPT: { "$exists": false },
+                        KEY_MATERIAL: { "$exists": true },
+                    },
+                    false,
+                )
+                .await?;
+        }
+        for k in &keys {
+            self.cache.invalidate_key(&k.id);
+        }
+        self.cache.invalidate_alias(alias);
+        tracing::info!(alias, keys = n, "destroyed every key of alias");
+        Ok(n)
+    }
+
+    async fn destroy_where(&self, filter: Document, managed: bool) -> Result<u64> {
+        let mut set = doc! { STATUS: status_of(KeyState::Destroyed) };
+        if managed {
+            set.insert(STATE, KeyState::Destroyed.as_str());
+        }
+        let r = self
+            .coll
+            .update_many(
+                filter,
+                doc! {
+                    "$unset": { KEY_MATERIAL: "" },
+                    "$set": set,
+                    "$currentDate": { UPDATE_DATE: true },
+                },
+            )
+            .await?;
+        Ok(r.modified_count)
+    }
+
+    /// Every key's metadata (never material), by alias then version.
+    ///
+    /// # Errors
+    /// [`Error::KeyFormat`] for a malformed key document, [`Error::Mongo`].
+    pub async fn list(&self) -> Result<Vec<KeyInfo>> {
+        let mut keys = self.find(doc! {}).await?;
+        elect(&mut keys);
+        let mut infos: Vec<KeyInfo> = keys.iter().map(|k| k.info(k.state)).collect();
+        infos.sort_by(|a, b| {
+            (&a.alias, a.version, a.created, a.id).cmp(&(&b.alias, b.version, b.created, b.id))
+        });
+        Ok(infos)
+    }
+
+    /// Re-wraps every data key under `new_kek` — MongoDB's `rewrapManyDataKey`. Only
+    /// `keyMaterial`, `masterKey` and `updateDate` of key documents change; the data keys, and
+    /// so every data document, stay as they are. Returns how many keys were re-wrapped.
+    ///
+    /// Each document is updated only if its `keyMaterial` is still the one that was unwrapped,
+    /// so a concurrent destroy is never undone. Afterwards this vault wraps new keys with
+    /// `new_kek` and keeps the previous KEK for unwrapping. Running it again is harmless.
+    ///
+    /// # Errors
+    /// [`Error::KeyFormat`] naming a key that no KEK of this vault unwraps (nothing after it
+    /// is re-wrapped; fix and run again), KEK errors, [`Error::Mongo`].
+    pub async fn rewrap(&self, new_kek: Arc<dyn KekProvider>) -> Result<u64> {
+        let mut count = 0u64;
+        let mut after: Option<Binary> = None;
+        loop {
+            let mut filter = doc! { KEY_MATERIAL: { "$exists": true } };
+            if let Some(last) = after.take() {
+                filter.insert(ID, doc! { "$gt": last });
+            }
+            let batch: Vec<Document> = self
+                .coll
+                .find(filter)
+                .projection(doc! { ID: 1, KEY_MATERIAL: 1, MASTER_KEY: 1 })
+                .sort(doc! { ID: 1 })
+                .limit(REWRAP_BATCH)
+                .await?
+                .try_collect()
+                .await?;
+            let Some(last) = batch.last().and_then(|d| d.get(ID)) else {
+                break;
+            };
+            after = match last {
+                Bson::Binary(b) => Some(b.clone()),
+                _ => None,
+            };
+            for doc in &batch {
+                let stored = StoredKey::parse(doc)?;
+                let Some(old) = stored.key_material.as_deref() else {
+                    continue;
+                };
+                let material = self
+                    .unwrap_material(stored.id, &stored.master_key, old)
+                    .await?;
+                let (master_key, wrapped) = new_kek.wrap(&material).await?;
+                drop(material);
+                let r = self
+                    .coll
+                    .update_one(
+                        doc! { ID: stored.id.to_binary(), KEY_MATERIAL: generic(old) },
+                        doc! {
+                            "$set": { KEY_MATERIAL: generic(&wrapped), MASTER_KEY: master_key },
+                            "$currentDate": { UPDATE_DATE: true },
+                        },
+                    )
+                    .await?;
+                count += r.modified_count;
+            }
+        }
+        {
+            let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
+            let old = std::mem::replace(&mut keks.wrap, new_kek);
+            keks.unwrap_also.insert(0, old);
+        }
+        tracing::info!(keys = count, provider = %self.kek_provider(), "re-wrapped data keys");
+        Ok(count)
+    }
+
+    /// Imports a CSFLE data key document made by MongoDB's drivers (libmongocrypt) — e.g. from
+    /// another deployment's key vault — whose material `wrapped_by` unwraps. It is re-wrapped
+    /// with this vault's KEK and stored in libmongocrypt's exact layout (same id, keyAltNames,
+    /// status and creation date), so MongoDB's drivers keep reading it. Its alias is its first
+    /// keyAltName (else its id).
+    ///
+    /// # Errors
+    /// [`Error::KeyFormat`] when it does not unwrap or is not a 96-byte key; [`Error::Config`]
+    /// when a key with this id or keyAltName is already in the vault; [`Error::Mongo`].
+    pub async fn import_csfle_key(
+        &self,
+        key: &CsfleKeyDocument,
+        wrapped_by: &dyn KekProvider,
+    ) -> Result<KeyId> {
+        let material = wrapped_by
+            .unwrap(&key.master_key, &key.key_material)
+            .await
+            .map_err(|e| match e {
+                Error::Decrypt | Error::MalformedCiphertext(_) => Error::KeyFormat(format!(
+                    "keyMaterial of key {} does not unwrap under the given KEK",
+                    key.id
+                )),
+                other => other,
+            })?;
+        if material.len() != CSFLE_KEY_LEN {
+            return Err(Error::KeyFormat(format!(
+                "key {} is not a {CSFLE_KEY_LEN}-byte CSFLE data key",
+                key.id
+            )));
+        }
+        let (master_key, wrapped) = self.keks().wrap.wrap(&material).await?;
+        drop(material);
+        let mut doc = key.clone();
+        doc.key_material = wrapped;
+        doc.master_key = master_key;
+        doc.update_date = bson::DateTime::now();
+        self.ensure_indexes().await?;
+        match self.coll.insert_one(doc.to_document()).await {
+            Ok(_) => {
+                tracing::info!(key = %key.id, "imported CSFLE data key");
+                Ok(key.id)
+            }
+            Err(e) if is_duplicate_key(&e) => Err(Error::Config(format!(
+                "key {} or one of its keyAltNames is already in the key vault",
+                key.id
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Keyring for KeyVault {
+    fn key(&self, id: &KeyId) -> Result<Arc<Key>> {
+        self.cache.key(id)
+    }
+
+    fn primary(&self, alias: &str) -> Result<Arc<Key>> {
+        self.cache.primary(alias)
+    }
+
+    fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {
+        self.cache.readable_keys(alias)
+    }
+}
+
+#[async_trait::async_trait]
+impl KeySource for KeyVault {
+    /// Fetches and unwraps the keys with these ids that are not cached, or were loaded more
+    /// than half a TTL ago.
+    async fn prefetch_ids(&self, ids: &[KeyId]) -> Result<()> {
+        let now = Instant::now();
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let due: Vec<KeyId> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.cache.key_due(id, now))
+            .collect();
+        self.cache.count_hits(ids.len() - due.len());
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.cache.count_misses(due.len());
+        let filter: Vec<Bson> = due.iter().map(|id| Bson::Binary(id.to_binary())).collect();
+        let stored = self.find(doc! { ID: { "$in": filter } }).await?;
+        self.cache.count_loads(stored.len());
+        let mut entries = Vec::with_capacity(stored.len());
+        for k in &stored {
+            // Without the alias's other keys there is no election here; trust a fresh alias
+            // list that names another primary.
+            let state = match self.cache.cached_primary_id(&k.alias) {
+                Some(p) if k.state == KeyState::Primary && p != k.id => KeyState::Active,
+                _ => k.state,
+            };
+            entries.push(self.entry_for(k, state).await?);
+        }
+        // Keys deleted from the vault leave the cache.
+        let found: HashSet<KeyId> = stored.iter().map(|k| k.id).collect();
+        for id in due.iter().filter(|id| !found.contains(id)) {
+            self.cache.invalidate_key(id);
+        }
+        self.cache.insert_keys(entries);
+        Ok(())
+    }
+
+    /// Fetches and unwraps every key of these aliases (unless cached and loaded less than half
+    /// a TTL ago), and makes sure this process holds a usage lease for each alias's primary.
+    async fn prefetch_aliases(&self, aliases: &[String]) -> Result<()> {
+        let now = Instant::now();
+        let mut aliases = aliases.to_vec();
+        aliases.sort_unstable();
+        aliases.dedup();
+        let due: Vec<String> = aliases
+            .iter()
+            .filter(|a| self.cache.alias_due(a, now))
+            .cloned()
+            .collect();
+        self.cache.count_hits(aliases.len() - due.len());
+        self.cache.count_misses(due.len());
+        if !due.is_empty() {
+            self.load_aliases(&due).await?;
+        }
+        for alias in &aliases {
+            if let Some(entry) = self.cache.primary_entry(alias) {
+                usage::ensure_lease(&self.coll, &entry).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyVault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keks = self.keks();
+        f.debug_struct("KeyVault")
+            .field("namespace", &self.namespace)
+            .field("kek", &keks.wrap.provider())
+            .field(
+                "unwrap_also",
+                &keks
+                    .unwrap_also
+                    .iter()
+                    .map(|k| k.provider())
+                    .collect::<Vec<_>>(),
+            )
+            .field("cache", &self.cache.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for KeyVault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key vault {}", self.namespace)
+    }
+}
+
+fn check_alias(alias: &str) -> Result<()> {
+    if alias.is_empty() || alias.contains('\0') {
+        return Err(Error::Config(format!("invalid key alias {alias:?}")));
+    }
+    Ok(())
+}
+
+fn generic(bytes: &[u8]) -> Binary {
+    Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: bytes.to_vec(),
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        _ => command_code(e) == Some(DUPLICATE_KEY),
+    }
+}
+
+fn command_code(e: &mongodb::error::Error) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
