@@ -1,0 +1,410 @@
+//! Owner scoping (IDOR protection) and per-tenant keys, against a real MongoDB wire-protocol
+//! server: a scoped handle never returns, changes, counts or deletes another owner's
+//! documents; a ciphertext copied from another owner's document does not decrypt; destroying
+//! one tenant's keys makes exactly that tenant's data unreadable (crypto-shredding).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+
+use bson::{doc, Bson, Document};
+use fieldcrypt::devserver::{unique_db_name, DevServer};
+use fieldcrypt::mongo::{tenant_aliases, EncryptedCollection, KeySource};
+use fieldcrypt::{BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema};
+use futures_util::{StreamExt, TryStreamExt};
+use mongodb::event::command::CommandEvent;
+use mongodb::event::EventHandler;
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+
+fn schema() -> Schema {
+    Schema::builder()
+        .owner_field("tenant")
+        .field("email", Field::deterministic("det"))
+        .field(
+            "name",
+            Field::randomized("pii").with_blind_index(BlindIndex::new("idx")),
+        )
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap()
+}
+
+/// Every command the client sends, as relaxed extended JSON.
+type Sent = Arc<Mutex<Vec<(String, String)>>>;
+
+async fn db(prefix: &str) -> (Database, Sent) {
+    let server = DevServer::shared().unwrap();
+    let mut options = ClientOptions::parse(server.uri()).await.unwrap();
+    let sent: Sent = Arc::default();
+    let sink = sent.clone();
+    options.command_event_handler = Some(EventHandler::callback(move |ev: CommandEvent| {
+        if let CommandEvent::Started(s) = ev {
+            let json = Bson::Document(s.command).into_relaxed_extjson().to_string();
+            sink.lock().unwrap().push((s.command_name, json));
+        }
+    }));
+    let client = Client::with_options(options).unwrap();
+    (client.database(&unique_db_name(prefix)), sent)
+}
+
+fn person(id: i32, tenant: Option<&str>, email: &str) -> Document {
+    let mut d = doc! { "_id": id, "email": email, "name": format!("Person {id}"), "ssn": format!("ssn-{id}") };
+    if let Some(t) = tenant {
+        d.insert("tenant", t);
+    }
+    d
+}
+
+async fn ids_of(cursor: fieldcrypt::mongo::EncryptedCursor<'_, Document>) -> Vec<i32> {
+    let docs: Vec<Document> = cursor.try_collect().await.unwrap();
+    let mut ids: Vec<i32> = docs.iter().map(|d| d.get_i32("_id").unwrap()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_handle_never_reaches_another_owners_documents() {
+    let (db, sent) = db("owner_scope").await;
+    let ring = Arc::new(InMemoryKeyring::new());
+    for a in ["det", "pii", "idx"] {
+        ring.generate(a);
+    }
+    let all = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring.clone() as Arc<dyn KeySource>,
+        schema(),
+    );
+    let acme = all.scoped("acme").unwrap();
+    let globex = all.scoped("globex").unwrap();
+    // The owner is added when missing; the same e-mail exists for both owners.
+    acme.insert_many([person(1, None, "shared@x"), person(2, Some("acme"), "a@x")])
+        .await
+        .unwrap();
+    globex
+        .insert_many([person(3, None, "shared@x"), person(4, None, "g@x")])
+        .await
+        .unwrap();
+    // A document naming another owner is refused by a scoped handle.
+    let e = acme
+        .insert_one(person(5, Some("globex"), "evil@x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedQuery { ref field, .. } if field == "tenant"),
+        "{e:?}"
+    );
+
+    sent.lock().unwrap().clear();
+    assert_eq!(ids_of(acme.find(doc! {}).await.unwrap()).await, [1, 2]);
+    assert_eq!(
+        ids_of(acme.find(doc! { "email": "shared@x" }).await.unwrap()).await,
+        [1]
+    );
+    assert_eq!(
+        ids_of(globex.find(doc! { "email": "shared@x" }).await.unwrap()).await,
+        [3]
+    );
+    assert_eq!(
+        ids_of(acme.find(doc! { "name": "Person 3" }).await.unwrap()).await,
+        Vec::<i32>::new()
+    );
+    // Naming the other owner in the filter does not widen the scope.
+    assert_eq!(
+        ids_of(acme.find(doc! { "tenant": "globex" }).await.unwrap()).await,
+        Vec::<i32>::new()
+    );
+    assert_eq!(
+        ids_of(
+            acme.find(doc! { "$or": [ { "tenant": "globex" }, { "_id": 3 } ] })
+                .await
+                .unwrap()
+        )
+        .await,
+        Vec::<i32>::new()
+    );
+    assert_eq!(acme.find_one(doc! { "_id": 3 }).await.unwrap(), None);
+    assert_eq!(acme.count_documents(doc! {}).await.unwrap(), 2);
+    assert_eq!(
+        ids_of(acme.aggregate([doc! { "$match": {} }]).await.unwrap()).await,
+        [1, 2]
+    );
+    let r = acme
+        .update_many(doc! {}, doc! { "$set": { "plan": "gold" } })
+        .await
+        .unwrap();
+    assert_eq!(r.matched_count, 2);
+    let r = acme
+        .update_one(doc! { "_id": 3 }, doc! { "$set": { "name": "hijacked" } })
+        .await
+        .unwrap();
+    assert_eq!(r.matched_count, 0);
+    assert_eq!(
+        acme.find_one_and_update(doc! { "_id": 4 }, doc! { "$set": { "plan": "x" } })
+            .await
+            .unwrap(),
+        None
+    );
+    let r = acme
+        .replace_one(doc! { "_id": 4 }, person(4, None, "stolen@x"))
+        .await
+        .unwrap();
+    assert_eq!(r.matched_count, 0);
+    let r = acme
+        .delete_many(doc! { "email": "shared@x" })
+        .await
+        .unwrap();
+    assert_eq!(r.deleted_count, 1);
+    let r = acme.delete_one(doc! { "_id": 4 }).await.unwrap();
+    assert_eq!(r.deleted_count, 0);
+    // Stages that read around the owner filter are refused.
+    assert!(acme
+        .aggregate([doc! { "$unionWith": "people" }])
+        .await
+        .is_err());
+    assert!(acme
+        .aggregate([doc! { "$lookup": { "from": "people", "localField": "x", "foreignField": "x", "as": "all" } }])
+        .await
+        .is_err());
+
+    // Every read, update, delete, count and aggregate acme sent carried its owner filter.
+    let cmds = sent.lock().unwrap().clone();
+    let scoped: Vec<_> = cmds
+        .iter()
+        .filter(|(name, _)| {
+            ["find", "aggregate", "update", "delete", "findAndModify"].contains(&name.as_str())
+        })
+        .collect();
+    assert!(scoped.len() >= 12, "{cmds:?}");
+    for (name, json) in &scoped {
+        assert!(
+            json.contains(r#""tenant":"acme""#) || json.contains(r#""tenant":"globex""#),
+            "{name} without an owner filter: {json}"
+        );
+    }
+
+    // globex's documents are untouched.
+    let g: Vec<Document> = globex
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(g.len(), 2);
+    assert!(g.iter().all(|d| !d.contains_key("plan")));
+    assert_eq!(
+        g.iter()
+            .find(|d| d.get_i32("_id").unwrap() == 3)
+            .unwrap()
+            .get_str("name")
+            .unwrap(),
+        "Person 3"
+    );
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_a_ciphertext_copied_from_another_owner_does_not_decrypt() {
+    let (db, _) = db("owner_copy").await;
+    let ring = Arc::new(InMemoryKeyring::new());
+    for a in ["det", "pii", "idx"] {
+        ring.generate(a);
+    }
+    let all = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring.clone() as Arc<dyn KeySource>,
+        schema(),
+    );
+    let acme = all.scoped("acme").unwrap();
+    let globex = all.scoped("globex").unwrap();
+    acme.insert_one(person(1, None, "same@x")).await.unwrap();
+    globex.insert_one(person(2, None, "same@x")).await.unwrap();
+
+    let plain = db.collection::<Document>("people");
+    let a = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    let g = plain.find_one(doc! { "_id": 2 }).await.unwrap().unwrap();
+    // Deterministic ciphertexts are bound to the owner: equal e-mails, different ciphertexts.
+    assert_ne!(a.get("email"), g.get("email"));
+
+    // An attacker with write access copies globex's ssn (and e-mail) into an acme document.
+    for field in ["ssn", "email"] {
+        plain
+            .update_one(
+                doc! { "_id": 1 },
+                doc! { "$set": { field: g.get(field).unwrap().clone() } },
+            )
+            .await
+            .unwrap();
+        let e = acme.find_one(doc! { "_id": 1 }).await.unwrap_err();
+        assert!(matches!(e, Error::Decrypt), "{field}: {e:?}");
+        plain
+            .update_one(
+                doc! { "_id": 1 },
+                doc! { "$set": { field: a.get(field).unwrap().clone() } },
+            )
+            .await
+            .unwrap();
+    }
+    // ... or relabels globex's whole document as acme's.
+    plain
+        .update_one(doc! { "_id": 2 }, doc! { "$set": { "tenant": "acme" } })
+        .await
+        .unwrap();
+    let items: Vec<_> = acme.find(doc! {}).await.unwrap().collect().await;
+    assert_eq!(items.len(), 2);
+    assert!(
+        items
+            .iter()
+            .filter(|r| matches!(r, Err(Error::Decrypt)))
+            .count()
+            == 1
+    );
+    // The restored document decrypts again.
+    let back = acme.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(back.get_str("email").unwrap(), "same@x");
+    assert_eq!(back.get_str("ssn").unwrap(), "ssn-1");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unscoped_handles_bind_the_owner_from_the_filter() {
+    let (db, _) = db("owner_unscoped").await;
+    let ring = Arc::new(InMemoryKeyring::new());
+    for a in ["det", "pii", "idx"] {
+        ring.generate(a);
+    }
+    let all = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring.clone() as Arc<dyn KeySource>,
+        schema(),
+    );
+    all.insert_many([
+        person(1, Some("acme"), "x@x"),
+        person(2, Some("globex"), "x@x"),
+    ])
+    .await
+    .unwrap();
+    assert!(matches!(
+        all.insert_one(person(3, None, "nobody@x")).await,
+        Err(Error::MissingContext(_))
+    ));
+    // Deterministic equality needs to know whose ciphertext to look for.
+    assert!(matches!(
+        all.find(doc! { "email": "x@x" }).await,
+        Err(Error::MissingContext(_))
+    ));
+    assert_eq!(
+        ids_of(
+            all.find(doc! { "tenant": "globex", "email": "x@x" })
+                .await
+                .unwrap()
+        )
+        .await,
+        [2]
+    );
+    // Blind indexes are not owner-bound: an admin can search across owners.
+    assert_eq!(
+        ids_of(
+            all.find(doc! { "name": { "$in": ["Person 1", "Person 2"] } })
+                .await
+                .unwrap()
+        )
+        .await,
+        [1, 2]
+    );
+    assert!(all.scoped("acme").is_ok());
+    let unowned = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring as Arc<dyn KeySource>,
+        Schema::builder()
+            .field("ssn", Field::randomized("pii"))
+            .build()
+            .unwrap(),
+    );
+    assert!(matches!(unowned.scoped("acme"), Err(Error::Config(_))));
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_tenant_keys_crypto_shred_one_tenant() {
+    let (db, _) = db("owner_tenant_keys").await;
+    let ring = Arc::new(InMemoryKeyring::new());
+    let schema = schema();
+    for tenant in ["acme", "globex"] {
+        for alias in tenant_aliases(&schema, tenant).unwrap() {
+            ring.generate(&alias);
+        }
+    }
+    let all = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring.clone() as Arc<dyn KeySource>,
+        schema,
+    )
+    .per_tenant_keys()
+    .unwrap();
+    let acme = all.scoped("acme").unwrap();
+    let globex = all.scoped("globex").unwrap();
+    acme.insert_many((1..=3).map(|i| person(i, None, &format!("a{i}@x"))))
+        .await
+        .unwrap();
+    globex
+        .insert_many((4..=6).map(|i| person(i, None, &format!("g{i}@x"))))
+        .await
+        .unwrap();
+    // Without a tenant there are no keys to use.
+    assert!(matches!(
+        all.find(doc! {}).await,
+        Err(Error::MissingContext(_))
+    ));
+
+    // Each tenant's ciphertexts are under that tenant's keys.
+    let plain = db.collection::<bson::RawDocumentBuf>("people");
+    let stored = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    for id in Cryptor::referenced_keys(&stored).unwrap() {
+        assert!(ring.key(&id).unwrap().alias().ends_with("/acme"));
+    }
+    assert_eq!(
+        ids_of(acme.find(doc! { "email": "a2@x" }).await.unwrap()).await,
+        [2]
+    );
+    assert_eq!(
+        ids_of(acme.find(doc! { "name": "Person 3" }).await.unwrap()).await,
+        [3]
+    );
+
+    // Crypto-shredding: destroy every key of acme.
+    for key in ring.keys() {
+        if key.alias().ends_with("/acme") {
+            ring.destroy(&key.id()).unwrap();
+        }
+    }
+    let items: Vec<_> = acme.find(doc! {}).await.unwrap().collect().await;
+    assert_eq!(items.len(), 3);
+    for item in &items {
+        assert!(matches!(item, Err(Error::KeyDestroyed(_))), "{item:?}");
+    }
+    // Nothing readable by other means either: no key left can open the ciphertexts.
+    let raw = plain.find_one(doc! { "_id": 2 }).await.unwrap().unwrap();
+    let any = Cryptor::decrypt_only(ring.clone());
+    assert!(any
+        .decrypt_raw(
+            &raw,
+            &fieldcrypt::Context::namespace(acme.namespace()).with_owner_field("tenant")
+        )
+        .is_err());
+    assert!(acme.insert_one(person(7, None, "new@x")).await.is_err());
+    // globex is unaffected.
+    let g: Vec<Document> = globex
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(g.len(), 3);
+    assert_eq!(
+        ids_of(globex.find(doc! { "email": "g5@x" }).await.unwrap()).await,
+        [5]
+    );
+    db.drop().await.unwrap();
+}
