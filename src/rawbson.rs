@@ -68,26 +68,99 @@ impl<'a> Element<'a> {
 }
 
 /// Iterates over a document's elements with their byte slices.
-pub(crate) fn elements(doc: &RawDocument) -> impl Iterator<Item = Result<Element<'_>>> {
+///
+/// This is the hot path's scanner: one pass, bounds-checked, no allocation. It checks the
+/// structure (types, lengths, terminators) that it needs to slice elements; nested documents
+/// are checked when they are entered. (bson's `RawIter` does the same job but wraps every step
+/// in error-context handling that cost about a third of W1's decryption time; see
+/// docs/BENCHMARKS.md.)
+pub(crate) fn elements(doc: &RawDocument) -> Elements<'_> {
     let bytes = doc.as_bytes();
-    let mut offset = 4usize;
-    doc.iter_elements().map(move |item| {
-        let e = item?;
-        let key = e.key();
-        let value_at = offset + 1 + key.len() + 1;
-        let end = value_at
-            .checked_add(e.len())
-            .filter(|&end| end < bytes.len())
-            .ok_or_else(|| Error::bson("element overruns its document"))?;
-        let el = Element {
-            key,
-            ty: bytes[offset],
-            value: &bytes[value_at..end],
-            raw: &bytes[offset..end],
+    Elements {
+        bytes,
+        pos: 4,
+        // `RawDocument` guarantees at least 5 bytes and a trailing NUL.
+        end: bytes.len() - 1,
+        failed: false,
+    }
+}
+
+/// The iterator of [`elements`].
+pub(crate) struct Elements<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    end: usize,
+    failed: bool,
+}
+
+impl<'a> Elements<'a> {
+    fn fail(&mut self, why: &'static str) -> Option<Result<Element<'a>>> {
+        self.failed = true;
+        Some(Err(Error::MalformedBson(why.to_owned())))
+    }
+
+    fn len_at(&self, at: usize) -> Option<usize> {
+        le_i32(self.bytes.get(at..self.end)?)
+    }
+
+    fn cstring_end(&self, from: usize) -> Option<usize> {
+        self.bytes
+            .get(from..self.end)?
+            .iter()
+            .position(|&b| b == 0)
+            .map(|i| from + i)
+    }
+}
+
+impl<'a> Iterator for Elements<'a> {
+    type Item = Result<Element<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.end {
+            return None;
+        }
+        let start = self.pos;
+        let t = self.bytes[start];
+        let Some(key_end) = self.cstring_end(start + 1) else {
+            return self.fail("element name is not terminated");
         };
-        offset = end;
-        Ok(el)
-    })
+        let Ok(key) = core::str::from_utf8(&self.bytes[start + 1..key_end]) else {
+            return self.fail("element name is not UTF-8");
+        };
+        let v = key_end + 1;
+        let len = match t {
+            ty::DOUBLE | ty::DATETIME | ty::TIMESTAMP | ty::INT64 => Some(8),
+            ty::INT32 => Some(4),
+            ty::DECIMAL128 => Some(16),
+            ty::OBJECT_ID => Some(12),
+            ty::BOOLEAN => Some(1),
+            ty::NULL | ty::UNDEFINED | ty::MIN_KEY | ty::MAX_KEY => Some(0),
+            ty::STRING | ty::JAVASCRIPT | ty::SYMBOL => {
+                self.len_at(v).filter(|&n| n >= 1).map(|n| n + 4)
+            }
+            ty::DOCUMENT | ty::ARRAY | ty::CODE_WITH_SCOPE => self.len_at(v).filter(|&n| n >= 5),
+            ty::BINARY => self.len_at(v).map(|n| n + 5),
+            ty::DB_POINTER => self.len_at(v).filter(|&n| n >= 1).map(|n| n + 16),
+            ty::REGEX => self
+                .cstring_end(v)
+                .and_then(|p| self.cstring_end(p + 1))
+                .map(|o| o + 1 - v),
+            _ => return self.fail("unknown element type"),
+        };
+        let Some(end) = len
+            .and_then(|l| v.checked_add(l))
+            .filter(|&e| e <= self.end)
+        else {
+            return self.fail("element overruns its document");
+        };
+        self.pos = end;
+        Some(Ok(Element {
+            key,
+            ty: t,
+            value: &self.bytes[v..end],
+            raw: &self.bytes[start..end],
+        }))
+    }
 }
 
 /// Finds a top-level element by key.
@@ -232,6 +305,39 @@ mod tests {
         let doc = bson::RawDocumentBuf::from_bytes(out).unwrap();
         assert_eq!(doc.get_i32("n").unwrap(), 7);
         assert_eq!(doc.get_binary("b").unwrap().bytes, b"xyz");
+    }
+
+    proptest::proptest! {
+        /// The scanner agrees with bson's `RawIter` wherever the latter accepts the bytes, and
+        /// never panics on mutated documents.
+        #[test]
+        fn scanner_agrees_with_bson(flips in proptest::collection::vec((0usize..200, proptest::prelude::any::<u8>()), 0..4)) {
+            let doc = rawdoc! {
+                "s": "str", "i": 1i32, "l": 2i64, "d": 1.5, "b": true, "n": bson::RawBson::Null,
+                "o": bson::oid::ObjectId::from_bytes([1; 12]), "doc": { "x": [1, "y"] },
+                "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1, 2] },
+                "re": bson::Regex { pattern: "a".into(), options: "i".into() },
+                "dt": bson::DateTime::from_millis(5), "ts": bson::Timestamp { time: 1, increment: 2 },
+                "dec": bson::Decimal128::from_bytes([3; 16]), "js": bson::RawBson::JavaScriptCode("f".into()),
+            };
+            let mut bytes = doc.as_bytes().to_vec();
+            for (at, v) in flips {
+                let at = 4 + at % (bytes.len() - 5);
+                bytes[at] = v;
+            }
+            if let Ok(d) = RawDocument::from_bytes(&bytes) {
+                let ours: Vec<_> = elements(d).collect();
+                let theirs: Vec<_> = d.iter_elements().collect();
+                if theirs.iter().all(|e| e.is_ok()) && ours.iter().all(|e| e.is_ok()) {
+                    proptest::prop_assert_eq!(ours.len(), theirs.len());
+                    for (o, t) in ours.iter().zip(&theirs) {
+                        let (o, t) = (o.as_ref().unwrap(), t.as_ref().unwrap());
+                        proptest::prop_assert_eq!(o.key, t.key());
+                        proptest::prop_assert_eq!(o.value.len(), t.len());
+                    }
+                }
+            }
+        }
     }
 
     #[test]
