@@ -1104,3 +1104,47 @@ async fn libmongocrypt_reads_the_vault() {
         assert_eq!(fresh.key(id).unwrap().kind(), KeyKind::Csfle);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_rewrap_half_way_keeps_every_key_readable() {
+    let (client, ns) = setup("kv_rewrap_fail").await;
+    let kek = Arc::new(LocalKek::generate());
+    let new_kek = Arc::new(LocalKek::generate());
+    let v = Arc::new(vault(&client, &ns, &kek));
+    let coll = raw(&client, &ns);
+    v.create_key("a").await.unwrap();
+    v.create_key("b").await.unwrap();
+    let sealed = encrypt(&v, "a", "x").await;
+    // A key no KEK of the vault unwraps, last in _id order.
+    let mut foreign = fixture_keys()[0].to_document();
+    foreign.insert(
+        "_id",
+        Binary {
+            subtype: BinarySubtype::Uuid,
+            bytes: vec![0xff; 16],
+        },
+    );
+    foreign.remove("keyAltNames");
+    coll.insert_one(foreign).await.unwrap();
+
+    let e = v.rewrap(new_kek.clone()).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::KeyFormat(m) if m.contains("ffffffff")),
+        "{e}"
+    );
+    // The two keys before it moved; this vault still reads them (and so its data).
+    let moved = all_docs(&coll, doc! { "fieldcrypt": { "$exists": true } }).await;
+    assert_eq!(moved.len(), 2);
+    for d in &moved {
+        new_kek
+            .unwrap(
+                d.get_document("masterKey").unwrap(),
+                d.get_binary_generic("keyMaterial").unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    v.clear_cache();
+    assert!(decrypt(&v, &sealed).await.is_ok());
+    assert_eq!(v.kek_provider(), "local");
+}

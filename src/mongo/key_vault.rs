@@ -164,7 +164,9 @@ impl KeyVaultBuilder {
     }
 
     /// Builds the vault. No I/O happens here; [`KeyVault::ensure_indexes`] runs before the
-    /// first key is created.
+    /// first key is created. Call it inside a Tokio runtime: it starts the task that drops
+    /// expired keys from memory (without a runtime they are dropped only when the vault next
+    /// loads keys, or by [`KeyVault::clear_cache`]).
     ///
     /// # Errors
     /// [`Error::Config`] for a namespace that is not `database.collection`, a zero TTL or
@@ -823,13 +825,21 @@ impl KeyVault {
     /// so every data document, stay as they are. Returns how many keys were re-wrapped.
     ///
     /// Each document is updated only if its `keyMaterial` is still the one that was unwrapped,
-    /// so a concurrent destroy is never undone. Afterwards this vault wraps new keys with
-    /// `new_kek` and keeps the previous KEK for unwrapping. Running it again is harmless.
+    /// so a concurrent destroy is never undone. `new_kek` unwraps here from the start (so a
+    /// failure half-way leaves every key readable); afterwards this vault wraps new keys with
+    /// it and keeps the previous KEK for unwrapping. Running it again is harmless.
     ///
     /// # Errors
     /// [`Error::KeyFormat`] naming a key that no KEK of this vault unwraps (nothing after it
     /// is re-wrapped; fix and run again), KEK errors, [`Error::Mongo`].
     pub async fn rewrap(&self, new_kek: Arc<dyn KekProvider>) -> Result<u64> {
+        // Keys already moved must stay readable here even if a later one fails.
+        {
+            let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
+            if !keks.unwrap_also.iter().any(|k| Arc::ptr_eq(k, &new_kek)) {
+                keks.unwrap_also.push(new_kek.clone());
+            }
+        }
         let mut count = 0u64;
         let mut after: Option<Binary> = None;
         loop {
@@ -878,8 +888,11 @@ impl KeyVault {
         }
         {
             let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
+            keks.unwrap_also.retain(|k| !Arc::ptr_eq(k, &new_kek));
             let old = std::mem::replace(&mut keks.wrap, new_kek);
-            keks.unwrap_also.insert(0, old);
+            if !Arc::ptr_eq(&old, &keks.wrap) {
+                keks.unwrap_also.insert(0, old);
+            }
         }
         tracing::info!(keys = count, provider = %self.kek_provider(), "re-wrapped data keys");
         Ok(count)

@@ -252,6 +252,8 @@ impl KeyCache {
 
     pub(super) fn insert_keys(&self, entries: Vec<KeyEntry>) {
         let mut inner = self.write();
+        // Also here, not only in the sweeper: a vault built outside a runtime has none.
+        self.purge(&mut inner, Instant::now());
         for e in entries {
             inner.keys.insert(e.key.id(), e);
         }
