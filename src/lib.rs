@@ -64,6 +64,8 @@ mod keyring;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 mod rawbson;
+#[cfg(feature = "mongodb")]
+pub mod rotation;
 mod schema;
 mod suite;
 mod transform;

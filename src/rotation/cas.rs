@@ -1,0 +1,255 @@
+//! Compare-and-set writes: what changed in a document, the filter that only matches the
+//! document as it was read, and the update that writes only what changed.
+//!
+//! Changes are found by comparing the stored bytes with the re-encrypted bytes, descending into
+//! embedded documents (not arrays), so an update `$set`s only the values that differ and leaves
+//! every other field — including ones an application changes meanwhile — alone. The filter pins
+//! `_id` and the old value of every changed path (`$eq`, or `$exists: false` for a path that is
+//! new), so a concurrent write to any of them makes the update match nothing.
+
+use bson::{RawDocument, RawDocumentBuf};
+
+use crate::error::{Error, Result};
+use crate::rawbson::{self, ty, Element};
+
+/// One changed path: its old and new value (type byte and value bytes), `None` when absent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Change {
+    pub path: String,
+    pub old: Option<(u8, Vec<u8>)>,
+    pub new: Option<(u8, Vec<u8>)>,
+    /// Whether the last path segment can be named in a dotted path (no `.`, no leading `$`).
+    pub addressable: bool,
+}
+
+/// The paths that differ between `old` and `new`.
+pub(crate) fn diff(old: &RawDocument, new: &RawDocument) -> Result<Vec<Change>> {
+    let mut out = Vec::new();
+    diff_into(old, new, "", &mut out)?;
+    Ok(out)
+}
+
+fn diff_into(
+    old: &RawDocument,
+    new: &RawDocument,
+    prefix: &str,
+    out: &mut Vec<Change>,
+) -> Result<()> {
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    for n in rawbson::elements(new) {
+        let n = n?;
+        match rawbson::find(old, n.key)? {
+            Some(o) if o.ty == n.ty && o.value == n.value => {}
+            Some(o)
+                if o.ty == ty::DOCUMENT
+                    && n.ty == ty::DOCUMENT
+                    && addressable(o.document()?)?
+                    && addressable(n.document()?)? =>
+            {
+                diff_into(o.document()?, n.document()?, &join(n.key), out)?;
+            }
+            o => out.push(Change {
+                path: join(n.key),
+                old: o.map(|o| (o.ty, o.value.to_vec())),
+                new: Some((n.ty, n.value.to_vec())),
+                addressable: is_plain_key(n.key),
+            }),
+        }
+    }
+    for o in rawbson::elements(old) {
+        let o = o?;
+        if rawbson::find(new, o.key)?.is_none() {
+            out.push(Change {
+                path: join(o.key),
+                old: Some((o.ty, o.value.to_vec())),
+                new: None,
+                addressable: is_plain_key(o.key),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn is_plain_key(k: &str) -> bool {
+    !(k.is_empty() || k.contains('.') || k.starts_with('$'))
+}
+
+/// Whether every key of a document can be named in a dotted path.
+fn addressable(doc: &RawDocument) -> Result<bool> {
+    for e in rawbson::elements(doc) {
+        if !is_plain_key(e?.key) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether every change can be written with a dotted path (and none touches `_id`).
+pub(crate) fn writable(id: &Element<'_>, changes: &[Change]) -> bool {
+    id.key == "_id"
+        && !changes.is_empty()
+        && changes
+            .iter()
+            .all(|c| c.addressable && c.path != "_id" && !c.path.starts_with("_id."))
+}
+
+/// One `update` command statement: `{q: filter, u: {$set, $unset}, multi: false}`.
+pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocumentBuf> {
+    let mut out = Vec::with_capacity(256);
+    let at = rawbson::begin_len(&mut out);
+    // q
+    rawbson::put_key(&mut out, ty::DOCUMENT, "q");
+    let q = rawbson::begin_len(&mut out);
+    rawbson::put_key(&mut out, id.ty, "_id");
+    out.extend_from_slice(id.value);
+    for c in changes {
+        rawbson::put_key(&mut out, ty::DOCUMENT, &c.path);
+        let cond = rawbson::begin_len(&mut out);
+        match &c.old {
+            // `{$eq: null}` also matches a missing field; pin the type instead.
+            Some((t, _)) if *t == ty::NULL || *t == ty::UNDEFINED => {
+                rawbson::put_key(&mut out, ty::STRING, "$type");
+                put_str(&mut out, if *t == ty::NULL { "null" } else { "undefined" })?;
+            }
+            Some((t, v)) => {
+                rawbson::put_key(&mut out, *t, "$eq");
+                out.extend_from_slice(v);
+            }
+            None => {
+                rawbson::put_key(&mut out, ty::BOOLEAN, "$exists");
+                out.push(0);
+            }
+        }
+        rawbson::end_doc(&mut out, cond)?;
+    }
+    rawbson::end_doc(&mut out, q)?;
+    // u
+    rawbson::put_key(&mut out, ty::DOCUMENT, "u");
+    let u = rawbson::begin_len(&mut out);
+    if changes.iter().any(|c| c.new.is_some()) {
+        rawbson::put_key(&mut out, ty::DOCUMENT, "$set");
+        let s = rawbson::begin_len(&mut out);
+        for c in changes {
+            if let Some((t, v)) = &c.new {
+                rawbson::put_key(&mut out, *t, &c.path);
+                out.extend_from_slice(v);
+            }
+        }
+        rawbson::end_doc(&mut out, s)?;
+    }
+    if changes.iter().any(|c| c.new.is_none()) {
+        rawbson::put_key(&mut out, ty::DOCUMENT, "$unset");
+        let s = rawbson::begin_len(&mut out);
+        for c in changes.iter().filter(|c| c.new.is_none()) {
+            rawbson::put_key(&mut out, ty::STRING, &c.path);
+            put_str(&mut out, "")?;
+        }
+        rawbson::end_doc(&mut out, s)?;
+    }
+    rawbson::end_doc(&mut out, u)?;
+    rawbson::put_key(&mut out, ty::BOOLEAN, "multi");
+    out.push(0);
+    rawbson::put_key(&mut out, ty::BOOLEAN, "upsert");
+    out.push(0);
+    rawbson::end_doc(&mut out, at)?;
+    RawDocumentBuf::from_bytes(out).map_err(Error::from)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
+    let len =
+        u32::try_from(s.len() + 1).map_err(|_| Error::MalformedBson("string too long".into()))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+    Ok(())
+}
+
+/// Whether `doc` (re-read after a write) holds exactly the new values of `changes`: then the
+/// write was applied.
+pub(crate) fn applied(doc: &RawDocument, changes: &[Change]) -> Result<bool> {
+    for c in changes {
+        let now = lookup(doc, &c.path)?;
+        let same = match (&now, &c.new) {
+            (None, None) => true,
+            (Some((t, v)), Some((nt, nv))) => t == nt && v == nv,
+            _ => false,
+        };
+        if !same {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The value at a dotted path through embedded documents.
+fn lookup(doc: &RawDocument, path: &str) -> Result<Option<(u8, Vec<u8>)>> {
+    let mut cur = doc;
+    let mut segs = path.split('.').peekable();
+    while let Some(seg) = segs.next() {
+        let Some(e) = rawbson::find(cur, seg)? else {
+            return Ok(None);
+        };
+        if segs.peek().is_none() {
+            return Ok(Some((e.ty, e.value.to_vec())));
+        }
+        if e.ty != ty::DOCUMENT {
+            return Ok(None);
+        }
+        cur = e.document()?;
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::{doc, rawdoc};
+
+    #[test]
+    fn diff_descends_into_documents_only() {
+        let old =
+            rawdoc! { "_id": 1, "a": { "x": 1, "y": 2 }, "arr": [1, 2], "gone": true, "same": "s" };
+        let new =
+            rawdoc! { "_id": 1, "a": { "x": 1, "y": 3 }, "arr": [1, 3], "same": "s", "added": 5 };
+        let changes = diff(&old, &new).unwrap();
+        let paths: Vec<_> = changes.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, ["a.y", "arr", "added", "gone"]);
+        assert!(changes[2].old.is_none());
+        assert!(changes[3].new.is_none());
+        assert!(applied(&new, &changes).unwrap());
+        assert!(!applied(&old, &changes).unwrap());
+    }
+
+    #[test]
+    fn statement_pins_old_values() {
+        let old = rawdoc! { "_id": 7, "a": { "x": 1 }, "n": null, "gone": 1 };
+        let new = rawdoc! { "_id": 7, "a": { "x": 2 }, "n": 5, "added": 1 };
+        let changes = diff(&old, &new).unwrap();
+        let id = rawbson::find(&old, "_id").unwrap().unwrap();
+        assert!(writable(&id, &changes));
+        let st = statement(&id, &changes).unwrap().to_document().unwrap();
+        assert_eq!(
+            st,
+            doc! {
+                "q": { "_id": 7, "a.x": { "$eq": 1 }, "n": { "$type": "null" }, "added": { "$exists": false }, "gone": { "$eq": 1 } },
+                "u": { "$set": { "a.x": 2, "n": 5, "added": 1 }, "$unset": { "gone": "" } },
+                "multi": false, "upsert": false,
+            }
+        );
+    }
+
+    #[test]
+    fn dotted_keys_are_replaced_whole() {
+        let old = rawdoc! { "_id": 1, "a": { "x.y": 1 } };
+        let new = rawdoc! { "_id": 1, "a": { "x.y": 2 } };
+        let changes = diff(&old, &new).unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].path, "a");
+    }
+}

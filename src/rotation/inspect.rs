@@ -1,0 +1,404 @@
+//! Looking at one stored document: which of its values are up to date with the schema and
+//! the keyring, and which need work. Shared by the rotation engine and the audit.
+//!
+//! Two walks over the raw bytes, nothing decrypted:
+//! - along the schema: each encrypted field's value (ciphertext under which key and suite, with
+//!   which bindings; or plaintext; or a CSFLE value) and each blind index (under which key);
+//! - over the whole document: every ciphertext anywhere, to find ones the schema does not know
+//!   (the engine never rewrites a document it could not re-encrypt completely).
+
+use std::collections::HashMap;
+
+use bson::RawDocument;
+
+use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
+use crate::envelope::{flags, Envelope, ENVELOPE_SUBTYPE};
+use crate::error::Result;
+use crate::key::KeyId;
+use crate::keyring::Keyring;
+use crate::rawbson::{self, ty, Element};
+use crate::schema::{Encryption, FieldRule, Node, Schema};
+use crate::suite::Suite;
+use crate::transform::{Context, CSFLE_SUBTYPE};
+
+/// The current primary key of each alias, looked up once per batch.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Primaries {
+    ids: HashMap<String, Option<KeyId>>,
+}
+
+impl Primaries {
+    /// Looks up the primaries of every alias the schema names.
+    pub(crate) fn resolve(schema: &Schema, keyring: &dyn Keyring) -> Result<Self> {
+        let mut ids = HashMap::new();
+        for alias in aliases(schema) {
+            if !ids.contains_key(alias) {
+                ids.insert(alias.to_owned(), Some(keyring.primary(alias)?.id()));
+            }
+        }
+        Ok(Primaries { ids })
+    }
+
+    fn is_primary(&self, alias: &str, id: KeyId) -> bool {
+        self.ids.get(alias).copied().flatten() == Some(id)
+    }
+
+    /// `alias → key id`, sorted, for checkpoints.
+    pub(crate) fn sorted(&self) -> Vec<(String, KeyId)> {
+        let mut v: Vec<_> = self
+            .ids
+            .iter()
+            .filter_map(|(a, id)| id.map(|id| (a.clone(), id)))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Every key alias a schema names (encryption and blind indexes).
+pub(crate) fn aliases(schema: &Schema) -> impl Iterator<Item = &str> {
+    schema.rules().iter().flat_map(|r| {
+        r.field
+            .encrypt
+            .as_ref()
+            .map(|e| e.key.as_str())
+            .into_iter()
+            .chain(r.field.blind_index.as_ref().map(|b| b.key.as_str()))
+    })
+}
+
+/// A ciphertext found somewhere in a document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Found {
+    /// Its path, array positions left out.
+    pub path: String,
+    /// What it is.
+    pub kind: FoundKind,
+    /// Whether the schema encrypts this path (so a rewrite re-encrypts it).
+    pub managed: bool,
+}
+
+/// The kinds of ciphertext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FoundKind {
+    /// A fieldcrypt envelope.
+    Envelope { key: KeyId, suite: Suite },
+    /// A MongoDB CSFLE (FLE1) value.
+    Csfle { key: Option<KeyId> },
+    /// A blind index.
+    BlindIndex { key: KeyId },
+}
+
+/// What a document's encrypted fields need.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Scan {
+    /// A value is under a key that is not its alias's primary.
+    pub stale_key: bool,
+    /// A value uses another suite than the schema's.
+    pub suite: bool,
+    /// A value is bound differently (namespace, `_id`, owner, padding, per-element) than the
+    /// schema now says.
+    pub mode: bool,
+    /// Paths of schema fields holding plaintext.
+    pub plaintext: Vec<String>,
+    /// A schema field holds a CSFLE value.
+    pub csfle: bool,
+    /// A blind index is under a non-primary key.
+    pub stale_index: bool,
+    /// An encrypted field lacks its blind index.
+    pub missing_index: bool,
+    /// Every ciphertext in the document (filled by [`Inspector::scan_all`]).
+    pub found: Vec<Found>,
+    /// Paths of malformed ciphertexts.
+    pub malformed: Vec<String>,
+}
+
+impl Scan {
+    /// Whether anything in the document differs from what the schema and keyring want.
+    pub(crate) fn is_current(&self) -> bool {
+        !(self.stale_key
+            || self.suite
+            || self.mode
+            || self.csfle
+            || self.stale_index
+            || self.missing_index
+            || !self.plaintext.is_empty())
+    }
+
+    /// Whether the document needs key or format work (not counting plaintext or CSFLE).
+    pub(crate) fn needs_reencryption(&self) -> bool {
+        self.stale_key || self.suite || self.mode || self.stale_index || self.missing_index
+    }
+
+    /// The first ciphertext outside the schema, if any.
+    pub(crate) fn unmanaged(&self) -> Option<&str> {
+        self.found
+            .iter()
+            .find(|f| !f.managed && !matches!(f.kind, FoundKind::BlindIndex { .. }))
+            .map(|f| f.path.as_str())
+    }
+
+    /// A short description of what is still wrong, for a failure message (names no values).
+    pub(crate) fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.stale_key {
+            parts.push("a value under a non-primary key".to_owned());
+        }
+        if self.suite {
+            parts.push("a value in another suite".to_owned());
+        }
+        if self.mode {
+            parts.push("a value bound differently than the schema says".to_owned());
+        }
+        if let Some(p) = self.plaintext.first() {
+            parts.push(format!("plaintext at {p:?}"));
+        }
+        if self.csfle {
+            parts.push("a CSFLE value".to_owned());
+        }
+        if self.stale_index {
+            parts.push(
+                "a blind index under a non-primary key (an index-only field keeps no value to recompute it from)"
+                    .to_owned(),
+            );
+        }
+        if self.missing_index {
+            parts.push("a missing blind index".to_owned());
+        }
+        parts.join(", ")
+    }
+}
+
+/// Walks documents against one schema.
+pub(crate) struct Inspector<'a> {
+    pub schema: &'a Schema,
+    pub primaries: &'a Primaries,
+    pub ctx: &'a Context,
+}
+
+impl<'a> Inspector<'a> {
+    /// The schema walk: fills the need flags and the plaintext paths.
+    pub(crate) fn scan_schema(&self, doc: &RawDocument, out: &mut Scan) -> Result<()> {
+        let mut path = String::new();
+        self.walk(doc, self.schema.tree(), &mut path, out)
+    }
+
+    /// The whole-document walk: every ciphertext, and whether the schema manages it.
+    pub(crate) fn scan_all(&self, doc: &RawDocument, out: &mut Scan) -> Result<()> {
+        let mut path = String::new();
+        self.walk_all(doc, false, &mut path, out)
+    }
+
+    /// Both walks.
+    pub(crate) fn scan(&self, doc: &RawDocument) -> Result<Scan> {
+        let mut s = Scan::default();
+        self.scan_schema(doc, &mut s)?;
+        self.scan_all(doc, &mut s)?;
+        Ok(s)
+    }
+
+    fn walk(
+        &self,
+        doc: &RawDocument,
+        node: &Node,
+        path: &mut String,
+        out: &mut Scan,
+    ) -> Result<()> {
+        for e in rawbson::elements(doc) {
+            let e = e?;
+            let Some(child) = node.child(e.key) else {
+                continue;
+            };
+            let mark = push(path, e.key);
+            if let Some(ri) = child.rule {
+                self.field(&self.schema.rules()[ri], e, path, out)?;
+            } else if e.ty == ty::DOCUMENT {
+                self.walk(e.document()?, child, path, out)?;
+            } else if e.ty == ty::ARRAY {
+                for item in rawbson::elements(e.document()?) {
+                    let item = item?;
+                    if item.ty == ty::DOCUMENT {
+                        self.walk(item.document()?, child, path, out)?;
+                    }
+                }
+            }
+            path.truncate(mark);
+        }
+        // Blind indexes sit next to their source field.
+        let rules = self.schema.rules();
+        for (key, child) in &node.children {
+            let Some(rule) = child.rule.map(|i| &rules[i]) else {
+                continue;
+            };
+            let (Some(bi), Some(name)) = (&rule.field.blind_index, rule.blind_index_name()) else {
+                continue;
+            };
+            match rawbson::find(doc, &name)? {
+                Some(ix) => match ix.binary() {
+                    Some((BLIND_INDEX_SUBTYPE, p)) => match blind_index::key_id(p) {
+                        Ok(id) if self.primaries.is_primary(&bi.key, id) => {}
+                        Ok(_) => out.stale_index = true,
+                        Err(_) => out.stale_index = true,
+                    },
+                    // Not an index at all: recomputing it is the fix.
+                    _ => out.stale_index = true,
+                },
+                None => {
+                    if let Some(src) = rawbson::find(doc, key)? {
+                        if is_ciphertext(&src) {
+                            out.missing_index = true;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn field(&self, rule: &FieldRule, e: Element<'_>, path: &str, out: &mut Scan) -> Result<()> {
+        let Some(enc) = &rule.field.encrypt else {
+            // An index-only field stores no value: whatever is there should go.
+            if is_ciphertext(&e) {
+                out.mode = true;
+            } else {
+                out.plaintext.push(path.to_owned());
+            }
+            return Ok(());
+        };
+        if rule.each_element {
+            if e.ty == ty::ARRAY {
+                for item in rawbson::elements(e.document()?) {
+                    self.value(rule, enc, &item?, true, path, out);
+                }
+            } else {
+                self.value(rule, enc, &e, true, path, out);
+            }
+        } else {
+            self.value(rule, enc, &e, false, path, out);
+        }
+        Ok(())
+    }
+
+    fn value(
+        &self,
+        rule: &FieldRule,
+        enc: &Encryption,
+        e: &Element<'_>,
+        each: bool,
+        path: &str,
+        out: &mut Scan,
+    ) {
+        match e.binary() {
+            Some((ENVELOPE_SUBTYPE, p)) => {
+                let Ok(env) = Envelope::parse(p) else {
+                    out.malformed.push(path.to_owned());
+                    return;
+                };
+                if !self.primaries.is_primary(&enc.key, env.key_id) {
+                    out.stale_key = true;
+                }
+                if env.suite != enc.suite {
+                    out.suite = true;
+                }
+                let want = |flag: u8, on: bool| (env.flags & flag != 0) != on;
+                if want(flags::ID, rule.field.bind_id)
+                    || want(flags::PADDED, rule.field.pad_to.is_some())
+                    || want(flags::NAMESPACE, self.ctx.namespace.is_some())
+                    || want(flags::OWNER, self.schema.owner_field().is_some())
+                    // An array sealed whole where each element should be sealed alone.
+                    || (each && env.bson_type == ty::ARRAY)
+                {
+                    out.mode = true;
+                }
+            }
+            Some((CSFLE_SUBTYPE, _)) => out.csfle = true,
+            _ if !each && e.ty == ty::ARRAY && array_holds_ciphertext(e) => out.mode = true,
+            _ => out.plaintext.push(path.to_owned()),
+        }
+    }
+
+    fn walk_all(
+        &self,
+        doc: &RawDocument,
+        is_array: bool,
+        path: &mut String,
+        out: &mut Scan,
+    ) -> Result<()> {
+        for e in rawbson::elements(doc) {
+            let e = e?;
+            let mark = if is_array {
+                path.len()
+            } else {
+                push(path, e.key)
+            };
+            match (e.ty, e.binary()) {
+                (ty::DOCUMENT | ty::ARRAY, _) => {
+                    self.walk_all(e.document()?, e.ty == ty::ARRAY, path, out)?;
+                }
+                (_, Some((ENVELOPE_SUBTYPE, p))) => match Envelope::parse(p) {
+                    Ok(env) => out.found.push(Found {
+                        path: path.clone(),
+                        kind: FoundKind::Envelope {
+                            key: env.key_id,
+                            suite: env.suite,
+                        },
+                        managed: self.manages(path),
+                    }),
+                    Err(_) => out.malformed.push(path.clone()),
+                },
+                (_, Some((CSFLE_SUBTYPE, p))) => out.found.push(Found {
+                    path: path.clone(),
+                    kind: FoundKind::Csfle {
+                        key: csfle_key_id(p),
+                    },
+                    managed: self.manages(path),
+                }),
+                (_, Some((BLIND_INDEX_SUBTYPE, p))) => match blind_index::key_id(p) {
+                    Ok(key) => out.found.push(Found {
+                        path: path.clone(),
+                        kind: FoundKind::BlindIndex { key },
+                        managed: self.schema.rule_by_blind_index(path).is_some(),
+                    }),
+                    Err(_) => out.malformed.push(path.clone()),
+                },
+                _ => {}
+            }
+            path.truncate(mark);
+        }
+        Ok(())
+    }
+
+    fn manages(&self, path: &str) -> bool {
+        self.schema
+            .rule(path)
+            .is_some_and(|r| r.field.encrypt.is_some())
+    }
+}
+
+fn push(path: &mut String, key: &str) -> usize {
+    let len = path.len();
+    if len > 0 {
+        path.push('.');
+    }
+    path.push_str(key);
+    len
+}
+
+/// Whether an element is a ciphertext (fieldcrypt envelope or CSFLE value).
+pub(crate) fn is_ciphertext(e: &Element<'_>) -> bool {
+    matches!(e.binary(), Some((ENVELOPE_SUBTYPE | CSFLE_SUBTYPE, _)))
+}
+
+fn array_holds_ciphertext(e: &Element<'_>) -> bool {
+    e.document()
+        .is_ok_and(|d| rawbson::elements(d).any(|i| i.is_ok_and(|i| is_ciphertext(&i))))
+}
+
+/// The key id of an FLE1 payload (blob subtype 1 or 2, then the 16-byte key id).
+fn csfle_key_id(p: &[u8]) -> Option<KeyId> {
+    if p.len() >= 17 && matches!(p[0], 1 | 2) {
+        KeyId::from_slice(&p[1..17]).ok()
+    } else {
+        None
+    }
+}
