@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bson::spec::BinarySubtype;
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use fieldcrypt::devserver::{unique_db_name, DevServer};
-use fieldcrypt::mongo::{apply_validator, EncryptedCollection, KeySource};
+use fieldcrypt::mongo::{apply_validator, EncryptedCollection};
 use fieldcrypt::{
     BlindIndex, Error, Field, InMemoryKeyring, Schema, BLIND_INDEX_SUBTYPE, ENVELOPE_SUBTYPE,
 };
@@ -114,7 +114,7 @@ async fn setup(
     let ring = keyring();
     let coll = EncryptedCollection::<Patient>::new(
         db.collection::<Document>("patients"),
-        ring.clone() as Arc<dyn KeySource>,
+        ring.clone(),
         schema(),
     );
     (db, ring, coll, sent)
@@ -242,6 +242,20 @@ async fn typed_and_raw_round_trips_and_rewritten_queries() {
     fresh.append("email", "raw@example.com");
     fresh.append("ssn", "999-99-9999");
     raw.insert_one(fresh).await.unwrap();
+    // No _id and an _id-bound field: fieldcrypt assigns the _id it binds to.
+    let r = coll
+        .clone_with_type::<Document>()
+        .insert_one(doc! { "email": "noid@example.com", "ssn": "000-00-0000" })
+        .await
+        .unwrap();
+    let got = coll
+        .clone_with_type::<Document>()
+        .find_one(doc! { "email": "noid@example.com" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.get("_id"), Some(&r.inserted_id));
+    assert_eq!(got.get_str("ssn").unwrap(), "000-00-0000");
     let got = coll
         .clone_with_type::<Document>()
         .find_one(doc! { "email": "raw@example.com" })

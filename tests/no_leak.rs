@@ -18,7 +18,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use base64::Engine as _;
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use fieldcrypt::devserver::{unique_db_name, DevServer};
-use fieldcrypt::mongo::{EncryptedCollection, KeySource};
+use fieldcrypt::mongo::EncryptedCollection;
 use fieldcrypt::{BlindIndex, Field, InMemoryKeyring, Schema, Suite};
 use futures_util::TryStreamExt;
 use mongodb::event::command::CommandEvent;
@@ -348,7 +348,7 @@ async fn no_plaintext_or_key_material_in_any_command_reply_or_log() {
     }
     let acme = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
-        ring.clone() as Arc<dyn KeySource>,
+        ring.clone(),
         schema(),
     )
     .scoped("acme")

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use bson::{doc, Bson, Document};
 use fieldcrypt::devserver::{unique_db_name, DevServer};
-use fieldcrypt::mongo::{tenant_aliases, EncryptedCollection, KeySource};
+use fieldcrypt::mongo::{tenant_aliases, EncryptedCollection};
 use fieldcrypt::{BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::event::command::CommandEvent;
@@ -71,7 +71,7 @@ async fn a_scoped_handle_never_reaches_another_owners_documents() {
     }
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
-        ring.clone() as Arc<dyn KeySource>,
+        ring.clone(),
         schema(),
     );
     let acme = all.scoped("acme").unwrap();
@@ -212,7 +212,7 @@ async fn fail_a_ciphertext_copied_from_another_owner_does_not_decrypt() {
     }
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
-        ring.clone() as Arc<dyn KeySource>,
+        ring.clone(),
         schema(),
     );
     let acme = all.scoped("acme").unwrap();
@@ -275,7 +275,7 @@ async fn unscoped_handles_bind_the_owner_from_the_filter() {
     }
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
-        ring.clone() as Arc<dyn KeySource>,
+        ring.clone(),
         schema(),
     );
     all.insert_many([
@@ -288,6 +288,18 @@ async fn unscoped_handles_bind_the_owner_from_the_filter() {
         all.insert_one(person(3, None, "nobody@x")).await,
         Err(Error::MissingContext(_))
     ));
+    // Without an _id (and no _id-bound field) the driver assigns one, as usual.
+    let r = all
+        .insert_one(doc! { "tenant": "acme", "email": "noid@x" })
+        .await
+        .unwrap();
+    assert!(matches!(r.inserted_id, Bson::ObjectId(_)));
+    let got = all
+        .find_one(doc! { "tenant": "acme", "email": "noid@x" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.get("_id"), Some(&r.inserted_id));
     // Deterministic equality needs to know whose ciphertext to look for.
     assert!(matches!(
         all.find(doc! { "email": "x@x" }).await,
@@ -315,7 +327,7 @@ async fn unscoped_handles_bind_the_owner_from_the_filter() {
     assert!(all.scoped("acme").is_ok());
     let unowned = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
-        ring as Arc<dyn KeySource>,
+        ring,
         Schema::builder()
             .field("ssn", Field::randomized("pii"))
             .build()
@@ -337,7 +349,7 @@ async fn per_tenant_keys_crypto_shred_one_tenant() {
     }
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
-        ring.clone() as Arc<dyn KeySource>,
+        ring.clone(),
         schema,
     )
     .per_tenant_keys()

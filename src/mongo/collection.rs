@@ -52,7 +52,7 @@ pub use tenant::{tenant_alias, tenant_aliases, tenant_schema};
 /// ```no_run
 /// use std::sync::Arc;
 /// use bson::doc;
-/// use fieldcrypt::mongo::{EncryptedCollection, KeySource};
+/// use fieldcrypt::mongo::EncryptedCollection;
 /// use fieldcrypt::{Field, InMemoryKeyring, Schema};
 ///
 /// # async fn demo(db: mongodb::Database) -> fieldcrypt::Result<()> {
@@ -131,7 +131,8 @@ fn aliases_of(schema: &Schema) -> Arc<[String]> {
 }
 
 impl<T> EncryptedCollection<T> {
-    /// Wraps `collection`: fields of `schema` are encrypted with keys from `keys`, bound to the
+    /// Wraps `collection`: fields of `schema` are encrypted with keys from `keys` (an
+    /// `Arc<InMemoryKeyring>`, a key vault, any shared [`KeySource`]), bound to the
     /// collection's namespace (`db.collection`) and, when the schema has an owner field, to
     /// each document's owner.
     ///
@@ -139,9 +140,10 @@ impl<T> EncryptedCollection<T> {
     /// [`scoped`](EncryptedCollection::scoped) one.
     pub fn new<U: Send + Sync>(
         collection: Collection<U>,
-        keys: Arc<dyn KeySource>,
+        keys: impl KeySource + 'static,
         schema: impl Into<Arc<Schema>>,
     ) -> Self {
+        let keys: Arc<dyn KeySource> = Arc::new(keys);
         let coll = collection.clone_with_type::<RawDocumentBuf>();
         let ns = coll.namespace();
         let schema = schema.into();

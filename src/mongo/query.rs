@@ -336,7 +336,7 @@ impl State {
 /// let filter = q.filter(&doc! { "email": "a@example.com" })?;
 /// assert!(filter.get_document("email")?.contains_key("$in"));
 /// assert!(q.filter(&doc! { "email": { "$gt": "a" } }).is_err());
-/// # Ok::<(), fieldcrypt::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone, Copy, Debug)]
 pub struct QueryRewriter<'a> {
@@ -957,6 +957,9 @@ impl<'a> QueryRewriter<'a> {
         let mut inclusion = false;
         let mut excludes_id = false;
         let mut excludes_owner = false;
+        // Normalized paths switched on and off, to see what `_id`-bound fields come back.
+        let mut on_paths: Vec<String> = Vec::new();
+        let mut off_paths: Vec<String> = Vec::new();
         for (k, v) in projection {
             let flag = is_flag(v);
             if k == "_id" {
@@ -968,6 +971,11 @@ impl<'a> QueryRewriter<'a> {
                 continue;
             }
             let resolved = self.classify(k);
+            match flag {
+                Some(true) => on_paths.push(resolved.normalized.clone()),
+                Some(false) => off_paths.push(resolved.normalized.clone()),
+                None => {}
+            }
             match (resolved.kind, flag) {
                 (Kind::Plain, Some(on)) => {
                     inclusion |= on;
@@ -981,7 +989,9 @@ impl<'a> QueryRewriter<'a> {
                 (Kind::Field(rule), None)
                     if rule.each_element
                         && matches!(v, Bson::Document(d) if d.len() == 1 && d.contains_key("$slice")) =>
-                    {}
+                {
+                    on_paths.push(resolved.normalized.clone());
+                }
                 (kind, _) => {
                     let rule = kind
                         .rule()
@@ -1013,7 +1023,20 @@ impl<'a> QueryRewriter<'a> {
             }
         }
         if excludes_id {
-            if let Some(rule) = self.schema().rules().iter().find(|r| r.field.bind_id) {
+            let covers = |paths: &[String], r: &FieldRule| {
+                paths
+                    .iter()
+                    .any(|p| *p == r.normalized || is_inside(&r.normalized, p))
+            };
+            let returned = self.schema().rules().iter().find(|r| {
+                r.field.bind_id
+                    && if inclusion {
+                        covers(&on_paths, r)
+                    } else {
+                        !covers(&off_paths, r)
+                    }
+            });
+            if let Some(rule) = returned {
                 return Err(refuse(
                     operator,
                     rule.normalized.clone(),
@@ -2299,7 +2322,11 @@ mod tests {
         let (o, fl) = refused(q.sort(&doc! { "plain": 1, "email": -1 }));
         assert_eq!((o.as_str(), fl.as_str()), ("sort", "email"));
         assert!(q.sort(&doc! { "plain": 1 }).is_ok());
-        assert!(q.projection(&doc! { "email": 1, "_id": 0 }).is_err()); // ssn is bound to _id
+        // ssn is bound to _id: it cannot come back without it; other fields can.
+        assert!(q.projection(&doc! { "ssn": 1, "_id": 0 }).is_err());
+        assert!(q.projection(&doc! { "_id": 0 }).is_err());
+        assert!(q.projection(&doc! { "email": 1, "_id": 0 }).is_ok());
+        assert!(q.projection(&doc! { "ssn": 0, "_id": 0 }).is_ok());
         assert!(q.projection(&doc! { "tags": { "$slice": 2 } }).is_ok());
         let (o, _) = refused(q.projection(&doc! { "x": { "$toUpper": "$email" } }));
         assert_eq!(o, "projection");
