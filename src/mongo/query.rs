@@ -15,12 +15,12 @@
 //! Nothing passes through unchanged if it names an encrypted field (or a document containing
 //! one) in a way these rules do not cover: the default is to refuse.
 
-use bson::{doc, Bson, Document, RawBson, RawDocument, RawDocumentBuf};
+use bson::{doc, Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use crate::blind_index::BLIND_INDEX_SUBTYPE;
 use crate::envelope::ENVELOPE_SUBTYPE;
 use crate::error::{Error, Result};
-use crate::schema::{FieldRule, Schema};
+use crate::schema::{FieldRule, Node, Schema};
 use crate::transform::{Context, Cryptor, CSFLE_SUBTYPE};
 
 /// Stages that MongoDB only accepts first in a pipeline, so an owner filter cannot precede them.
@@ -1491,7 +1491,9 @@ impl<'a> QueryRewriter<'a> {
             nested = Bson::Document(d);
         }
         doc.insert(segs[0], nested);
-        let encrypted = self.cryptor.encrypt_document(&doc, self.ctx)?;
+        let raw = RawDocumentBuf::from_document(&doc)?;
+        self.check_literal_dots(&raw, self.schema().tree(), "")?;
+        let encrypted = self.cryptor.encrypt_raw(&raw, self.ctx)?.to_document()?;
         let mut parent = &encrypted;
         for seg in &segs[..segs.len() - 1] {
             parent = parent
@@ -1657,6 +1659,7 @@ impl<'a> QueryRewriter<'a> {
     /// # Errors
     /// [`Error::UnsupportedQuery`] for another owner's document; encryption errors.
     pub fn document(&self, doc: &RawDocument) -> Result<RawDocumentBuf> {
+        self.check_literal_dots(doc, self.schema().tree(), "")?;
         match self.bind_owner(doc)? {
             Some(bound) => self.cryptor.encrypt_raw(&bound, self.ctx),
             None => self.cryptor.encrypt_raw(doc, self.ctx),
@@ -1670,6 +1673,7 @@ impl<'a> QueryRewriter<'a> {
     /// As [`QueryRewriter::document`]; [`Error::UnsupportedQuery`] when `_id`-bound fields
     /// cannot know their `_id`.
     pub fn replacement(&self, doc: &RawDocument, filter: &Document) -> Result<RawDocumentBuf> {
+        self.check_literal_dots(doc, self.schema().tree(), "")?;
         let bound = self.bind_owner(doc)?;
         let doc = bound.as_deref().unwrap_or(doc);
         if self.schema().needs_id() && doc.get("_id")?.is_none() {
@@ -1696,6 +1700,53 @@ impl<'a> QueryRewriter<'a> {
             return self.cryptor.encrypt_raw(&with_id, self.ctx);
         }
         self.cryptor.encrypt_raw(doc, self.ctx)
+    }
+
+    /// Refuses field names containing `.` that spell an encrypted path (`{"profile.email": …}`):
+    /// MongoDB stores such a name literally, outside the nested path the engine encrypts, so the
+    /// value would be stored in clear. Only levels that can contain encrypted fields are walked.
+    fn check_literal_dots(&self, doc: &RawDocument, node: &Node, prefix: &str) -> Result<()> {
+        for e in doc {
+            let (k, v) = e?;
+            if k.contains('.') {
+                let full = if prefix.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                if let Some(rule) = self.classify_normalized(&full).rule() {
+                    return Err(refuse(
+                        "write",
+                        rule.normalized.clone(),
+                        "a field name containing '.' is stored as that literal name, outside the encrypted path; write nested documents",
+                    ));
+                }
+                continue;
+            }
+            let Some(child) = node.child(k) else {
+                continue;
+            };
+            if child.rule.is_some() {
+                continue;
+            }
+            let path = if prefix.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                RawBsonRef::Document(d) => self.check_literal_dots(d, child, &path)?,
+                RawBsonRef::Array(items) => {
+                    for item in items {
+                        if let RawBsonRef::Document(d) = item? {
+                            self.check_literal_dots(d, child, &path)?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The document with the scope's owner added; `None` when nothing needs adding.
@@ -2351,6 +2402,20 @@ mod tests {
         assert_eq!(out.get_str("tenant").unwrap(), "acme");
         let back = f.cryptor.decrypt_raw(&out, &f.ctx).unwrap();
         assert_eq!(back.get_str("ssn").unwrap(), "1");
+        for dotted in [
+            doc! { "tenant": "acme", "profile.phone": "1" },
+            doc! { "tenant": "acme", "addresses": [ { "x": 1 }, { "street.x": 1, "street": 2 } ] },
+        ] {
+            let raw = RawDocumentBuf::from_document(&dotted).unwrap();
+            let (op, _) = refused(q.document(&raw));
+            assert_eq!(op, "write");
+        }
+        let (op, field) =
+            refused(q.update(&doc! { "$set": { "profile": { "phone.x": 1 } } }, &doc! {}));
+        assert_eq!((op.as_str(), field.as_str()), ("write", "profile.phone"));
+        let fine =
+            RawDocumentBuf::from_document(&doc! { "a.b": 1, "profile": { "c.d": 1 } }).unwrap();
+        assert!(q.document(&fine).is_ok());
         let other = RawDocumentBuf::from_document(&doc! { "tenant": "evil", "x": 1 }).unwrap();
         let (op, field) = refused(q.document(&other));
         assert_eq!((op.as_str(), field.as_str()), ("write", "tenant"));
