@@ -1,0 +1,148 @@
+//! The token-leakage scenario end to end: session tokens stored only as a blind index (found
+//! by lookup, never readable back), API keys stored encrypted *and* indexed (recoverable),
+//! owner checks on every read, a key rotation in the middle, and the raw stored documents,
+//! which hold no token in clear.
+//!
+//! ```sh
+//! cargo run --example token_store
+//! ```
+
+use std::sync::Arc;
+
+use bson::{doc, Bson, Document};
+use fieldcrypt::devserver::{unique_db_name, DevServer};
+use fieldcrypt::mongo::{EncryptedCollection, KeyVault, LocalKek};
+use fieldcrypt::{BlindIndex, Field, Schema};
+use futures_util::TryStreamExt;
+
+const OWNER: &str = "user_id";
+
+#[tokio::main]
+async fn main() -> fieldcrypt::Result<()> {
+    let server = DevServer::start()?;
+    let client = mongodb::Client::with_uri_str(server.uri()).await?;
+    // A throwaway master key: this example keeps nothing.
+    let vault = Arc::new(KeyVault::new(&client, Arc::new(LocalKek::generate()))?);
+    vault.ensure_indexes().await?;
+    for alias in ["secrets", "token-index"] {
+        vault.ensure_alias(alias).await?;
+    }
+
+    let schema = Schema::builder()
+        .owner_field(OWNER)
+        // Looked up, never read back: only the HMAC is stored.
+        .field(
+            "session_token",
+            Field::blind_index_only(BlindIndex::new("token-index")),
+        )
+        // Must be shown to its owner again: encrypted, and indexed for lookups.
+        .field(
+            "api_key",
+            Field::randomized("secrets")
+                .bind_id()
+                .with_blind_index(BlindIndex::new("token-index").name("api_key_hash")),
+        )
+        .build()?;
+
+    let db = client.database(&unique_db_name("token_store"));
+    let tokens = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("tokens"),
+        vault.clone(),
+        schema,
+    );
+    let alice = tokens.scoped("alice")?;
+    let bob = tokens.scoped("bob")?;
+
+    alice
+        .insert_one(doc! { "_id": 1, "session_token": "sess_alice_3f8e2a91c4", "api_key": "ak_alice_77aa01", "label": "laptop" })
+        .await?;
+    bob.insert_one(doc! { "_id": 2, "session_token": "sess_bob_9d0c1b2e7f", "api_key": "ak_bob_12bc34", "label": "phone" })
+        .await?;
+
+    // Authenticating a request: find the session by its token, through the owner's handle.
+    let hit = alice
+        .find_one(doc! { "session_token": "sess_alice_3f8e2a91c4" })
+        .await?;
+    println!(
+        "alice looks up her session token -> {:?}",
+        hit.as_ref().map(label)
+    );
+    // Owner checks on every read: alice's handle never returns bob's document, even by token.
+    let cross = alice
+        .find_one(doc! { "session_token": "sess_bob_9d0c1b2e7f" })
+        .await?;
+    println!(
+        "alice looks up bob's session token -> {:?}",
+        cross.as_ref().map(label)
+    );
+    assert!(cross.is_none());
+
+    // Rotate both keys in the middle of the application's life.
+    let new_secret = vault.rotate("secrets").await?;
+    let new_index = vault.rotate("token-index").await?;
+    println!("rotated: secrets -> {new_secret}, token-index -> {new_index}");
+    alice
+        .insert_one(doc! { "_id": 3, "session_token": "sess_alice_after_rotation", "api_key": "ak_alice_new", "label": "tablet" })
+        .await?;
+
+    // Old and new tokens are both found (queries try every readable index key)...
+    for t in ["sess_alice_3f8e2a91c4", "sess_alice_after_rotation"] {
+        let hit = alice.find_one(doc! { "session_token": t }).await?;
+        println!("alice looks up {t} -> {:?}", hit.as_ref().map(label));
+        assert!(hit.is_some());
+    }
+    // ...and API keys are recoverable by their owner, found by value too.
+    let mine: Vec<Document> = alice.find(doc! {}).await?.try_collect().await?;
+    for d in &mine {
+        println!(
+            "alice's api_key for {}: {}",
+            label(d),
+            d.get_str("api_key").unwrap_or("?")
+        );
+    }
+    let by_key = bob.find_one(doc! { "api_key": "ak_bob_12bc34" }).await?;
+    println!(
+        "bob looks up his api key -> {:?}",
+        by_key.as_ref().map(label)
+    );
+
+    // What the database holds: no token in clear, anywhere.
+    println!("\nstored documents:");
+    let raw: Vec<bson::RawDocumentBuf> = db
+        .collection::<bson::RawDocumentBuf>("tokens")
+        .find(doc! {})
+        .await?
+        .try_collect()
+        .await?;
+    for r in &raw {
+        println!("  {}", summary(&r.to_document()?));
+        for secret in ["sess_alice", "sess_bob", "ak_alice", "ak_bob"] {
+            let leaked = r
+                .as_bytes()
+                .windows(secret.len())
+                .any(|w| w == secret.as_bytes());
+            assert!(!leaked, "a token is stored in clear");
+        }
+    }
+    println!("no token appears in clear in any stored document");
+    db.drop().await?;
+    Ok(())
+}
+
+fn label(d: &Document) -> String {
+    d.get_str("label").unwrap_or("?").to_owned()
+}
+
+fn summary(d: &Document) -> String {
+    d.iter()
+        .map(|(k, v)| match v {
+            Bson::Binary(b) => format!(
+                "{k}: <binary 0x{:02x}, {} bytes>",
+                u8::from(b.subtype),
+                b.bytes.len()
+            ),
+            other => format!("{k}: {other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
