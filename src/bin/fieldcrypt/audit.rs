@@ -1,0 +1,141 @@
+//! `fieldcrypt audit`: what is really stored in collections, against their schema and keys.
+//! Exit code 3 when anything is found, so it can gate a CI job.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bson::RawDocumentBuf;
+use fieldcrypt::rotation::{Audit, AuditOptions, AuditReport, Target};
+use fieldcrypt::{Context, Result};
+use serde_json::json;
+
+use crate::encrypt::load_schema;
+use crate::keys::split_namespace;
+use crate::keysource::{connect, KeyArgs, Keys};
+use crate::report::{Exit, OutputOpts, Progress};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AuditArgs {
+    /// The schema the collections should follow (docs/SCHEMA.md).
+    #[arg(long, value_name = "FILE")]
+    schema: PathBuf,
+    /// A collection to audit, `db.collection`; repeat for several (same schema).
+    #[arg(long = "namespace", value_name = "DB.COLL", required = true)]
+    namespaces: Vec<String>,
+    /// Do not count values under active (non-primary) keys as findings.
+    #[arg(long)]
+    allow_stale: bool,
+    /// Do not look for token-like secrets in unencrypted fields.
+    #[arg(long)]
+    no_tokens: bool,
+    /// Report random-nonce keys once they have used this fraction of their limit.
+    #[arg(long, default_value_t = 0.5, value_name = "FRACTION")]
+    nonce_warning: f64,
+    /// Read at most this many documents per collection.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// The ciphertexts are not bound to their collection's namespace.
+    #[arg(long)]
+    no_namespace_binding: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
+    #[command(flatten)]
+    out: OutputOpts,
+}
+
+pub(crate) async fn run(a: AuditArgs) -> Result<Exit> {
+    let schema = Arc::new(load_schema(&a.schema)?);
+    let keys = Keys::open(&a.keys).await?;
+    let client = connect(a.keys.data_uri()?).await?;
+    let mut options = AuditOptions::default()
+        .allow_stale(a.allow_stale)
+        .tokens(!a.no_tokens)
+        .limit(a.limit);
+    options.nonce_warning = a.nonce_warning;
+    let audit = Audit::new(keys.source.clone()).options(options);
+    let mut reports = Vec::new();
+    for ns in &a.namespaces {
+        let (db, coll) = split_namespace(ns)?;
+        let c = client.database(db).collection::<RawDocumentBuf>(coll);
+        let mut target = Target::new(&c, schema.clone());
+        if a.no_namespace_binding {
+            target = target.context(Context::none());
+        }
+        let total = c
+            .estimated_document_count()
+            .await
+            .ok()
+            .map(|n| a.limit.map_or(n, |l| l.min(n)));
+        let mut progress = Progress::new(&a.out, &format!("audit {ns}"), total);
+        let rep = audit
+            .run(&target, |n| {
+                progress.update(n, total, "documents", json!({ "namespace": ns }))
+            })
+            .await?;
+        progress.finish();
+        reports.push(rep);
+    }
+    let findings: usize = reports.iter().map(|r| r.findings.len()).sum();
+    if a.out.json {
+        println!(
+            "{}",
+            json!({ "clean": findings == 0, "findings": findings, "collections": reports })
+        );
+    } else {
+        for r in &reports {
+            print_report(r);
+        }
+        if findings == 0 {
+            println!("audit: clean");
+        } else {
+            println!("audit: {findings} finding(s)");
+        }
+    }
+    Ok(if findings == 0 {
+        Exit::Ok
+    } else {
+        Exit::Findings
+    })
+}
+
+fn print_report(r: &AuditReport) {
+    println!(
+        "{}: {} document(s), {} current",
+        r.namespace, r.documents, r.current
+    );
+    if !r.suites.is_empty() {
+        let s: Vec<String> = r.suites.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("  suites: {}", s.join(", "));
+    }
+    if r.csfle_values > 0 {
+        println!(
+            "  CSFLE values in schema fields: {} (run `fieldcrypt migrate --from csfle`)",
+            r.csfle_values
+        );
+    }
+    for k in &r.keys {
+        let mut parts = Vec::new();
+        if k.envelopes > 0 {
+            parts.push(format!("{} value(s)", k.envelopes));
+        }
+        if k.csfle > 0 {
+            parts.push(format!("{} CSFLE value(s)", k.csfle));
+        }
+        if k.blind_indexes > 0 {
+            parts.push(format!("{} blind index(es)", k.blind_indexes));
+        }
+        println!(
+            "  key {} ({}, {}): {} in {} document(s){}",
+            k.key,
+            k.alias.as_deref().unwrap_or("?"),
+            k.state,
+            parts.join(", "),
+            k.documents,
+            k.encryptions
+                .map_or_else(String::new, |n| format!("; {n} random-nonce encryptions"))
+        );
+    }
+    for f in &r.findings {
+        println!("  FINDING: {}", f.describe());
+    }
+}

@@ -1,0 +1,70 @@
+//! `fieldcrypt decrypt`: decrypts Extended JSON documents — fieldcrypt envelopes and MongoDB
+//! CSFLE values alike — offline.
+
+use std::path::PathBuf;
+
+use bson::RawDocumentBuf;
+use fieldcrypt::{Cryptor, Error, KeyId, Result, Schema};
+
+use crate::encrypt::{context, load_schema, BATCH};
+use crate::jsonl::{IoArgs, Reader, Writer};
+use crate::keysource::{KeyArgs, Keys};
+use crate::report::Exit;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct DecryptArgs {
+    /// The collection (`db.collection`) the ciphertexts are bound to, if they are.
+    #[arg(long, value_name = "DB.COLL")]
+    namespace: Option<String>,
+    /// The schema, for its owner field (owner-scoped collections); not needed otherwise.
+    #[arg(long, value_name = "FILE")]
+    schema: Option<PathBuf>,
+    /// The owner field of owner-scoped documents (instead of --schema).
+    #[arg(long, value_name = "FIELD")]
+    owner_field: Option<String>,
+    #[command(flatten)]
+    io: IoArgs,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// Key ids referenced by a batch, for key-vault prefetching.
+pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Result<Vec<KeyId>> {
+    let mut ids = Vec::new();
+    for d in batch {
+        ids.extend(Cryptor::referenced_keys(d)?);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
+    let schema = match &a.schema {
+        Some(p) => load_schema(p)?,
+        None => Schema::empty(),
+    };
+    let keys = Keys::open(&a.keys).await?;
+    let mut ctx = context(a.namespace.as_deref());
+    if let Some(f) = &a.owner_field {
+        ctx = ctx.with_owner_field(f.clone());
+    }
+    let cryptor = Cryptor::new(keys.source.clone(), schema);
+    let mut reader = Reader::open(a.io.input.as_deref())?;
+    let mut writer = Writer::create(a.io.output.as_deref())?;
+    let mut first_line = 1;
+    loop {
+        let batch = reader.batch(BATCH)?;
+        if batch.is_empty() {
+            break;
+        }
+        keys.source.prefetch_ids(&referenced(&batch)?).await?;
+        for (i, r) in cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate() {
+            let doc = r.map_err(|e| Error::Config(format!("document {}: {e}", first_line + i)))?;
+            writer.write(&doc)?;
+        }
+        first_line += batch.len();
+    }
+    writer.finish()?;
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,80 @@
+//! `fieldcrypt encrypt`: encrypts Extended JSON documents per a schema, offline.
+
+use std::path::{Path, PathBuf};
+
+use fieldcrypt::{Context, Cryptor, Error, Result, Schema};
+
+use crate::jsonl::{IoArgs, Reader, Writer};
+use crate::keysource::{in_file, KeyArgs, Keys};
+use crate::report::Exit;
+
+/// Documents per batch (encrypted in parallel).
+pub(crate) const BATCH: usize = 1000;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct EncryptArgs {
+    /// The schema: which fields to encrypt, how (docs/SCHEMA.md; .toml or .json).
+    #[arg(long, value_name = "FILE")]
+    schema: PathBuf,
+    /// Bind the ciphertexts to this collection (`db.collection`), as the collection layer and
+    /// `import` do; they then decrypt only with the same --namespace.
+    #[arg(long, value_name = "DB.COLL")]
+    namespace: Option<String>,
+    #[command(flatten)]
+    io: IoArgs,
+    #[command(flatten)]
+    keys: KeyArgs,
+}
+
+/// Loads a schema file, naming the file in errors.
+pub(crate) fn load_schema(path: &Path) -> Result<Schema> {
+    Schema::load(path).map_err(|e| match e {
+        Error::Schema { path: p, reason } => {
+            Error::Config(format!("{}: field {p:?}: {reason}", path.display()))
+        }
+        other => in_file(path, other),
+    })
+}
+
+/// The context for a namespace option.
+pub(crate) fn context(namespace: Option<&str>) -> Context {
+    namespace.map_or_else(Context::none, Context::namespace)
+}
+
+pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
+    let schema = load_schema(&a.schema)?;
+    let keys = Keys::open(&a.keys).await?;
+    let aliases: Vec<String> = schema
+        .rules()
+        .iter()
+        .flat_map(|r| {
+            r.field
+                .encrypt
+                .as_ref()
+                .map(|e| e.key.clone())
+                .into_iter()
+                .chain(r.field.blind_index.as_ref().map(|b| b.key.clone()))
+        })
+        .collect();
+    keys.source.prefetch_aliases(&aliases).await?;
+    schema.check_keys(keys.source.as_ref())?;
+    let cryptor = Cryptor::new(keys.source.clone(), schema);
+    let ctx = context(a.namespace.as_deref());
+    let mut reader = Reader::open(a.io.input.as_deref())?;
+    let mut writer = Writer::create(a.io.output.as_deref())?;
+    let mut first_line = 1;
+    loop {
+        let batch = reader.batch(BATCH)?;
+        if batch.is_empty() {
+            break;
+        }
+        for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
+            let doc = r.map_err(|e| Error::Config(format!("document {}: {e}", first_line + i)))?;
+            writer.write(&doc)?;
+        }
+        first_line += batch.len();
+    }
+    writer.finish()?;
+    keys.persist_counters()?;
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,135 @@
+//! `fieldcrypt export`: writes a collection's documents as canonical Extended JSON lines —
+//! as stored (ciphertext), or decrypted with `--decrypt`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use bson::{doc, RawDocumentBuf};
+use fieldcrypt::{Context, Cryptor, Error, Result, Schema};
+use futures_util::TryStreamExt;
+use serde_json::json;
+
+use crate::decrypt::referenced;
+use crate::encrypt::load_schema;
+use crate::jsonl::Writer;
+use crate::keys::split_namespace;
+use crate::keysource::{connect, KeyArgs, Keys};
+use crate::report::{self, Exit, OutputOpts, Progress};
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ExportArgs {
+    /// The collection, `db.collection`.
+    #[arg(long, value_name = "DB.COLL")]
+    namespace: String,
+    /// Decrypt every value. The output then holds plaintext: protect it.
+    #[arg(long)]
+    decrypt: bool,
+    /// The schema, for its owner field (owner-scoped collections); not needed otherwise.
+    #[arg(long, value_name = "FILE")]
+    schema: Option<PathBuf>,
+    /// Stop after this many documents.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Write to this file instead of stdout.
+    #[arg(long = "out", value_name = "FILE")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    keys: KeyArgs,
+    #[command(flatten)]
+    out: OutputOpts,
+}
+
+const BATCH: usize = 1000;
+
+pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
+    let (db, coll) = split_namespace(&a.namespace)?;
+    let schema = match &a.schema {
+        Some(p) => load_schema(p)?,
+        None => Schema::empty(),
+    };
+    let keys = if a.decrypt {
+        report::warn(&format!(
+            "--decrypt: {} holds plaintext; protect it and delete it when done",
+            a.output
+                .as_ref()
+                .map_or_else(|| "the output".to_owned(), |p| p.display().to_string())
+        ));
+        Some(Keys::open(&a.keys).await?)
+    } else {
+        None
+    };
+    let client = connect(a.keys.data_uri()?).await?;
+    let collection = client.database(db).collection::<RawDocumentBuf>(coll);
+    let total = collection
+        .estimated_document_count()
+        .await
+        .ok()
+        .map(|n| a.limit.map_or(n, |l| l.min(n)));
+    let mut find = collection.find(doc! {}).sort(doc! { "_id": 1 });
+    if let Some(l) = a.limit {
+        find = find.limit(i64::try_from(l).unwrap_or(i64::MAX));
+    }
+    let mut cursor = find.await?;
+    let mut writer = Writer::create(a.output.as_deref())?;
+    let ctx = Context::namespace(a.namespace.clone());
+    let cryptor = keys
+        .as_ref()
+        .map(|k| Cryptor::new(k.source.clone(), schema));
+    let stop = report::interrupt_flag();
+    let mut progress = Progress::new(&a.out, &format!("export {}", a.namespace), total);
+    let mut written = 0u64;
+    let mut interrupted = false;
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let next = cursor.try_next().await?;
+        let end = next.is_none();
+        if let Some(d) = next {
+            batch.push(d);
+        }
+        if batch.len() < BATCH && !end {
+            continue;
+        }
+        match (&cryptor, &keys) {
+            (Some(c), Some(k)) => {
+                k.source.prefetch_ids(&referenced(&batch)?).await?;
+                for (i, r) in c.decrypt_many(&batch, &ctx).into_iter().enumerate() {
+                    let d = r.map_err(|e| {
+                        Error::Config(format!("document {}: {e}", written + i as u64 + 1))
+                    })?;
+                    writer.write(&d)?;
+                }
+            }
+            _ => {
+                for d in &batch {
+                    writer.write(d)?;
+                }
+            }
+        }
+        written += batch.len() as u64;
+        batch.clear();
+        progress.update(written, total, "written", json!({ "written": written }));
+        if end {
+            break;
+        }
+        if stop.load(Ordering::SeqCst) {
+            interrupted = true;
+            break;
+        }
+    }
+    writer.finish()?;
+    progress.finish();
+    if a.out.json {
+        let summary = json!({ "event": "summary", "namespace": a.namespace, "written": written, "decrypted": a.decrypt, "complete": !interrupted });
+        // Documents go to stdout unless --out: then the summary does.
+        if a.output.is_some() {
+            println!("{summary}");
+        } else {
+            eprintln!("{summary}");
+        }
+    }
+    Ok(if interrupted {
+        Exit::Interrupted
+    } else {
+        Exit::Ok
+    })
+}

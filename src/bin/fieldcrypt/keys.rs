@@ -1,0 +1,466 @@
+//! `fieldcrypt keys`: create, list, rotate, disable, enable, destroy, rewrap.
+//!
+//! Works on the key vault (`--uri` / `--key-vault-uri` with a master key) or a keyset file
+//! (`--keyset FILE`). `disable` and `destroy` first count the documents that still reference
+//! the key and refuse while there are any, unless `--force`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bson::{doc, RawDocumentBuf};
+use fieldcrypt::mongo::LocalKek;
+use fieldcrypt::{Cryptor, Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Result};
+use futures_util::TryStreamExt;
+use serde_json::json;
+
+use crate::keysource::{connect, KeyArgs, Store};
+use crate::report::{self, Exit, OutputOpts, Progress};
+
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum KeysCommand {
+    /// Create the first key of an alias (it becomes the alias's primary). Prints its id.
+    Create {
+        /// The alias (key name) that schema fields refer to, e.g. `pii`.
+        alias: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        out: OutputOpts,
+    },
+    /// List every key: id, alias, kind, state, random-nonce encryptions, creation date.
+    List {
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        out: OutputOpts,
+    },
+    /// Make a new primary key for an alias; the previous primary stays readable (active).
+    /// Then run `reencrypt` to move existing data to the new key.
+    Rotate {
+        /// The alias.
+        alias: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        out: OutputOpts,
+    },
+    /// Disable a key: it no longer decrypts (reversible with `enable`). Refused while
+    /// documents still reference it, unless --force.
+    Disable(StateArgs),
+    /// Enable a disabled key again (as active).
+    Enable {
+        /// The key id (UUID).
+        id: KeyId,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        out: OutputOpts,
+    },
+    /// Destroy a key: its material is deleted and data under it is unreadable forever
+    /// (crypto-shredding). Refused while documents still reference it, unless --force.
+    Destroy(StateArgs),
+    /// Re-wrap every key in the key vault under a new master key.
+    Rewrap {
+        /// The new local master key (96 bytes, raw or base64).
+        #[arg(long, value_name = "FILE")]
+        new_master_key_file: PathBuf,
+        /// Name the new master key's provider `local:<NAME>` (to tell two local master keys
+        /// apart while keys move between them).
+        #[arg(long, value_name = "NAME")]
+        new_provider_name: Option<String>,
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[command(flatten)]
+        out: OutputOpts,
+    },
+}
+
+/// Arguments of `disable` and `destroy`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct StateArgs {
+    /// The key id (UUID).
+    id: KeyId,
+    /// Collections (`db.collection`) to check for references; default: every collection of
+    /// every database on --uri (except admin, config, local and the key vault).
+    #[arg(long = "namespace", value_name = "DB.COLL")]
+    namespaces: Vec<String>,
+    /// Go ahead even though documents still reference the key (they become unreadable).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
+    #[command(flatten)]
+    out: OutputOpts,
+}
+
+pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
+    match c {
+        KeysCommand::Create { alias, keys, out } => {
+            create_or_rotate(&alias, &keys, &out, true).await
+        }
+        KeysCommand::Rotate { alias, keys, out } => {
+            create_or_rotate(&alias, &keys, &out, false).await
+        }
+        KeysCommand::List { keys, out } => list(&keys, &out).await,
+        KeysCommand::Disable(a) => change_state(a, KeyState::Disabled).await,
+        KeysCommand::Destroy(a) => change_state(a, KeyState::Destroyed).await,
+        KeysCommand::Enable { id, keys, out } => {
+            let store = Store::open(&keys).await?;
+            store.writable()?;
+            set_state(&store, &id, KeyState::Active).await?;
+            print_done(&out, "enabled", &id);
+            Ok(Exit::Ok)
+        }
+        KeysCommand::Rewrap {
+            new_master_key_file,
+            new_provider_name,
+            keys,
+            out,
+        } => {
+            let Store::Vault(vault) = Store::open(&keys).await? else {
+                return Err(Error::Config(
+                    "rewrap works on the key vault (--uri / --key-vault-uri); a keyset file holds keys in clear"
+                        .into(),
+                ));
+            };
+            let master = fieldcrypt::LocalMasterKey::from_file(&new_master_key_file)?;
+            let kek = match new_provider_name {
+                Some(n) => LocalKek::named(&n, master)?,
+                None => LocalKek::new(master),
+            };
+            let n = vault.rewrap(Arc::new(kek)).await?;
+            if out.json {
+                println!("{}", json!({ "rewrapped": n }));
+            } else {
+                println!("re-wrapped {n} key(s); use the new master key from now on");
+            }
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+async fn create_or_rotate(
+    alias: &str,
+    args: &KeyArgs,
+    out: &OutputOpts,
+    create: bool,
+) -> Result<Exit> {
+    let store = Store::open(args).await?;
+    store.writable()?;
+    let (new, old) = match &store {
+        Store::Keyset { ring, file } => {
+            let old = ring
+                .keys()
+                .iter()
+                .find(|k| k.alias() == alias)
+                .map(|_| ring.primary(alias).ok().map(|k| k.id()));
+            if create && old.is_some() {
+                return Err(exists(alias));
+            }
+            if !create && old.is_none() {
+                return Err(Error::UnknownAlias(alias.to_owned()));
+            }
+            let id = ring.rotate(alias);
+            if let Some(f) = file {
+                ring.save(f)?;
+            }
+            (id, old.flatten())
+        }
+        Store::Vault(v) => {
+            let infos = v.list().await?;
+            let of_alias: Vec<_> = infos.iter().filter(|k| k.alias == alias).collect();
+            if create && !of_alias.is_empty() {
+                return Err(exists(alias));
+            }
+            if !create && of_alias.is_empty() {
+                return Err(Error::UnknownAlias(alias.to_owned()));
+            }
+            let old = of_alias
+                .iter()
+                .find(|k| k.state == KeyState::Primary)
+                .map(|k| k.id);
+            (v.create_key(alias).await?, old)
+        }
+        Store::VaultFile(_) => unreachable!("refused by writable()"),
+    };
+    if out.json {
+        println!(
+            "{}",
+            json!({ "alias": alias, "id": new, "previous_primary": old })
+        );
+    } else {
+        println!("{new}");
+        if !out.quiet {
+            match old {
+                Some(o) => eprintln!("new primary of {alias:?}; the previous primary {o} stays readable: run `fieldcrypt reencrypt` to move data to the new key"),
+                None if !create => eprintln!("new primary of {alias:?}"),
+                None => eprintln!("created the first key of {alias:?}"),
+            }
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+fn exists(alias: &str) -> Error {
+    Error::Config(format!(
+        "alias {alias:?} already has keys; use `fieldcrypt keys rotate {alias}` for a new primary"
+    ))
+}
+
+async fn list(args: &KeyArgs, out: &OutputOpts) -> Result<Exit> {
+    struct Row {
+        id: KeyId,
+        alias: String,
+        kind: KeyKind,
+        state: KeyState,
+        encryptions: u64,
+        created: bson::DateTime,
+        version: Option<u64>,
+    }
+    let store = Store::open_for_listing(args).await?;
+    let rows: Vec<Row> = match &store {
+        Store::Keyset { ring, .. } | Store::VaultFile(ring) => ring_rows(ring)
+            .into_iter()
+            .map(|(id, alias, kind, state, encryptions, created)| Row {
+                id,
+                alias,
+                kind,
+                state,
+                encryptions,
+                created,
+                version: None,
+            })
+            .collect(),
+        Store::Vault(v) => v
+            .list()
+            .await?
+            .into_iter()
+            .map(|k| Row {
+                id: k.id,
+                alias: k.alias,
+                kind: k.kind,
+                state: k.state,
+                encryptions: k.encryptions,
+                created: k.created,
+                version: k.version,
+            })
+            .collect(),
+    };
+    let kind_name = |k: KeyKind| {
+        if k == KeyKind::Csfle {
+            "csfle"
+        } else {
+            "fieldcrypt"
+        }
+    };
+    let date = |d: bson::DateTime| d.try_to_rfc3339_string().unwrap_or_default();
+    if out.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.id, "alias": r.alias, "kind": kind_name(r.kind), "state": r.state.as_str(),
+                    "version": r.version, "encryptions": r.encryptions, "created": date(r.created),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        println!(
+            "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  CREATED",
+            "ID", "ALIAS", "KIND", "STATE", "ENCRYPTIONS"
+        );
+        for r in &rows {
+            println!(
+                "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {}",
+                r.id.to_string(),
+                r.alias,
+                kind_name(r.kind),
+                r.state.as_str(),
+                r.encryptions,
+                date(r.created)
+            );
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+type RingRow = (KeyId, String, KeyKind, KeyState, u64, bson::DateTime);
+
+fn ring_rows(ring: &InMemoryKeyring) -> Vec<RingRow> {
+    let mut v: Vec<RingRow> = ring
+        .keys()
+        .iter()
+        .map(|k| {
+            (
+                k.id(),
+                k.alias().to_owned(),
+                k.kind(),
+                k.state(),
+                k.encryptions(),
+                k.created(),
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.1, a.5, a.0).cmp(&(&b.1, b.5, b.0)));
+    v
+}
+
+async fn set_state(store: &Store, id: &KeyId, state: KeyState) -> Result<()> {
+    match store {
+        Store::Keyset { ring, file } => {
+            ring.set_state(id, state)?;
+            if let Some(f) = file {
+                ring.save(f)?;
+            }
+            Ok(())
+        }
+        Store::Vault(v) => v.set_state(id, state).await,
+        Store::VaultFile(_) => unreachable!("refused by writable()"),
+    }
+}
+
+fn print_done(out: &OutputOpts, what: &str, id: &KeyId) {
+    if out.json {
+        println!("{}", json!({ "id": id, "state": what }));
+    } else if !out.quiet {
+        println!("{what} key {id}");
+    }
+}
+
+async fn change_state(a: StateArgs, state: KeyState) -> Result<Exit> {
+    let store = Store::open(&a.keys).await?;
+    store.writable()?;
+    // The key must exist (and a destroyed key cannot be disabled or destroyed again usefully).
+    let current = match &store {
+        Store::Keyset { ring, .. } => ring.key(&a.id)?.state(),
+        Store::Vault(v) => v
+            .list()
+            .await?
+            .into_iter()
+            .find(|k| k.id == a.id)
+            .map(|k| k.state)
+            .ok_or(Error::UnknownKey(a.id))?,
+        Store::VaultFile(_) => unreachable!("refused by writable()"),
+    };
+    if current == KeyState::Primary && !a.force {
+        return Err(Error::Config(format!(
+            "key {} is the primary of its alias: rotate the alias first (`fieldcrypt keys rotate`), re-encrypt, then {}",
+            a.id,
+            if state == KeyState::Destroyed { "destroy it" } else { "disable it" }
+        )));
+    }
+    let verb = if state == KeyState::Destroyed {
+        "destroy"
+    } else {
+        "disable"
+    };
+    if a.force {
+        report::warn(&format!(
+            "--force: not checking for documents that reference key {}",
+            a.id
+        ));
+    } else {
+        let counts = count_references(&a, &a.id).await?;
+        let total: u64 = counts.iter().map(|(_, n)| n).sum();
+        if total > 0 {
+            let list: Vec<String> = counts
+                .iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(ns, n)| format!("{ns}: {n}"))
+                .collect();
+            if a.out.json {
+                println!(
+                    "{}",
+                    json!({ "id": a.id, "refused": verb, "documents": total, "by_collection": counts.iter().filter(|(_, n)| *n > 0).map(|(ns, n)| json!({"namespace": ns, "documents": n})).collect::<Vec<_>>() })
+                );
+            }
+            eprintln!(
+                "fieldcrypt: refusing to {verb} key {}: {total} document(s) still reference it ({}); run `fieldcrypt reencrypt` first, or pass --force",
+                a.id,
+                list.join(", ")
+            );
+            return Ok(Exit::Refused);
+        }
+    }
+    set_state(&store, &a.id, state).await?;
+    print_done(
+        &a.out,
+        if state == KeyState::Destroyed {
+            "destroyed"
+        } else {
+            "disabled"
+        },
+        &a.id,
+    );
+    Ok(Exit::Ok)
+}
+
+/// Counts, per collection, the documents whose ciphertexts or blind indexes name `id`.
+async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<(String, u64)>> {
+    let uri = a.keys.uri.as_deref().ok_or_else(|| {
+        Error::Config(format!(
+            "cannot tell whether documents still reference key {id}: give --uri (and --namespace) to check, or --force"
+        ))
+    })?;
+    let client = connect(uri).await?;
+    let mut namespaces = a.namespaces.clone();
+    if namespaces.is_empty() {
+        let skip_db = ["admin", "config", "local"];
+        for db in client.list_database_names().await? {
+            if skip_db.contains(&db.as_str()) {
+                continue;
+            }
+            for coll in client.database(&db).list_collection_names().await? {
+                let ns = format!("{db}.{coll}");
+                if ns == a.keys.key_vault_namespace
+                    || ns == "fieldcrypt.checkpoints"
+                    || coll.starts_with("system.")
+                {
+                    continue;
+                }
+                namespaces.push(ns);
+            }
+        }
+        namespaces.sort();
+    }
+    let stop = report::interrupt_flag();
+    let mut out = Vec::new();
+    for ns in namespaces {
+        let (db, coll) = split_namespace(&ns)?;
+        let c = client.database(db).collection::<RawDocumentBuf>(coll);
+        let total = c.estimated_document_count().await.ok();
+        let mut progress = Progress::new(&a.out, &format!("checking {ns}"), total);
+        let mut cursor = c.find(doc! {}).await?;
+        let (mut seen, mut n) = (0u64, 0u64);
+        while let Some(d) = cursor.try_next().await? {
+            seen += 1;
+            // A malformed ciphertext references nothing readable; it must not stop the check.
+            if Cryptor::referenced_keys(&d).is_ok_and(|ids| ids.contains(id)) {
+                n += 1;
+            }
+            if seen % 1000 == 0 {
+                progress.update(
+                    seen,
+                    total,
+                    &format!("{n} referencing"),
+                    json!({ "namespace": ns, "referencing": n }),
+                );
+                if stop.load(Ordering::SeqCst) {
+                    return Err(Error::Config("interrupted".into()));
+                }
+            }
+        }
+        progress.finish();
+        out.push((ns, n));
+    }
+    Ok(out)
+}
+
+/// `db.collection` → (`db`, `collection`).
+pub(crate) fn split_namespace(ns: &str) -> Result<(&str, &str)> {
+    ns.split_once('.')
+        .filter(|(d, c)| !d.is_empty() && !c.is_empty())
+        .ok_or_else(|| Error::Config(format!("namespace {ns:?} is not \"database.collection\"")))
+}

@@ -1,0 +1,429 @@
+//! Where keys come from, and the MongoDB connection.
+//!
+//! In order of precedence:
+//! 1. `--keyset FILE`: fieldcrypt's keyset file (keys in clear, docs/KEYSET.md);
+//! 2. `--key-vault-file FILE`: key documents as Extended JSON, one per line (a `mongoexport` of a
+//!    key vault: fieldcrypt's keys and MongoDB CSFLE keys alike), unwrapped with the master key;
+//!    (1 and 2 may be combined: both go into one in-memory keyring)
+//! 3. `FIELDCRYPT_KEYSET`: a keyset in base64, from the environment;
+//! 4. the key vault at `--key-vault-uri` (default: `--uri`), collection
+//!    `--key-vault-namespace` (default `keyvault.datakeys`), unwrapped with the master key.
+//!
+//! The master key (MongoDB's `local` KMS provider: 96 bytes) comes from `--master-key-file` or
+//! `FIELDCRYPT_MASTER_KEY` (base64).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bson::spec::BinarySubtype;
+use bson::{doc, Bson, Document};
+use fieldcrypt::mongo::{
+    KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
+};
+use fieldcrypt::{
+    Error, InMemoryKeyring, Key, KeyId, KeyKind, KeyMaterial, KeyState, Keyring, Result,
+};
+use mongodb::Client;
+
+/// The environment variable holding a keyset (base64 of its JSON).
+pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
+
+/// Key and connection options, shared by every command that needs keys or a server.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct KeyArgs {
+    /// The data cluster's connection string.
+    #[arg(long, env = "MONGODB_URI", hide_env_values = true)]
+    pub uri: Option<String>,
+    /// The key vault's cluster, when not the data cluster.
+    #[arg(long, hide_env_values = true)]
+    pub key_vault_uri: Option<String>,
+    /// The key vault collection, `database.collection`.
+    #[arg(long, default_value = DEFAULT_KEY_VAULT_NAMESPACE)]
+    pub key_vault_namespace: String,
+    /// The local master key (96 bytes, raw or base64) that wraps the key vault's keys; default
+    /// from the environment variable FIELDCRYPT_MASTER_KEY (base64).
+    #[arg(long, value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Key documents offline: Extended JSON, one per line (mongoexport of a key vault).
+    #[arg(long, value_name = "FILE")]
+    pub key_vault_file: Option<PathBuf>,
+    /// A fieldcrypt keyset file (keys in clear; docs/KEYSET.md). Default from the environment
+    /// variable FIELDCRYPT_KEYSET (base64), if set.
+    #[arg(long, value_name = "FILE")]
+    pub keyset: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The data cluster's URI.
+    pub(crate) fn data_uri(&self) -> Result<&str> {
+        self.uri
+            .as_deref()
+            .ok_or_else(|| Error::Config("no server: give --uri or set MONGODB_URI".into()))
+    }
+
+    fn master(&self) -> Result<LocalKek> {
+        match &self.master_key_file {
+            Some(f) => LocalKek::from_file(f),
+            None => LocalKek::from_env().map_err(|e| match e {
+                Error::Config(_) => Error::Config(format!(
+                    "no master key: give --master-key-file or set {MASTER_KEY_ENV}"
+                )),
+                other => other,
+            }),
+        }
+    }
+
+    fn vault_uri(&self) -> Option<&str> {
+        self.key_vault_uri.as_deref().or(self.uri.as_deref())
+    }
+
+    fn keyset_env() -> Option<String> {
+        std::env::var(KEYSET_ENV)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// Connects to a cluster.
+pub(crate) async fn connect(uri: &str) -> Result<Client> {
+    Ok(Client::with_uri_str(uri).await?)
+}
+
+/// Keys for reading and writing documents.
+pub(crate) struct Keys {
+    /// What the engine and the cryptors use.
+    pub source: Arc<dyn KeySource>,
+    /// The in-memory keyring, when keys came from files or the environment.
+    ring: Option<Arc<InMemoryKeyring>>,
+    /// The keyset file to write usage counters back to.
+    keyset_file: Option<PathBuf>,
+}
+
+impl Keys {
+    /// Opens the keys for a data command.
+    pub(crate) async fn open(args: &KeyArgs) -> Result<Keys> {
+        if args.keyset.is_some() || args.key_vault_file.is_some() {
+            let ring = match &args.keyset {
+                Some(f) => InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?,
+                None => InMemoryKeyring::new(),
+            };
+            if let Some(f) = &args.key_vault_file {
+                let kek = args.master()?;
+                for key in read_key_vault_file(f, &kek).await? {
+                    ring.insert(key);
+                }
+            }
+            let ring = Arc::new(ring);
+            return Ok(Keys {
+                source: ring.clone(),
+                ring: Some(ring),
+                keyset_file: args.keyset.clone(),
+            });
+        }
+        if KeyArgs::keyset_env().is_some() {
+            let ring = Arc::new(InMemoryKeyring::from_env(KEYSET_ENV)?);
+            return Ok(Keys {
+                source: ring.clone(),
+                ring: Some(ring),
+                keyset_file: None,
+            });
+        }
+        let vault = open_vault(args).await?;
+        Ok(Keys {
+            source: vault,
+            ring: None,
+            keyset_file: None,
+        })
+    }
+
+    /// Writes the random-nonce usage counters back to the keyset file, so that the per-key
+    /// limits hold across runs. Re-reads the file first and changes only counters that grew,
+    /// so a key rotated meanwhile by another command is kept.
+    pub(crate) fn persist_counters(&self) -> Result<()> {
+        let (Some(ring), Some(path)) = (&self.ring, &self.keyset_file) else {
+            return Ok(());
+        };
+        let fresh = InMemoryKeyring::load(path).map_err(|e| in_file(path, e))?;
+        let mut changed = false;
+        for k in fresh.keys() {
+            let Ok(ours) = ring.key(&k.id()) else {
+                continue;
+            };
+            if ours.encryptions() > k.encryptions() {
+                if let Ok(m) = k.material() {
+                    let updated = Key::from_material(
+                        k.id(),
+                        k.alias(),
+                        k.kind(),
+                        k.state(),
+                        KeyMaterial::from_slice(m.expose_secret()),
+                        ours.encryptions(),
+                    )?
+                    .with_created(k.created());
+                    fresh.insert(updated);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            fresh.save(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where key management happens.
+pub(crate) enum Store {
+    /// A keyset file (saved after every change), or the environment (read-only).
+    Keyset {
+        ring: InMemoryKeyring,
+        file: Option<PathBuf>,
+    },
+    /// Key documents from a file (read-only).
+    VaultFile(InMemoryKeyring),
+    /// The key vault.
+    Vault(Arc<KeyVault>),
+}
+
+impl Store {
+    /// Opens the store for listing only: the key vault's metadata needs no master key.
+    pub(crate) async fn open_for_listing(args: &KeyArgs) -> Result<Store> {
+        if args.keyset.is_none()
+            && args.key_vault_file.is_none()
+            && KeyArgs::keyset_env().is_none()
+            && args.master().is_err()
+        {
+            // A throw-away KEK: listing reads metadata only and never unwraps.
+            return Ok(Store::Vault(
+                build_vault(args, Arc::new(LocalKek::generate())).await?,
+            ));
+        }
+        Store::open(args).await
+    }
+
+    pub(crate) async fn open(args: &KeyArgs) -> Result<Store> {
+        if let Some(f) = &args.keyset {
+            return Ok(Store::Keyset {
+                ring: InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?,
+                file: Some(f.clone()),
+            });
+        }
+        if let Some(f) = &args.key_vault_file {
+            let ring = InMemoryKeyring::new();
+            for key in read_key_vault_file(f, &args.master()?).await? {
+                ring.insert(key);
+            }
+            return Ok(Store::VaultFile(ring));
+        }
+        if KeyArgs::keyset_env().is_some() {
+            return Ok(Store::Keyset {
+                ring: InMemoryKeyring::from_env(KEYSET_ENV)?,
+                file: None,
+            });
+        }
+        Ok(Store::Vault(open_vault(args).await?))
+    }
+
+    /// A keyring view for reference checks.
+    pub(crate) fn writable(&self) -> Result<()> {
+        match self {
+            Store::Keyset { file: Some(_), .. } | Store::Vault(_) => Ok(()),
+            Store::Keyset { file: None, .. } => Err(Error::Config(format!(
+                "the keyset comes from {KEYSET_ENV}, which fieldcrypt cannot change: give --keyset FILE"
+            ))),
+            Store::VaultFile(_) => Err(Error::Config(
+                "--key-vault-file is read-only: manage keys in the key vault (--uri / --key-vault-uri) or a --keyset file"
+                    .into(),
+            )),
+        }
+    }
+}
+
+async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
+    if args.vault_uri().is_none() {
+        return Err(Error::Config(
+            "no keys: give --keyset FILE, --key-vault-file FILE, FIELDCRYPT_KEYSET, or a key vault (--uri / --key-vault-uri with a master key)"
+                .into(),
+        ));
+    }
+    build_vault(args, Arc::new(args.master()?)).await
+}
+
+async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>> {
+    let uri = args
+        .vault_uri()
+        .ok_or_else(|| Error::Config("no key vault: give --uri or --key-vault-uri".into()))?;
+    let client = connect(uri).await?;
+    Ok(Arc::new(
+        KeyVault::builder(&client, kek)
+            .namespace(args.key_vault_namespace.clone())
+            .build()?,
+    ))
+}
+
+/// Names the file in an error that does not already say where it happened.
+pub(crate) fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Io(io) => Error::Config(format!("{}: {io}", path.display())),
+        other => other,
+    }
+}
+
+/// Reads a key vault export (Extended JSON, one document per line, or a JSON array) and
+/// unwraps every key with the local master key. fieldcrypt's key documents carry their alias,
+/// state and counter under `fieldcrypt`; MongoDB's CSFLE key documents become CSFLE keys named
+/// by their first keyAltName. See docs/KEY_VAULT.md for the layout.
+async fn read_key_vault_file(path: &Path, kek: &LocalKek) -> Result<Vec<Key>> {
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| in_file(path, Error::Io(e)))?,
+    );
+    let values: Vec<(usize, serde_json::Value)> = if text.trim_start().starts_with('[') {
+        let v: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+            Error::KeyFormat(format!(
+                "{}: not a JSON array (line {})",
+                path.display(),
+                e.line()
+            ))
+        })?;
+        v.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
+    } else {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v = serde_json::from_str(line).map_err(|_| {
+                Error::KeyFormat(format!("{} line {}: not JSON", path.display(), i + 1))
+            })?;
+            out.push((i + 1, v));
+        }
+        out
+    };
+    // The newest primary claim of each alias wins, as in the key vault.
+    let mut parsed: Vec<(Key, i64)> = Vec::new();
+    for (line, v) in values {
+        let at = |m: String| Error::KeyFormat(format!("{} line {line}: {m}", path.display()));
+        let doc = match Bson::try_from(v) {
+            Ok(Bson::Document(d)) => d,
+            _ => return Err(at("not an Extended JSON document".into())),
+        };
+        parsed.push(parse_key_document(&doc, kek).await.map_err(|e| match e {
+            Error::KeyFormat(m) => at(m),
+            other => other,
+        })?);
+    }
+    let mut best: std::collections::HashMap<String, (i64, KeyId)> =
+        std::collections::HashMap::new();
+    for (k, generation) in &parsed {
+        if k.state() == KeyState::Primary {
+            let e = best
+                .entry(k.alias().to_owned())
+                .or_insert((*generation, k.id()));
+            if (*generation, k.id()) > *e {
+                *e = (*generation, k.id());
+            }
+        }
+    }
+    Ok(parsed
+        .into_iter()
+        .map(|(k, _)| {
+            let demote = k.state() == KeyState::Primary
+                && best.get(k.alias()).is_some_and(|(_, id)| *id != k.id());
+            if demote {
+                k.with_state(KeyState::Active)
+            } else {
+                k
+            }
+        })
+        .collect())
+}
+
+async fn parse_key_document(doc: &Document, kek: &LocalKek) -> Result<(Key, i64)> {
+    let id = match doc.get("_id") {
+        Some(Bson::Binary(b)) if b.subtype == BinarySubtype::Uuid => KeyId::from_slice(&b.bytes)?,
+        _ => return Err(Error::KeyFormat("'_id' is not a UUID".into())),
+    };
+    let bad = |m: &str| Error::KeyFormat(format!("key {id}: {m}"));
+    let material = match doc.get("keyMaterial") {
+        None => None,
+        Some(Bson::Binary(b)) if b.subtype == BinarySubtype::Generic => Some(b.bytes.clone()),
+        Some(_) => return Err(bad("'keyMaterial' is not a binary of subtype 0")),
+    };
+    let master_key = doc
+        .get_document("masterKey")
+        .map_err(|_| bad("'masterKey' is missing"))?;
+    let created = doc.get_datetime("creationDate").ok().copied();
+    let (alias, kind, state, encryptions, generation) = match doc.get("fieldcrypt") {
+        Some(Bson::Document(f)) => {
+            let alias = f
+                .get_str("alias")
+                .map_err(|_| bad("'fieldcrypt.alias' is missing"))?
+                .to_owned();
+            let state: KeyState = f
+                .get_str("state")
+                .map_err(|_| bad("'fieldcrypt.state' is missing"))?
+                .parse()
+                .map_err(|_| bad("unknown 'fieldcrypt.state'"))?;
+            let kind = match f.get_str("kind") {
+                Ok("csfle") => KeyKind::Csfle,
+                Ok("fieldcrypt") | Err(_) => KeyKind::Fieldcrypt,
+                Ok(_) => return Err(bad("unknown 'fieldcrypt.kind'")),
+            };
+            let num = |n: &str| match f.get(n) {
+                Some(Bson::Int64(v)) => *v,
+                Some(Bson::Int32(v)) => i64::from(*v),
+                _ => 0,
+            };
+            (
+                alias,
+                kind,
+                state,
+                u64::try_from(num("encryptions")).unwrap_or(0),
+                num("generation"),
+            )
+        }
+        Some(_) => return Err(bad("'fieldcrypt' is not a document")),
+        None => {
+            let alias = match doc.get_array("keyAltNames").ok().and_then(|a| a.first()) {
+                Some(Bson::String(s)) => s.clone(),
+                _ => id.to_string(),
+            };
+            let status = match doc.get("status") {
+                Some(Bson::Int32(s)) => i64::from(*s),
+                Some(Bson::Int64(s)) => *s,
+                _ => 0,
+            };
+            let state = if status == 0 {
+                KeyState::Active
+            } else {
+                KeyState::Disabled
+            };
+            (alias, KeyKind::Csfle, state, 0, 0)
+        }
+    };
+    let Some(wrapped) = material else {
+        let k = Key::destroyed(id, alias, kind);
+        return Ok((created.map_or(k.clone(), |c| k.with_created(c)), generation));
+    };
+    if state == KeyState::Destroyed {
+        return Ok((Key::destroyed(id, alias, kind), generation));
+    }
+    // A named local provider ("local:<name>") wraps the same way as "local".
+    let provider = master_key.get_str("provider").unwrap_or("");
+    let as_local = if provider.starts_with("local:") {
+        doc! { "provider": "local" }
+    } else {
+        master_key.clone()
+    };
+    let material = kek.unwrap(&as_local, &wrapped).await.map_err(|e| match e {
+        Error::Decrypt | Error::MalformedCiphertext(_) => {
+            bad("keyMaterial does not unwrap under this master key")
+        }
+        other => other,
+    })?;
+    let key = Key::from_material(id, alias, kind, state, material, encryptions)?;
+    Ok((
+        created.map_or(key.clone(), |c| key.with_created(c)),
+        generation,
+    ))
+}

@@ -1,0 +1,317 @@
+//! `fieldcrypt reencrypt` (key rotation) and `fieldcrypt migrate` (plaintext or CSFLE fields
+//! to fieldcrypt): the rotation engine over live collections. See docs/ROTATION.md.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bson::{Bson, RawDocumentBuf};
+use fieldcrypt::rotation::{
+    Flow, Partition, Phase, Report, RotationOptions, Rotator, Stats, Target, TargetReport,
+};
+use fieldcrypt::{Context, Error, Result};
+use serde_json::json;
+
+use crate::encrypt::load_schema;
+use crate::keys::split_namespace;
+use crate::keysource::{connect, KeyArgs, Keys};
+use crate::report::{self, Exit, OutputOpts, Progress};
+
+/// Options shared by `reencrypt` and `migrate`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct RunArgs {
+    /// The schema the collections follow (docs/SCHEMA.md).
+    #[arg(long, value_name = "FILE")]
+    schema: PathBuf,
+    /// A collection to process, `db.collection`; repeat for several (same schema).
+    #[arg(long = "namespace", value_name = "DB.COLL", required = true)]
+    namespaces: Vec<String>,
+    /// Documents per batch: one read, one write command and one checkpoint each.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Count and check what would be rewritten, but write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Continue an interrupted run from its checkpoint (finished collections are skipped).
+    #[arg(long)]
+    resume: bool,
+    /// Process only share i of N (0-based), by a hash of `_id`: run N workers, i = 0..N-1, at
+    /// the same time, each with its own checkpoint.
+    #[arg(long, value_name = "i/N", conflicts_with_all = ["id_from", "id_to"])]
+    partition: Option<Partition>,
+    /// Process only `_id` >= this value (Extended JSON, e.g. '{"$oid":"…"}'): range
+    /// partitions, e.g. along a sharded cluster's chunks.
+    #[arg(long, value_name = "EXTJSON")]
+    id_from: Option<String>,
+    /// Process only `_id` < this value (Extended JSON).
+    #[arg(long, value_name = "EXTJSON")]
+    id_to: Option<String>,
+    /// At most this many documents per second.
+    #[arg(long, value_name = "DOCS_PER_SEC")]
+    rate: Option<f64>,
+    /// Name of the job in checkpoints (default: the command name).
+    #[arg(long)]
+    job: Option<String>,
+    /// Where checkpoints are kept, `db.collection` on the data cluster.
+    #[arg(long, value_name = "DB.COLL", default_value = "fieldcrypt.checkpoints")]
+    checkpoint_namespace: String,
+    /// The ciphertexts are not bound to their collection's namespace (they were written
+    /// without one, e.g. by `encrypt` without --namespace).
+    #[arg(long)]
+    no_namespace_binding: bool,
+    #[command(flatten)]
+    keys: KeyArgs,
+    #[command(flatten)]
+    out: OutputOpts,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct ReencryptArgs {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// What `migrate` converts.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum From {
+    /// Plaintext values in schema fields.
+    Plaintext,
+    /// MongoDB CSFLE values in schema fields (their keys must be available: key vault or
+    /// --key-vault-file).
+    Csfle,
+    /// Both.
+    All,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct MigrateArgs {
+    /// What to convert.
+    #[arg(long, value_enum, default_value_t = From::All)]
+    from: From,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+pub(crate) async fn run_reencrypt(a: ReencryptArgs) -> Result<Exit> {
+    run(a.run, "reencrypt", false, false).await
+}
+
+pub(crate) async fn run_migrate(a: MigrateArgs) -> Result<Exit> {
+    let plaintext = matches!(a.from, From::Plaintext | From::All);
+    let csfle = matches!(a.from, From::Csfle | From::All);
+    run(a.run, "migrate", plaintext, csfle).await
+}
+
+fn ext_json(flag: &str, text: &str) -> Result<Bson> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| Error::Config(format!("{flag}: not JSON")))?;
+    Bson::try_from(v).map_err(|_| Error::Config(format!("{flag}: not valid Extended JSON")))
+}
+
+async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<Exit> {
+    let schema = Arc::new(load_schema(&a.schema)?);
+    let partition = match (&a.partition, &a.id_from, &a.id_to) {
+        (Some(p), _, _) => p.clone(),
+        (None, None, None) => Partition::All,
+        (None, from, to) => Partition::Range {
+            from: from
+                .as_deref()
+                .map(|t| ext_json("--id-from", t))
+                .transpose()?,
+            to: to.as_deref().map(|t| ext_json("--id-to", t)).transpose()?,
+        },
+    };
+    let keys = Keys::open(&a.keys).await?;
+    let client = connect(a.keys.data_uri()?).await?;
+    let mut targets = Vec::new();
+    for ns in &a.namespaces {
+        let (db, coll) = split_namespace(ns)?;
+        let c = client.database(db).collection::<RawDocumentBuf>(coll);
+        let mut t = Target::new(&c, schema.clone());
+        if a.no_namespace_binding {
+            t = t.context(Context::none());
+        }
+        targets.push(t);
+    }
+    let (cdb, ccoll) = split_namespace(&a.checkpoint_namespace)?;
+    let options = RotationOptions::default()
+        .job(a.job.clone().unwrap_or_else(|| command.to_owned()))
+        .batch_size(a.batch)
+        .partition(partition)
+        .resume(a.resume)
+        .dry_run(a.dry_run)
+        .rate_limit(a.rate)
+        .migrate_plaintext(plaintext)
+        .migrate_csfle(csfle);
+    let rotator = Rotator::new(keys.source.clone())
+        .options(options)
+        .checkpoint_collection(client.database(cdb).collection(ccoll));
+
+    let stop = report::interrupt_flag();
+    let mut bar: Option<(String, Progress)> = None;
+    let out = a.out.clone();
+    let result = rotator
+        .run(&targets, |p| {
+            if matches!(
+                p.phase,
+                Phase::Checkpointed | Phase::Finished | Phase::Started | Phase::BatchWritten
+            ) {
+                let fresh = bar.as_ref().is_none_or(|(ns, _)| ns != p.namespace);
+                if fresh {
+                    let label = format!("{command} {}", p.namespace);
+                    bar = Some((
+                        p.namespace.to_owned(),
+                        Progress::new(&out, &label, p.estimated_total),
+                    ));
+                }
+                if let Some((_, bar)) = bar.as_mut() {
+                    let s = p.totals;
+                    let msg = format!(
+                        "rewritten {} current {} conflicts {} failed {}{}",
+                        s.rewritten,
+                        s.current,
+                        s.conflicts,
+                        s.failed,
+                        if s.skipped > 0 {
+                            format!(" skipped {}", s.skipped)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    let mut fields = stats_json(&p.stats);
+                    if let Some(o) = fields.as_object_mut() {
+                        o.insert("namespace".into(), json!(p.namespace));
+                        o.insert("partition".into(), json!(p.partition));
+                        o.insert(
+                            "phase".into(),
+                            json!(format!("{:?}", p.phase).to_lowercase()),
+                        );
+                        o.insert("rate".into(), json!(report::round(p.rate())));
+                        o.insert("eta_seconds".into(), json!(p.eta().map(|d| d.as_secs())));
+                    }
+                    if p.phase != Phase::BatchWritten {
+                        bar.update(s.scanned, p.estimated_total, &msg, fields);
+                    }
+                    if p.phase == Phase::Finished {
+                        bar.finish();
+                    }
+                }
+            }
+            if stop.load(Ordering::SeqCst) && p.phase != Phase::BatchWritten {
+                // Stop after a checkpoint (or before a batch's writes): nothing is lost, and
+                // --resume continues from there.
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        })
+        .await;
+    drop(bar);
+    let report = result?;
+    if !a.dry_run {
+        keys.persist_counters()?;
+    }
+    summarize(&report, &a, command, plaintext || csfle)
+}
+
+fn stats_json(s: &Stats) -> serde_json::Value {
+    json!({
+        "scanned": s.scanned, "rewritten": s.rewritten, "current": s.current,
+        "conflicts": s.conflicts, "failed": s.failed, "skipped": s.skipped,
+    })
+}
+
+fn target_json(t: &TargetReport) -> serde_json::Value {
+    json!({
+        "namespace": t.namespace,
+        "partition": t.partition,
+        "complete": t.complete,
+        "resumed": t.resumed,
+        "restarted": t.restarted,
+        "seconds": report::round(t.elapsed.as_secs_f64()),
+        "stats": stats_json(&t.stats),
+        "totals": stats_json(&t.totals),
+        "failures": t.failures.iter().map(|f| json!({
+            "_id": f.id.clone().into_relaxed_extjson(),
+            "reason": f.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn summarize(report: &Report, a: &RunArgs, command: &str, migrating: bool) -> Result<Exit> {
+    let s = report.stats();
+    let exit = if report.stopped {
+        Exit::Interrupted
+    } else if s.failed > 0 {
+        Exit::Failed
+    } else {
+        Exit::Ok
+    };
+    if a.out.json {
+        println!(
+            "{}",
+            json!({
+                "event": "summary",
+                "command": command,
+                "dry_run": a.dry_run,
+                "complete": report.complete(),
+                "interrupted": report.stopped,
+                "stats": stats_json(&s),
+                "targets": report.targets.iter().map(target_json).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        for t in &report.targets {
+            let st = &t.stats;
+            let verb = if a.dry_run {
+                "would rewrite"
+            } else {
+                "rewrote"
+            };
+            println!(
+                "{} [{}]: scanned {}, {verb} {}, already current {}, conflicts {} (retried), failed {}, skipped {}{}{}",
+                t.namespace,
+                t.partition,
+                st.scanned,
+                st.rewritten,
+                st.current,
+                st.conflicts,
+                st.failed,
+                st.skipped,
+                if t.resumed { "; resumed from checkpoint" } else { "" },
+                if t.restarted { "; checkpoint ignored (primary keys changed since), started over" } else { "" },
+            );
+            if t.complete && t.stats.scanned == 0 && t.resumed {
+                println!("  already complete: nothing to do");
+            }
+            for f in &t.failures {
+                println!(
+                    "  failed _id {}: {}",
+                    f.id.clone().into_relaxed_extjson(),
+                    f.reason
+                );
+            }
+            if st.failed > t.failures.len() as u64 {
+                println!(
+                    "  … and {} more failures",
+                    st.failed - t.failures.len() as u64
+                );
+            }
+        }
+        if s.skipped > 0 && !migrating {
+            report::warn(&format!(
+                "{} document(s) hold plaintext or CSFLE values in encrypted fields: run `fieldcrypt migrate`",
+                s.skipped
+            ));
+        }
+        if report.stopped {
+            report::warn(
+                "interrupted: progress is saved; run the same command with --resume to finish",
+            );
+        }
+        if a.dry_run {
+            println!("dry run: nothing was written");
+        }
+    }
+    Ok(exit)
+}
