@@ -1052,7 +1052,8 @@ impl<'a> QueryRewriter<'a> {
 
     /// Rewrites an aggregation pipeline: `$match` stages like filters, the owner `$match`
     /// first for a scoped rewriter; stages that would evaluate, group, sort, join or write
-    /// encrypted fields are refused.
+    /// encrypted fields are refused. Also returns the first encrypted field a `$match`
+    /// compares (a collation must then be refused).
     ///
     /// # Errors
     /// [`Error::UnsupportedQuery`] naming the stage or operator and the field.
