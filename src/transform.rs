@@ -592,6 +592,16 @@ impl<'c> Walker<'c> {
                 continue; // replaced by a freshly computed index below
             }
             let Some(child) = node.child(e.key) else {
+                if let Some(first) = e.key.split('.').next().filter(|_| e.key.contains('.')) {
+                    if node.child(first).is_some() {
+                        // MongoDB stores `{"a.b": v}` under the literal name "a.b"; left
+                        // alone, `v` would be stored in clear although `a.b` is encrypted.
+                        return Err(Error::schema(
+                            e.key,
+                            "a dotted field name spells a path the schema encrypts; use nested documents",
+                        ));
+                    }
+                }
                 out.extend_from_slice(e.raw);
                 continue;
             };

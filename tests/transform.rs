@@ -488,6 +488,26 @@ fn fail_malformed_bson_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn fail_dotted_names_that_spell_an_encrypted_path() {
+    let schema = Schema::builder()
+        .field("profile.email", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let err = c
+        .encrypt_document(&doc! { "profile.email": "a@b.c" }, &Context::none())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Schema { ref path, .. } if path == "profile.email"),
+        "{err:?}"
+    );
+    // Unrelated dotted names are left alone.
+    assert!(c
+        .encrypt_document(&doc! { "other.x": 1 }, &Context::none())
+        .is_ok());
+}
+
+#[test]
 fn many_matches_one_by_one() {
     let schema = Schema::builder()
         .field("n", Field::randomized("pii"))
