@@ -492,9 +492,16 @@ impl Audit {
                 example_id: t.example(),
             });
         }
-        let mut key_ids: Vec<KeyId> = keys.keys().copied().collect();
-        key_ids.sort_unstable();
-        for kid in key_ids {
+        // By alias, then primary before older keys, then id: a stable, readable order.
+        let mut key_ids: Vec<(String, u8, KeyId)> = keys
+            .keys()
+            .map(|id| match keyring.key(id) {
+                Ok(k) => (k.alias().to_owned(), state_rank(k.state()), *id),
+                Err(_) => (String::from("\u{10FFFF}"), 9, *id),
+            })
+            .collect();
+        key_ids.sort();
+        for (_, _, kid) in key_ids {
             let Some(t) = keys.remove(&kid) else { continue };
             let example_id = t.example.clone().unwrap_or_default();
             let values = t.envelopes + t.csfle + t.blind;
@@ -586,6 +593,16 @@ impl Audit {
         }
         rep.seconds = started.elapsed().as_secs_f64();
         Ok(rep)
+    }
+}
+
+fn state_rank(s: crate::key::KeyState) -> u8 {
+    use crate::key::KeyState as S;
+    match s {
+        S::Primary => 0,
+        S::Active => 1,
+        S::Disabled => 2,
+        S::Destroyed => 3,
     }
 }
 

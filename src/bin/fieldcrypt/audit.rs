@@ -31,6 +31,10 @@ pub(crate) struct AuditArgs {
     /// Report random-nonce keys once they have used this fraction of their limit.
     #[arg(long, default_value_t = 0.5, value_name = "FRACTION")]
     nonce_warning: f64,
+    /// Check only that no document references this key (exit 3 if any does), e.g. before
+    /// disabling it; other findings are not reported.
+    #[arg(long, value_name = "KEY_ID")]
+    key: Option<fieldcrypt::KeyId>,
     /// Read at most this many documents per collection.
     #[arg(long)]
     limit: Option<u64>,
@@ -74,6 +78,9 @@ pub(crate) async fn run(a: AuditArgs) -> Result<Exit> {
             .await?;
         progress.finish();
         reports.push(rep);
+    }
+    if let Some(id) = a.key {
+        return only_key(&reports, &id, &a.out);
     }
     let findings: usize = reports.iter().map(|r| r.findings.len()).sum();
     if a.out.json {
@@ -138,4 +145,45 @@ fn print_report(r: &AuditReport) {
     for f in &r.findings {
         println!("  FINDING: {}", f.describe());
     }
+}
+
+/// `--key`: how many documents of each collection still reference one key.
+fn only_key(reports: &[AuditReport], id: &fieldcrypt::KeyId, out: &OutputOpts) -> Result<Exit> {
+    let counts: Vec<(&str, u64, u64)> = reports
+        .iter()
+        .map(|r| {
+            let k = r.keys.iter().find(|k| k.key == *id);
+            (
+                r.namespace.as_str(),
+                k.map_or(0, |k| k.documents),
+                k.map_or(0, |k| k.envelopes + k.csfle + k.blind_indexes),
+            )
+        })
+        .collect();
+    let documents: u64 = counts.iter().map(|c| c.1).sum();
+    if out.json {
+        println!(
+            "{}",
+            json!({
+                "key": id,
+                "clean": documents == 0,
+                "documents": documents,
+                "collections": counts.iter().map(|(ns, d, v)| json!({ "namespace": ns, "documents": d, "values": v })).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        for (ns, d, v) in &counts {
+            println!("{ns}: {d} document(s), {v} value(s) reference key {id}");
+        }
+        if documents == 0 {
+            println!("audit: no document references key {id}");
+        } else {
+            println!("audit: {documents} document(s) still reference key {id}");
+        }
+    }
+    Ok(if documents == 0 {
+        Exit::Ok
+    } else {
+        Exit::Findings
+    })
 }

@@ -30,6 +30,15 @@ pub(crate) enum KeysCommand {
     },
     /// List every key: id, alias, kind, state, random-nonce encryptions, creation date.
     List {
+        /// Only keys of this alias.
+        #[arg(long)]
+        alias: Option<String>,
+        /// Only keys in this state (primary, active, disabled, destroyed).
+        #[arg(long)]
+        state: Option<KeyState>,
+        /// Print only the ids, one per line (for scripts).
+        #[arg(long, conflicts_with = "json")]
+        ids: bool,
         #[command(flatten)]
         keys: KeyArgs,
         #[command(flatten)]
@@ -102,7 +111,13 @@ pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
         KeysCommand::Rotate { alias, keys, out } => {
             create_or_rotate(&alias, &keys, &out, false).await
         }
-        KeysCommand::List { keys, out } => list(&keys, &out).await,
+        KeysCommand::List {
+            alias,
+            state,
+            ids,
+            keys,
+            out,
+        } => list(&keys, &out, alias.as_deref(), state, ids).await,
         KeysCommand::Disable(a) => change_state(a, KeyState::Disabled).await,
         KeysCommand::Destroy(a) => change_state(a, KeyState::Destroyed).await,
         KeysCommand::Enable { id, keys, out } => {
@@ -208,7 +223,13 @@ fn exists(alias: &str) -> Error {
     ))
 }
 
-async fn list(args: &KeyArgs, out: &OutputOpts) -> Result<Exit> {
+async fn list(
+    args: &KeyArgs,
+    out: &OutputOpts,
+    alias: Option<&str>,
+    state: Option<KeyState>,
+    ids_only: bool,
+) -> Result<Exit> {
     struct Row {
         id: KeyId,
         alias: String,
@@ -247,6 +268,16 @@ async fn list(args: &KeyArgs, out: &OutputOpts) -> Result<Exit> {
             })
             .collect(),
     };
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .filter(|r| alias.is_none_or(|a| r.alias == a) && state.is_none_or(|st| r.state == st))
+        .collect();
+    if ids_only {
+        for r in &rows {
+            println!("{}", r.id);
+        }
+        return Ok(Exit::Ok);
+    }
     let kind_name = |k: KeyKind| {
         if k == KeyKind::Csfle {
             "csfle"

@@ -191,6 +191,7 @@ impl Store {
         if args.keyset.is_none()
             && args.key_vault_file.is_none()
             && KeyArgs::keyset_env().is_none()
+            && args.vault_uri().is_some()
             && args.master().is_err()
         {
             // A throw-away KEK: listing reads metadata only and never unwraps.
