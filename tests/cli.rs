@@ -1,0 +1,1186 @@
+//! The `fieldcrypt` command-line tool, run as a process.
+//!
+//! Snapshot cases compare exit code, stdout and stderr with `tests/cmd/<case>.out` after
+//! replacing what varies between runs (key ids, dates, ciphertexts, timings) with placeholders.
+//! Run with `SNAPSHOTS=overwrite` to rewrite the files, then review the diff.
+//!
+//! The online cases use the dev server (`MONGODB_URI`, `mongod` on PATH, or SecantusDB): a real
+//! `kill -9` of `reencrypt` at random points followed by `--resume`, and the rotation script
+//! `examples/rotate-keys.sh` end to end.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)] // small test counts
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use bson::{doc, Bson, Document, RawDocumentBuf};
+use fieldcrypt::devserver::{unique_db_name, DevServer};
+use fieldcrypt::{Context, Cryptor, InMemoryKeyring, Keyring, Schema};
+use futures_util::TryStreamExt;
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fieldcrypt");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the tool in `dir` with a clean environment for fieldcrypt's variables.
+fn run(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Out {
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir)
+        .args(args)
+        .env_remove("MONGODB_URI")
+        .env_remove("FIELDCRYPT_MASTER_KEY")
+        .env_remove("FIELDCRYPT_KEYSET")
+        .env("NO_COLOR", "1")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+/// Replaces what differs between runs with placeholders.
+fn normalize(text: &str, dir: &Path) -> String {
+    let text = text.replace(dir.to_str().unwrap(), "[DIR]");
+    let mut out = String::with_capacity(text.len());
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if let Some(n) = uuid_at(b, i) {
+            out.push_str("[UUID]");
+            i += n;
+        } else if let Some(n) = date_at(b, i) {
+            out.push_str("[DATE]");
+            i += n;
+        } else if b[i..].starts_with(b"\"base64\":\"") {
+            let end = text[i + 10..].find('"').map_or(b.len(), |e| i + 10 + e);
+            out.push_str("\"base64\":\"[B64]");
+            i = end;
+        } else {
+            let c = text[i..].chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    // Timings: "in 0.3 s", "seconds": 0.123.
+    let mut lines = Vec::new();
+    for line in out.lines() {
+        let mut l = line.to_owned();
+        if let Some(p) = l.find(" in ") {
+            if l.ends_with(" s") {
+                l = format!("{} in [T] s", &l[..p]);
+            }
+        }
+        lines.push(l);
+    }
+    let mut s = lines.join("\n");
+    if out.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+fn uuid_at(b: &[u8], i: usize) -> Option<usize> {
+    let groups = [8, 4, 4, 4, 12];
+    let mut j = i;
+    for (g, len) in groups.iter().enumerate() {
+        for _ in 0..*len {
+            if !b.get(j)?.is_ascii_hexdigit() || b.get(j)?.is_ascii_uppercase() {
+                return None;
+            }
+            j += 1;
+        }
+        if g < 4 {
+            if *b.get(j)? != b'-' {
+                return None;
+            }
+            j += 1;
+        }
+    }
+    Some(j - i)
+}
+
+fn date_at(b: &[u8], i: usize) -> Option<usize> {
+    // 2026-11-29T08:34:21.873Z
+    let pat = b"dddd-dd-ddTdd:dd:dd";
+    for (k, p) in pat.iter().enumerate() {
+        let c = *b.get(i + k)?;
+        let ok = if *p == b'd' {
+            c.is_ascii_digit()
+        } else {
+            c == *p
+        };
+        if !ok {
+            return None;
+        }
+    }
+    let mut j = i + pat.len();
+    if b.get(j) == Some(&b'.') {
+        j += 1;
+        while b.get(j).is_some_and(u8::is_ascii_digit) {
+            j += 1;
+        }
+    }
+    if b.get(j) == Some(&b'Z') {
+        j += 1;
+    }
+    Some(j - i)
+}
+
+/// Compares with (or, with `SNAPSHOTS=overwrite`, writes) `tests/cmd/<name>.out`.
+fn snapshot(name: &str, out: &Out, dir: &Path) {
+    snapshot_with(name, out, dir, &[]);
+}
+
+/// As [`snapshot`], replacing each `(text, placeholder)` first (e.g. a unique database name).
+fn snapshot_with(name: &str, out: &Out, dir: &Path, subs: &[(&str, &str)]) {
+    let sub = |t: &str| {
+        let mut t = t.to_owned();
+        for (from, to) in subs {
+            t = t.replace(from, to);
+        }
+        normalize(&t, dir)
+    };
+    let actual = format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        out.code,
+        sub(&out.stdout),
+        sub(&out.stderr)
+    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/cmd")
+        .join(format!("{name}.out"));
+    if std::env::var("SNAPSHOTS").as_deref() == Ok("overwrite") {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!(
+            "no snapshot {}; run with SNAPSHOTS=overwrite",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual, expected,
+        "snapshot {name} differs (SNAPSHOTS=overwrite to update)"
+    );
+}
+
+const SCHEMA: &str = r#"
+[fields.ssn]
+key = "pii"
+
+[fields."profile.email"]
+key = "pii"
+deterministic = true
+
+[fields.phone]
+key = "pii"
+blind_index = { key = "idx" }
+"#;
+
+const PEOPLE: &str = r#"{"_id": 1, "ssn": "123-45-6789", "profile": {"email": "ada@example.com", "name": "Ada"}, "phone": "+1 555 0100", "n": {"$numberLong": "5"}}
+
+{"_id": {"$oid": "65f000000000000000000001"}, "ssn": {"$numberInt": "42"}, "when": {"$date": "2026-01-01T00:00:00Z"}, "bin": {"$binary": {"base64": "AAEC", "subType": "80"}}}
+"#;
+
+/// A temp dir with a schema and a keyset holding `pii` and `idx`.
+fn workdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
+    let ks = dir.path().join("keys.json");
+    InMemoryKeyring::new().save(&ks).unwrap();
+    for alias in ["pii", "idx"] {
+        let o = run(
+            dir.path(),
+            &["keys", "create", alias, "--keyset", "keys.json"],
+            None,
+            &[],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    dir
+}
+
+fn lines_as_docs(text: &str) -> Vec<Document> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            match Bson::try_from(serde_json::from_str::<serde_json::Value>(l).unwrap()).unwrap() {
+                Bson::Document(d) => d,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn help_lists_commands_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshot("help", &run(dir.path(), &["--help"], None, &[]), dir.path());
+    snapshot(
+        "reencrypt_help",
+        &run(dir.path(), &["reencrypt", "--help"], None, &[]),
+        dir.path(),
+    );
+}
+
+#[test]
+fn keys_on_a_keyset_file() {
+    let dir = workdir();
+    let d = dir.path();
+    snapshot(
+        "keys_create_existing",
+        &run(
+            d,
+            &["keys", "create", "pii", "--keyset", "keys.json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_rotate",
+        &run(
+            d,
+            &["keys", "rotate", "pii", "--keyset", "keys.json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_rotate_unknown",
+        &run(
+            d,
+            &["keys", "rotate", "nope", "--keyset", "keys.json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_list",
+        &run(d, &["keys", "list", "--keyset", "keys.json"], None, &[]),
+        d,
+    );
+    let active = run(
+        d,
+        &[
+            "keys",
+            "list",
+            "--keyset",
+            "keys.json",
+            "--alias",
+            "pii",
+            "--state",
+            "active",
+            "--ids",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(active.code, 0);
+    let old = active.stdout.trim().to_owned();
+    assert_eq!(old.len(), 36, "{}", active.stdout);
+    // Without a server, references cannot be checked: refused unless --force.
+    snapshot(
+        "keys_disable_unchecked",
+        &run(
+            d,
+            &["keys", "disable", &old, "--keyset", "keys.json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_disable_forced",
+        &run(
+            d,
+            &["keys", "disable", &old, "--keyset", "keys.json", "--force"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    let primary = run(
+        d,
+        &[
+            "keys",
+            "list",
+            "--keyset",
+            "keys.json",
+            "--alias",
+            "pii",
+            "--state",
+            "primary",
+            "--ids",
+        ],
+        None,
+        &[],
+    );
+    snapshot(
+        "keys_disable_primary",
+        &run(
+            d,
+            &[
+                "keys",
+                "disable",
+                primary.stdout.trim(),
+                "--keyset",
+                "keys.json",
+            ],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_enable",
+        &run(
+            d,
+            &["keys", "enable", &old, "--keyset", "keys.json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_list_json",
+        &run(
+            d,
+            &["keys", "list", "--keyset", "keys.json", "--json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "keys_bad_id",
+        &run(
+            d,
+            &["keys", "enable", "not-a-uuid", "--keyset", "keys.json"],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot("keys_no_source", &run(d, &["keys", "list"], None, &[]), d);
+    snapshot(
+        "keys_rewrap_keyset",
+        &run(
+            d,
+            &[
+                "keys",
+                "rewrap",
+                "--new-master-key-file",
+                "x",
+                "--keyset",
+                "keys.json",
+            ],
+            None,
+            &[],
+        ),
+        d,
+    );
+}
+
+#[test]
+fn offline_encrypt_decrypt_round_trip() {
+    let dir = workdir();
+    let d = dir.path();
+    let enc = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            "app.people",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(enc.code, 0, "{}", enc.stderr);
+    snapshot("encrypt", &enc, d);
+    assert!(!enc.stdout.contains("123-45-6789") && !enc.stdout.contains("ada@example.com"));
+    let sealed = lines_as_docs(&enc.stdout);
+    assert_eq!(sealed.len(), 2);
+    assert!(sealed[0].contains_key("phone_bidx"));
+
+    let dec = run(
+        d,
+        &[
+            "decrypt",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            "app.people",
+        ],
+        Some(&enc.stdout),
+        &[],
+    );
+    snapshot("decrypt", &dec, d);
+    let mut back = lines_as_docs(&dec.stdout);
+    back[0].remove("phone_bidx");
+    assert_eq!(back, lines_as_docs(PEOPLE));
+
+    // The same through files; deterministic fields give the same ciphertext twice.
+    std::fs::write(d.join("in.jsonl"), PEOPLE).unwrap();
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            "app.people",
+            "--in",
+            "in.jsonl",
+            "--out",
+            "enc.jsonl",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
+    let again = lines_as_docs(&std::fs::read_to_string(d.join("enc.jsonl")).unwrap());
+    assert_eq!(
+        again[0].get_document("profile").unwrap().get("email"),
+        sealed[0].get_document("profile").unwrap().get("email")
+    );
+    assert_ne!(again[0].get("ssn"), sealed[0].get("ssn"));
+
+    // Ciphertexts are bound to their namespace.
+    snapshot(
+        "decrypt_wrong_namespace",
+        &run(
+            d,
+            &[
+                "decrypt",
+                "--keyset",
+                "keys.json",
+                "--namespace",
+                "app.other",
+            ],
+            Some(&enc.stdout),
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "decrypt_no_namespace",
+        &run(
+            d,
+            &["decrypt", "--keyset", "keys.json"],
+            Some(&enc.stdout),
+            &[],
+        ),
+        d,
+    );
+    // The keyset's usage counter was written back.
+    let ring = InMemoryKeyring::load(d.join("keys.json")).unwrap();
+    assert!(ring.primary("pii").unwrap().encryptions() >= 4);
+}
+
+#[test]
+fn decrypts_mongodb_csfle_documents_with_a_key_vault_file() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/csfle");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("document.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = format!("{}\n", doc["encrypted"]);
+    let o = run(
+        dir.path(),
+        &[
+            "decrypt",
+            "--key-vault-file",
+            fixtures.join("keys.jsonl").to_str().unwrap(),
+            "--master-key-file",
+            fixtures.join("master-key.txt").to_str().unwrap(),
+        ],
+        Some(&input),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        lines_as_docs(&o.stdout),
+        lines_as_docs(&format!("{}\n", doc["decrypted"]))
+    );
+    // Wrong master key: one clear line, no key bytes.
+    let mk = dir.path().join("other.key");
+    std::fs::write(
+        &mk,
+        fieldcrypt::LocalMasterKey::generate()
+            .expose_base64()
+            .as_bytes(),
+    )
+    .unwrap();
+    let o = run(
+        dir.path(),
+        &[
+            "decrypt",
+            "--key-vault-file",
+            fixtures.join("keys.jsonl").to_str().unwrap(),
+            "--master-key-file",
+            mk.to_str().unwrap(),
+        ],
+        Some(&input),
+        &[],
+    );
+    snapshot("decrypt_csfle_wrong_master_key", &o, &fixtures);
+}
+
+#[test]
+fn errors_are_one_line_and_quote_no_values() {
+    let dir = workdir();
+    let d = dir.path();
+    let bad =
+        "{\"_id\": 1, \"ssn\": \"123-45-6789\"}\n{\"_id\": 2, \"ssn\": \"987-65-4321\" oops}\n";
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+        ],
+        Some(bad),
+        &[],
+    );
+    snapshot("encrypt_bad_json", &o, d);
+    assert!(!o.stderr.contains("987-65-4321"));
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+        ],
+        Some("{\"x\": {\"$numberInt\": \"secret-not-a-number\"}}\n"),
+        &[],
+    );
+    snapshot("encrypt_bad_extjson", &o, d);
+    assert!(!o.stderr.contains("secret-not-a-number"));
+    std::fs::write(d.join("bad.toml"), "[fields.\"_id\"]\nkey = \"pii\"\n").unwrap();
+    snapshot(
+        "encrypt_bad_schema",
+        &run(
+            d,
+            &["encrypt", "--schema", "bad.toml", "--keyset", "keys.json"],
+            Some(""),
+            &[],
+        ),
+        d,
+    );
+    std::fs::write(d.join("unknown.toml"), "[fields.x]\nkey = \"nope\"\n").unwrap();
+    snapshot(
+        "encrypt_unknown_alias",
+        &run(
+            d,
+            &[
+                "encrypt",
+                "--schema",
+                "unknown.toml",
+                "--keyset",
+                "keys.json",
+            ],
+            Some(""),
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "encrypt_missing_schema",
+        &run(d, &["encrypt", "--keyset", "keys.json"], Some(""), &[]),
+        d,
+    );
+    snapshot(
+        "encrypt_missing_keyset",
+        &run(
+            d,
+            &[
+                "encrypt",
+                "--schema",
+                "schema.toml",
+                "--keyset",
+                "nope.json",
+            ],
+            Some(""),
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "reencrypt_no_server",
+        &run(
+            d,
+            &[
+                "reencrypt",
+                "--schema",
+                "schema.toml",
+                "--namespace",
+                "a.b",
+                "--keyset",
+                "keys.json",
+            ],
+            None,
+            &[],
+        ),
+        d,
+    );
+    snapshot(
+        "reencrypt_bad_partition",
+        &run(
+            d,
+            &[
+                "reencrypt",
+                "--schema",
+                "schema.toml",
+                "--namespace",
+                "a.b",
+                "--partition",
+                "2/2",
+            ],
+            None,
+            &[],
+        ),
+        d,
+    );
+}
+
+#[test]
+fn validator_prints_the_json_schema() {
+    let dir = workdir();
+    snapshot(
+        "validator",
+        &run(
+            dir.path(),
+            &["validator", "--schema", "schema.toml"],
+            None,
+            &[],
+        ),
+        dir.path(),
+    );
+}
+
+// ---- online ----
+
+fn server_uri() -> String {
+    DevServer::shared().unwrap().uri().to_owned()
+}
+
+fn generate(path: &Path, n: i64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for i in 0..n {
+        writeln!(
+            f,
+            r#"{{"_id": {i}, "ssn": "{:03}-{:02}-{:04}", "profile": {{"email": "user{i}@example.com"}}, "phone": "+1555{i:07}", "n": {i}}}"#,
+            i % 1000,
+            i % 100,
+            i
+        )
+        .unwrap();
+    }
+}
+
+async fn stored(uri: &str, ns: &str) -> Vec<RawDocumentBuf> {
+    let (db, coll) = ns.split_once('.').unwrap();
+    let client = mongodb::Client::with_uri_str(uri).await.unwrap();
+    client
+        .database(db)
+        .collection::<RawDocumentBuf>(coll)
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reencrypt_killed_at_random_points_resumes_to_an_exact_result() {
+    const N: i64 = 1500;
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.people", unique_db_name("cli_kill"));
+    generate(&d.join("people.jsonl"), N);
+    let env = [("MONGODB_URI", uri.as_str())];
+    let o = run(
+        &d,
+        &[
+            "import",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--in",
+            "people.jsonl",
+            "--keyset",
+            "keys.json",
+        ],
+        None,
+        &env,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.starts_with(&format!("imported {N} document(s)")),
+        "{}",
+        o.stdout
+    );
+    for alias in ["pii", "idx"] {
+        assert_eq!(
+            run(
+                &d,
+                &["keys", "rotate", alias, "--keyset", "keys.json", "-q"],
+                None,
+                &[]
+            )
+            .code,
+            0
+        );
+    }
+
+    let seed: u64 = rand::thread_rng().gen();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut kills = 0;
+    let mut first = true;
+    loop {
+        let mut args = vec![
+            "reencrypt",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--keyset",
+            "keys.json",
+            "--batch",
+            "40",
+            "--json",
+        ];
+        if !first {
+            args.push("--resume");
+        }
+        first = false;
+        let mut child = Command::new(BIN)
+            .current_dir(&d)
+            .args(&args)
+            .env("MONGODB_URI", &uri)
+            .env_remove("FIELDCRYPT_KEYSET")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill -9 after a random number of progress lines (while it writes, between a write and
+        // its checkpoint, anywhere), unless it has finished by then.
+        let kill_after = if kills < 4 {
+            rng.gen_range(1..12)
+        } else {
+            usize::MAX
+        };
+        let stderr = child.stderr.take().unwrap();
+        let mut seen = 0;
+        let mut killed = false;
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if line.contains("\"progress\"") {
+                seen += 1;
+            }
+            if seen >= kill_after {
+                // A random extra delay lands the kill inside the next batch's work.
+                std::thread::sleep(std::time::Duration::from_millis(rng.gen_range(0..60)));
+                child.kill().unwrap();
+                killed = true;
+                break;
+            }
+        }
+        let out = child.wait_with_output().unwrap();
+        if killed && !out.status.success() {
+            kills += 1;
+            continue;
+        }
+        assert!(out.status.success(), "exit {:?}", out.status);
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["complete"], true);
+        assert_eq!(summary["stats"]["failed"], 0);
+        break;
+    }
+    assert!(kills >= 3, "only {kills} kills");
+
+    // Every document is there once, decrypts, and is under the new keys.
+    let docs = stored(&uri, &ns).await;
+    assert_eq!(docs.len(), N as usize);
+    let ring = InMemoryKeyring::load(d.join("keys.json")).unwrap();
+    let current = [
+        ring.primary("pii").unwrap().id(),
+        ring.primary("idx").unwrap().id(),
+    ];
+    let cryptor = Cryptor::new(ring, Schema::from_toml_str(SCHEMA).unwrap());
+    let ctx = Context::namespace(ns.clone());
+    for (i, raw) in docs.iter().enumerate() {
+        for k in Cryptor::referenced_keys(raw).unwrap() {
+            assert!(current.contains(&k), "document {i} still under {k}");
+        }
+        let plain = cryptor
+            .decrypt_raw(raw, &ctx)
+            .unwrap()
+            .to_document()
+            .unwrap();
+        assert_eq!(i64::from(plain.get_i32("_id").unwrap()), i as i64);
+        assert_eq!(plain.get_str("phone").unwrap(), format!("+1555{i:07}"));
+    }
+    // Running again changes nothing.
+    let o = run(
+        &d,
+        &[
+            "reencrypt",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--keyset",
+            "keys.json",
+        ],
+        None,
+        &env,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .contains(&format!("scanned {N}, rewrote 0, already current {N}")),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(stored(&uri, &ns).await, docs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_commands_import_audit_disable_export() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let db = unique_db_name("cli_online");
+    let ns = format!("{db}.people");
+    let snap = |name: &str, o: &Out| snapshot_with(name, o, &d, &[(db.as_str(), "[DB]")]);
+    generate(&d.join("people.jsonl"), 200);
+    let env = [("MONGODB_URI", uri.as_str())];
+    let k = ["--keyset", "keys.json"];
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(k.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let go = |args: Vec<String>| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&d, &a, None, &env)
+    };
+    let o = go(with(&[
+        "import",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--in",
+        "people.jsonl",
+    ]));
+    assert_eq!(o.code, 0, "{}", o.stderr);
+
+    let o = go(with(&[
+        "audit",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+    ]));
+    snap("audit_clean", &o);
+
+    // Plant plaintext and a token, rotate, and audit again (JSON, exit 3).
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let coll = client.database(&db).collection::<Document>("people");
+    coll.insert_one(doc! { "_id": 1000, "ssn": "000-00-0000", "note": "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" }).await.unwrap();
+    let old = go(with(&[
+        "keys", "list", "--alias", "pii", "--state", "primary", "--ids",
+    ]))
+    .stdout
+    .trim()
+    .to_owned();
+    assert_eq!(go(with(&["keys", "rotate", "pii", "-q"])).code, 0);
+    let o = go(with(&[
+        "audit",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--json",
+    ]));
+    assert_eq!(o.code, 3, "{}", o.stderr);
+    let rep: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    let kinds: Vec<&str> = rep["collections"][0]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"plaintext") && kinds.contains(&"stale-key") && kinds.contains(&"token"),
+        "{kinds:?}"
+    );
+    assert!(!o.stdout.contains("ghp_wWPw") && !o.stdout.contains("000-00-0000"));
+    snap(
+        "audit_findings",
+        &go(with(&[
+            "audit",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+        ])),
+    );
+
+    // The old key is still in use: disable refuses and says how many documents.
+    snap(
+        "keys_disable_refused",
+        &go(with(&["keys", "disable", &old, "--namespace", &ns])),
+    );
+    snap(
+        "audit_key",
+        &go(with(&[
+            "audit",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--key",
+            &old,
+        ])),
+    );
+    // Re-encrypt (the planted plaintext document is left to `migrate`), then it is allowed.
+    let o = go(with(&[
+        "reencrypt",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+    ]));
+    snap("reencrypt", &o);
+    let o = go(with(&[
+        "migrate",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--dry-run",
+    ]));
+    snap("migrate_dry_run", &o);
+    let o = go(with(&[
+        "migrate",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+    ]));
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    snap(
+        "keys_disable_after",
+        &go(with(&["keys", "disable", &old, "--namespace", &ns])),
+    );
+
+    // Export: ciphertext as stored, or decrypted with a warning.
+    let o = go(with(&["export", "--namespace", &ns, "--limit", "2"]));
+    assert_eq!(o.code, 0);
+    assert!(!o.stdout.contains("user0@example.com"));
+    let o = go(with(&[
+        "export",
+        "--namespace",
+        &ns,
+        "--limit",
+        "2",
+        "--decrypt",
+    ]));
+    snap("export_decrypt", &o);
+    // Validator on the live collection.
+    let o = go(vec![
+        "validator".into(),
+        "--schema".into(),
+        "schema.toml".into(),
+        "--apply".into(),
+        "--namespace".into(),
+        format!("{db}.validated"),
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    client.database(&db).drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_script_runs_end_to_end() {
+    let uri = server_uri();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_owned();
+    std::fs::write(d.join("schema.toml"), SCHEMA).unwrap();
+    let db = unique_db_name("cli_script");
+    let kv = format!("{db}.datakeys");
+    let master = fieldcrypt::LocalMasterKey::generate();
+    let master = master.expose_base64();
+    let env = [
+        ("MONGODB_URI", uri.as_str()),
+        ("FIELDCRYPT_MASTER_KEY", master.as_str()),
+    ];
+    let kvopt = ["--key-vault-namespace", kv.as_str()];
+    for alias in ["pii", "idx"] {
+        let o = run(
+            &d,
+            &["keys", "create", alias, kvopt[0], kvopt[1]],
+            None,
+            &env,
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    generate(&d.join("a.jsonl"), 300);
+    generate(&d.join("b.jsonl"), 200);
+    for (coll, file) in [("a", "a.jsonl"), ("b", "b.jsonl")] {
+        let ns = format!("{db}.{coll}");
+        let o = run(
+            &d,
+            &[
+                "import",
+                "--schema",
+                "schema.toml",
+                "--namespace",
+                &ns,
+                "--in",
+                file,
+                kvopt[0],
+                kvopt[1],
+            ],
+            None,
+            &env,
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    let old = run(
+        &d,
+        &[
+            "keys", "list", "--alias", "pii", "--ids", kvopt[0], kvopt[1],
+        ],
+        None,
+        &env,
+    )
+    .stdout
+    .trim()
+    .to_owned();
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/rotate-keys.sh");
+    let script_run = |resume: bool| {
+        let mut cmd = Command::new("sh");
+        cmd.current_dir(&d)
+            .arg(&script)
+            .args(["pii", "schema.toml", &format!("{db}.a"), &format!("{db}.b")])
+            .env("MONGODB_URI", &uri)
+            .env("FIELDCRYPT_MASTER_KEY", master.as_str())
+            .env("FIELDCRYPT_KEY_VAULT_NS", &kv)
+            .env("FIELDCRYPT_WAIT", "0")
+            .env("FIELDCRYPT", BIN)
+            .env_remove("FIELDCRYPT_KEYSET");
+        if resume {
+            cmd.env("RESUME", "1");
+        }
+        cmd.output().unwrap()
+    };
+    let out = script_run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{stderr}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains(&format!("disabled {old}")), "{stderr}");
+
+    // The old key is disabled, everything is under the new primary and reads back.
+    let list = run(
+        &d,
+        &[
+            "keys", "list", "--alias", "pii", "--json", kvopt[0], kvopt[1],
+        ],
+        None,
+        &env,
+    );
+    let keys: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let state = |id: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state(&old), "disabled");
+    for coll in ["a", "b"] {
+        let o = run(
+            &d,
+            &[
+                "export",
+                "--namespace",
+                &format!("{db}.{coll}"),
+                "--decrypt",
+                kvopt[0],
+                kvopt[1],
+            ],
+            None,
+            &env,
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+        assert_eq!(
+            lines_as_docs(&o.stdout).len(),
+            if coll == "a" { 300 } else { 200 }
+        );
+    }
+    // Run again after completion, as after an interruption: nothing to do, success.
+    let out = script_run(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    client.database(&db).drop().await.unwrap();
+}
