@@ -490,6 +490,16 @@ struct Plan {
     statement: RawDocumentBuf,
 }
 
+/// What one batch is processed with.
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    target: &'a Target,
+    cryptor: &'a Cryptor,
+    primaries: &'a Primaries,
+    aliases: &'a [String],
+    decide: Decide,
+}
+
 /// The flags the per-document decision needs, copied into the blocking task.
 #[derive(Clone, Copy)]
 struct Decide {
@@ -593,7 +603,7 @@ impl Rotator {
             .map(str::to_owned)
             .collect();
         self.keys.prefetch_aliases(&aliases).await?;
-        let primaries = Primaries::resolve(&target.schema, keyring.as_ref())?;
+        let mut primaries = Primaries::resolve(&target.schema, keyring.as_ref())?;
 
         let started = Instant::now();
         let mut rep = TargetReport {
@@ -669,16 +679,42 @@ impl Rotator {
             cp.last_id.clone(),
             o.batch_size,
         );
-        // 1. The next batch after the checkpoint, in `_id` order.
-        while let Some(Batch { docs, last_id }) = scanner.next_batch().await? {
+        loop {
+            // A key vault's cache expires and its usage leases run out: refresh per batch. If an
+            // alias got a new primary meanwhile, what was done so far is stale: start over.
+            self.keys.prefetch_aliases(&aliases).await?;
+            let now = Primaries::resolve(&target.schema, keyring.as_ref())?;
+            if now.sorted() != primaries.sorted() {
+                tracing::info!(namespace = %ns, "a primary key changed during the run; starting over");
+                primaries = now;
+                cp.primaries = primaries.sorted();
+                cp.last_id = None;
+                rep.restarted = true;
+                scanner = Scanner::new(
+                    target.collection.clone(),
+                    o.partition.clone(),
+                    None,
+                    o.batch_size,
+                );
+            }
+            // 1. The next batch after the checkpoint, in `_id` order.
+            let Some(Batch { docs, last_id }) = scanner.next_batch().await? else {
+                break;
+            };
             rep.stats.scanned += docs.len() as u64;
             if report!(Phase::BatchRead) {
                 return Ok((rep, true));
             }
 
             // 2. Inspect, re-encrypt, write; retry conflicts.
-            self.process(target, &cryptor, &primaries, decide, docs, &mut rep)
-                .await?;
+            let work = Work {
+                target,
+                cryptor: &cryptor,
+                primaries: &primaries,
+                aliases: &aliases,
+                decide,
+            };
+            self.process(&work, docs, &mut rep).await?;
             if report!(Phase::BatchWritten) {
                 return Ok((rep, true));
             }
@@ -718,24 +754,32 @@ impl Rotator {
     /// Decides, re-encrypts and writes one batch, retrying conflicts; updates `rep`.
     async fn process(
         &self,
-        target: &Target,
-        cryptor: &Cryptor,
-        primaries: &Primaries,
-        decide: Decide,
+        work: &Work<'_>,
         mut docs: Vec<RawDocumentBuf>,
         rep: &mut TargetReport,
     ) -> Result<()> {
+        let Work {
+            target,
+            cryptor,
+            primaries,
+            aliases,
+            decide,
+        } = *work;
         let o = &self.options;
         let mut attempt = 0;
         while !docs.is_empty() {
-            // Keys named by the batch's ciphertexts, for a key vault that fetches on demand.
+            // Keys named by the batch's ciphertexts, for a key vault that fetches on demand (a
+            // malformed document names none; it fails on its own below).
             let mut ids: Vec<KeyId> = Vec::new();
             for d in &docs {
-                ids.extend(Cryptor::referenced_keys(d)?);
+                ids.extend(Cryptor::referenced_keys(d).unwrap_or_default());
             }
             ids.sort_unstable();
             ids.dedup();
             self.keys.prefetch_ids(&ids).await?;
+            if attempt > 0 {
+                self.keys.prefetch_aliases(aliases).await?;
+            }
 
             let outcomes = {
                 let cryptor = cryptor.clone();

@@ -715,3 +715,110 @@ async fn audit_finds_plaintext_stale_keys_and_tokens_and_nothing_in_a_clean_coll
         .any(|x| matches!(x, AuditFinding::Token { .. })));
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_and_a_primary_changing_mid_run() {
+    let (_client, db) = database("rot_rate").await;
+    let coll = db.collection::<RawDocumentBuf>("c");
+    let keys = keys();
+    let cryptor = Cryptor::new(keys.clone(), schema());
+    insert_encrypted(&coll, &cryptor, (0..120).map(plain)).await;
+    keys.rotate("pii");
+    let target = Target::new(&coll, schema());
+    let started = std::time::Instant::now();
+    let r = Rotator::new(keys.clone())
+        .checkpoint_collection(db.collection("checkpoints"))
+        .options(
+            RotationOptions::default()
+                .batch_size(20)
+                .rate_limit(Some(200.0)),
+        )
+        .run(std::slice::from_ref(&target), |_| Flow::Continue)
+        .await
+        .unwrap();
+    assert_eq!(r.stats().rewritten, 120);
+    // Five sleeps bring the run to 100 documents / 200 per second at least.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Another rotation lands while the job runs: it starts over so that every document ends
+    // under the newest primary.
+    keys.rotate("pii");
+    let mut checkpoints = 0;
+    let r = Rotator::new(keys.clone())
+        .checkpoint_collection(db.collection("checkpoints"))
+        .options(RotationOptions::default().batch_size(30))
+        .run(std::slice::from_ref(&target), |p| {
+            if p.phase == Phase::Checkpointed {
+                checkpoints += 1;
+                if checkpoints == 2 {
+                    keys.rotate("pii");
+                }
+            }
+            Flow::Continue
+        })
+        .await
+        .unwrap();
+    assert!(r.targets[0].restarted);
+    assert_eq!(r.stats().failed, 0);
+    check_current(
+        &all(&coll).await,
+        &cryptor,
+        &ctx(&coll),
+        keys.as_ref(),
+        Some(&|id| plain(id.as_i64().unwrap())),
+    );
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_key_vault_as_key_source() {
+    use fieldcrypt::mongo::{KeySource, KeyVault, LocalKek};
+    let (client, db) = database("rot_vault").await;
+    let vault = Arc::new(
+        KeyVault::builder(&client, Arc::new(LocalKek::generate()))
+            .namespace(format!("{}.datakeys", db.name()))
+            .build()
+            .unwrap(),
+    );
+    vault.create_key("pii").await.unwrap();
+    vault.create_key("idx").await.unwrap();
+    vault
+        .prefetch_aliases(&["pii".to_owned(), "idx".to_owned()])
+        .await
+        .unwrap();
+    let coll = db.collection::<RawDocumentBuf>("people");
+    let cryptor = Cryptor::new(vault.clone(), schema());
+    insert_encrypted(&coll, &cryptor, (0..300).map(plain)).await;
+    let old = vault.primary("pii").unwrap().id();
+    let new = vault.rotate("pii").await.unwrap();
+    // A fresh vault handle, as another process would have: nothing cached.
+    let other = Arc::new(
+        KeyVault::builder(&client, Arc::new(LocalKek::generate()))
+            .namespace(format!("{}.datakeys", db.name()))
+            .build()
+            .unwrap(),
+    );
+    // (It cannot unwrap with another KEK: the run fails cleanly, naming the key.)
+    let err = Rotator::new(other)
+        .checkpoint_collection(db.collection("checkpoints"))
+        .run(&[Target::new(&coll, schema())], |_| Flow::Continue)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, fieldcrypt::Error::KeyFormat(_)), "{err}");
+    let r = Rotator::new(vault.clone())
+        .checkpoint_collection(db.collection("checkpoints"))
+        .options(RotationOptions::default().batch_size(100))
+        .run(&[Target::new(&coll, schema())], |_| Flow::Continue)
+        .await
+        .unwrap();
+    assert_eq!(r.stats().rewritten, 300, "{:?}", r.targets[0].failures);
+    for d in all(&coll).await {
+        let ids = Cryptor::referenced_keys(&d).unwrap();
+        assert!(ids.contains(&new) && !ids.contains(&old));
+    }
+    db.drop().await.unwrap();
+}

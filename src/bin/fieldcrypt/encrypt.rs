@@ -68,6 +68,8 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
         if batch.is_empty() {
             break;
         }
+        // Refreshes a key vault's cache and usage lease (no-op for files).
+        keys.source.prefetch_aliases(&aliases).await?;
         for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
             let doc = r.map_err(|e| Error::Config(format!("document {}: {e}", first_line + i)))?;
             writer.write(&doc)?;

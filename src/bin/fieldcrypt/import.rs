@@ -74,6 +74,8 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
         if batch.is_empty() {
             break;
         }
+        // Refreshes a key vault's cache and usage lease (no-op for files).
+        keys.source.prefetch_aliases(&aliases).await?;
         let mut sealed = Vec::with_capacity(batch.len());
         for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
             sealed.push(r.map_err(|e| {
