@@ -299,7 +299,11 @@ impl AuditReport {
     }
 }
 
-/// Audits collections. See the [module documentation](self).
+/// Audits collections: reads every document (raw, nothing decrypted) and reports plaintext in
+/// encrypted fields, the keys and suites in use, references to stale, disabled, destroyed or
+/// unknown keys, random-nonce keys near their limit, format drift, ciphertexts outside the
+/// schema, and token-like secrets in unencrypted fields. Findings ([`AuditFinding`]) name
+/// paths, key ids and `_id`s, never values.
 pub struct Audit {
     keys: Arc<dyn KeySource>,
     options: AuditOptions,
