@@ -52,7 +52,7 @@ enum BenchWorkload {
         #[arg(long, default_value_t = Suite::Aes256Gcm)]
         suite: Suite,
         /// Distinct documents (each thread cycles through its own copy).
-        #[arg(long, default_value_t = 100_000)]
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
         docs: u32,
         /// Which API: `raw` (`encrypt_raw_into` / `decrypt_raw_into`), `owned`
         /// (`encrypt_document` / `decrypt_document`) or `all`.
@@ -83,16 +83,16 @@ enum PathArg {
 struct RunOpts {
     /// Threads; each runs its own loop on its own copy of the data. Reported as the total and
     /// per thread.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: u16,
     /// Seconds per trial (per case: fieldcrypt and its baseline each get this long).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = positive_seconds)]
     seconds: f64,
     /// Trials; the median is reported, with min and max.
-    #[arg(long, default_value_t = 10)]
-    trials: usize,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..))]
+    trials: u16,
     /// Untimed warm-up before the trials, in seconds (per case).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_seconds)]
     warmup: f64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -104,13 +104,14 @@ struct RunOpts {
 /// # Errors
 /// Invalid options ([`Error::Config`]); any failure of the measured operations themselves.
 pub(crate) fn run(args: &BenchArgs) -> Result<(), Error> {
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "warning: this fieldcrypt was built without optimizations; its numbers mean nothing \
+             (build with `cargo build --release`)"
+        );
+    }
     let report = match &args.workload {
-        BenchWorkload::W1 {
-            format,
-            suite,
-            run,
-        } => {
-            run.check()?;
+        BenchWorkload::W1 { format, suite, run } => {
             let format = match (format, suite) {
                 (FormatArg::Csfle, Some(_)) => {
                     return Err(Error::Config(
@@ -127,13 +128,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), Error> {
             docs,
             path,
             run,
-        } => {
-            run.check()?;
-            if *docs == 0 {
-                return Err(Error::Config("--docs must be at least 1".into()));
-            }
-            w2(*suite, *docs, *path, run)?
-        }
+        } => w2(*suite, *docs, *path, run)?,
     };
     let json = args.json();
     if json {
@@ -156,21 +151,17 @@ impl BenchArgs {
     }
 }
 
-impl RunOpts {
-    fn check(&self) -> Result<(), Error> {
-        let ok = |s: f64| s.is_finite() && s >= 0.0;
-        if self.threads == 0 || self.threads > 1024 {
-            return Err(Error::Config("--threads must be between 1 and 1024".into()));
-        }
-        if !ok(self.seconds) || self.seconds == 0.0 || !ok(self.warmup) {
-            return Err(Error::Config(
-                "--seconds must be positive and --warmup not negative".into(),
-            ));
-        }
-        if self.trials == 0 {
-            return Err(Error::Config("--trials must be at least 1".into()));
-        }
-        Ok(())
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x <= 86_400.0 => Ok(x),
+        _ => Err("expected a number of seconds, more than 0".into()),
+    }
+}
+
+fn non_negative_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..=86_400.0).contains(&x) => Ok(x),
+        _ => Err("expected a number of seconds, 0 or more".into()),
     }
 }
 
@@ -244,13 +235,13 @@ fn measure(case: &Case<'_>, threads: usize, seconds: f64) -> Result<Trial, Error
 fn run_cases(cases: &[Case<'_>], opts: &RunOpts) -> Result<Vec<Vec<Trial>>, Error> {
     if opts.warmup > 0.0 {
         for case in cases {
-            measure(case, opts.threads, opts.warmup)?;
+            measure(case, opts.threads.into(), opts.warmup)?;
         }
     }
     let mut out: Vec<Vec<Trial>> = cases.iter().map(|_| Vec::new()).collect();
     for _ in 0..opts.trials {
         for (case, trials) in cases.iter().zip(&mut out) {
-            trials.push(measure(case, opts.threads, opts.seconds)?);
+            trials.push(measure(case, opts.threads.into(), opts.seconds)?);
         }
     }
     Ok(out)
@@ -384,6 +375,7 @@ impl Report {
             "ratios": ratios,
             "machine": machine(),
             "fieldcrypt_version": env!("CARGO_PKG_VERSION"),
+            "optimized_build": !cfg!(debug_assertions),
         })
     }
 
@@ -532,7 +524,7 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, Error> {
             "warmup_seconds": opts.warmup,
         }),
         values_per_document: n,
-        threads: opts.threads,
+        threads: opts.threads.into(),
         rows: rows(&cases, trials),
         ratios: vec![Ratio {
             name: "decrypt_raw_over_bare_aead",
@@ -545,7 +537,8 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, Error> {
 /// Decrypts the W1 document once and checks it reads back as MongoDB's benchmark says.
 fn check_w1(cryptor: &Cryptor, doc: &RawDocumentBuf) -> Result<(), Error> {
     let plain = cryptor.decrypt_raw(doc, &Context::none())?;
-    let bad = || Error::Config("W1 self-check failed: the document did not decrypt as expected".into());
+    let bad =
+        || Error::Config("W1 self-check failed: the document did not decrypt as expected".into());
     let mut count = 0;
     for (i, e) in plain.iter().enumerate() {
         let (k, v) = e.map_err(|_| bad())?;
@@ -596,7 +589,10 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
             return Ok(Vec::new());
         }
         v.iter()
-            .map(|d| d.to_document().map_err(|e| Error::MalformedBson(e.to_string())))
+            .map(|d| {
+                d.to_document()
+                    .map_err(|e| Error::MalformedBson(e.to_string()))
+            })
             .collect()
     };
     let (owned, enc_owned) = (to_docs(&raw)?, to_docs(&enc)?);
@@ -725,7 +721,10 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
     cases.push(Case {
         name: "bare_aead_seal",
         baseline: true,
-        describe: format!("baseline: {} seal × 3 per document, same sizes", bare.name()),
+        describe: format!(
+            "baseline: {} seal × 3 per document, same sizes",
+            bare.name()
+        ),
         make: Box::new(move |t| {
             let d = &data[t];
             let (mut at, mut nonce) = (0, 0u64);
@@ -747,7 +746,10 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
     cases.push(Case {
         name: "bare_aead_open",
         baseline: true,
-        describe: format!("baseline: {} open × 3 per document, same sizes", bare.name()),
+        describe: format!(
+            "baseline: {} open × 3 per document, same sizes",
+            bare.name()
+        ),
         make: Box::new(move |t| {
             let d = &data[t];
             let mut at = 0;
@@ -806,7 +808,7 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
             "warmup_seconds": opts.warmup,
         }),
         values_per_document: 3,
-        threads: opts.threads,
+        threads: opts.threads.into(),
         rows: rows(&cases, trials),
         ratios,
     })
@@ -863,8 +865,8 @@ impl Bare {
         let k32 = aes_gcm::Key::<Aes256Gcm>::from_slice(&BENCH_KEY[..32]);
         match format {
             Format::Csfle => {
-                use hmac::Mac;
                 use aes::cipher::KeyInit as _;
+                use hmac::Mac;
                 let mac = <HmacSha512 as Mac>::new_from_slice(&BENCH_KEY[..32])
                     .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
                 Bare::Csfle(Box::new((mac, aes::Aes256::new(k32))))
