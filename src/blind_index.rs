@@ -30,6 +30,12 @@ pub(crate) fn compute_into(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let secret = key.for_query()?;
+    if secret.kind() != crate::key::KeyKind::Fieldcrypt {
+        return Err(Error::KeyMisuse {
+            id: key.id(),
+            reason: "blind indexes need a fieldcrypt key",
+        });
+    }
     let mut mac = secret.suites().blind_index(secret.material()).clone();
     let path_len =
         u32::try_from(path.len()).map_err(|_| Error::Config("field path too long".into()))?;

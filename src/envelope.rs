@@ -40,15 +40,27 @@ pub(crate) mod flags {
 }
 
 /// A BSON value as its element type and its own bytes (no type byte, no name).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub(crate) struct RawValue<'a> {
     pub ty: u8,
     pub bytes: &'a [u8],
 }
 
+impl core::fmt::Debug for RawValue<'_> {
+    /// Prints the type and length only: the bytes may be plaintext.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "RawValue {{ ty: {:#04x}, len: {} }}",
+            self.ty,
+            self.bytes.len()
+        )
+    }
+}
+
 /// Where a ciphertext lives; all of it goes into the associated data, so a ciphertext moved
 /// anywhere else fails to decrypt.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Default)]
 pub(crate) struct Binding<'a> {
     /// The field path with array indexes left out (`addresses.street`).
     pub path: &'a str,
@@ -58,6 +70,17 @@ pub(crate) struct Binding<'a> {
     pub id: Option<RawValue<'a>>,
     /// The owner field's value, when the collection is owner-scoped.
     pub owner: Option<RawValue<'a>>,
+}
+
+impl core::fmt::Debug for Binding<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Binding")
+            .field("path", &self.path)
+            .field("namespace", &self.namespace)
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .finish()
+    }
 }
 
 impl Binding<'_> {

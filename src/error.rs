@@ -21,6 +21,16 @@ pub enum Error {
     #[error("decryption failed: the ciphertext did not authenticate (wrong key, moved value, or tampering)")]
     Decrypt,
 
+    /// A ciphertext lacks a binding its context requires (e.g. a value without a namespace
+    /// binding read through a collection): it may have been moved here from elsewhere.
+    #[error("ciphertext at {path:?} is not bound to the {missing} it is read under (written without it, or moved here)")]
+    UnboundCiphertext {
+        /// Where the value was found.
+        path: String,
+        /// The binding it lacks: `namespace`, `owner` or `_id`.
+        missing: &'static str,
+    },
+
     /// The bytes are not a well-formed ciphertext envelope (or CSFLE payload).
     #[error("malformed ciphertext: {0}")]
     MalformedCiphertext(&'static str),
@@ -119,10 +129,12 @@ pub enum Error {
     #[error("dev server: {0}")]
     DevServer(String),
 
-    /// An error from the MongoDB driver.
+    /// An error from the MongoDB driver. Its message keeps the error's kind, code and server
+    /// message but drops the details a server may attach (a validation failure's `errInfo`
+    /// quotes the rejected document); the driver's own error is kept as the source.
     #[cfg(feature = "mongodb")]
-    #[error("MongoDB error: {0}")]
-    Mongo(#[from] Box<mongodb::error::Error>),
+    #[error("MongoDB error: {}", redacted_mongo(.0))]
+    Mongo(#[source] Box<mongodb::error::Error>),
 }
 
 impl Error {
@@ -142,6 +154,66 @@ impl Error {
 impl From<bson::raw::Error> for Error {
     fn from(e: bson::raw::Error) -> Self {
         Error::bson(e)
+    }
+}
+
+/// A driver error's message without the parts that can quote documents.
+#[cfg(feature = "mongodb")]
+fn redacted_mongo(e: &mongodb::error::Error) -> String {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    let labels = e.labels();
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        let mut l: Vec<&str> = labels.iter().map(String::as_str).collect();
+        l.sort_unstable();
+        format!(" [labels: {}]", l.join(", "))
+    };
+    let text = match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => format!(
+            "write error {} ({}): {}",
+            w.code,
+            w.code_name.as_deref().unwrap_or("?"),
+            w.message
+        ),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
+            format!(
+                "write concern error {} ({}): {}",
+                w.code, w.code_name, w.message
+            )
+        }
+        ErrorKind::InsertMany(m) => {
+            let errs = m.write_errors.as_deref().unwrap_or_default();
+            match errs.first() {
+                Some(w) => format!(
+                    "{} write error(s) in a bulk insert; first at index {}: {} ({}): {}",
+                    errs.len(),
+                    w.index,
+                    w.code,
+                    w.code_name.as_deref().unwrap_or("?"),
+                    w.message
+                ),
+                None => "bulk insert failed (write concern)".to_owned(),
+            }
+        }
+        ErrorKind::Command(c) => {
+            format!("command error {} ({}): {}", c.code, c.code_name, c.message)
+        }
+        // serde messages can quote the values they failed on.
+        ErrorKind::BsonDeserialization(_) | ErrorKind::BsonSerialization(_) => {
+            "BSON (de)serialization failed".to_owned()
+        }
+        ErrorKind::BulkWrite(_) => "bulk write failed".to_owned(),
+        // Connection, selection, authentication and similar errors carry no document data.
+        _ => e.to_string(),
+    };
+    format!("{text}{labels}")
+}
+
+#[cfg(feature = "mongodb")]
+impl From<Box<mongodb::error::Error>> for Error {
+    fn from(e: Box<mongodb::error::Error>) -> Self {
+        Error::Mongo(e)
     }
 }
 

@@ -38,7 +38,7 @@ pub(crate) fn is_value_type(t: u8) -> bool {
 }
 
 /// One element of a document, as slices of the document's bytes.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub(crate) struct Element<'a> {
     pub key: &'a str,
     pub ty: u8,
@@ -46,6 +46,19 @@ pub(crate) struct Element<'a> {
     pub value: &'a [u8],
     /// The whole element: type byte, key, value.
     pub raw: &'a [u8],
+}
+
+impl core::fmt::Debug for Element<'_> {
+    /// Prints the key, type and length only: the value may be plaintext.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "Element {{ key: {:?}, ty: {:#04x}, len: {} }}",
+            self.key,
+            self.ty,
+            self.value.len()
+        )
+    }
 }
 
 impl<'a> Element<'a> {
@@ -190,6 +203,13 @@ fn is_string(b: &[u8]) -> bool {
 /// Cheap structural check of a value's bytes for its type, so that decryption always yields
 /// a well-formed document (nested documents are checked fully).
 pub(crate) fn value_is_well_formed(t: u8, b: &[u8]) -> bool {
+    well_formed(t, b, 0)
+}
+
+/// Nesting limit of the check (MongoDB allows 100 levels).
+const MAX_CHECK_DEPTH: u32 = 128;
+
+fn well_formed(t: u8, b: &[u8], depth: u32) -> bool {
     match t {
         ty::DOUBLE | ty::DATETIME | ty::TIMESTAMP | ty::INT64 => b.len() == 8,
         ty::INT32 => b.len() == 4,
@@ -204,27 +224,30 @@ pub(crate) fn value_is_well_formed(t: u8, b: &[u8]) -> bool {
             Some(i) => is_cstring(&b[i + 1..]),
             None => false,
         },
-        ty::DOCUMENT | ty::ARRAY => document_is_well_formed(b),
+        ty::DOCUMENT | ty::ARRAY => document_is_well_formed(b, depth + 1),
         ty::CODE_WITH_SCOPE => {
             le_i32(b).is_some_and(|n| n == b.len())
                 && b.len() >= 14
                 && le_i32(&b[4..]).is_some_and(|sl| {
                     sl + 8 <= b.len()
                         && is_string(&b[4..8 + sl])
-                        && document_is_well_formed(&b[8 + sl..])
+                        && document_is_well_formed(&b[8 + sl..], depth + 1)
                 })
         }
         _ => false,
     }
 }
 
-fn document_is_well_formed(b: &[u8]) -> bool {
+fn document_is_well_formed(b: &[u8], depth: u32) -> bool {
+    if depth > MAX_CHECK_DEPTH {
+        return false;
+    }
     let Ok(doc) = RawDocument::from_bytes(b) else {
         return false;
     };
     for e in elements(doc) {
         match e {
-            Ok(e) if value_is_well_formed(e.ty, e.value) => {}
+            Ok(e) if well_formed(e.ty, e.value, depth) => {}
             _ => return false,
         }
     }

@@ -463,6 +463,15 @@ impl Schema {
         self.rules.iter().find(|r| overlaps(&r.normalized, path))
     }
 
+    /// The rule at a normalized path, found through the path tree (O(depth)).
+    pub(crate) fn rule_at(&self, path: &str) -> Option<&FieldRule> {
+        let mut node = &self.tree;
+        for seg in path.split('.') {
+            node = node.child(seg)?;
+        }
+        node.rule.map(|i| &self.rules[i])
+    }
+
     pub(crate) fn tree(&self) -> &Node {
         &self.tree
     }

@@ -26,6 +26,9 @@ use crate::schema::{FieldRule, Node, Schema};
 /// Encryption).
 pub const CSFLE_SUBTYPE: u8 = 6;
 
+/// The deepest nesting fieldcrypt walks (MongoDB's own limit is 100 levels).
+pub(crate) const MAX_DEPTH: u32 = 128;
+
 /// Batches at least this large are split across threads by the `*_many` methods.
 pub const PARALLEL_THRESHOLD: usize = 64;
 
@@ -472,18 +475,23 @@ impl Cryptor {
     /// Malformed BSON.
     pub fn referenced_keys(doc: &RawDocument) -> Result<Vec<KeyId>> {
         let mut ids = Vec::new();
-        collect_keys(doc, &mut ids)?;
+        collect_keys(doc, &mut ids, 0)?;
         ids.sort_unstable();
         ids.dedup();
         Ok(ids)
     }
 }
 
-fn collect_keys(doc: &RawDocument, ids: &mut Vec<KeyId>) -> Result<()> {
+fn collect_keys(doc: &RawDocument, ids: &mut Vec<KeyId>, depth: u32) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::MalformedBson(format!(
+            "documents nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
     for e in rawbson::elements(doc) {
         let e = e?;
         match (e.ty, e.binary()) {
-            (ty::DOCUMENT | ty::ARRAY, _) => collect_keys(e.document()?, ids)?,
+            (ty::DOCUMENT | ty::ARRAY, _) => collect_keys(e.document()?, ids, depth + 1)?,
             (_, Some((ENVELOPE_SUBTYPE, p))) => ids.push(Envelope::parse(p)?.key_id),
             (_, Some((BLIND_INDEX_SUBTYPE, p))) => ids.push(blind_index::key_id(p)?),
             (_, Some((CSFLE_SUBTYPE, p))) if p.len() >= 17 && matches!(p[0], 1 | 2) => {
@@ -504,9 +512,10 @@ fn binary(subtype: u8, bytes: Vec<u8>) -> bson::Binary {
 
 /// A single value's type byte and own bytes.
 fn value_bytes(v: &Bson) -> Result<(u8, Vec<u8>)> {
-    let mut doc = RawDocumentBuf::new();
-    let raw = bson::RawBson::try_from(v.clone()).map_err(Error::bson)?;
-    doc.append("v", raw);
+    // `from_document` reports values BSON cannot hold (a NUL in a regex) as errors; bson's
+    // message would quote the value, so it is replaced.
+    let doc = RawDocumentBuf::from_document(&bson::doc! { "v": v.clone() })
+        .map_err(|_| Error::MalformedBson("the value cannot be encoded as BSON".into()))?;
     let el = rawbson::elements(&doc)
         .next()
         .ok_or(Error::MalformedBson("empty value".into()))??;
@@ -527,6 +536,8 @@ struct Walker<'c> {
     /// For decryption: the document and owner field whose `_id` and owner have not been looked
     /// up yet.
     unresolved: Option<(&'c RawDocument, Option<&'c str>)>,
+    /// Current nesting depth.
+    depth: u32,
     /// Primary keys by alias, looked up once per document (aliases are few).
     primaries: Vec<Arc<Key>>,
 }
@@ -540,6 +551,7 @@ impl<'c> Walker<'c> {
             owner: None,
             owner_required: None,
             unresolved: None,
+            depth: 0,
             path: String::with_capacity(64),
             ad: Vec::with_capacity(128),
             last_key: None,
@@ -585,6 +597,7 @@ impl<'c> Walker<'c> {
         node: &Node,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        self.enter()?;
         let regenerated = self.regenerated_indexes(doc, node)?;
         for e in rawbson::elements(doc) {
             let e = e?;
@@ -614,25 +627,54 @@ impl<'c> Walker<'c> {
                 self.encrypt_fields(e.document()?, child, out)?;
                 rawbson::end_doc(out, at)?;
             } else if e.ty == ty::ARRAY {
-                // Paths go through arrays: apply the same node to each embedded document.
                 rawbson::put_key(out, ty::ARRAY, e.key);
-                let at = rawbson::begin_len(out);
-                for item in rawbson::elements(e.document()?) {
-                    let item = item?;
-                    if item.ty == ty::DOCUMENT {
-                        rawbson::put_key(out, ty::DOCUMENT, item.key);
-                        let at2 = rawbson::begin_len(out);
-                        self.encrypt_fields(item.document()?, child, out)?;
-                        rawbson::end_doc(out, at2)?;
-                    } else {
-                        out.extend_from_slice(item.raw);
-                    }
-                }
-                rawbson::end_doc(out, at)?;
+                self.encrypt_through_array(e.document()?, child, out)?;
             } else {
                 out.extend_from_slice(e.raw);
             }
             self.path.truncate(mark);
+        }
+        self.depth -= 1;
+        Ok(())
+    }
+
+    /// Paths go through arrays, nested ones included (as MongoDB's own path semantics): the
+    /// same schema node applies to every embedded document at any array depth.
+    fn encrypt_through_array(
+        &mut self,
+        array: &'c RawDocument,
+        node: &Node,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.enter()?;
+        let at = rawbson::begin_len(out);
+        for item in rawbson::elements(array) {
+            let item = item?;
+            match item.ty {
+                ty::DOCUMENT => {
+                    rawbson::put_key(out, ty::DOCUMENT, item.key);
+                    let at2 = rawbson::begin_len(out);
+                    self.encrypt_fields(item.document()?, node, out)?;
+                    rawbson::end_doc(out, at2)?;
+                }
+                ty::ARRAY => {
+                    rawbson::put_key(out, ty::ARRAY, item.key);
+                    self.encrypt_through_array(item.document()?, node, out)?;
+                }
+                _ => out.extend_from_slice(item.raw),
+            }
+        }
+        self.depth -= 1;
+        rawbson::end_doc(out, at)
+    }
+
+    /// Counts one level of nesting, refusing documents nested deeper than MongoDB allows.
+    fn enter(&mut self) -> Result<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(Error::MalformedBson(format!(
+                "documents nested deeper than {MAX_DEPTH} levels"
+            )));
         }
         Ok(())
     }
@@ -731,6 +773,7 @@ impl<'c> Walker<'c> {
         is_array: bool,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        self.enter()?;
         let at = rawbson::begin_len(out);
         for e in rawbson::elements(doc) {
             let e = e?;
@@ -754,15 +797,21 @@ impl<'c> Walker<'c> {
                     self.open(e.key, payload, out)?;
                     self.path.truncate(mark);
                 }
-                (_, Some((CSFLE_SUBTYPE, payload))) => self.open_csfle(e.key, payload, out)?,
+                // FLE1 values (blob subtypes 1 and 2); Queryable Encryption payloads and
+                // other subtype-6 values are MongoDB's own business and pass through.
+                (_, Some((CSFLE_SUBTYPE, payload))) if matches!(payload.first(), Some(1 | 2)) => {
+                    self.open_csfle(e.key, payload, out)?;
+                }
                 _ => out.extend_from_slice(e.raw),
             }
         }
+        self.depth -= 1;
         rawbson::end_doc(out, at)
     }
 
     fn open(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
+        self.check_minimum_bindings(&env)?;
         let key = self.key_by_id(env.key_id)?;
         if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
             if let Some((doc, owner_field)) = self.unresolved.take() {
@@ -794,6 +843,39 @@ impl<'c> Walker<'c> {
 }
 
 impl Walker<'_> {
+    /// A ciphertext must be bound at least as tightly as its context requires: to the
+    /// namespace when the reader knows it, to the owner in owner-scoped collections, and to
+    /// `_id` where the schema binds the field. Otherwise a value written without those
+    /// bindings (or planted by someone with write access) could be moved here and decrypt.
+    fn check_minimum_bindings(&self, env: &Envelope<'_>) -> Result<()> {
+        use envelope::flags;
+        let missing = |what| {
+            Err(Error::UnboundCiphertext {
+                path: self.path.clone(),
+                missing: what,
+            })
+        };
+        if self.ctx.namespace.is_some() && env.flags & flags::NAMESPACE == 0 {
+            return missing("namespace");
+        }
+        let owner_scoped =
+            self.ctx.owner_field.is_some() || self.cryptor.schema.owner_field().is_some();
+        if owner_scoped && env.flags & flags::OWNER == 0 {
+            return missing("owner");
+        }
+        if self.cryptor.schema.needs_id()
+            && env.flags & flags::ID == 0
+            && self
+                .cryptor
+                .schema
+                .rule_at(&self.path)
+                .is_some_and(|r| r.field.bind_id)
+        {
+            return missing("_id");
+        }
+        Ok(())
+    }
+
     /// Decrypts a MongoDB CSFLE (FLE1) value with a 96-byte CSFLE key from the same keyring.
     fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = csfle::parse_payload(payload)?;

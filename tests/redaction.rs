@@ -142,3 +142,31 @@ fn errors_carry_no_plaintext_or_key_bytes() {
     assert!(matches!(errors[0], Error::Decrypt));
     assert!(matches!(errors[2], Error::Decrypt));
 }
+
+#[tokio::test]
+async fn driver_errors_lose_the_details_that_quote_documents() {
+    use fieldcrypt::devserver::{unique_db_name, DevServer};
+    let server = DevServer::shared().unwrap();
+    let client = mongodb::Client::with_uri_str(server.uri()).await.unwrap();
+    let db = client.database(&unique_db_name("redaction"));
+    db.create_collection("c")
+        .validator(doc! { "$jsonSchema": { "properties": { "ssn": { "bsonType": "binData" } } } })
+        .await
+        .unwrap();
+    let plaintext = "PLAINTEXT-SSN-987-65-4321";
+    let err = db
+        .collection::<bson::Document>("c")
+        .insert_one(doc! { "ssn": plaintext })
+        .await
+        .unwrap_err();
+    // The driver's own rendering carries the server's errInfo, which quotes the value.
+    assert!(
+        format!("{err:?}").contains(plaintext),
+        "the server sent no details: {err:?}"
+    );
+    let ours = Error::from(err);
+    let shown = ours.to_string();
+    assert!(shown.contains("121"), "{shown}");
+    assert!(!shown.contains(plaintext), "{shown}");
+    db.drop().await.unwrap();
+}

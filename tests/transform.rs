@@ -551,3 +551,122 @@ fn explicit_value_api_round_trips() {
         .encrypt_value("p.ssn", &Bson::from("x"), &ctx, None, None)
         .is_err());
 }
+
+#[test]
+fn paths_go_through_nested_arrays() {
+    let schema = Schema::builder()
+        .field("a.b", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let plain = doc! { "a": [[{ "b": "deep secret" }, [{ "b": "deeper" }]], { "b": "shallow" }] };
+    let enc = c.encrypt_document(&plain, &Context::none()).unwrap();
+    let raw = RawDocumentBuf::from_document(&enc).unwrap();
+    for secret in ["deep secret", "deeper", "shallow"] {
+        assert!(
+            !raw.as_bytes()
+                .windows(secret.len())
+                .any(|w| w == secret.as_bytes()),
+            "{secret} stored in clear"
+        );
+    }
+    assert_eq!(c.decrypt_document(&enc, &Context::none()).unwrap(), plain);
+}
+
+#[test]
+fn fail_values_bound_more_loosely_than_their_context() {
+    let keys = ring();
+    let loose = Cryptor::new(
+        keys.clone(),
+        Schema::builder()
+            .field("ssn", Field::randomized("pii"))
+            .build()
+            .unwrap(),
+    );
+    // Written without a namespace (e.g. an offline encrypt without --namespace)...
+    let unbound = loose
+        .encrypt_document(&doc! { "_id": 1, "ssn": "1" }, &Context::none())
+        .unwrap();
+    // ...is refused when read under one: it could have been moved from anywhere.
+    let err = loose
+        .decrypt_document(&unbound, &Context::namespace("db.c"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::UnboundCiphertext { missing: "namespace", path } if path == "ssn"),
+        "{err:?}"
+    );
+    // In an owner-scoped collection, a value without an owner binding is refused.
+    let scoped = Cryptor::new(
+        keys.clone(),
+        Schema::builder()
+            .field("ssn", Field::randomized("pii"))
+            .owner_field("owner")
+            .build()
+            .unwrap(),
+    );
+    let ns_only = loose
+        .encrypt_document(&doc! { "_id": 1, "ssn": "1" }, &Context::namespace("db.c"))
+        .unwrap();
+    let mut planted = ns_only.clone();
+    planted.insert("owner", "alice");
+    assert!(matches!(
+        scoped.decrypt_document(&planted, &Context::namespace("db.c")),
+        Err(Error::UnboundCiphertext {
+            missing: "owner",
+            ..
+        })
+    ));
+    // Where the schema binds a field to _id, an unbound value is refused.
+    let bound = Cryptor::new(
+        keys,
+        Schema::builder()
+            .field("ssn", Field::randomized("pii").bind_id())
+            .build()
+            .unwrap(),
+    );
+    assert!(matches!(
+        bound.decrypt_document(&ns_only, &Context::namespace("db.c")),
+        Err(Error::UnboundCiphertext { missing: "_id", .. })
+    ));
+}
+
+#[test]
+fn fail_unencodable_values_are_errors_without_the_value() {
+    let schema = Schema::builder()
+        .field("r", Field::deterministic("det"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let bad = Bson::RegularExpression(bson::Regex {
+        pattern: "SECRET\0PATTERN".into(),
+        options: String::new(),
+    });
+    let err = c
+        .query_ciphertexts("r", &bad, &Context::none(), None)
+        .unwrap_err();
+    assert!(!err.to_string().contains("SECRET"), "{err}");
+}
+
+#[test]
+fn fail_documents_nested_too_deep() {
+    let c = Cryptor::decrypt_only(ring());
+    let mut d = doc! { "x": 1 };
+    for _ in 0..200 {
+        d = doc! { "n": d };
+    }
+    let raw = RawDocumentBuf::from_document(&d).unwrap();
+    assert!(matches!(
+        c.decrypt_raw(&raw, &Context::none()),
+        Err(Error::MalformedBson(_))
+    ));
+    let mut ok = doc! { "x": 1 };
+    for _ in 0..90 {
+        ok = doc! { "n": ok };
+    }
+    assert!(c
+        .decrypt_raw(
+            &RawDocumentBuf::from_document(&ok).unwrap(),
+            &Context::none()
+        )
+        .is_ok());
+}

@@ -16,11 +16,12 @@ use crate::suite::SuiteKeys;
 pub struct KeyMaterial(SecretSlice<u8>);
 
 impl KeyMaterial {
-    /// `len` fresh bytes from the OS-seeded CSPRNG, written straight into the secret buffer.
+    /// `len` fresh bytes from the operating system's CSPRNG, written straight into the secret
+    /// buffer.
     #[must_use]
     pub fn generate(len: usize) -> Self {
         let mut v = vec![0u8; len];
-        rand::thread_rng().fill_bytes(&mut v);
+        rand::rngs::OsRng.fill_bytes(&mut v);
         KeyMaterial(SecretSlice::from(v))
     }
 
