@@ -15,6 +15,8 @@
 //! | bulk work, the hot path | [`Cryptor::encrypt_raw`], [`Cryptor::decrypt_raw`], [`Cryptor::encrypt_many`], [`Cryptor::decrypt_many`] |
 //! | equality queries | [`Field::deterministic`] + [`Cryptor::query_ciphertexts`], or [`BlindIndex`] + [`Cryptor::blind_index_values`] |
 //! | MongoDB CSFLE data | 96-byte keys ([`KeyKind::Csfle`]) in any keyring; [`CsfleKeySet`], [`LocalMasterKey`] |
+//! | online rotation, migration, audit (feature `mongodb`) | `rotation::Rotator`, `rotation::Audit` |
+//! | the benchmark workloads | [`workloads`] |
 //!
 //! # Data path
 //!
