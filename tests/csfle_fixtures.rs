@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use bson::spec::BinarySubtype;
 use bson::{Binary, Bson, Document};
+use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::{
     CsfleAlgorithm, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, Error, KeyId, LocalMasterKey,
 };
@@ -223,7 +224,7 @@ fn decrypts_whole_document_like_libmongocrypt() {
 }
 
 #[test]
-fn new_keys_and_ciphertexts_written_for_libmongocrypt() {
+fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
     // Keys made by fieldcrypt, wrapped under the fixture master key, and values encrypted with
     // them: `tests/fixtures/csfle/verify_fieldcrypt_output.py` feeds this file to libmongocrypt.
     let master = master();
@@ -243,8 +244,41 @@ fn new_keys_and_ciphertexts_written_for_libmongocrypt() {
         out.push_str(&Bson::Document(line).into_canonical_extjson().to_string());
         out.push('\n');
     }
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("csfle-fieldcrypt-output.jsonl");
-    std::fs::write(path, out).unwrap();
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "csfle-fieldcrypt-output-{}.jsonl",
+        std::process::id()
+    ));
+    std::fs::write(&path, out).unwrap();
+
+    // libmongocrypt itself (through pymongocrypt) decrypts every value, and re-encrypting the
+    // deterministic ones gives the same bytes.
+    let python = DevServer::python_env().unwrap();
+    let server = DevServer::shared().unwrap();
+    let out = std::process::Command::new(python)
+        .arg(fixture("verify_fieldcrypt_output.py"))
+        .arg(&path)
+        .env("MONGODB_URI", server.uri())
+        .env("FIELDCRYPT_KEY_VAULT_DB", unique_db_name("csfle_interop"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "libmongocrypt rejected fieldcrypt's output:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("libmongocrypt decrypted all"), "{stdout}");
+    let det = cases()
+        .iter()
+        .filter(|c| c.algorithm == CsfleAlgorithm::Deterministic)
+        .count();
+    assert!(
+        stdout.contains(&format!(
+            "{det} deterministic ones re-encrypt byte-identically"
+        )),
+        "{stdout}"
+    );
+    std::fs::remove_file(&path).unwrap();
 }
 
 /// Payloads to torture: short deterministic, long random, random document.
