@@ -94,6 +94,11 @@ struct RunOpts {
     /// Untimed warm-up before the trials, in seconds (per case).
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_seconds)]
     warmup: f64,
+    /// Instead of timing `--seconds`, process exactly this many documents per thread per trial
+    /// (at least; W2 works in steps of up to 64): a fixed amount of work for profilers such as
+    /// `valgrind --tool=callgrind`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "seconds")]
+    documents: Option<u64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -151,6 +156,10 @@ impl BenchArgs {
     }
 }
 
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
+
 fn positive_seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 && x <= 86_400.0 => Ok(x),
@@ -190,9 +199,16 @@ impl Trial {
     }
 }
 
-/// Runs `case` on `threads` threads for `seconds`; all threads start together.
-fn measure(case: &Case<'_>, threads: usize, seconds: f64) -> Result<Trial, Error> {
-    let duration = Duration::from_secs_f64(seconds);
+/// How long one measurement runs.
+#[derive(Clone, Copy)]
+enum Until {
+    Elapsed(Duration),
+    /// At least this many documents per thread (for profilers: a fixed amount of work).
+    Documents(u64),
+}
+
+/// Runs `case` on `threads` threads until `until`; all threads start together.
+fn measure(case: &Case<'_>, threads: usize, until: Until) -> Result<Trial, Error> {
     let barrier = Barrier::new(threads);
     let results: Vec<Result<f64, Error>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -209,7 +225,11 @@ fn measure(case: &Case<'_>, threads: usize, seconds: f64) -> Result<Trial, Error
                     loop {
                         docs += step()?;
                         let elapsed = start.elapsed();
-                        if elapsed >= duration {
+                        let done = match until {
+                            Until::Elapsed(d) => elapsed >= d,
+                            Until::Documents(n) => docs >= n,
+                        };
+                        if done {
                             #[allow(clippy::cast_precision_loss)] // counts stay far below 2^52
                             return Ok(docs as f64 / elapsed.as_secs_f64());
                         }
@@ -235,13 +255,17 @@ fn measure(case: &Case<'_>, threads: usize, seconds: f64) -> Result<Trial, Error
 fn run_cases(cases: &[Case<'_>], opts: &RunOpts) -> Result<Vec<Vec<Trial>>, Error> {
     if opts.warmup > 0.0 {
         for case in cases {
-            measure(case, opts.threads.into(), opts.warmup)?;
+            measure(case, opts.threads.into(), Until::Elapsed(secs(opts.warmup)))?;
         }
     }
+    let until = match opts.documents {
+        Some(n) => Until::Documents(n),
+        None => Until::Elapsed(secs(opts.seconds)),
+    };
     let mut out: Vec<Vec<Trial>> = cases.iter().map(|_| Vec::new()).collect();
     for _ in 0..opts.trials {
         for (case, trials) in cases.iter().zip(&mut out) {
-            trials.push(measure(case, opts.threads.into(), opts.seconds)?);
+            trials.push(measure(case, opts.threads.into(), until)?);
         }
     }
     Ok(out)
@@ -522,6 +546,7 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, Error> {
             "seconds": opts.seconds,
             "trials": opts.trials,
             "warmup_seconds": opts.warmup,
+            "documents": opts.documents,
         }),
         values_per_document: n,
         threads: opts.threads.into(),
@@ -806,6 +831,7 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
             "seconds": opts.seconds,
             "trials": opts.trials,
             "warmup_seconds": opts.warmup,
+            "documents": opts.documents,
         }),
         values_per_document: 3,
         threads: opts.threads.into(),
