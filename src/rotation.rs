@@ -72,6 +72,7 @@ use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 pub use audit::{Audit, AuditFinding, AuditOptions, AuditReport, KeyUsage, TokenKind};
+pub use inspect::{references, References};
 pub use partition::Partition;
 
 use self::cas::Change;
@@ -769,10 +770,10 @@ impl Rotator {
         let mut attempt = 0;
         while !docs.is_empty() {
             // Keys named by the batch's ciphertexts, for a key vault that fetches on demand (a
-            // malformed document names none; it fails on its own below).
+            // malformed value names none; its document fails on its own below).
             let mut ids: Vec<KeyId> = Vec::new();
             for d in &docs {
-                ids.extend(Cryptor::referenced_keys(d).unwrap_or_default());
+                ids.extend(inspect::references(d).keys);
             }
             ids.sort_unstable();
             ids.dedup();

@@ -13,13 +13,13 @@ use bson::RawDocument;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
 use crate::envelope::{flags, Envelope, ENVELOPE_SUBTYPE};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::key::KeyId;
 use crate::keyring::Keyring;
 use crate::rawbson::{self, ty, Element};
 use crate::schema::{Encryption, FieldRule, Node, Schema};
 use crate::suite::Suite;
-use crate::transform::{Context, CSFLE_SUBTYPE};
+use crate::transform::{Context, CSFLE_SUBTYPE, MAX_DEPTH};
 
 /// The current primary key of each alias, looked up once per batch.
 #[derive(Debug, Default, Clone)]
@@ -180,13 +180,13 @@ impl<'a> Inspector<'a> {
     /// The schema walk: fills the need flags and the plaintext paths.
     pub(crate) fn scan_schema(&self, doc: &RawDocument, out: &mut Scan) -> Result<()> {
         let mut path = String::new();
-        self.walk(doc, self.schema.tree(), &mut path, out)
+        self.walk(doc, self.schema.tree(), &mut path, out, 0)
     }
 
     /// The whole-document walk: every ciphertext, and whether the schema manages it.
     pub(crate) fn scan_all(&self, doc: &RawDocument, out: &mut Scan) -> Result<()> {
         let mut path = String::new();
-        self.walk_all(doc, false, &mut path, out)
+        self.walk_all(doc, false, &mut path, out, 0)
     }
 
     /// Both walks.
@@ -203,24 +203,22 @@ impl<'a> Inspector<'a> {
         node: &Node,
         path: &mut String,
         out: &mut Scan,
+        depth: u32,
     ) -> Result<()> {
+        check_depth(depth)?;
         for e in rawbson::elements(doc) {
             let e = e?;
             let Some(child) = node.child(e.key) else {
+                self.literal_dots(&e, path, out);
                 continue;
             };
             let mark = push(path, e.key);
             if let Some(ri) = child.rule {
                 self.field(&self.schema.rules()[ri], e, path, out)?;
             } else if e.ty == ty::DOCUMENT {
-                self.walk(e.document()?, child, path, out)?;
+                self.walk(e.document()?, child, path, out, depth + 1)?;
             } else if e.ty == ty::ARRAY {
-                for item in rawbson::elements(e.document()?) {
-                    let item = item?;
-                    if item.ty == ty::DOCUMENT {
-                        self.walk(item.document()?, child, path, out)?;
-                    }
-                }
+                self.walk_array(e.document()?, child, path, out, depth + 1)?;
             }
             path.truncate(mark);
         }
@@ -255,6 +253,59 @@ impl<'a> Inspector<'a> {
         Ok(())
     }
 
+    /// Paths go through arrays, nested ones included, as MongoDB's path semantics and the
+    /// core's encryption do: the same schema node applies to every embedded document at any
+    /// array depth (`{a: [[{b: …}]]}` holds `a.b`).
+    fn walk_array(
+        &self,
+        array: &RawDocument,
+        node: &Node,
+        path: &mut String,
+        out: &mut Scan,
+        depth: u32,
+    ) -> Result<()> {
+        check_depth(depth)?;
+        for item in rawbson::elements(array) {
+            let item = item?;
+            match item.ty {
+                ty::DOCUMENT => self.walk(item.document()?, node, path, out, depth + 1)?,
+                ty::ARRAY => self.walk_array(item.document()?, node, path, out, depth + 1)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A field name containing `.` that spells (part of) an encrypted path, `{"profile.email":
+    /// …}`: MongoDB stores it under that literal name, outside the nested path the schema
+    /// encrypts, so its value is in clear (the core refuses to write such documents; another
+    /// writer may have). Reported as plaintext at that path, or as drift when it holds a
+    /// ciphertext; re-encryption cannot fix it (the core refuses the name), so the document
+    /// fails with the core's reason.
+    fn literal_dots(&self, e: &Element<'_>, path: &str, out: &mut Scan) {
+        if !e.key.contains('.') {
+            return;
+        }
+        let full = if path.is_empty() {
+            e.key.to_owned()
+        } else {
+            format!("{path}.{}", e.key)
+        };
+        let encrypted = self
+            .schema
+            .rules()
+            .iter()
+            .any(|r| r.field.encrypt.is_some() && overlaps(&r.normalized, &full));
+        if !encrypted {
+            return;
+        }
+        if is_ciphertext(e) {
+            out.mode = true;
+        } else {
+            out.plaintext.push(full);
+        }
+    }
+
     fn field(&self, rule: &FieldRule, e: Element<'_>, path: &str, out: &mut Scan) -> Result<()> {
         let Some(enc) = &rule.field.encrypt else {
             // An index-only field stores no value: whatever is there should go.
@@ -267,14 +318,16 @@ impl<'a> Inspector<'a> {
         };
         if rule.each_element {
             if e.ty == ty::ARRAY {
+                // Each element is sealed on its own, an inner array as one element (as the
+                // core seals them).
                 for item in rawbson::elements(e.document()?) {
-                    self.value(rule, enc, &item?, true, path, out);
+                    self.value(rule, enc, &item?, Each::Element, path, out);
                 }
             } else {
-                self.value(rule, enc, &e, true, path, out);
+                self.value(rule, enc, &e, Each::WholeField, path, out);
             }
         } else {
-            self.value(rule, enc, &e, false, path, out);
+            self.value(rule, enc, &e, Each::No, path, out);
         }
         Ok(())
     }
@@ -284,7 +337,7 @@ impl<'a> Inspector<'a> {
         rule: &FieldRule,
         enc: &Encryption,
         e: &Element<'_>,
-        each: bool,
+        each: Each,
         path: &str,
         out: &mut Scan,
     ) {
@@ -306,13 +359,15 @@ impl<'a> Inspector<'a> {
                     || want(flags::NAMESPACE, self.ctx.namespace.is_some())
                     || want(flags::OWNER, self.schema.owner_field().is_some())
                     // An array sealed whole where each element should be sealed alone.
-                    || (each && env.bson_type == ty::ARRAY)
+                    || (each == Each::WholeField && env.bson_type == ty::ARRAY)
                 {
                     out.mode = true;
                 }
             }
             Some((CSFLE_SUBTYPE, _)) => out.csfle = true,
-            _ if !each && e.ty == ty::ARRAY && array_holds_ciphertext(e) => out.mode = true,
+            _ if each == Each::No && e.ty == ty::ARRAY && array_holds_ciphertext(e) => {
+                out.mode = true;
+            }
             _ => out.plaintext.push(path.to_owned()),
         }
     }
@@ -323,7 +378,9 @@ impl<'a> Inspector<'a> {
         is_array: bool,
         path: &mut String,
         out: &mut Scan,
+        depth: u32,
     ) -> Result<()> {
+        check_depth(depth)?;
         for e in rawbson::elements(doc) {
             let e = e?;
             let mark = if is_array {
@@ -333,7 +390,7 @@ impl<'a> Inspector<'a> {
             };
             match (e.ty, e.binary()) {
                 (ty::DOCUMENT | ty::ARRAY, _) => {
-                    self.walk_all(e.document()?, e.ty == ty::ARRAY, path, out)?;
+                    self.walk_all(e.document()?, e.ty == ty::ARRAY, path, out, depth + 1)?;
                 }
                 (_, Some((ENVELOPE_SUBTYPE, p))) => match Envelope::parse(p) {
                     Ok(env) => out.found.push(Found {
@@ -375,6 +432,34 @@ impl<'a> Inspector<'a> {
     }
 }
 
+/// How an encrypted field's value is looked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Each {
+    /// The field is sealed whole.
+    No,
+    /// An element of a per-element field's array.
+    Element,
+    /// A per-element field whose value is not an array (sealed as itself).
+    WholeField,
+}
+
+/// Refuses documents nested deeper than the core walks (MongoDB allows 100 levels).
+fn check_depth(depth: u32) -> Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(Error::MalformedBson(format!(
+            "documents nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether one path is the other or lies inside it.
+fn overlaps(a: &str, b: &str) -> bool {
+    let inside =
+        |x: &str, y: &str| x == y || (x.starts_with(y) && x.as_bytes().get(y.len()) == Some(&b'.'));
+    inside(a, b) || inside(b, a)
+}
+
 fn push(path: &mut String, key: &str) -> usize {
     let len = path.len();
     if len > 0 {
@@ -400,5 +485,208 @@ fn csfle_key_id(p: &[u8]) -> Option<KeyId> {
         KeyId::from_slice(&p[1..17]).ok()
     } else {
         None
+    }
+}
+
+/// The keys a stored document references, read leniently: see [`references`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct References {
+    /// Key ids named by fieldcrypt envelopes (0x8F), blind indexes (0x8E) and MongoDB CSFLE
+    /// (FLE1) values, sorted, without duplicates.
+    pub keys: Vec<KeyId>,
+    /// Paths (array positions left out) of values that claim to be one of those but whose key
+    /// id cannot be read (truncated or otherwise malformed), and of parts of the document that
+    /// are not well-formed BSON. Such a value may be under any key.
+    pub unreadable: Vec<String>,
+}
+
+impl References {
+    /// Whether every reference could be read.
+    #[must_use]
+    pub fn is_complete(&self) -> bool {
+        self.unreadable.is_empty()
+    }
+}
+
+/// Every key id a stored document references, without stopping at the first malformed value
+/// ([`Cryptor::referenced_keys`](crate::Cryptor::referenced_keys) fails on the whole document
+/// instead). For reference checks that must not mistake "cannot tell" for "not referenced"
+/// (`fieldcrypt keys destroy`), and for prefetching keys of documents that may hold a
+/// malformed value. Queryable Encryption payloads (subtype 6 with a blob subtype other than 1
+/// or 2) are MongoDB's and are not read, as the core does not open them either.
+#[must_use]
+pub fn references(doc: &RawDocument) -> References {
+    let mut r = References::default();
+    let mut path = String::new();
+    collect_references(doc, false, &mut path, &mut r, 0);
+    r.keys.sort_unstable();
+    r.keys.dedup();
+    r
+}
+
+fn collect_references(
+    doc: &RawDocument,
+    is_array: bool,
+    path: &mut String,
+    out: &mut References,
+    depth: u32,
+) {
+    if depth > MAX_DEPTH {
+        out.unreadable.push(path.clone());
+        return;
+    }
+    for e in rawbson::elements(doc) {
+        let Ok(e) = e else {
+            out.unreadable.push(path.clone());
+            return;
+        };
+        let mark = if is_array {
+            path.len()
+        } else {
+            push(path, e.key)
+        };
+        match (e.ty, e.binary()) {
+            (ty::DOCUMENT | ty::ARRAY, _) => match e.document() {
+                Ok(d) => collect_references(d, e.ty == ty::ARRAY, path, out, depth + 1),
+                Err(_) => out.unreadable.push(path.clone()),
+            },
+            (_, Some((ENVELOPE_SUBTYPE, p))) => match Envelope::parse(p) {
+                Ok(env) => out.keys.push(env.key_id),
+                Err(_) => out.unreadable.push(path.clone()),
+            },
+            (_, Some((BLIND_INDEX_SUBTYPE, p))) => match blind_index::key_id(p) {
+                Ok(id) => out.keys.push(id),
+                Err(_) => out.unreadable.push(path.clone()),
+            },
+            (_, Some((CSFLE_SUBTYPE, p))) => match p.first() {
+                Some(1 | 2) => match csfle_key_id(p) {
+                    Some(id) => out.keys.push(id),
+                    None => out.unreadable.push(path.clone()),
+                },
+                Some(_) => {} // Queryable Encryption: not fieldcrypt's
+                None => out.unreadable.push(path.clone()),
+            },
+            _ => {}
+        }
+        path.truncate(mark);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use bson::{rawdoc, Binary, RawDocumentBuf};
+
+    use super::*;
+    use crate::keyring::InMemoryKeyring;
+    use crate::schema::Field;
+    use crate::transform::Cryptor;
+
+    fn setup(schema: Schema) -> (Cryptor, Primaries) {
+        let keys = InMemoryKeyring::new();
+        keys.generate("pii");
+        let keys: Arc<dyn Keyring> = Arc::new(keys);
+        let primaries = Primaries::resolve(&schema, keys.as_ref()).unwrap();
+        (Cryptor::with_shared(keys, Arc::new(schema)), primaries)
+    }
+
+    fn scan(c: &Cryptor, p: &Primaries, doc: &RawDocument) -> Scan {
+        let ctx = Context::none();
+        Inspector {
+            schema: c.schema(),
+            primaries: p,
+            ctx: &ctx,
+        }
+        .scan(doc)
+        .unwrap()
+    }
+
+    #[test]
+    fn plaintext_inside_nested_arrays_is_found() {
+        let schema = Schema::builder()
+            .field("a.b", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let (c, p) = setup(schema);
+        let doc = rawdoc! { "_id": 1, "a": [[{ "b": "secret" }], [[{ "b": "deeper" }]], 5] };
+        let s = scan(&c, &p, &doc);
+        assert_eq!(s.plaintext, ["a.b", "a.b"]);
+        assert!(!s.is_current());
+        // Once the core has encrypted it (through the nested arrays), it is current.
+        let sealed = c.encrypt_raw(&doc, &Context::none()).unwrap();
+        let s = scan(&c, &p, &sealed);
+        assert!(s.is_current(), "{s:?}");
+        assert!(s.found.iter().all(|f| f.managed && f.path == "a.b"));
+        assert_eq!(s.found.len(), 2);
+    }
+
+    #[test]
+    fn literal_dotted_names_spelling_an_encrypted_path_are_plaintext() {
+        let schema = Schema::builder()
+            .field("profile.email", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let (c, p) = setup(schema);
+        let doc = rawdoc! { "_id": 1, "profile.email": "a@example.com", "list": [{ "x.y": 1 }] };
+        let s = scan(&c, &p, &doc);
+        assert_eq!(s.plaintext, ["profile.email"]);
+        // Nested too, and through arrays; unrelated dotted names are left alone.
+        let doc =
+            rawdoc! { "_id": 1, "profile": [[{ "email.x": "a@example.com" }]], "other.name": 1 };
+        let s = scan(&c, &p, &doc);
+        assert_eq!(s.plaintext, ["profile.email.x"]);
+    }
+
+    #[test]
+    fn per_element_arrays_holding_arrays_are_current_once_sealed() {
+        let schema = Schema::builder()
+            .field("tags.$[]", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let (c, p) = setup(schema);
+        let doc = rawdoc! { "_id": 1, "tags": [["a", "b"], "c"] };
+        let sealed = c.encrypt_raw(&doc, &Context::none()).unwrap();
+        assert!(scan(&c, &p, &sealed).is_current());
+        // A per-element field sealed whole is drift.
+        let whole = Schema::builder()
+            .field("tags", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let w = Cryptor::with_shared(c.keyring().clone(), Arc::new(whole));
+        let sealed_whole = w.encrypt_raw(&doc, &Context::none()).unwrap();
+        assert!(scan(&c, &p, &sealed_whole).mode);
+    }
+
+    #[test]
+    fn references_survive_malformed_values() {
+        let schema = Schema::builder()
+            .field("ssn", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let (c, _) = setup(schema);
+        let sealed = c
+            .encrypt_raw(&rawdoc! { "_id": 1, "ssn": "x" }, &Context::none())
+            .unwrap();
+        let good = references(&sealed);
+        assert_eq!(good.keys.len(), 1);
+        assert!(good.is_complete());
+        let bin = |subtype: u8, bytes: Vec<u8>| Binary {
+            subtype: bson::spec::BinarySubtype::from(subtype),
+            bytes,
+        };
+        let mut bad = RawDocumentBuf::new();
+        bad.append("_id", 2);
+        bad.append("ssn", sealed.get("ssn").unwrap().unwrap().to_raw_bson());
+        bad.append("broken", bin(ENVELOPE_SUBTYPE, vec![1, 2, 3]));
+        bad.append("idx", bin(BLIND_INDEX_SUBTYPE, vec![9]));
+        bad.append("fle1", bin(CSFLE_SUBTYPE, vec![1, 0, 0]));
+        bad.append("qe", bin(CSFLE_SUBTYPE, vec![7; 40]));
+        let r = references(&bad);
+        assert_eq!(r.keys, good.keys);
+        assert_eq!(r.unreadable, ["broken", "idx", "fle1"]);
+        assert!(crate::transform::Cryptor::referenced_keys(&bad).is_err());
     }
 }
