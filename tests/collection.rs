@@ -736,3 +736,53 @@ async fn validator_rejects_plaintext_written_past_fieldcrypt() {
     assert!(is_validation_failure(&e), "{e}");
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validator_rejects_plaintext_in_arrays_of_arrays() {
+    let (client, _) = client_recording().await;
+    let db = client.database(&unique_db_name("coll_validator_nested"));
+    let schema = Schema::builder()
+        .field("a.b", Field::deterministic("det"))
+        .build()
+        .unwrap();
+    apply_validator(&db, "nested", &schema).await.unwrap();
+    let plain = db.collection::<Document>("nested");
+    for bad in [
+        doc! { "a": [[{ "b": "plain" }]] },
+        doc! { "a": [[[{ "b": "plain" }]]] },
+        doc! { "a": [{ "c": 1 }, [{ "c": 2 }, [{ "b": "plain" }]]] },
+        doc! { "a": [[[[{ "b": "plain" }]]]] },
+        // Deeper than the validator follows: refused whatever it holds.
+        doc! { "a": [[[[[{ "c": 1 }]]]]] },
+    ] {
+        let e = plain.insert_one(bad.clone()).await.unwrap_err();
+        assert!(is_validation_failure(&e), "{bad}: {e}");
+    }
+    for fine in [
+        doc! { "a": [[{ "c": 1 }], [1, 2]] },
+        doc! { "a": [[[[{ "c": 1 }]]]] },
+        doc! { "x": [[{ "b": "not on the path" }]] },
+    ] {
+        plain.insert_one(fine).await.unwrap();
+    }
+    // fieldcrypt's own writes through nested arrays pass the validator.
+    let coll = EncryptedCollection::<Document>::new(plain.clone(), keyring(), schema);
+    coll.insert_one(doc! { "_id": 1, "a": [[{ "b": "x" }], { "b": "y" }] })
+        .await
+        .unwrap();
+    let stored = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    let inner = stored.get_array("a").unwrap()[0].as_array().unwrap()[0]
+        .as_document()
+        .unwrap();
+    assert_eq!(subtype(inner.get("b")), Some(ENVELOPE_SUBTYPE));
+    let back = coll.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(
+        back.get_array("a").unwrap()[0].as_array().unwrap()[0]
+            .as_document()
+            .unwrap()
+            .get_str("b")
+            .unwrap(),
+        "x"
+    );
+    db.drop().await.unwrap();
+}

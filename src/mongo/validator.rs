@@ -4,9 +4,12 @@
 //!
 //! For each encrypted path the validator requires `bsonType: "binData"` (a per-element array
 //! field: an array of binData); blind indexes must be binData too; an index-only field must
-//! not be stored at all. Paths may run through arrays of documents, so each intermediate level
-//! constrains both an embedded document (`properties`) and the documents of an array (`items`).
-//! Fields stay optional.
+//! not be stored at all. Paths may run through arrays of documents, nested ones included
+//! (`{a: [[{b: …}]]}` for the path `a.b`, which the engine encrypts as MongoDB's path
+//! semantics read it), so each intermediate level constrains both an embedded document
+//! (`properties`) and the elements of an array (`items`: that same level again, to
+//! [`MAX_ARRAY_NESTING`] arrays deep; `$jsonSchema` has no recursive references, so an array
+//! nested deeper on such a path is rejected rather than left unchecked). Fields stay optional.
 //!
 //! The check is on the BSON type: `$jsonSchema` cannot see a Binary's subtype, so a plaintext
 //! that is itself binData would pass. It stops the common mistake, not a determined writer.
@@ -18,6 +21,11 @@ use mongodb::Database;
 
 use crate::error::Result;
 use crate::schema::Schema;
+
+/// How many arrays deep (`a: [[{b: …}]]` is two) the validator follows a path to an encrypted
+/// field. A value nested in more arrays than this on such a path is rejected: the validator
+/// cannot look further (each level repeats the sub-schema, so it grows with this number).
+const MAX_ARRAY_NESTING: usize = 4;
 
 /// MongoDB's error code for a command on a collection that does not exist.
 const NAMESPACE_NOT_FOUND: i32 = 26;
@@ -49,15 +57,23 @@ impl Node {
         for (k, child) in &self.children {
             let spec = match &child.leaf {
                 Some(leaf) => leaf.clone(),
-                None => {
-                    let inner = child.properties();
-                    doc! { "properties": inner.clone(), "items": { "properties": inner } }
-                }
+                None => through_arrays(&child.properties()),
             };
             props.insert(k.clone(), spec);
         }
         props
     }
+}
+
+/// A level on the way to encrypted fields: as an embedded document its `properties` apply; as
+/// an array, each element is that level again (`properties` and `items` only constrain values
+/// of their own type), down to [`MAX_ARRAY_NESTING`] arrays, below which arrays are refused.
+fn through_arrays(props: &Document) -> Document {
+    let mut spec = doc! { "properties": props.clone(), "not": { "bsonType": "array" } };
+    for _ in 0..MAX_ARRAY_NESTING {
+        spec = doc! { "properties": props.clone(), "items": spec };
+    }
+    spec
 }
 
 /// The `$jsonSchema` body for `schema`'s encrypted fields.
@@ -187,6 +203,24 @@ mod tests {
                 &doc! { "bsonType": "binData" }
             );
         }
+        // Arrays of arrays: each element is the same level again, to MAX_ARRAY_NESTING deep.
+        let mut level = addr;
+        for _ in 0..MAX_ARRAY_NESTING {
+            level = level.get_document("items").unwrap();
+            assert_eq!(
+                level
+                    .get_document("properties")
+                    .unwrap()
+                    .get_document("street")
+                    .unwrap(),
+                &doc! { "bsonType": "binData" }
+            );
+        }
+        assert!(!level.contains_key("items"));
+        assert_eq!(
+            level.get_document("not").unwrap(),
+            &doc! { "bsonType": "array" }
+        );
         assert!(props.contains_key("name_bidx"));
         assert_eq!(props.get_document("token").unwrap(), &doc! { "not": {} });
         assert_eq!(
