@@ -738,6 +738,84 @@ async fn validator_rejects_plaintext_written_past_fieldcrypt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_pipelines_and_expressions_cannot_carry_plaintext_past_the_checks() {
+    let (db, _ring, coll, sent) = setup("coll_pipeline_bypass").await;
+    coll.insert_one(patient(1)).await.unwrap();
+    let docs = coll.clone_with_type::<Document>();
+    let plain = db.collection::<Document>("patients");
+    let before = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    sent.lock().unwrap().clear();
+
+    let mut refusals = Vec::new();
+    for pipeline in [
+        vec![doc! { "$replaceWith": { "$literal": { "_id": 1, "ssn": "123-45-6789" } } }],
+        vec![doc! { "$replaceWith": { "$arrayToObject": [[["_id", 1], ["ssn", "123-45-6789"]]] } }],
+        vec![
+            doc! { "$replaceWith": { "$mergeObjects": [{ "$literal": { "_id": 1 } }, { "ssn": "123-45-6789" }] } },
+        ],
+        vec![doc! { "$set": { "x": { "$literal": { "email": "plain@example.com" } } } }],
+        vec![
+            doc! { "$set": { "x": { "$setField": { "field": { "$concat": ["ss", "n"] }, "input": {}, "value": "1" } } } },
+        ],
+        vec![doc! { "$unset": "name" }],
+        vec![doc! { "$unset": ["age", "name_bidx"] }],
+    ] {
+        refusals.push(refusal(
+            docs.update_one(doc! { "_id": 1 }, pipeline)
+                .await
+                .unwrap_err(),
+        ));
+    }
+    refusals.push(refusal(
+        docs.find(
+            doc! { "$expr": { "$eq": [{ "$getField": { "$literal": "ssn" } }, "123-45-6789"] } },
+        )
+        .await
+        .unwrap_err(),
+    ));
+    refusals.push(refusal(
+        docs.count_documents(
+            doc! { "$expr": { "$eq": [{ "$getField": { "field": { "$toLower": "SSN" } } }, "123-45-6789"] } },
+        )
+        .await
+        .unwrap_err(),
+    ));
+    refusals.push(refusal(
+        docs.aggregate([doc! { "$match": { "$expr": { "$in": ["123-45-6789", { "$map": { "input": { "$objectToArray": { "$arrayToObject": [[["k", "$age"]]] } }, "in": "$$this.v" } }] } } }])
+            .await
+            .unwrap_err(),
+    ));
+    let all = "name, email, ssn, code, tags, profile.phone";
+    let expected = [
+        ("$replaceWith", all),
+        ("$replaceWith", all),
+        ("$replaceWith", all),
+        ("$set", "email"),
+        ("$setField", all),
+        ("$unset", "name"),
+        ("$unset", "name"),
+        ("$expr", "ssn"),
+        ("$getField", all),
+        ("$arrayToObject", all),
+    ];
+    let got: Vec<(&str, &str)> = refusals
+        .iter()
+        .map(|(o, f)| (o.as_str(), f.as_str()))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "refused operations sent {:?}",
+        sent.lock().unwrap()
+    );
+    assert_eq!(
+        plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap(),
+        before
+    );
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_rejects_plaintext_in_arrays_of_arrays() {
     let (client, _) = client_recording().await;
     let db = client.database(&unique_db_name("coll_validator_nested"));

@@ -420,3 +420,96 @@ async fn per_tenant_keys_crypto_shred_one_tenant() {
     );
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_update_pipelines_cannot_write_plaintext_or_move_a_document_to_another_owner() {
+    let (db, sent) = db("owner_pipeline").await;
+    let ring = Arc::new(InMemoryKeyring::new());
+    for a in ["det", "pii", "idx"] {
+        ring.generate(a);
+    }
+    let all = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring.clone(),
+        schema(),
+    );
+    let acme = all.scoped("acme").unwrap();
+    acme.insert_one(person(1, None, "a@x")).await.unwrap();
+    let plain = db.collection::<Document>("people");
+    let before = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    sent.lock().unwrap().clear();
+
+    let pipelines: Vec<(Vec<Document>, &str)> = vec![
+        (
+            vec![
+                doc! { "$replaceWith": { "$literal": { "_id": 1, "ssn": "123-45-6789", "tenant": "globex" } } },
+            ],
+            "$replaceWith",
+        ),
+        (
+            vec![
+                doc! { "$replaceWith": { "$arrayToObject": [[["ssn", "123-45-6789"], ["tenant", "acme"]]] } },
+            ],
+            "$replaceWith",
+        ),
+        (
+            vec![
+                doc! { "$replaceRoot": { "newRoot": { "$mergeObjects": [{ "tenant": "acme" }, { "ssn": "123-45-6789" }] } } },
+            ],
+            "$replaceRoot",
+        ),
+        (
+            vec![doc! { "$set": { "x": { "$literal": { "ssn": "123-45-6789" } } } }],
+            "$set",
+        ),
+        (vec![doc! { "$unset": "tenant" }], "$unset"),
+        (vec![doc! { "$unset": ["plan", "tenant"] }], "$unset"),
+        (vec![doc! { "$unset": "name_bidx" }], "$unset"),
+        (vec![doc! { "$project": { "plan": 1 } }], "$project"),
+    ];
+    for (pipeline, op) in pipelines {
+        for unscoped in [false, true] {
+            let handle = if unscoped { &all } else { &acme };
+            let e = handle
+                .update_one(doc! { "_id": 1, "tenant": "acme" }, pipeline.clone())
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, Error::UnsupportedQuery { ref operator, .. } if operator == op),
+                "{pipeline:?}: {e:?}"
+            );
+        }
+    }
+    // The plaintext is not sent either when it hides behind a computed field name.
+    let e = acme
+        .find(doc! { "$expr": { "$eq": [{ "$getField": { "$literal": "ssn" } }, "123-45-6789"] } })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::UnsupportedQuery { ref field, .. } if field == "ssn"),
+        "{e:?}"
+    );
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "refused operations sent {:?}",
+        sent.lock().unwrap()
+    );
+    assert_eq!(
+        plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap(),
+        before
+    );
+    // Pipelines over plain fields still work, and the document still decrypts.
+    acme.update_one(
+        doc! { "_id": 1 },
+        vec![
+            doc! { "$set": { "plan": { "$literal": "$gold" } } },
+            doc! { "$unset": "old" },
+        ],
+    )
+    .await
+    .unwrap();
+    let d = acme.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
+    assert_eq!(d.get_str("plan").unwrap(), "$gold");
+    assert_eq!(d.get_str("ssn").unwrap(), "ssn-1");
+    db.drop().await.unwrap();
+}

@@ -437,6 +437,7 @@ impl<'a> QueryRewriter<'a> {
         }
     }
 
+    /// The owner field (a top-level name), or a path inside it.
     fn is_owner_path(&self, path: &str) -> bool {
         self.owner_field()
             .is_some_and(|o| path == o || is_inside(path, o))
@@ -841,23 +842,25 @@ impl<'a> QueryRewriter<'a> {
         Ok(())
     }
 
-    /// Refuses expressions that reference encrypted fields (`"$ssn"`, `$$ROOT`, `$getField`).
+    /// Refuses expressions that reference encrypted fields (`"$ssn"`, `$$ROOT`, `$getField`),
+    /// and, when the schema has rules, expressions that name fields by a computed value
+    /// (`$arrayToObject`, `$getField`/`$setField`/`$unsetField` with a non-constant `field`):
+    /// fieldcrypt cannot tell which field they reach. `$literal` is looked into too.
     fn check_refs(&self, v: &Bson, operator: &str) -> Result<()> {
         match v {
             Bson::String(s) => self.check_ref_string(s, operator),
             Bson::Document(d) => {
                 for (k, v) in d {
                     match k.as_str() {
-                        "$literal" => continue,
                         "$getField" | "$setField" | "$unsetField" => {
-                            let named = match v {
-                                Bson::String(f) => Some(f.as_str()),
-                                Bson::Document(args) => args.get_str("field").ok(),
-                                _ => None,
-                            };
-                            if let Some(name) = named {
-                                self.check_field_name(name, operator)?;
-                            }
+                            self.check_field_operand(k, v, operator)?;
+                        }
+                        "$arrayToObject" if self.has_rules() => {
+                            return Err(refuse(
+                                k.clone(),
+                                self.all_paths(),
+                                "it builds field names from values, so fieldcrypt cannot tell which fields it writes",
+                            ))
                         }
                         _ => {}
                     }
@@ -867,6 +870,38 @@ impl<'a> QueryRewriter<'a> {
             }
             Bson::Array(items) => items.iter().try_for_each(|i| self.check_refs(i, operator)),
             _ => Ok(()),
+        }
+    }
+
+    /// The operand of `$getField`, `$setField` or `$unsetField`: its `field` must be a constant
+    /// (a plain string, or `{$literal: "<string>"}`) naming no encrypted field, blind index or
+    /// parent of one.
+    fn check_field_operand(&self, op: &str, v: &Bson, operator: &str) -> Result<()> {
+        if !self.has_rules() {
+            return Ok(());
+        }
+        let name_expr = match v {
+            // `{$getField: "name"}`, `{$getField: {$literal: "name"}}`: the shorthand form.
+            Bson::String(_) => Some(v),
+            Bson::Document(_) if is_operator_doc(v) => Some(v),
+            Bson::Document(args) => args.get("field"),
+            _ => None,
+        };
+        let name = match name_expr {
+            Some(Bson::String(s)) if !s.starts_with('$') => Some(s.as_str()),
+            Some(Bson::Document(d)) if d.len() == 1 => match d.get("$literal") {
+                Some(Bson::String(s)) => Some(s.as_str()),
+                _ => None,
+            },
+            _ => None,
+        };
+        match name {
+            Some(name) => self.check_field_name(name, operator),
+            None => Err(refuse(
+                op,
+                self.all_paths(),
+                "the field name is not a constant string, so fieldcrypt cannot tell which field it reaches",
+            )),
         }
     }
 
@@ -1224,9 +1259,8 @@ impl<'a> QueryRewriter<'a> {
         match v {
             Bson::Document(d) => {
                 for (k, v) in d {
-                    if k == "$literal" {
-                        continue;
-                    }
+                    // Names inside `$literal` are checked too: `{$literal: {ssn: "…"}}` is a
+                    // document with an `ssn` field wherever it lands.
                     if !k.starts_with('$') {
                         if let Some(rule) = self.classify(k).kind.rule() {
                             return Err(refuse(
@@ -1631,21 +1665,126 @@ impl<'a> QueryRewriter<'a> {
     /// Checks an update pipeline (an array of stages): it may not touch encrypted fields or
     /// the owner field at all, since its values are expressions fieldcrypt cannot encrypt.
     ///
+    /// When the schema has rules or an owner field: `$replaceWith`/`$replaceRoot` are refused
+    /// (the new document could hold any field, in clear, and any owner); `$unset` may not name
+    /// an encrypted field, a blind index, a parent of either, or the owner field; `$project` may
+    /// not drop the owner field; `$set`/`$addFields` may not name any of them, not even inside
+    /// `$literal`, nor build names from values; other stages are refused.
+    ///
     /// # Errors
-    /// [`Error::UnsupportedQuery`].
+    /// [`Error::UnsupportedQuery`]; [`Error::Config`] for a malformed stage.
     pub fn update_pipeline(&self, pipeline: &[Document]) -> Result<()> {
+        let guarded = self.has_rules() || self.owner_field().is_some();
         for stage in pipeline {
-            for (name, body) in stage {
-                self.generic_stage(name, body)?;
-                if let (Some(owner), Bson::Document(d)) = (self.owner_field(), body) {
-                    if d.keys().any(|k| self.is_owner_path(k)) {
-                        return Err(refuse(
-                            name.clone(),
-                            owner,
-                            "the owner value is bound into every ciphertext of the document",
-                        ));
+            let mut it = stage.iter();
+            let (Some((name, body)), None) = (it.next(), it.next()) else {
+                return Err(Error::Config(
+                    "a pipeline stage must be a document with exactly one field".into(),
+                ));
+            };
+            if !guarded {
+                continue;
+            }
+            match name.as_str() {
+                "$set" | "$addFields" => {
+                    self.generic_stage(name, body)?;
+                    if let Bson::Document(d) = body {
+                        if let Some(k) = d.keys().find(|k| self.is_owner_path(k)) {
+                            return Err(self.refuse_owner(name, k));
+                        }
                     }
                 }
+                "$project" => {
+                    self.generic_stage(name, body)?;
+                    if let Bson::Document(d) = body {
+                        self.update_projection(name, d)?;
+                    }
+                }
+                "$unset" => self.unset_stage(name, body)?,
+                "$replaceWith" | "$replaceRoot" => {
+                    return Err(refuse(
+                        name.clone(),
+                        self.guarded_paths(),
+                        "the replacement document could put plaintext into encrypted fields or change the owner; use replace_one, which encrypts it",
+                    ))
+                }
+                _ => {
+                    return Err(refuse(
+                        name.clone(),
+                        self.guarded_paths(),
+                        "not an update-pipeline stage fieldcrypt can check",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What a refusal concerning the whole document names: every encrypted path, else the
+    /// owner field.
+    fn guarded_paths(&self) -> String {
+        if self.has_rules() {
+            self.all_paths()
+        } else {
+            self.owner_field().unwrap_or_default().to_owned()
+        }
+    }
+
+    fn refuse_owner(&self, operator: &str, path: &str) -> Error {
+        refuse(
+            operator,
+            self.owner_field().unwrap_or(path),
+            "the owner value is bound into every ciphertext of the document",
+        )
+    }
+
+    /// A `$project` stage of an update pipeline may not drop or compute the owner field (an
+    /// inclusion projection without it drops it).
+    fn update_projection(&self, name: &str, body: &Document) -> Result<()> {
+        let Some(owner) = self.owner_field() else {
+            return Ok(());
+        };
+        let mut inclusion = false;
+        let mut keeps_owner = false;
+        for (k, v) in body {
+            let flag = is_flag(v);
+            if self.is_owner_path(k) {
+                if k != owner || flag != Some(true) {
+                    return Err(self.refuse_owner(name, k));
+                }
+                keeps_owner = true;
+            }
+            if k != "_id" && flag != Some(false) {
+                inclusion = true;
+            }
+        }
+        if inclusion && !keeps_owner {
+            return Err(self.refuse_owner(name, owner));
+        }
+        Ok(())
+    }
+
+    /// `$unset` in an update pipeline (a name or an array of names).
+    fn unset_stage(&self, name: &str, body: &Bson) -> Result<()> {
+        let names: Vec<&Bson> = match body {
+            Bson::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        for n in names {
+            let Bson::String(path) = n else {
+                return Err(Error::Config(format!(
+                    "{name} needs a field name or an array of field names"
+                )));
+            };
+            if self.is_owner_path(path) {
+                return Err(self.refuse_owner(name, path));
+            }
+            if let Some(rule) = self.classify(path).kind.rule() {
+                return Err(refuse(
+                    name,
+                    rule.normalized.clone(),
+                    "an update pipeline cannot remove an encrypted field, its blind index or a document containing them; use an update document with $unset, which removes the field and its index together",
+                ));
             }
         }
         Ok(())
@@ -2420,5 +2559,165 @@ mod tests {
         let other = RawDocumentBuf::from_document(&doc! { "tenant": "evil", "x": 1 }).unwrap();
         let (op, field) = refused(q.document(&other));
         assert_eq!((op.as_str(), field.as_str()), ("write", "tenant"));
+    }
+
+    const ALL: &str = "ssn, email, profile.phone, name, token, tags, notes, addresses.street";
+
+    #[test]
+    fn fail_update_pipelines_that_could_write_plaintext_or_drop_the_owner() {
+        let f = fixture(true);
+        let owner = Bson::String("acme".into());
+        let q = QueryRewriter::new(&f.cryptor, &f.ctx).scope(Some(&owner));
+        let cases: Vec<(Document, &str, &str)> = vec![
+            // Whole-document replacement: any name, any value, any owner.
+            (
+                doc! { "$replaceWith": { "$literal": { "ssn": "123-45-6789", "tenant": "B" } } },
+                "$replaceWith",
+                ALL,
+            ),
+            (
+                doc! { "$replaceWith": { "$arrayToObject": [[["ssn", "123-45-6789"]]] } },
+                "$replaceWith",
+                ALL,
+            ),
+            (
+                doc! { "$replaceWith": { "$mergeObjects": [{ "$literal": { "a": 1 } }, { "x": 1 }] } },
+                "$replaceWith",
+                ALL,
+            ),
+            (
+                doc! { "$replaceRoot": { "newRoot": { "x": 1 } } },
+                "$replaceRoot",
+                ALL,
+            ),
+            // Names hidden in $literal, or computed.
+            (
+                doc! { "$set": { "x": { "$literal": { "ssn": "1" } } } },
+                "$set",
+                "ssn",
+            ),
+            (
+                doc! { "$set": { "x": { "$arrayToObject": [[["k", "v"]]] } } },
+                "$arrayToObject",
+                ALL,
+            ),
+            (
+                doc! { "$set": { "x": { "$setField": { "field": { "$concat": ["ss", "n"] }, "input": {}, "value": "1" } } } },
+                "$setField",
+                ALL,
+            ),
+            (
+                doc! { "$set": { "x": { "$getField": { "$literal": "ssn" } } } },
+                "$set",
+                "ssn",
+            ),
+            // $unset stages (string or array form).
+            (doc! { "$unset": "tenant" }, "$unset", "tenant"),
+            (doc! { "$unset": ["x", "tenant"] }, "$unset", "tenant"),
+            (doc! { "$unset": "tenant.x" }, "$unset", "tenant"),
+            (doc! { "$unset": "email" }, "$unset", "email"),
+            (doc! { "$unset": ["name_bidx"] }, "$unset", "name"),
+            (doc! { "$unset": "profile" }, "$unset", "profile.phone"),
+            (doc! { "$unset": "ssn.x" }, "$unset", "ssn"),
+            // An inclusion projection drops the owner field.
+            (doc! { "$project": { "x": 1 } }, "$project", "tenant"),
+            (
+                doc! { "$addFields": { "tenant": "B" } },
+                "$addFields",
+                "tenant",
+            ),
+            (doc! { "$set": { "tenant.x": 1 } }, "$set", "tenant"),
+            // Not an update-pipeline stage.
+            (doc! { "$group": { "_id": 1 } }, "$group", ALL),
+        ];
+        for (stage, op, field) in cases {
+            let (o, fl) = refused(q.update_pipeline(std::slice::from_ref(&stage)));
+            assert_eq!((o.as_str(), fl.as_str()), (op, field), "for {stage}");
+        }
+        q.update_pipeline(&[
+            doc! { "$set": { "plan": { "$literal": { "a": "$x" } }, "n": { "$getField": "plain" } } },
+            doc! { "$set": { "p": { "$getField": { "field": { "$literal": "$price" }, "input": "$y" } } } },
+            doc! { "$unset": ["old", "x.y"] },
+            doc! { "$project": { "old2": 0 } },
+        ])
+        .unwrap();
+        // Without an owner field, whole-value replacement is still refused; plain $unset is fine.
+        let f = fixture(false);
+        let q = QueryRewriter::new(&f.cryptor, &f.ctx);
+        let (o, _) = refused(q.update_pipeline(&[doc! { "$replaceWith": { "a": 1 } }]));
+        assert_eq!(o, "$replaceWith");
+        q.update_pipeline(&[doc! { "$project": { "x": 1 } }, doc! { "$unset": "y" }])
+            .unwrap();
+    }
+
+    #[test]
+    fn fail_expressions_naming_encrypted_fields_through_literals_or_computed_names() {
+        let f = fixture(false);
+        let q = QueryRewriter::new(&f.cryptor, &f.ctx);
+        let cases: Vec<(Document, &str, &str)> = vec![
+            (
+                doc! { "$expr": { "$eq": [{ "$getField": { "$literal": "ssn" } }, "123-45-6789"] } },
+                "$expr",
+                "ssn",
+            ),
+            (
+                doc! { "$expr": { "$eq": [{ "$getField": { "field": { "$literal": "email" }, "input": "$x" } }, "a"] } },
+                "$expr",
+                "email",
+            ),
+            (
+                doc! { "$expr": { "$eq": [{ "$getField": { "field": { "$concat": ["ss", "n"] } } }, "1"] } },
+                "$getField",
+                ALL,
+            ),
+            (
+                doc! { "$expr": { "$eq": [{ "$getField": { "$toString": "$x" } }, "1"] } },
+                "$getField",
+                ALL,
+            ),
+            (
+                doc! { "$expr": { "$eq": [{ "$getField": { "input": "$x" } }, "1"] } },
+                "$getField",
+                ALL,
+            ),
+            (
+                doc! { "$expr": { "$eq": [{ "$unsetField": { "field": "name_bidx", "input": "$x" } }, {}] } },
+                "$expr",
+                "name",
+            ),
+            (
+                doc! { "$expr": { "$eq": [{ "$arrayToObject": "$pairs" }, { "ssn": "1" }] } },
+                "$arrayToObject",
+                ALL,
+            ),
+        ];
+        for (filter, op, field) in cases {
+            let (o, fl) = refused(q.filter(&filter));
+            assert_eq!((o.as_str(), fl.as_str()), (op, field), "for {filter}");
+        }
+        // Aggregations: names inside $literal are checked, computed names refused.
+        let bad: Vec<(Document, &str, &str)> = vec![
+            (
+                doc! { "$replaceWith": { "$literal": { "ssn": "x" } } },
+                "$replaceWith",
+                "ssn",
+            ),
+            (
+                doc! { "$project": { "x": { "$arrayToObject": [[["a", 1]]] } } },
+                "$arrayToObject",
+                ALL,
+            ),
+        ];
+        for (stage, op, field) in bad {
+            let (o, fl) = refused(q.pipeline(std::slice::from_ref(&stage)));
+            assert_eq!((o.as_str(), fl.as_str()), (op, field), "for {stage}");
+        }
+        // Constant names of plain fields are fine.
+        q.filter(&doc! { "$expr": { "$eq": [{ "$getField": { "$literal": "a.b" } }, 1] } })
+            .unwrap();
+        q.filter(
+            &doc! { "$expr": { "$eq": [{ "$getField": { "field": "plain", "input": "$x" } }, 1] } },
+        )
+        .unwrap();
     }
 }
