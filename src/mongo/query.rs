@@ -21,7 +21,7 @@ use crate::blind_index::BLIND_INDEX_SUBTYPE;
 use crate::envelope::ENVELOPE_SUBTYPE;
 use crate::error::{Error, Result};
 use crate::schema::{FieldRule, Node, Schema};
-use crate::transform::{Context, Cryptor, CSFLE_SUBTYPE};
+use crate::transform::{Context, Cryptor, CSFLE_SUBTYPE, MAX_DEPTH};
 
 /// Stages that MongoDB only accepts first in a pipeline, so an owner filter cannot precede them.
 const FIRST_STAGES: &[&str] = &[
@@ -1842,26 +1842,36 @@ impl<'a> QueryRewriter<'a> {
         self.cryptor.encrypt_raw(doc, self.ctx)
     }
 
-    /// Refuses field names containing `.` that spell an encrypted path (`{"profile.email": …}`):
-    /// MongoDB stores such a name literally, outside the nested path the engine encrypts, so the
-    /// value would be stored in clear. Only levels that can contain encrypted fields are walked.
+    /// Refuses field names containing `.` at a level that holds encrypted fields
+    /// (`{"profile.email": …}`, or `{"profile.city": …}` next to an encrypted `profile.email`):
+    /// MongoDB stores such a name literally, outside the nested path the engine encrypts, so
+    /// the value could be stored in clear. The engine refuses the same names
+    /// ([`Error::Schema`] from [`Cryptor::encrypt_raw`]); this check runs first so that the
+    /// collection layer reports them like its other refusals, naming the field. Only levels
+    /// that can contain encrypted fields are walked, through arrays at any depth.
     fn check_literal_dots(&self, doc: &RawDocument, node: &Node, prefix: &str) -> Result<()> {
+        self.dots_at(doc, node, prefix, 0)
+    }
+
+    fn dots_at(&self, doc: &RawDocument, node: &Node, prefix: &str, depth: u32) -> Result<()> {
         for e in doc {
             let (k, v) = e?;
-            if k.contains('.') {
-                let full = if prefix.is_empty() {
-                    k.to_owned()
-                } else {
-                    format!("{prefix}.{k}")
+            let path = if prefix.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            if let Some((first, _)) = k.split_once('.') {
+                let field = match self.classify_normalized(&path).rule() {
+                    Some(rule) => rule.normalized.clone(),
+                    None if node.child(first).is_some() => path,
+                    None => continue,
                 };
-                if let Some(rule) = self.classify_normalized(&full).rule() {
-                    return Err(refuse(
-                        "write",
-                        rule.normalized.clone(),
-                        "a field name containing '.' is stored as that literal name, outside the encrypted path; write nested documents",
-                    ));
-                }
-                continue;
+                return Err(refuse(
+                    "write",
+                    field,
+                    "a field name containing '.' is stored as that literal name, outside the encrypted path; write nested documents",
+                ));
             }
             let Some(child) = node.child(k) else {
                 continue;
@@ -1869,24 +1879,29 @@ impl<'a> QueryRewriter<'a> {
             if child.rule.is_some() {
                 continue;
             }
-            let path = if prefix.is_empty() {
-                k.to_owned()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            match v {
-                RawBsonRef::Document(d) => self.check_literal_dots(d, child, &path)?,
-                RawBsonRef::Array(items) => {
-                    for item in items {
-                        if let RawBsonRef::Document(d) = item? {
-                            self.check_literal_dots(d, child, &path)?;
-                        }
-                    }
-                }
-                _ => {}
-            }
+            self.dots_in(v, child, &path, depth + 1)?;
         }
         Ok(())
+    }
+
+    /// [`QueryRewriter::check_literal_dots`] for a value at `path`: a document, or the documents
+    /// of an array (arrays of arrays included), refusing nesting deeper than the engine does.
+    fn dots_in(&self, v: RawBsonRef<'_>, node: &Node, path: &str, depth: u32) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(Error::MalformedBson(format!(
+                "documents nested deeper than {MAX_DEPTH} levels"
+            )));
+        }
+        match v {
+            RawBsonRef::Document(d) => self.dots_at(d, node, path, depth),
+            RawBsonRef::Array(items) => {
+                for item in items {
+                    self.dots_in(item?, node, path, depth + 1)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The document with the scope's owner added; `None` when nothing needs adding.
@@ -2559,6 +2574,64 @@ mod tests {
         let other = RawDocumentBuf::from_document(&doc! { "tenant": "evil", "x": 1 }).unwrap();
         let (op, field) = refused(q.document(&other));
         assert_eq!((op.as_str(), field.as_str()), ("write", "tenant"));
+    }
+
+    #[test]
+    fn fail_dotted_names_are_refused_here_and_by_the_engine_alike() {
+        let f = fixture(true);
+        let owner = Bson::String("acme".into());
+        let q = QueryRewriter::new(&f.cryptor, &f.ctx).scope(Some(&owner));
+        let cases: Vec<(Document, &str)> = vec![
+            (
+                doc! { "tenant": "acme", "profile.phone": "1" },
+                "profile.phone",
+            ),
+            // A plain path, but at a level that holds encrypted fields: the engine refuses it.
+            (
+                doc! { "tenant": "acme", "profile": { "x": 1 }, "profile.city": "c" },
+                "profile.city",
+            ),
+            (
+                doc! { "tenant": "acme", "addresses": [[{ "street.x": 1 }]] },
+                "addresses.street",
+            ),
+            (
+                doc! { "tenant": "acme", "addresses": [{ "a": [1] }, [[{ "zip": 2, "street.y": 1 }]]] },
+                "addresses.street",
+            ),
+        ];
+        for (d, field) in cases {
+            let raw = RawDocumentBuf::from_document(&d).unwrap();
+            match q.document(&raw) {
+                Err(Error::UnsupportedQuery {
+                    operator,
+                    field: got,
+                    reason,
+                }) => {
+                    assert_eq!((operator.as_str(), got.as_str()), ("write", field), "{d}");
+                    assert!(reason.contains("containing '.'"), "{reason}");
+                }
+                other => panic!("{d}: expected a refusal, got {other:?}"),
+            }
+            assert!(q.replacement(&raw, &doc! { "_id": 1 }).is_err());
+            // The engine, reached without this layer, refuses the same documents.
+            let e = f.cryptor.encrypt_raw(&raw, &f.ctx).unwrap_err();
+            assert!(matches!(e, Error::Schema { .. }), "{d}: {e:?}");
+            assert!(e.to_string().contains("dotted field name"), "{e}");
+        }
+        let (op, field) = refused(q.update(
+            &doc! { "$set": { "addresses": [[{ "street.x": "1" }]] } },
+            &doc! {},
+        ));
+        assert_eq!((op.as_str(), field.as_str()), ("write", "addresses.street"));
+        // Arrays nested deeper than the engine accepts are refused, not walked forever.
+        let mut deep = Bson::Document(doc! { "street": "s" });
+        for _ in 0..200 {
+            deep = Bson::Array(vec![deep]);
+        }
+        let raw =
+            RawDocumentBuf::from_document(&doc! { "tenant": "acme", "addresses": deep }).unwrap();
+        assert!(matches!(q.document(&raw), Err(Error::MalformedBson(_))));
     }
 
     const ALL: &str = "ssn, email, profile.phone, name, token, tags, notes, addresses.street";
