@@ -513,3 +513,67 @@ async fn fail_update_pipelines_cannot_write_plaintext_or_move_a_document_to_anot
     assert_eq!(d.get_str("ssn").unwrap(), "ssn-1");
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_tenant_keys_of_owners_of_different_types_are_separate() {
+    let (db, _) = db("owner_tenant_types").await;
+    let ring = Arc::new(InMemoryKeyring::new());
+    let all = EncryptedCollection::<Document>::new(
+        db.collection::<Document>("people"),
+        ring.clone(),
+        schema(),
+    )
+    .per_tenant_keys()
+    .unwrap();
+    let oid = bson::oid::ObjectId::new();
+    // MongoDB tells these owners apart: a filter on one does not match the others.
+    let owners = [
+        Bson::String("123".into()),
+        Bson::Int32(123),
+        Bson::ObjectId(oid),
+        Bson::String(oid.to_hex()),
+        Bson::String("int:123".into()),
+    ];
+    let handles: Vec<_> = owners
+        .iter()
+        .map(|o| all.scoped(o.clone()).unwrap())
+        .collect();
+    let mut seen: Vec<String> = Vec::new();
+    for h in &handles {
+        for alias in h.key_aliases() {
+            assert!(!seen.contains(alias), "{alias} shared between owners");
+            ring.generate(alias);
+        }
+        seen.extend(h.key_aliases().iter().cloned());
+    }
+    // A string owner keeps the label it always had (its keys are `<alias>/<owner>`).
+    assert!(handles[0].key_aliases().contains(&"pii/123".to_owned()));
+    // Int32 and Int64 owners of one value are one owner to MongoDB's filters: one tenant.
+    let long = all.scoped(Bson::Int64(123)).unwrap();
+    assert_eq!(long.key_aliases(), handles[1].key_aliases());
+
+    for (i, h) in (1..).zip(&handles) {
+        h.insert_one(person(i, None, "same@x")).await.unwrap();
+    }
+    // Shredding the string owner "123" leaves the integer owner 123 (and the others) readable.
+    for alias in handles[0].key_aliases() {
+        for key in ring.keys() {
+            if key.alias() == alias {
+                ring.destroy(&key.id()).unwrap();
+            }
+        }
+    }
+    assert!(matches!(
+        handles[0].find_one(doc! {}).await,
+        Err(Error::KeyDestroyed(_))
+    ));
+    for h in &handles[1..] {
+        let d = h
+            .find_one(doc! { "email": "same@x" })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.get_str("email").unwrap(), "same@x");
+    }
+    db.drop().await.unwrap();
+}

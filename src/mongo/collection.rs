@@ -187,9 +187,16 @@ impl<T> EncryptedCollection<T> {
     }
 
     /// Uses per-owner (tenant) data keys: a handle scoped to owner `X` encrypts every field
-    /// under the alias `<alias>/<X>` instead of `<alias>` ([`tenant_schema`]), so destroying a
-    /// tenant's keys makes exactly that tenant's data unreadable (crypto-shredding). Decryption
-    /// needs no change: envelopes name their key.
+    /// under the alias `<alias>/<label of X>` instead of `<alias>` ([`tenant_schema`]), so
+    /// destroying a tenant's keys makes exactly that tenant's data unreadable
+    /// (crypto-shredding). Decryption needs no change: envelopes name their key.
+    ///
+    /// The label carries the owner's type where it could be mistaken for another owner's: a
+    /// string without `:` is itself (`"acme"` → `pii/acme`), a string with `:` is `s:<string>`,
+    /// an integer (Int32 or Int64, one owner to MongoDB's filters) `int:<n>`, an ObjectId
+    /// `oid:<hex>`. So the string `"123"`, the integer `123` and an ObjectId and its hex string
+    /// never share keys. [`key_aliases`](EncryptedCollection::key_aliases) lists a scoped
+    /// handle's aliases (to create or destroy its keys).
     ///
     /// An unscoped handle with per-tenant keys refuses every operation, since it would not know
     /// which tenant's keys to use.
@@ -245,6 +252,15 @@ impl<T> EncryptedCollection<T> {
     #[must_use]
     pub fn owner(&self) -> Option<&Bson> {
         self.owner.as_ref()
+    }
+
+    /// The key aliases this handle encrypts with: the schema's, or with
+    /// [per-tenant keys](EncryptedCollection::per_tenant_keys) the scoped tenant's
+    /// (`<alias>/<tenant label>`), e.g. to create a tenant's keys or to destroy them. (An
+    /// unscoped handle with per-tenant keys lists the schema's, and uses none.)
+    #[must_use]
+    pub fn key_aliases(&self) -> &[String] {
+        &self.aliases
     }
 
     /// The schema as given to [`EncryptedCollection::new`].

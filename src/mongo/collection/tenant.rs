@@ -3,7 +3,9 @@
 //!
 //! The core schema names one alias per field; per-document aliases are not part of it. A
 //! tenant-scoped handle therefore encrypts with a derived schema in which alias `pii` becomes
-//! `pii/<tenant>`. Decryption is unchanged (envelopes name their key by id).
+//! `pii/<tenant>`, where `<tenant>` is the owner value's label (`acme` for the string "acme",
+//! `int:42`, `oid:<hex>`, `s:<string>` for a string containing `:`; see [`label`]). Decryption
+//! is unchanged (envelopes name their key by id).
 
 use bson::Bson;
 
@@ -17,9 +19,9 @@ pub fn tenant_alias(alias: &str, tenant: &str) -> String {
 }
 
 fn check_tenant(tenant: &str) -> Result<()> {
-    if tenant.is_empty() || tenant.contains('/') {
+    if tenant.is_empty() || tenant.contains(['/', '\0']) {
         return Err(Error::Config(
-            "a tenant name must be non-empty and contain no '/'".into(),
+            "a tenant name must be non-empty and contain no '/' or NUL".into(),
         ));
     }
     Ok(())
@@ -76,14 +78,26 @@ pub fn tenant_aliases(schema: &Schema, tenant: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// The tenant name of an owner value: a string as is, an ObjectId in hex, an integer in
-/// decimal.
+/// The tenant label of an owner value, which names the tenant's keys (`<alias>/<label>`).
+/// Owners that MongoDB's filters tell apart get different labels, so they never share keys
+/// (and shredding one never shreds another):
+///
+/// - a string without `:` is its own label (`acme`);
+/// - a string containing `:` is `s:<string>`;
+/// - an integer is `int:<decimal>`: Int32 and Int64 of one value are one owner to MongoDB's
+///   equality (the owner filter `{tenant: 123}` matches both), so they are one tenant;
+/// - an ObjectId is `oid:<hex>` (not the label of the string of its hex digits).
+///
+/// Every typed label contains `:` and no plain string label does, so no two owners collide.
+/// The key vault allows any alias without NUL; its keyAltNames (`<alias>:v<n>`) stay unique
+/// since the version is read from the right.
 pub(super) fn label(owner: &Bson) -> Result<String> {
     match owner {
+        Bson::String(s) if s.contains(':') => Ok(format!("s:{s}")),
         Bson::String(s) => Ok(s.clone()),
-        Bson::ObjectId(o) => Ok(o.to_hex()),
-        Bson::Int32(n) => Ok(n.to_string()),
-        Bson::Int64(n) => Ok(n.to_string()),
+        Bson::ObjectId(o) => Ok(format!("oid:{}", o.to_hex())),
+        Bson::Int32(n) => Ok(format!("int:{n}")),
+        Bson::Int64(n) => Ok(format!("int:{n}")),
         _ => Err(Error::Config(
             "per-tenant keys need an owner value that is a string, an ObjectId or an integer"
                 .into(),
@@ -121,5 +135,33 @@ mod tests {
         assert!(tenant_schema(&s, "a/b").is_err());
         assert!(tenant_schema(&s, "").is_err());
         assert!(label(&Bson::Double(1.0)).is_err());
+    }
+
+    #[test]
+    fn owners_of_different_types_get_different_labels() {
+        let oid = bson::oid::ObjectId::new();
+        let owners = [
+            Bson::String("123".into()),
+            Bson::Int32(123),
+            Bson::ObjectId(oid),
+            Bson::String(oid.to_hex()),
+            Bson::String("int:123".into()),
+            Bson::String(format!("oid:{}", oid.to_hex())),
+            Bson::String("s:x".into()),
+            Bson::String("x".into()),
+        ];
+        let labels: Vec<String> = owners.iter().map(|o| label(o).unwrap()).collect();
+        for (i, a) in labels.iter().enumerate() {
+            for b in &labels[i + 1..] {
+                assert_ne!(a, b, "{owners:?}");
+            }
+        }
+        assert_eq!(labels[0], "123"); // plain strings keep their label
+        assert_eq!(labels[1], "int:123");
+        assert_eq!(label(&Bson::Int64(123)).unwrap(), "int:123");
+        assert_eq!(labels[2], format!("oid:{}", oid.to_hex()));
+        assert_eq!(labels[4], "s:int:123");
+        assert!(label(&Bson::String("a/b".into())).is_ok_and(|l| check_tenant(&l).is_err()));
+        assert!(check_tenant("a\0b").is_err());
     }
 }
