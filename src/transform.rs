@@ -272,42 +272,15 @@ impl Cryptor {
         let enc = rule.field.encrypt.as_ref().ok_or_else(|| {
             Error::schema(path, "field has a blind index only; nothing to encrypt")
         })?;
-        let key = self.keyring.primary(&enc.key)?;
-        let v = value_bytes(value)?;
-        let idv = id.map(value_bytes).transpose()?;
-        let ov = owner.map(value_bytes).transpose()?;
-        self.require_owner(owner)?;
-        if rule.field.bind_id && idv.is_none() {
+        if rule.field.bind_id && id.is_none() {
             return Err(Error::MissingContext(
                 "this field is bound to _id; give the document's _id",
             ));
         }
-        let binding = Binding {
-            path: &rule.normalized,
-            namespace: ctx.namespace.as_deref(),
-            id: if rule.field.bind_id {
-                idv.as_ref().map(|(t, b)| RawValue { ty: *t, bytes: b })
-            } else {
-                None
-            },
-            owner: ov.as_ref().map(|(t, b)| RawValue { ty: *t, bytes: b }),
-        };
-        let mut payload = Vec::with_capacity(v.1.len() + 64);
-        envelope::seal_into(
-            &key,
-            SealParams {
-                suite: enc.suite,
-                pad_to: rule.field.pad_to,
-            },
-            RawValue {
-                ty: v.0,
-                bytes: &v.1,
-            },
-            &binding,
-            &mut Vec::new(),
-            &mut payload,
-        )?;
-        Ok(binary(ENVELOPE_SUBTYPE, payload))
+        let key = self.keyring.primary(&enc.key)?;
+        let id = if rule.field.bind_id { id } else { None };
+        let mut sealer = ValueSealer::new(self, rule, value, ctx, id, owner)?;
+        sealer.seal(&key, enc.suite)
     }
 
     /// The ciphertexts a deterministic field would hold for `value`, one per readable key of its
@@ -334,39 +307,14 @@ impl Cryptor {
                 })
             }
         };
-        self.require_owner(owner)?;
-        let v = value_bytes(value)?;
-        let ov = owner.map(value_bytes).transpose()?;
-        let binding = Binding {
-            path: &rule.normalized,
-            namespace: ctx.namespace.as_deref(),
-            id: None,
-            owner: ov.as_ref().map(|(t, b)| RawValue { ty: *t, bytes: b }),
-        };
-        let mut out = Vec::new();
-        let mut ad = Vec::new();
-        for key in self.keyring.readable_keys(&enc.key)? {
-            // A deterministic encryption under a demoted key, for matching only: seal with a
+        let mut sealer = ValueSealer::new(self, rule, value, ctx, None, owner)?;
+        self.keyring
+            .readable_keys(&enc.key)?
+            .iter()
+            // A deterministic encryption under a demoted key, for matching only: sealed with a
             // primary-state view of the same secret. Nothing is stored with it.
-            let as_primary = key.with_state(crate::key::KeyState::Primary);
-            let mut payload = Vec::with_capacity(v.1.len() + 64);
-            envelope::seal_into(
-                &as_primary,
-                SealParams {
-                    suite: enc.suite,
-                    pad_to: rule.field.pad_to,
-                },
-                RawValue {
-                    ty: v.0,
-                    bytes: &v.1,
-                },
-                &binding,
-                &mut ad,
-                &mut payload,
-            )?;
-            out.push(binary(ENVELOPE_SUBTYPE, payload));
-        }
-        Ok(out)
+            .map(|key| sealer.seal(&key.with_state(crate::key::KeyState::Primary), enc.suite))
+            .collect()
     }
 
     /// The blind-index values for `value` at `path`, one per readable key of the index alias
@@ -520,6 +468,66 @@ fn value_bytes(v: &Bson) -> Result<(u8, Vec<u8>)> {
         .next()
         .ok_or(Error::MalformedBson("empty value".into()))??;
     Ok((el.ty, el.value.to_vec()))
+}
+
+/// One value encoded once, then sealed under one or more keys (explicit encryption and query
+/// rewriting).
+struct ValueSealer<'r> {
+    rule: &'r FieldRule,
+    namespace: Option<&'r str>,
+    value: (u8, Vec<u8>),
+    id: Option<(u8, Vec<u8>)>,
+    owner: Option<(u8, Vec<u8>)>,
+    ad: Vec<u8>,
+}
+
+impl<'r> ValueSealer<'r> {
+    fn new(
+        cryptor: &Cryptor,
+        rule: &'r FieldRule,
+        value: &Bson,
+        ctx: &'r Context,
+        id: Option<&Bson>,
+        owner: Option<&Bson>,
+    ) -> Result<Self> {
+        cryptor.require_owner(owner)?;
+        Ok(ValueSealer {
+            rule,
+            namespace: ctx.namespace.as_deref(),
+            value: value_bytes(value)?,
+            id: id.map(value_bytes).transpose()?,
+            owner: owner.map(value_bytes).transpose()?,
+            ad: Vec::new(),
+        })
+    }
+
+    fn seal(&mut self, key: &Key, suite: crate::suite::Suite) -> Result<bson::Binary> {
+        fn raw(v: &Option<(u8, Vec<u8>)>) -> Option<RawValue<'_>> {
+            v.as_ref().map(|(ty, bytes)| RawValue { ty: *ty, bytes })
+        }
+        let binding = Binding {
+            path: &self.rule.normalized,
+            namespace: self.namespace,
+            id: raw(&self.id),
+            owner: raw(&self.owner),
+        };
+        let mut payload = Vec::with_capacity(self.value.1.len() + 64);
+        envelope::seal_into(
+            key,
+            SealParams {
+                suite,
+                pad_to: self.rule.field.pad_to,
+            },
+            RawValue {
+                ty: self.value.0,
+                bytes: &self.value.1,
+            },
+            &binding,
+            &mut self.ad,
+            &mut payload,
+        )?;
+        Ok(binary(ENVELOPE_SUBTYPE, payload))
+    }
 }
 
 /// Per-call state of a document walk; scratch buffers are reused across fields.
