@@ -93,6 +93,12 @@ pub const DEFAULT_CHECKPOINT_NAMESPACE: (&str, &str) = ("fieldcrypt", "checkpoin
 /// Largest `update` command sent at once (the server takes 16 MiB; leave room).
 const MAX_COMMAND_BYTES: usize = 8 << 20;
 
+/// At most this many failed `_id`s are kept in a checkpoint for retrying (beyond that, the
+/// next run of the job scans the whole partition again)…
+const MAX_RECORDED_FAILURES: usize = 10_000;
+/// … and at most this many bytes of them (a checkpoint is one document, under 16 MiB).
+const MAX_RECORDED_FAILURE_BYTES: usize = 4 << 20;
+
 /// One collection to process, with its schema.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -422,8 +428,15 @@ pub struct TargetReport {
     pub stats: Stats,
     /// Counts over every run of the job (from the checkpoint).
     pub totals: Stats,
-    /// Whether the whole partition has been processed.
+    /// Whether the whole partition has been processed and every document in it is done:
+    /// never while [`TargetReport::unresolved`] is not zero.
     pub complete: bool,
+    /// Documents that failed in this pass over the partition (in this run, or in an earlier
+    /// run of the job that this one resumed) and have not been processed successfully since.
+    /// A later run with [`RotationOptions::resume`] retries them first (or, when there were
+    /// too many to remember, scans the partition again); the job is not complete until a run
+    /// leaves none.
+    pub unresolved: u64,
     /// Whether this run continued from a checkpoint.
     pub resumed: bool,
     /// Whether a checkpoint was found but not used because the primary keys changed since it was
@@ -456,10 +469,15 @@ impl Report {
         s
     }
 
-    /// Whether every target is complete.
+    /// Whether every target is complete: processed to the end, with no failure left (this
+    /// run's or an earlier run's). A run that had failures is never complete.
     #[must_use]
     pub fn complete(&self) -> bool {
-        !self.stopped && self.targets.iter().all(|t| t.complete)
+        !self.stopped
+            && self
+                .targets
+                .iter()
+                .all(|t| t.complete && t.unresolved == 0 && t.stats.failed == 0)
     }
 }
 
@@ -613,6 +631,7 @@ impl Rotator {
             stats: Stats::default(),
             totals: Stats::default(),
             complete: false,
+            unresolved: 0,
             resumed: false,
             restarted: false,
             failures: Vec::new(),
@@ -645,6 +664,7 @@ impl Rotator {
 
         macro_rules! report {
             ($phase:expr) => {{
+                rep.unresolved = cp.failed_ids.len() as u64 + cp.unrecorded;
                 rep.elapsed = started.elapsed();
                 rep.totals = base;
                 rep.totals.add(&rep.stats);
@@ -669,6 +689,10 @@ impl Rotator {
             let stop = report!(Phase::Finished);
             return Ok((rep, stop));
         }
+        // Documents that failed earlier in this pass are retried first: they are the front
+        // `retry` entries of `cp.failed_ids`; this run's failures are appended behind them, so
+        // the checkpoint always holds every failure not yet resolved.
+        let mut retry = cp.failed_ids.len();
 
         let decide = Decide {
             migrate_plaintext: o.migrate_plaintext,
@@ -690,6 +714,10 @@ impl Rotator {
                 primaries = now;
                 cp.primaries = primaries.sorted();
                 cp.last_id = None;
+                // Every document is visited again, failed ones included.
+                cp.failed_ids.clear();
+                cp.unrecorded = 0;
+                retry = 0;
                 rep.restarted = true;
                 scanner = Scanner::new(
                     target.collection.clone(),
@@ -698,9 +726,17 @@ impl Rotator {
                     o.batch_size,
                 );
             }
-            // 1. The next batch after the checkpoint, in `_id` order.
-            let Some(Batch { docs, last_id }) = scanner.next_batch().await? else {
-                break;
+            // 1. The next batch: documents to retry, then those after the checkpoint, in `_id`
+            //    order.
+            let (docs, last_id) = if retry > 0 {
+                let n = retry.min(o.batch_size);
+                let docs = fetch(&target.collection, &cp.failed_ids[..n]).await?;
+                (docs, Err(n))
+            } else {
+                let Some(Batch { docs, last_id }) = scanner.next_batch().await? else {
+                    break;
+                };
+                (docs, Ok(last_id))
             };
             rep.stats.scanned += docs.len() as u64;
             if report!(Phase::BatchRead) {
@@ -715,13 +751,21 @@ impl Rotator {
                 aliases: &aliases,
                 decide,
             };
-            self.process(&work, docs, &mut rep).await?;
+            let mut failed = Vec::new();
+            self.process(&work, docs, &mut rep, &mut failed).await?;
+            match last_id {
+                Ok(id) => cp.last_id = Some(id),
+                Err(retried) => {
+                    cp.failed_ids.drain(..retried);
+                    retry -= retried;
+                }
+            }
+            record_failures(&mut cp, failed)?;
             if report!(Phase::BatchWritten) {
                 return Ok((rep, true));
             }
 
             // 3. Checkpoint.
-            cp.last_id = Some(last_id);
             cp.totals = base;
             cp.totals.add(&rep.stats);
             if !o.dry_run {
@@ -730,7 +774,7 @@ impl Rotator {
             if report!(Phase::Checkpointed) {
                 return Ok((rep, true));
             }
-            if scanner.exhausted() {
+            if retry == 0 && scanner.exhausted() {
                 break;
             }
             if let Some(rate) = o.rate_limit {
@@ -741,23 +785,35 @@ impl Rotator {
                 }
             }
         }
-        cp.done = true;
+        // The pass is over. It is done only if nothing failed; otherwise the failed documents
+        // stay in the checkpoint for the next run to retry, or, if there were too many to
+        // remember, the next run scans the partition again.
+        let unresolved = cp.failed_ids.len() as u64 + cp.unrecorded;
+        rep.complete = unresolved == 0;
+        cp.done = rep.complete;
+        if cp.unrecorded > 0 {
+            cp.last_id = None;
+            cp.failed_ids.clear();
+            cp.unrecorded = 0;
+        }
         cp.totals = base;
         cp.totals.add(&rep.stats);
         if !o.dry_run {
             store.save(&key, &o.job, &ns, &label, &cp).await?;
         }
-        rep.complete = true;
         let stop = report!(Phase::Finished);
+        rep.unresolved = unresolved;
         Ok((rep, stop))
     }
 
-    /// Decides, re-encrypts and writes one batch, retrying conflicts; updates `rep`.
+    /// Decides, re-encrypts and writes one batch, retrying conflicts; updates `rep` and adds
+    /// the `_id`s of documents that failed to `failed`.
     async fn process(
         &self,
         work: &Work<'_>,
         mut docs: Vec<RawDocumentBuf>,
         rep: &mut TargetReport,
+        failed: &mut Vec<Bson>,
     ) -> Result<()> {
         let Work {
             target,
@@ -797,7 +853,7 @@ impl Rotator {
                 match outcome {
                     Outcome::Current => rep.stats.current += 1,
                     Outcome::Skip => rep.stats.skipped += 1,
-                    Outcome::Fail(reason) => fail(rep, o, id, reason),
+                    Outcome::Fail(reason) => fail(rep, o, failed, id, reason),
                     Outcome::Rewrite(plan) => plans.push((id, plan)),
                 }
             }
@@ -814,7 +870,7 @@ impl Rotator {
             for ((id, plan), r) in plans.into_iter().zip(results) {
                 match r {
                     Written::Applied => rep.stats.rewritten += 1,
-                    Written::Refused(reason) => fail(rep, o, id, reason),
+                    Written::Refused(reason) => fail(rep, o, failed, id, reason),
                     Written::Unknown => unsure.push((id, plan)),
                 }
             }
@@ -846,6 +902,7 @@ impl Rotator {
                     fail(
                         rep,
                         o,
+                        failed,
                         id_value(&d)?,
                         format!(
                             "the document changed during each of {} attempts to re-encrypt it",
@@ -859,11 +916,43 @@ impl Rotator {
     }
 }
 
-fn fail(rep: &mut TargetReport, o: &RotationOptions, id: Bson, reason: String) {
+fn fail(
+    rep: &mut TargetReport,
+    o: &RotationOptions,
+    failed: &mut Vec<Bson>,
+    id: Bson,
+    reason: String,
+) {
     rep.stats.failed += 1;
+    failed.push(id.clone());
     if rep.failures.len() < o.max_failures_listed {
         rep.failures.push(Failure { id, reason });
     }
+}
+
+/// Adds a batch's failed `_id`s to the checkpoint, within its limits; beyond them only the
+/// count is kept.
+fn record_failures(cp: &mut Checkpoint, failed: Vec<Bson>) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    let mut bytes = 0;
+    for id in &cp.failed_ids {
+        bytes += bson_key(id)?.len();
+    }
+    for id in failed {
+        let len = bson_key(&id)?.len();
+        if cp.unrecorded == 0
+            && cp.failed_ids.len() < MAX_RECORDED_FAILURES
+            && bytes + len <= MAX_RECORDED_FAILURE_BYTES
+        {
+            bytes += len;
+            cp.failed_ids.push(id);
+        } else {
+            cp.unrecorded += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Decides every document of a batch, in parallel when it is large enough.

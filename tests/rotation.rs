@@ -604,6 +604,67 @@ async fn documents_that_cannot_be_reencrypted_fail_alone() {
         "{}",
         t.failures[2].reason
     );
+    // Failures keep the job open: not complete, and a resumed run retries exactly the failed
+    // documents (it does not report "already complete").
+    assert!(!r.complete());
+    assert!(!t.complete);
+    assert_eq!(t.unresolved, 3);
+    let resumed = || async {
+        Rotator::new(keys.clone())
+            .checkpoint_collection(db.collection("checkpoints"))
+            .options(RotationOptions::default().resume(true).batch_size(2))
+            .run(&[Target::new(&coll, schema())], |_| Flow::Continue)
+            .await
+    };
+    let r = resumed().await.unwrap();
+    let t = &r.targets[0];
+    assert!(t.resumed && !t.complete && !r.complete());
+    assert_eq!(t.stats.scanned, 3, "{:?}", t.stats);
+    assert_eq!(t.stats.failed, 3);
+    assert_eq!(t.unresolved, 3);
+    // Fix two of them (3 loses its stray ciphertext, 1 is deleted): still not complete.
+    coll.update_one(doc! { "_id": 3 }, doc! { "$unset": { "old_field": "" } })
+        .await
+        .unwrap();
+    coll.delete_one(doc! { "_id": 1 }).await.unwrap();
+    let r = resumed().await.unwrap();
+    let t = &r.targets[0];
+    assert_eq!(
+        (t.stats.scanned, t.stats.rewritten, t.stats.failed),
+        (2, 1, 1),
+        "{:?}",
+        t.failures
+    );
+    assert_eq!(t.failures[0].id, Bson::Int64(2));
+    assert!(!r.complete());
+    // The last one is replaced by a readable document: the job completes, and stays so.
+    let fresh = cryptor
+        .encrypt_raw(
+            &RawDocumentBuf::from_document(&plain(2)).unwrap(),
+            &ctx(&coll),
+        )
+        .unwrap();
+    coll.replace_one(doc! { "_id": 2 }, fresh).await.unwrap();
+    let r = resumed().await.unwrap();
+    let t = &r.targets[0];
+    assert_eq!(
+        (t.stats.scanned, t.stats.failed),
+        (1, 0),
+        "{:?}",
+        t.failures
+    );
+    assert!(t.complete && r.complete());
+    assert_eq!(t.unresolved, 0);
+    let r = resumed().await.unwrap();
+    assert_eq!(r.stats().scanned, 0);
+    assert!(r.complete());
+    check_current(
+        &all(&coll).await,
+        &cryptor,
+        &ctx(&coll),
+        keys.as_ref(),
+        None,
+    );
     db.drop().await.unwrap();
 }
 

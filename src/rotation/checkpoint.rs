@@ -7,8 +7,13 @@
 //!   last_id: <the last _id scanned>, done: bool,
 //!   primaries: { <alias>: <key id>, … },      // the keys the run re-encrypted to
 //!   totals: { scanned, rewritten, … },        // summed over every run of the job
+//!   failed_ids: [ <_id>, … ],                 // failed in this pass, not yet retried
+//!   unrecorded: <failures beyond failed_ids>, // then the next run scans everything again
 //!   started: date, updated: date }
 //! ```
+//!
+//! `done` is set only when a pass over the partition ends with no unresolved failure, so a
+//! resumed run never skips a document that could not be processed.
 
 use bson::{doc, Bson, Document};
 use mongodb::Collection;
@@ -24,6 +29,10 @@ pub(crate) struct Checkpoint {
     pub done: bool,
     pub primaries: Vec<(String, KeyId)>,
     pub totals: Stats,
+    /// `_id`s of documents that failed in this pass and have not been processed since.
+    pub failed_ids: Vec<Bson>,
+    /// Failures of this pass beyond those in `failed_ids` (too many to keep).
+    pub unrecorded: u64,
     pub started: Option<bson::DateTime>,
 }
 
@@ -67,6 +76,15 @@ impl Store {
                 .get_document("totals")
                 .map(Stats::from_document)
                 .unwrap_or_default(),
+            failed_ids: d
+                .get_array("failed_ids")
+                .map(|a| a.to_vec())
+                .unwrap_or_default(),
+            unrecorded: match d.get("unrecorded") {
+                Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+                Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            },
             started: d.get_datetime("started").ok().copied(),
         }))
     }
@@ -92,6 +110,8 @@ impl Store {
             "done": cp.done,
             "primaries": primaries,
             "totals": cp.totals.to_document(),
+            "failed_ids": cp.failed_ids.clone(),
+            "unrecorded": i64::try_from(cp.unrecorded).unwrap_or(i64::MAX),
             "started": cp.started.unwrap_or(now),
             "updated": now,
         };

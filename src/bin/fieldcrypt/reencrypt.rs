@@ -226,6 +226,7 @@ fn target_json(t: &TargetReport) -> serde_json::Value {
         "namespace": t.namespace,
         "partition": t.partition,
         "complete": t.complete,
+        "unresolved": t.unresolved,
         "resumed": t.resumed,
         "restarted": t.restarted,
         "seconds": report::round(t.elapsed.as_secs_f64()),
@@ -240,9 +241,11 @@ fn target_json(t: &TargetReport) -> serde_json::Value {
 
 fn summarize(report: &Report, a: &RunArgs, command: &str, migrating: bool) -> Result<Exit> {
     let s = report.stats();
+    // Exit 4 until a run leaves no failure behind: failures of this run, and those of earlier
+    // runs of the job that this one retried and that still fail (the job is not complete).
     let exit = if report.stopped {
         Exit::Interrupted
-    } else if s.failed > 0 {
+    } else if s.failed > 0 || !report.complete() {
         Exit::Failed
     } else {
         Exit::Ok
@@ -295,6 +298,12 @@ fn summarize(report: &Report, a: &RunArgs, command: &str, migrating: bool) -> Re
                 println!(
                     "  … and {} more failures",
                     st.failed - t.failures.len() as u64
+                );
+            }
+            if !report.stopped && !t.complete && t.unresolved > 0 {
+                println!(
+                    "  not complete: {} document(s) could not be processed; fix them and run again with --resume (they are retried first)",
+                    t.unresolved
                 );
             }
         }
