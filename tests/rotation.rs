@@ -883,3 +883,89 @@ async fn with_the_key_vault_as_key_source() {
     }
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_inside_nested_arrays_is_audited_and_migrated() {
+    let (_client, db) = database("rot_nested").await;
+    let coll = db.collection::<RawDocumentBuf>("c");
+    let keys = keys();
+    let schema = || {
+        Schema::builder()
+            .field("a.b", Field::randomized("pii"))
+            .field("profile.email", Field::randomized("pii"))
+            .build()
+            .unwrap()
+    };
+    let plain = |i: i64| {
+        doc! {
+            "_id": i,
+            "a": [[{ "b": format!("secret-{i}") }], [[{ "b": format!("deep-{i}"), "c": 1 }]], { "b": i }, 7],
+            "profile": { "email": format!("u{i}@example.com") },
+        }
+    };
+    let docs: Vec<RawDocumentBuf> = (0..20)
+        .map(|i| RawDocumentBuf::from_document(&plain(i)).unwrap())
+        .collect();
+    coll.insert_many(docs).await.unwrap();
+    // A literal dotted name spelling an encrypted path is stored in clear, too.
+    let mut dotted = RawDocumentBuf::new();
+    dotted.append("_id", 100i64);
+    dotted.append("profile.email", "dotted@example.com");
+    coll.insert_one(dotted).await.unwrap();
+
+    let target = Target::new(&coll, schema());
+    let audit = Audit::new(keys.clone());
+    let rep = audit.run(&target, |_| {}).await.unwrap();
+    assert!(
+        rep.findings.iter().any(
+            |f| matches!(f, AuditFinding::Plaintext { path, documents: 20, .. } if path == "a.b")
+        ),
+        "{:#?}",
+        rep.findings
+    );
+    assert!(rep.findings.iter().any(
+        |f| matches!(f, AuditFinding::Plaintext { path, documents: 21, .. } if path == "profile.email")
+    ));
+
+    let r = Rotator::new(keys.clone())
+        .checkpoint_collection(db.collection("checkpoints"))
+        .options(
+            RotationOptions::default()
+                .job("migrate")
+                .migrate_plaintext(true),
+        )
+        .run(std::slice::from_ref(&target), |_| Flow::Continue)
+        .await
+        .unwrap();
+    let t = &r.targets[0];
+    assert_eq!(t.stats.rewritten, 20, "{:?}", t.failures);
+    // The dotted name cannot be fixed by re-encryption: it fails alone, with the reason.
+    assert_eq!(t.stats.failed, 1);
+    assert_eq!(t.failures[0].id, Bson::Int64(100));
+    assert!(
+        t.failures[0].reason.contains("dotted"),
+        "{}",
+        t.failures[0].reason
+    );
+    coll.delete_one(doc! { "_id": 100 }).await.unwrap();
+
+    let stored = all(&coll).await;
+    let cryptor = Cryptor::new(keys.clone(), schema());
+    for d in &stored {
+        let text = format!("{:?}", d.to_document().unwrap());
+        assert!(
+            !text.contains("secret-") && !text.contains("deep-"),
+            "{text}"
+        );
+        let back = cryptor
+            .decrypt_raw(d, &ctx(&coll))
+            .unwrap()
+            .to_document()
+            .unwrap();
+        assert_eq!(back, plain(back.get_i64("_id").unwrap()));
+    }
+    let rep = audit.run(&target, |_| {}).await.unwrap();
+    assert!(rep.is_clean(), "{:#?}", rep.findings);
+    assert_eq!(rep.current, 20);
+    db.drop().await.unwrap();
+}

@@ -430,20 +430,27 @@ impl Audit {
                 if scan.is_current() && scan.malformed.is_empty() {
                     rep.current += 1;
                 }
-                for p in &scan.plaintext {
-                    plaintext.entry(p.clone()).or_default().hit(&id);
+                // Counted once per document, however many array elements hold one.
+                for p in distinct(&scan.plaintext) {
+                    plaintext.entry(p.to_owned()).or_default().hit(&id);
                 }
                 if scan.suite || scan.mode || scan.missing_index || scan.stale_index {
                     outdated.hit(&id);
                 }
-                for p in &scan.malformed {
-                    malformed.entry(p.clone()).or_default().hit(&id);
+                for p in distinct(&scan.malformed) {
+                    malformed.entry(p.to_owned()).or_default().hit(&id);
+                }
+                let stray: Vec<String> = scan
+                    .found
+                    .iter()
+                    .filter(|f| !f.managed && !matches!(f.kind, FoundKind::BlindIndex { .. }))
+                    .map(|f| f.path.clone())
+                    .collect();
+                for p in distinct(&stray) {
+                    unmanaged.entry(p.to_owned()).or_default().hit(&id);
                 }
                 let mut seen_keys: Vec<KeyId> = Vec::new();
                 for f in &scan.found {
-                    if !f.managed && !matches!(f.kind, FoundKind::BlindIndex { .. }) {
-                        unmanaged.entry(f.path.clone()).or_default().hit(&id);
-                    }
                     let (key, which) = match f.kind {
                         FoundKind::Envelope { key, suite } => {
                             *rep.suites.entry(suite.name().to_owned()).or_default() += 1;
@@ -598,6 +605,14 @@ impl Audit {
         rep.seconds = started.elapsed().as_secs_f64();
         Ok(rep)
     }
+}
+
+/// The paths of one document, each once.
+fn distinct(paths: &[String]) -> Vec<&str> {
+    let mut v: Vec<&str> = paths.iter().map(String::as_str).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 fn state_rank(s: crate::key::KeyState) -> u8 {
