@@ -10,6 +10,8 @@
 
 // criterion_group! generates an undocumented public function.
 #![allow(missing_docs)]
+// Benchmark setup: a failure is a broken benchmark, reported by the panic.
+#![allow(clippy::unwrap_used)]
 
 use std::hint::black_box;
 use std::sync::Arc;
