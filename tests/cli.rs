@@ -1184,3 +1184,118 @@ async fn rotation_script_runs_end_to_end() {
     let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
     client.database(&db).drop().await.unwrap();
 }
+
+#[test]
+fn output_files_are_owner_only_and_not_overwritten_without_force() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = workdir();
+    let d = dir.path();
+    let mode = |f: &str| std::fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
+    let enc = |extra: &[&str]| {
+        let mut args = vec![
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "sealed.jsonl",
+        ];
+        args.extend_from_slice(extra);
+        run(d, &args, Some(PEOPLE), &[])
+    };
+    let o = enc(&[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(mode("sealed.jsonl"), 0o600);
+    let sealed = std::fs::read_to_string(d.join("sealed.jsonl")).unwrap();
+
+    // Decrypted output: a new file is 0600, whatever the umask.
+    let dec = |extra: &[&str]| {
+        let mut args = vec![
+            "decrypt",
+            "--keyset",
+            "keys.json",
+            "--in",
+            "sealed.jsonl",
+            "--out",
+            "plain.jsonl",
+        ];
+        args.extend_from_slice(extra);
+        run(d, &args, None, &[])
+    };
+    let o = dec(&[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(mode("plain.jsonl"), 0o600);
+    assert_eq!(
+        lines_as_docs(&std::fs::read_to_string(d.join("plain.jsonl")).unwrap()).len(),
+        2
+    );
+
+    // An existing file is not overwritten (nor followed, if it is a symlink)…
+    std::fs::write(d.join("plain.jsonl"), "keep me\n").unwrap();
+    let o = dec(&[]);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr
+            .contains("the file exists; give --force to overwrite it"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("plain.jsonl")).unwrap(),
+        "keep me\n"
+    );
+    std::os::unix::fs::symlink(d.join("elsewhere"), d.join("link.jsonl")).unwrap();
+    let o = run(
+        d,
+        &[
+            "decrypt",
+            "--keyset",
+            "keys.json",
+            "--in",
+            "sealed.jsonl",
+            "--out",
+            "link.jsonl",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(!d.join("elsewhere").exists());
+    // …unless --force: then it is replaced and keeps its (here: looser) mode, with a warning.
+    std::fs::set_permissions(
+        d.join("plain.jsonl"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let o = dec(&["--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(mode("plain.jsonl"), 0o640);
+    assert!(o.stderr.contains("chmod 600"), "{}", o.stderr);
+    assert_eq!(
+        lines_as_docs(&std::fs::read_to_string(d.join("plain.jsonl")).unwrap()).len(),
+        2
+    );
+    // Ciphertext output overwrites without the warning, keeping the file's mode too.
+    std::fs::set_permissions(
+        d.join("sealed.jsonl"),
+        std::fs::Permissions::from_mode(0o620),
+    )
+    .unwrap();
+    let o = enc(&["--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(mode("sealed.jsonl"), 0o620);
+    assert!(!o.stderr.contains("warning"), "{}", o.stderr);
+    assert_ne!(
+        std::fs::read_to_string(d.join("sealed.jsonl")).unwrap(),
+        sealed
+    );
+    // --force needs --out.
+    let o = run(
+        d,
+        &["decrypt", "--keyset", "keys.json", "--force"],
+        Some(""),
+        &[],
+    );
+    assert_eq!(o.code, 2, "{}", o.stderr);
+}

@@ -50,8 +50,8 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         ctx = ctx.with_owner_field(f.clone());
     }
     let cryptor = Cryptor::new(keys.source.clone(), schema);
-    let mut reader = Reader::open(a.io.input.as_deref())?;
-    let mut writer = Writer::create(a.io.output.as_deref())?;
+    let mut reader = Reader::open(a.io.input.input.as_deref())?;
+    let mut writer = Writer::create(&a.io.output, true)?;
     let mut first_line = 1;
     loop {
         let batch = reader.batch(BATCH)?;

@@ -60,8 +60,8 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     schema.check_keys(keys.source.as_ref())?;
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = context(a.namespace.as_deref());
-    let mut reader = Reader::open(a.io.input.as_deref())?;
-    let mut writer = Writer::create(a.io.output.as_deref())?;
+    let mut reader = Reader::open(a.io.input.input.as_deref())?;
+    let mut writer = Writer::create(&a.io.output, false)?;
     let mut first_line = 1;
     loop {
         let batch = reader.batch(BATCH)?;

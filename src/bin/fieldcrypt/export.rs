@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::decrypt::referenced;
 use crate::encrypt::load_schema;
-use crate::jsonl::Writer;
+use crate::jsonl::{OutArgs, Writer};
 use crate::keys::split_namespace;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
@@ -30,9 +30,8 @@ pub(crate) struct ExportArgs {
     /// Stop after this many documents.
     #[arg(long)]
     limit: Option<u64>,
-    /// Write to this file instead of stdout.
-    #[arg(long = "out", value_name = "FILE")]
-    output: Option<PathBuf>,
+    #[command(flatten)]
+    dest: OutArgs,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]
@@ -50,7 +49,8 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     let keys = if a.decrypt {
         report::warn(&format!(
             "--decrypt: {} holds plaintext; protect it and delete it when done",
-            a.output
+            a.dest
+                .output
                 .as_ref()
                 .map_or_else(|| "the output".to_owned(), |p| p.display().to_string())
         ));
@@ -70,7 +70,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         find = find.limit(i64::try_from(l).unwrap_or(i64::MAX));
     }
     let mut cursor = find.await?;
-    let mut writer = Writer::create(a.output.as_deref())?;
+    let mut writer = Writer::create(&a.dest, a.decrypt)?;
     let ctx = Context::namespace(a.namespace.clone());
     let cryptor = keys
         .as_ref()
@@ -121,7 +121,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     if a.out.json {
         let summary = json!({ "event": "summary", "namespace": a.namespace, "written": written, "decrypted": a.decrypt, "complete": !interrupted });
         // Documents go to stdout unless --out: then the summary does.
-        if a.output.is_some() {
+        if a.dest.output.is_some() {
             println!("{summary}");
         } else {
             eprintln!("{summary}");

@@ -10,7 +10,7 @@ use fieldcrypt::{Context, Cryptor, Error, Result};
 use serde_json::json;
 
 use crate::encrypt::load_schema;
-use crate::jsonl::{IoArgs, Reader};
+use crate::jsonl::{InArgs, Reader};
 use crate::keys::split_namespace;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
@@ -27,7 +27,7 @@ pub(crate) struct ImportArgs {
     #[arg(long, default_value_t = 1000)]
     batch: usize,
     #[command(flatten)]
-    io: IoArgs,
+    io: InArgs,
     #[command(flatten)]
     keys: KeyArgs,
     #[command(flatten)]

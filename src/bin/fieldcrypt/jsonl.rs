@@ -2,22 +2,41 @@
 //! them. Input may be canonical or relaxed; output is canonical, so every BSON type (binary
 //! subtypes included) survives the round trip.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use fieldcrypt::{Error, Result};
 
-/// Where documents come from and go to.
+/// Where documents come from.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub(crate) struct IoArgs {
+pub(crate) struct InArgs {
     /// Read documents from this file instead of stdin.
     #[arg(long = "in", value_name = "FILE")]
     pub input: Option<PathBuf>,
-    /// Write documents to this file instead of stdout.
+}
+
+/// Where documents go.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct OutArgs {
+    /// Write documents to this file instead of stdout. It is created readable by its owner
+    /// only (mode 0600); an existing file is refused unless --force.
     #[arg(long = "out", value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Overwrite the --out file if it exists (its permissions are kept).
+    #[arg(long, requires = "output")]
+    pub force: bool,
+}
+
+/// Where documents come from and go to.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct IoArgs {
+    #[command(flatten)]
+    pub input: InArgs,
+    #[command(flatten)]
+    pub output: OutArgs,
 }
 
 /// Reads documents, a batch at a time.
@@ -91,15 +110,20 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn create(path: Option<&Path>) -> Result<Self> {
-        let out: Box<dyn Write + Send> = match path {
+    /// Writes to `out.output`, or stdout. A new file is created with mode 0600 (owner only: the
+    /// output may be plaintext), atomically (`O_EXCL`, so no symlink or file planted there is
+    /// followed); an existing file is an error unless `out.force`, and then it is truncated and
+    /// keeps its permissions (never loosened). `plaintext` says the output holds decrypted
+    /// values: overwriting a file that others can read is then warned about.
+    pub(crate) fn create(out: &OutArgs, plaintext: bool) -> Result<Self> {
+        let w: Box<dyn Write + Send> = match &out.output {
             Some(p) => Box::new(BufWriter::with_capacity(
                 1 << 20,
-                File::create(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+                open_output(p, out.force, plaintext)?,
             )),
             None => Box::new(BufWriter::with_capacity(1 << 20, io::stdout())),
         };
-        Ok(Writer { out })
+        Ok(Writer { out: w })
     }
 
     pub(crate) fn write(&mut self, doc: &RawDocument) -> Result<()> {
@@ -115,4 +139,37 @@ impl Writer {
         self.out.flush()?;
         Ok(())
     }
+}
+
+/// Opens an output file: see [`Writer::create`].
+pub(crate) fn open_output(path: &Path, force: bool, plaintext: bool) -> Result<File> {
+    let named = |e: io::Error| Error::Config(format!("{}: {e}", path.display()));
+    let mut new = OpenOptions::new();
+    new.write(true).create_new(true).mode(0o600);
+    match new.open(path) {
+        Ok(f) => return Ok(f),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(named(e)),
+    }
+    if !force {
+        return Err(Error::Config(format!(
+            "{}: the file exists; give --force to overwrite it",
+            path.display()
+        )));
+    }
+    // An existing file: truncated, its mode left as it is (`mode` applies to new files only).
+    let f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(named)?;
+    let mode = f.metadata().map_err(named)?.mode();
+    if plaintext && mode & 0o077 != 0 {
+        crate::report::warn(&format!(
+            "{} is readable by others (mode {:o}) and now holds plaintext: restrict it (chmod 600)",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    Ok(f)
 }
