@@ -1299,3 +1299,75 @@ fn output_files_are_owner_only_and_not_overwritten_without_force() {
     );
     assert_eq!(o.code, 2, "{}", o.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_counts_documents_with_unreadable_references_as_unknown() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let db = unique_db_name("cli_unknown");
+    let ns = format!("{db}.people");
+    let snap = |name: &str, o: &Out| snapshot_with(name, o, &d, &[(db.as_str(), "[DB]")]);
+    generate(&d.join("people.jsonl"), 3);
+    let env = [("MONGODB_URI", uri.as_str())];
+    let go = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--keyset", "keys.json"]);
+        run(&d, &a, None, &env)
+    };
+    let o = go(&[
+        "import",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--in",
+        "people.jsonl",
+    ]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let old = go(&["keys", "list", "--alias", "pii", "--ids"])
+        .stdout
+        .trim()
+        .to_owned();
+    assert_eq!(go(&["keys", "rotate", "pii", "-q"]).code, 0);
+
+    // A malformed value next to readable references does not hide them.
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let coll = client.database(&db).collection::<Document>("people");
+    let junk = Bson::Binary(bson::Binary {
+        subtype: bson::spec::BinarySubtype::UserDefined(0x8F),
+        bytes: vec![1, 2, 3],
+    });
+    coll.update_one(doc! { "_id": 0 }, doc! { "$set": { "junk": junk.clone() } })
+        .await
+        .unwrap();
+    let o = go(&["keys", "destroy", &old, "--namespace", &ns]);
+    assert_eq!(o.code, 5, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("3 document(s) still reference it"),
+        "{}",
+        o.stderr
+    );
+    // Re-encryption moves the readable documents; the malformed one fails and keeps the key.
+    let o = go(&["reencrypt", "--schema", "schema.toml", "--namespace", &ns]);
+    assert_eq!(o.code, 4, "{}{}", o.stdout, o.stderr);
+    // A document whose only ciphertext cannot be read may be under any key: destroying is
+    // refused, with the count, unless --force.
+    coll.replace_one(doc! { "_id": 0 }, doc! { "_id": 0, "ssn": junk })
+        .await
+        .unwrap();
+    snap(
+        "keys_destroy_unknown",
+        &go(&["keys", "destroy", &old, "--namespace", &ns]),
+    );
+    let o = go(&["keys", "destroy", &old, "--namespace", &ns, "--json"]);
+    assert_eq!(o.code, 5);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        (v["documents"].as_u64(), v["unknown"].as_u64()),
+        (Some(0), Some(1))
+    );
+    let o = go(&["keys", "destroy", &old, "--namespace", &ns, "--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    client.database(&db).drop().await.unwrap();
+}

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use bson::{doc, RawDocumentBuf};
 use fieldcrypt::mongo::LocalKek;
-use fieldcrypt::{Cryptor, Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Result};
+use fieldcrypt::rotation::references;
+use fieldcrypt::{Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Result};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
@@ -394,23 +395,42 @@ async fn change_state(a: StateArgs, state: KeyState) -> Result<Exit> {
         ));
     } else {
         let counts = count_references(&a, &a.id).await?;
-        let total: u64 = counts.iter().map(|(_, n)| n).sum();
-        if total > 0 {
-            let list: Vec<String> = counts
-                .iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(ns, n)| format!("{ns}: {n}"))
-                .collect();
+        let total: u64 = counts.iter().map(|c| c.referencing).sum();
+        let unknown: u64 = counts.iter().map(|c| c.unknown).sum();
+        if total > 0 || unknown > 0 {
+            let list = |f: fn(&RefCount) -> u64| -> Vec<String> {
+                counts
+                    .iter()
+                    .filter(|c| f(c) > 0)
+                    .map(|c| format!("{}: {}", c.namespace, f(c)))
+                    .collect()
+            };
             if a.out.json {
                 println!(
                     "{}",
-                    json!({ "id": a.id, "refused": verb, "documents": total, "by_collection": counts.iter().filter(|(_, n)| *n > 0).map(|(ns, n)| json!({"namespace": ns, "documents": n})).collect::<Vec<_>>() })
+                    json!({
+                        "id": a.id, "refused": verb, "documents": total, "unknown": unknown,
+                        "by_collection": counts.iter().filter(|c| c.referencing > 0 || c.unknown > 0).map(|c| json!({"namespace": c.namespace, "documents": c.referencing, "unknown": c.unknown})).collect::<Vec<_>>(),
+                    })
                 );
             }
+            let mut why = Vec::new();
+            if total > 0 {
+                why.push(format!(
+                    "{total} document(s) still reference it ({}); run `fieldcrypt reencrypt` first",
+                    list(|c| c.referencing).join(", ")
+                ));
+            }
+            if unknown > 0 {
+                why.push(format!(
+                    "{unknown} document(s) hold a ciphertext or blind index whose key cannot be read, so they may reference it ({}); find them with `fieldcrypt audit` (malformed ciphertext) and repair or remove them",
+                    list(|c| c.unknown).join(", ")
+                ));
+            }
             eprintln!(
-                "fieldcrypt: refusing to {verb} key {}: {total} document(s) still reference it ({}); run `fieldcrypt reencrypt` first, or pass --force",
+                "fieldcrypt: refusing to {verb} key {}: {}, or pass --force",
                 a.id,
-                list.join(", ")
+                why.join("; ")
             );
             return Ok(Exit::Refused);
         }
@@ -428,8 +448,19 @@ async fn change_state(a: StateArgs, state: KeyState) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// Counts, per collection, the documents whose ciphertexts or blind indexes name `id`.
-async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<(String, u64)>> {
+/// Per collection: documents that reference a key, and documents that cannot be ruled out.
+struct RefCount {
+    namespace: String,
+    /// Documents whose ciphertexts or blind indexes name the key.
+    referencing: u64,
+    /// Documents holding a value that claims to be a ciphertext or blind index but whose key
+    /// id cannot be read (malformed): they may reference the key.
+    unknown: u64,
+}
+
+/// Counts, per collection, the documents whose ciphertexts or blind indexes name `id`, and
+/// those that may (a malformed value whose key cannot be read).
+async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<RefCount>> {
     let uri = a.keys.uri.as_deref().ok_or_else(|| {
         Error::Config(format!(
             "cannot tell whether documents still reference key {id}: give --uri (and --namespace) to check, or --force"
@@ -464,12 +495,16 @@ async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<(String, u64)
         let total = c.estimated_document_count().await.ok();
         let mut progress = Progress::new(&a.out, &format!("checking {ns}"), total);
         let mut cursor = c.find(doc! {}).await?;
-        let (mut seen, mut n) = (0u64, 0u64);
+        let (mut seen, mut n, mut unknown) = (0u64, 0u64, 0u64);
         while let Some(d) = cursor.try_next().await? {
             seen += 1;
-            // A malformed ciphertext references nothing readable; it must not stop the check.
-            if Cryptor::referenced_keys(&d).is_ok_and(|ids| ids.contains(id)) {
+            // Leniently: a malformed value elsewhere in the document must neither hide the
+            // document's readable references nor be taken as "no reference".
+            let refs = references(&d);
+            if refs.keys.contains(id) {
                 n += 1;
+            } else if !refs.is_complete() {
+                unknown += 1;
             }
             if seen % 1000 == 0 {
                 progress.update(
@@ -484,7 +519,11 @@ async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<(String, u64)
             }
         }
         progress.finish();
-        out.push((ns, n));
+        out.push(RefCount {
+            namespace: ns,
+            referencing: n,
+            unknown,
+        });
     }
     Ok(out)
 }
