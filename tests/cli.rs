@@ -1367,6 +1367,22 @@ async fn destroy_counts_documents_with_unreadable_references_as_unknown() {
         (v["documents"].as_u64(), v["unknown"].as_u64()),
         (Some(0), Some(1))
     );
+    // `audit --key`, the check before disabling, says the same.
+    let o = go(&[
+        "audit",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--key",
+        &old,
+    ]);
+    assert_eq!(o.code, 3, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("1 document(s) may reference key"),
+        "{}",
+        o.stdout
+    );
     let o = go(&["keys", "destroy", &old, "--namespace", &ns, "--force"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     client.database(&db).drop().await.unwrap();

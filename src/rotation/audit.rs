@@ -284,6 +284,9 @@ pub struct AuditReport {
     pub suites: BTreeMap<String, u64>,
     /// CSFLE values in schema fields (to migrate).
     pub csfle_values: u64,
+    /// Documents holding a malformed ciphertext or blind index: its key cannot be read, so
+    /// such a document may reference any key.
+    pub unreadable: u64,
     /// The problems; empty for a clean collection.
     pub findings: Vec<AuditFinding>,
     /// Seconds spent.
@@ -436,6 +439,9 @@ impl Audit {
                 }
                 if scan.suite || scan.mode || scan.missing_index || scan.stale_index {
                     outdated.hit(&id);
+                }
+                if !scan.malformed.is_empty() {
+                    rep.unreadable += 1;
                 }
                 for p in distinct(&scan.malformed) {
                     malformed.entry(p.to_owned()).or_default().hit(&id);

@@ -147,9 +147,10 @@ fn print_report(r: &AuditReport) {
     }
 }
 
-/// `--key`: how many documents of each collection still reference one key.
+/// `--key`: how many documents of each collection still reference one key, and how many may
+/// (a malformed ciphertext, whose key cannot be read).
 fn only_key(reports: &[AuditReport], id: &fieldcrypt::KeyId, out: &OutputOpts) -> Result<Exit> {
-    let counts: Vec<(&str, u64, u64)> = reports
+    let counts: Vec<(&str, u64, u64, u64)> = reports
         .iter()
         .map(|r| {
             let k = r.keys.iter().find(|k| k.key == *id);
@@ -157,33 +158,38 @@ fn only_key(reports: &[AuditReport], id: &fieldcrypt::KeyId, out: &OutputOpts) -
                 r.namespace.as_str(),
                 k.map_or(0, |k| k.documents),
                 k.map_or(0, |k| k.envelopes + k.csfle + k.blind_indexes),
+                r.unreadable,
             )
         })
         .collect();
     let documents: u64 = counts.iter().map(|c| c.1).sum();
+    let unknown: u64 = counts.iter().map(|c| c.3).sum();
+    let clean = documents == 0 && unknown == 0;
     if out.json {
         println!(
             "{}",
             json!({
                 "key": id,
-                "clean": documents == 0,
+                "clean": clean,
                 "documents": documents,
-                "collections": counts.iter().map(|(ns, d, v)| json!({ "namespace": ns, "documents": d, "values": v })).collect::<Vec<_>>(),
+                "unknown": unknown,
+                "collections": counts.iter().map(|(ns, d, v, u)| json!({ "namespace": ns, "documents": d, "values": v, "unknown": u })).collect::<Vec<_>>(),
             })
         );
     } else {
-        for (ns, d, v) in &counts {
+        for (ns, d, v, u) in &counts {
             println!("{ns}: {d} document(s), {v} value(s) reference key {id}");
+            if *u > 0 {
+                println!("{ns}: {u} document(s) hold a malformed ciphertext whose key cannot be read (they may reference key {id})");
+            }
         }
-        if documents == 0 {
-            println!("audit: no document references key {id}");
-        } else {
+        if documents > 0 {
             println!("audit: {documents} document(s) still reference key {id}");
+        } else if unknown > 0 {
+            println!("audit: {unknown} document(s) may reference key {id} (malformed ciphertexts: repair or remove them)");
+        } else {
+            println!("audit: no document references key {id}");
         }
     }
-    Ok(if documents == 0 {
-        Exit::Ok
-    } else {
-        Exit::Findings
-    })
+    Ok(if clean { Exit::Ok } else { Exit::Findings })
 }
