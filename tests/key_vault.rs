@@ -1,6 +1,7 @@
 //! The key vault against a real MongoDB wire-protocol server (`fieldcrypt::devserver`): key
 //! documents in MongoDB's layout, rotation and state changes across processes, concurrency,
-//! re-wrapping under a new KEK, the cache, usage leases, crypto-shredding, redaction.
+//! re-wrapping under a new KEK, the cache, usage leases, crypto-shredding, redaction; and what
+//! someone who can write the key-vault collection (but has no KEK) can and cannot do.
 //!
 //! Each test uses its own database. "Another process" is a second `KeyVault` (with its own
 //! client) on the same collection: vaults share nothing in memory.
@@ -8,8 +9,8 @@
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
@@ -18,8 +19,8 @@ use bson::{doc, Binary, Bson, Document};
 use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::mongo::{tenant_alias, KekProvider, KeySource, KeyVault, LocalKek};
 use fieldcrypt::{
-    Context, Cryptor, CsfleKeyDocument, Error, Field, KeyId, KeyKind, KeyState, Keyring,
-    LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
+    Context, Cryptor, CsfleKeyDocument, Error, Field, KeyId, KeyKind, KeyMaterial, KeyState,
+    Keyring, LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
 };
 use futures_util::TryStreamExt;
 use mongodb::{Client, Collection};
@@ -108,6 +109,80 @@ fn fixture_keys() -> Vec<CsfleKeyDocument> {
 
 fn fixture_kek() -> LocalKek {
     LocalKek::from_file(fixture("master-key.txt")).unwrap()
+}
+
+/// The associated data a stored key document's `keyMaterial` is wrapped with: the key's
+/// identity for fieldcrypt's documents, nothing for MongoDB's CSFLE documents.
+fn ad_of(d: &Document) -> Vec<u8> {
+    let Ok(f) = d.get_document("fieldcrypt") else {
+        return Vec::new();
+    };
+    let id = match d.get("_id") {
+        Some(Bson::Binary(b)) => KeyId::from_slice(&b.bytes).unwrap(),
+        other => panic!("_id: {other:?}"),
+    };
+    KeyVault::associated_data(&id, f.get_str("alias").unwrap(), KeyKind::Fieldcrypt)
+}
+
+/// Unwraps a stored key document's material with `kek`, as the vault does.
+async fn unwrap_doc(kek: &LocalKek, d: &Document) -> fieldcrypt::Result<KeyMaterial> {
+    kek.unwrap_with_ad(
+        d.get_document("masterKey").unwrap(),
+        d.get_binary_generic("keyMaterial").unwrap(),
+        &ad_of(d),
+    )
+    .await
+}
+
+fn stored_count(d: &Document) -> i64 {
+    d.get_document("fieldcrypt")
+        .unwrap()
+        .get_i64("encryptions")
+        .unwrap()
+}
+
+/// A KEK around a `LocalKek` that records the associated data it is given and can be slow
+/// to unwrap (a remote KMS).
+struct RecordingKek {
+    inner: Arc<LocalKek>,
+    unwrap_delay: Duration,
+    wrapped_with: Mutex<Vec<Vec<u8>>>,
+}
+
+impl RecordingKek {
+    fn new(inner: &Arc<LocalKek>, unwrap_delay: Duration) -> Self {
+        RecordingKek {
+            inner: inner.clone(),
+            unwrap_delay,
+            wrapped_with: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl KekProvider for RecordingKek {
+    fn provider(&self) -> &str {
+        self.inner.provider()
+    }
+
+    async fn wrap_with_ad(
+        &self,
+        dek: &KeyMaterial,
+        ad: &[u8],
+    ) -> fieldcrypt::Result<(Document, Vec<u8>)> {
+        self.wrapped_with.lock().unwrap().push(ad.to_vec());
+        self.inner.wrap_with_ad(dek, ad).await
+    }
+
+    async fn unwrap_with_ad(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        ad: &[u8],
+    ) -> fieldcrypt::Result<KeyMaterial> {
+        tokio::time::sleep(self.unwrap_delay).await;
+        self.inner.unwrap_with_ad(master_key, wrapped, ad).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +305,7 @@ async fn key_documents_have_mongodb_layout() {
     assert!(matches!(d.get("creationDate"), Some(Bson::DateTime(_))));
     assert!(matches!(d.get("updateDate"), Some(Bson::DateTime(_))));
     let f = d.get_document("fieldcrypt").unwrap();
+    assert_eq!(f.get("format"), Some(&Bson::Int32(2)));
     assert_eq!(f.get_str("alias").unwrap(), "pii");
     assert_eq!(f.get_str("state").unwrap(), "primary");
     assert_eq!(f.get_str("kind").unwrap(), "fieldcrypt");
@@ -244,12 +320,25 @@ async fn key_documents_have_mongodb_layout() {
     let parsed = CsfleKeyDocument::from_document(&plain).unwrap();
     assert_eq!(parsed.id, id);
     assert_eq!(parsed.provider(), "local");
-    // The wrapped key is the KEK's AEAD over the 32 key bytes.
+    // The wrapped key is the KEK's AEAD over the 32 key bytes, with the key's identity as
+    // associated data: not MongoDB's unbound format (libmongocrypt cannot use a 32-byte key).
     let unwrapped = kek
-        .unwrap(&parsed.master_key, &parsed.key_material)
+        .unwrap_with_ad(
+            &parsed.master_key,
+            &parsed.key_material,
+            &KeyVault::associated_data(&id, "pii", KeyKind::Fieldcrypt),
+        )
         .await
         .unwrap();
     assert_eq!(unwrapped.len(), 32);
+    assert!(kek
+        .unwrap_with_ad(&parsed.master_key, &parsed.key_material, &[])
+        .await
+        .is_err());
+    assert!(matches!(
+        kek.unwrap(&parsed.master_key, &parsed.key_material).await,
+        Err(Error::KeyFormat(_))
+    ));
 
     // Disabled: status 1. Destroyed: status 1 and no keyMaterial at all.
     v.set_state(&id, KeyState::Disabled).await.unwrap();
@@ -485,22 +574,17 @@ async fn rewrap_moves_every_key_to_the_new_kek() {
         };
         let mk = d.get_document("masterKey").unwrap();
         assert!(matches!(
-            old_kek.unwrap(mk, wrapped).await,
+            old_kek.unwrap_with_ad(mk, wrapped, &ad_of(d)).await,
             Err(Error::Decrypt)
         ));
-        let material = new_kek.unwrap(mk, wrapped).await.unwrap();
+        // Still bound to the same key identity (or MongoDB's unbound format for CSFLE keys).
+        let material = unwrap_doc(&new_kek, d).await.unwrap();
         // The data key itself did not change.
         let was = before
             .iter()
             .find(|b| b.get("_id") == d.get("_id"))
             .unwrap();
-        let old_material = old_kek
-            .unwrap(
-                was.get_document("masterKey").unwrap(),
-                was.get_binary_generic("keyMaterial").unwrap(),
-            )
-            .await
-            .unwrap();
+        let old_material = unwrap_doc(&old_kek, was).await.unwrap();
         assert_eq!(material.expose_secret(), old_material.expose_secret());
     }
     // CSFLE documents keep libmongocrypt's exact layout and unwrap with the new master key.
@@ -529,14 +613,7 @@ async fn rewrap_moves_every_key_to_the_new_kek() {
     );
     // The rewrapping vault now wraps new keys with the new KEK and still reads everything.
     let k = v.create_key("after").await.unwrap();
-    let d = doc_of(&coll, k).await;
-    new_kek
-        .unwrap(
-            d.get_document("masterKey").unwrap(),
-            d.get_binary_generic("keyMaterial").unwrap(),
-        )
-        .await
-        .unwrap();
+    unwrap_doc(&new_kek, &doc_of(&coll, k).await).await.unwrap();
     v.clear_cache();
     assert!(decrypt(&v, &sealed).await.is_ok());
     // Running it again is harmless.
@@ -1136,15 +1213,423 @@ async fn fail_rewrap_half_way_keeps_every_key_readable() {
     let moved = all_docs(&coll, doc! { "fieldcrypt": { "$exists": true } }).await;
     assert_eq!(moved.len(), 2);
     for d in &moved {
-        new_kek
-            .unwrap(
-                d.get_document("masterKey").unwrap(),
-                d.get_binary_generic("keyMaterial").unwrap(),
-            )
-            .await
-            .unwrap();
+        unwrap_doc(&new_kek, d).await.unwrap();
     }
     v.clear_cache();
     assert!(decrypt(&v, &sealed).await.is_ok());
     assert_eq!(v.kek_provider(), "local");
+}
+
+// ---- a key-vault writer without the KEK (review finding M5) ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_key_material_copied_to_another_key() {
+    let (client, ns) = setup("kv_copy").await;
+    let kek = Arc::new(LocalKek::generate());
+    let v = Arc::new(vault(&client, &ns, &kek));
+    let coll = raw(&client, &ns);
+    let acme = tenant_alias("pii", "acme");
+    let globex = tenant_alias("pii", "globex");
+    let acme_key = v.ensure_alias(&acme).await.unwrap();
+    let globex_key = v.ensure_alias(&globex).await.unwrap();
+    let acme_doc = encrypt(&v, &acme, "acme-1").await;
+    let globex_doc = encrypt(&v, &globex, "globex-1").await;
+    let acme_saved = doc_of(&coll, acme_key).await;
+    let globex_saved = doc_of(&coll, globex_key).await;
+    let material_of = |d: &Document| d.get("keyMaterial").unwrap().clone();
+    // Each check reads the vault afresh, as another process (or this one after its TTL) would.
+    let fresh = || Arc::new(vault(&client, &ns, &kek));
+    let refused = |e: Error, id: KeyId| {
+        assert!(
+            matches!(&e, Error::KeyFormat(m) if m.contains(&id.to_string()) && m.contains("another key")),
+            "{e}"
+        );
+    };
+
+    // 1. globex's wrapped key copied into acme's document: acme's key no longer unwraps (a
+    //    denial of service, not a key swap), and globex is unaffected.
+    coll.update_one(
+        doc! { "_id": acme_key.to_binary() },
+        doc! { "$set": { "keyMaterial": material_of(&globex_saved) } },
+    )
+    .await
+    .unwrap();
+    refused(decrypt(&fresh(), &acme_doc).await.unwrap_err(), acme_key);
+    refused(
+        fresh()
+            .prefetch_aliases(std::slice::from_ref(&acme))
+            .await
+            .unwrap_err(),
+        acme_key,
+    );
+    assert!(decrypt(&fresh(), &globex_doc).await.is_ok());
+    coll.replace_one(doc! { "_id": acme_key.to_binary() }, acme_saved.clone())
+        .await
+        .unwrap();
+    assert!(decrypt(&fresh(), &acme_doc).await.is_ok());
+
+    // 2. A key moved to another tenant by rewriting its alias: it does not unwrap there.
+    coll.update_one(
+        doc! { "_id": globex_key.to_binary() },
+        doc! { "$set": { "fieldcrypt.alias": &acme, "fieldcrypt.generation": 1000 } },
+    )
+    .await
+    .unwrap();
+    refused(
+        fresh()
+            .prefetch_aliases(std::slice::from_ref(&acme))
+            .await
+            .unwrap_err(),
+        globex_key,
+    );
+    coll.replace_one(doc! { "_id": globex_key.to_binary() }, globex_saved.clone())
+        .await
+        .unwrap();
+
+    // 3. Crypto-shredding: globex is destroyed; a copy of its wrapped key planted in a new
+    //    document (new id, any alias, made primary) does not unwrap, so acme cannot be made to
+    //    encrypt under globex's key, and globex's data stays unreadable.
+    assert_eq!(v.destroy_alias(&globex).await.unwrap(), 1);
+    let mut planted = globex_saved.clone();
+    let planted_id = KeyId::random();
+    planted.insert("_id", planted_id.to_binary());
+    planted.insert("keyAltNames", vec![format!("{acme}:v99")]);
+    let f = planted.get_document_mut("fieldcrypt").unwrap();
+    f.insert("alias", acme.as_str());
+    f.insert("generation", 99i64);
+    f.insert("version", 99i64);
+    coll.insert_one(planted).await.unwrap();
+    refused(
+        fresh()
+            .prefetch_aliases(std::slice::from_ref(&acme))
+            .await
+            .unwrap_err(),
+        planted_id,
+    );
+    assert!(matches!(
+        decrypt(&fresh(), &globex_doc).await,
+        Err(Error::KeyDestroyed(_))
+    ));
+    coll.delete_one(doc! { "_id": planted_id.to_binary() })
+        .await
+        .unwrap();
+
+    // 4. A managed document turned into a MongoDB-style one (fieldcrypt field removed, read
+    //    with no associated data) does not unwrap either.
+    let mut csfle_like = acme_saved.clone();
+    csfle_like.remove("fieldcrypt");
+    csfle_like.insert("_id", KeyId::random().to_binary());
+    csfle_like.insert("keyAltNames", vec!["stolen"]);
+    coll.insert_one(csfle_like).await.unwrap();
+    assert!(matches!(
+        fresh().prefetch_aliases(&["stolen".to_owned()]).await,
+        Err(Error::KeyFormat(_))
+    ));
+    assert!(decrypt(&fresh(), &acme_doc).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_providers_get_the_key_identity_as_associated_data() {
+    let (client, ns) = setup("kv_ad").await;
+    let local = Arc::new(LocalKek::generate());
+    let kek = Arc::new(RecordingKek::new(&local, Duration::ZERO));
+    let v = Arc::new(
+        KeyVault::builder(&client, kek.clone())
+            .namespace(ns.as_str())
+            .build()
+            .unwrap(),
+    );
+    let coll = raw(&client, &ns);
+    let id = v.create_key("pii/acme").await.unwrap();
+    let ad = KeyVault::associated_data(&id, "pii/acme", KeyKind::Fieldcrypt);
+    assert!(ad.starts_with(b"fieldcrypt/dek-wrap/v2\0"));
+    assert_eq!(*kek.wrapped_with.lock().unwrap(), vec![ad.clone()]);
+    // MongoDB's CSFLE keys: no associated data, as libmongocrypt wraps them.
+    let csfle = &fixture_keys()[0];
+    v.import_csfle_key(csfle, &fixture_kek()).await.unwrap();
+    assert_eq!(kek.wrapped_with.lock().unwrap()[1], Vec::<u8>::new());
+    assert!(KeyVault::associated_data(&csfle.id, "x", KeyKind::Csfle).is_empty());
+    // Re-wrapping keeps each key's binding.
+    let new_local = Arc::new(LocalKek::generate());
+    assert_eq!(v.rewrap(new_local.clone()).await.unwrap(), 2);
+    for d in all_docs(&coll, doc! {}).await {
+        unwrap_doc(&new_local, &d).await.unwrap();
+    }
+
+    // Key documents read another way (a mongoexport) unwrap with the same rules.
+    let docs = all_docs(&coll, doc! {}).await;
+    let keys = KeyVault::keys_from_documents(&docs, &*new_local)
+        .await
+        .unwrap();
+    let k = keys.iter().find(|k| k.id() == id).unwrap();
+    assert_eq!(
+        (k.alias(), k.kind(), k.state()),
+        ("pii/acme", KeyKind::Fieldcrypt, KeyState::Primary)
+    );
+    assert!(keys
+        .iter()
+        .any(|k| k.id() == csfle.id && k.kind() == KeyKind::Csfle));
+    let mut moved = docs.clone();
+    for d in &mut moved {
+        if d.contains_key("fieldcrypt") {
+            d.get_document_mut("fieldcrypt")
+                .unwrap()
+                .insert("alias", "pii/globex");
+        }
+    }
+    let e = KeyVault::keys_from_documents(&moved, &*new_local)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::KeyFormat(m) if m.contains(&id.to_string())),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_format_1_key_documents_with_a_clear_error() {
+    // fieldcrypt's first key-document format wrapped with empty associated data and had no
+    // `fieldcrypt.format`. Such a document is listed and can be destroyed, never unwrapped.
+    let (client, ns) = setup("kv_v1").await;
+    let kek = Arc::new(LocalKek::generate());
+    let v = Arc::new(vault(&client, &ns, &kek));
+    let coll = raw(&client, &ns);
+    let id = KeyId::random();
+    let (mk, wrapped) = kek
+        .wrap_with_ad(&KeyMaterial::generate(32), &[])
+        .await
+        .unwrap();
+    let now = bson::DateTime::now();
+    let v1 = doc! {
+        "_id": id.to_binary(), "keyAltNames": ["old:v1"],
+        "keyMaterial": Binary { subtype: BinarySubtype::Generic, bytes: wrapped },
+        "creationDate": now, "updateDate": now, "status": 0, "masterKey": mk,
+        "fieldcrypt": { "alias": "old", "state": "primary", "kind": "fieldcrypt",
+                        "version": 1i64, "generation": 1i64, "encryptions": 0i64 },
+    };
+    coll.insert_one(v1.clone()).await.unwrap();
+    for e in [
+        v.prefetch_ids(&[id]).await.unwrap_err(),
+        v.prefetch_aliases(&["old".to_owned()]).await.unwrap_err(),
+        KeyVault::keys_from_documents(&[v1], &*kek)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(&e, Error::KeyFormat(m) if m.contains(&id.to_string()) && m.contains("format 1")),
+            "{e}"
+        );
+    }
+    let list = v.list().await.unwrap();
+    assert_eq!((list[0].id, list[0].state), (id, KeyState::Primary));
+    v.destroy(&id).await.unwrap();
+    v.prefetch_ids(&[id]).await.unwrap();
+    assert!(matches!(v.key(&id).unwrap().state(), KeyState::Destroyed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroyed_keys_stay_destroyed_in_this_process() {
+    let (client, ns) = setup("kv_revive").await;
+    let kek = Arc::new(LocalKek::generate());
+    let v = Arc::new(vault(&client, &ns, &kek));
+    let coll = raw(&client, &ns);
+    let id = v.create_key("pii").await.unwrap();
+    let keep = v.create_key("keep").await.unwrap();
+    let sealed = encrypt(&v, "pii", "x").await;
+    let saved = doc_of(&coll, id).await;
+    v.destroy(&id).await.unwrap();
+    assert!(matches!(
+        decrypt(&v, &sealed).await,
+        Err(Error::KeyDestroyed(_))
+    ));
+
+    // A key-vault writer (or a restored backup) puts the old document back, material and all:
+    // the wrapped key is its own, so it would unwrap. This process refuses it anyway.
+    coll.replace_one(doc! { "_id": id.to_binary() }, saved)
+        .await
+        .unwrap();
+    v.clear_cache();
+    assert!(matches!(
+        decrypt(&v, &sealed).await,
+        Err(Error::KeyDestroyed(k)) if k == id
+    ));
+    v.prefetch_aliases(&["pii".to_owned()]).await.unwrap();
+    assert!(matches!(v.primary("pii"), Err(Error::NoPrimaryKey(_))));
+    assert!(matches!(
+        v.set_state(&id, KeyState::Active).await,
+        Err(Error::KeyDestroyed(_))
+    ));
+    // Not carried over to a new KEK either; destroying it again works.
+    assert_eq!(v.rewrap(Arc::new(LocalKek::generate())).await.unwrap(), 1);
+    v.destroy(&id).await.unwrap();
+    assert!(!doc_of(&coll, id).await.contains_key("keyMaterial"));
+    v.prefetch_ids(&[keep]).await.unwrap();
+    assert_eq!(v.key(&keep).unwrap().state(), KeyState::Primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_never_go_down_on_the_word_of_the_vault() {
+    let (client, ns) = setup("kv_reset").await;
+    let kek = Arc::new(LocalKek::generate());
+    let coll = raw(&client, &ns);
+    let a = Arc::new(
+        KeyVault::builder(&client, kek.clone())
+            .namespace(ns.as_str())
+            .usage_lease(8192)
+            .build()
+            .unwrap(),
+    );
+    let id = a.create_key("pii").await.unwrap();
+    let pii = ["pii".to_owned()];
+    a.prefetch_aliases(&pii).await.unwrap();
+    let cryptor = ssn_cryptor(&a, "pii");
+    for i in 0..3000 {
+        cryptor
+            .encrypt_document(&doc! { "ssn": i }, &Context::none())
+            .unwrap();
+    }
+    a.prefetch_aliases(&pii).await.unwrap();
+    assert_eq!(stored_count(&doc_of(&coll, id).await), 4096 + 8192);
+    let reset = || async {
+        coll.update_one(
+            doc! { "_id": id.to_binary() },
+            doc! { "$set": { "fieldcrypt.encryptions": 0i64 } },
+        )
+        .await
+        .unwrap();
+    };
+
+    // Reset while the key is out of this process's cache: the reload neither restarts the
+    // in-memory counter from 0 nor leaves the stored count lowered.
+    reset().await;
+    a.clear_cache();
+    a.prefetch_aliases(&pii).await.unwrap();
+    assert!(a.key(&id).unwrap().encryptions() >= 4096 + 8192);
+    let stored = stored_count(&doc_of(&coll, id).await);
+    assert!(stored >= 4096 + 8192 + 4096, "{stored}");
+
+    // Reset while it is cached: the next renewal notices and raises the count back.
+    reset().await;
+    let before = a.key(&id).unwrap().encryptions();
+    for i in 0..2100 {
+        cryptor
+            .encrypt_document(&doc! { "ssn": i }, &Context::none())
+            .unwrap();
+    }
+    a.prefetch_aliases(&pii).await.unwrap();
+    let stored = u64::try_from(stored_count(&doc_of(&coll, id).await)).unwrap();
+    assert!(stored >= before + 4096 + 8192, "{stored} {before}");
+    assert!(stored >= a.key(&id).unwrap().encryptions());
+}
+
+// ---- review finding L4 ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readable_keys_never_answers_with_a_partial_list() {
+    let (client, ns) = setup("kv_partial").await;
+    let kek = Arc::new(LocalKek::generate());
+    let coll = raw(&client, &ns);
+    let maker = vault(&client, &ns, &kek);
+    let k1 = maker.create_key("pii").await.unwrap();
+    let k2 = maker.rotate("pii").await.unwrap();
+    let pii = ["pii".to_owned()];
+    let complete = |r: fieldcrypt::Result<Vec<Arc<fieldcrypt::Key>>>| match r {
+        Ok(keys) => {
+            let ids: Vec<KeyId> = keys.iter().map(|k| k.id()).collect();
+            assert_eq!(ids, vec![k2, k1], "a partial list");
+            true
+        }
+        Err(Error::UnknownAlias(_) | Error::UnknownKey(_)) => false,
+        Err(e) => panic!("{e}"),
+    };
+
+    // A slow KEK (a remote KMS): the keys of one alias are loaded 400 ms apart, so the first
+    // expires 400 ms before a list stamped at the end of the load would.
+    let ttl = Duration::from_millis(1200);
+    let slow = Arc::new(RecordingKek::new(&kek, Duration::from_millis(400)));
+    let v = KeyVault::builder(&client, slow)
+        .namespace(ns.as_str())
+        .cache_ttl(ttl)
+        .build()
+        .unwrap();
+    v.prefetch_aliases(&pii).await.unwrap();
+    assert!(complete(v.readable_keys("pii")));
+    let until = Instant::now() + ttl + Duration::from_millis(300);
+    let mut refused = false;
+    while Instant::now() < until {
+        refused |= !complete(v.readable_keys("pii"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the list outlived its keys");
+
+    // A key reloaded on its own and found gone leaves a hole in its alias's list: refused.
+    let v = vault_ttl(&client, &ns, &kek, Duration::from_secs(4));
+    v.prefetch_aliases(&pii).await.unwrap();
+    coll.delete_one(doc! { "_id": k1.to_binary() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    v.prefetch_ids(&[k1]).await.unwrap();
+    assert!(matches!(v.readable_keys("pii"), Err(Error::UnknownKey(k)) if k == k1));
+    // The next prefetch of the alias reloads it, without the deleted key.
+    v.prefetch_aliases(&pii).await.unwrap();
+    let ids: Vec<KeyId> = v
+        .readable_keys("pii")
+        .unwrap()
+        .iter()
+        .map(|k| k.id())
+        .collect();
+    assert_eq!(ids, vec![k2]);
+}
+
+// ---- review finding L7 ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_leases_renew_as_soon_as_half_is_used() {
+    let (client, ns) = setup("kv_renew").await;
+    let kek = Arc::new(LocalKek::generate());
+    let coll = raw(&client, &ns);
+    let a = Arc::new(
+        KeyVault::builder(&client, kek.clone())
+            .namespace(ns.as_str())
+            .usage_lease(1 << 16)
+            .build()
+            .unwrap(),
+    );
+    let id = a.create_key("pii").await.unwrap();
+    a.prefetch_aliases(&["pii".to_owned()]).await.unwrap();
+    assert_eq!(stored_count(&doc_of(&coll, id).await), 4096);
+    let stored_reaches = |at_least: i64| {
+        let coll = coll.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let n = stored_count(&doc_of(&coll, id).await);
+                if n >= at_least || Instant::now() > deadline {
+                    return n;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // Past half of the lease, with no prefetch: the next lease is reserved in the background.
+    let cryptor = ssn_cryptor(&a, "pii");
+    for i in 0..2100 {
+        cryptor
+            .encrypt_document(&doc! { "ssn": i }, &Context::none())
+            .unwrap();
+    }
+    assert_eq!(stored_reaches(4096 + 8192).await, 4096 + 8192);
+
+    // One long batch past everything reserved at its start: the renewals keep up with it.
+    for i in 0..14_000 {
+        cryptor
+            .encrypt_document(&doc! { "ssn": i }, &Context::none())
+            .unwrap();
+    }
+    let used = i64::try_from(a.key(&id).unwrap().encryptions()).unwrap();
+    assert_eq!(used, 16_100);
+    let stored = stored_reaches(used).await;
+    assert!(stored >= used, "{stored} < {used}");
 }

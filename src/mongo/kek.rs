@@ -5,10 +5,18 @@
 //! document (`keyMaterial`, `masterKey`), exactly where MongoDB's CSFLE keeps them, and never
 //! looks inside either: adding a KMS means adding one type that implements this trait.
 //!
+//! Every wrap and unwrap ([`KekProvider::wrap_with_ad`], [`KekProvider::unwrap_with_ad`])
+//! takes **associated data**: bytes the wrapped key is bound to, which
+//! must be given again, unchanged, to unwrap it. The key vault passes the key's identity (a
+//! fixed label, its id, alias and kind: see
+//! [`KeyVault::associated_data`](super::KeyVault::associated_data)) for fieldcrypt's own
+//! 32-byte keys, so `keyMaterial` copied to another key document does not unwrap there; and
+//! nothing (empty) for MongoDB's 96-byte CSFLE keys, which must stay in libmongocrypt's format.
+//!
 //! fieldcrypt ships [`LocalKek`], MongoDB's `local` KMS provider: a 96-byte master key that
-//! wraps with AEAD_AES_256_CBC_HMAC_SHA_512 (random IV, no associated data), as libmongocrypt
-//! does, so CSFLE key documents wrapped here are read by every MongoDB driver and the other way
-//! round.
+//! wraps with AEAD_AES_256_CBC_HMAC_SHA_512 (random IV; the associated data as the AEAD's), as
+//! libmongocrypt does, so CSFLE key documents wrapped here (empty associated data) are read by
+//! every MongoDB driver and the other way round.
 //!
 //! How to plug in a cloud KMS is shown on [`KekProvider`].
 
@@ -16,7 +24,6 @@ use core::fmt;
 use std::path::Path;
 
 use bson::{doc, Bson, Document};
-use secrecy::{ExposeSecret, ExposeSecretMut, SecretBox};
 use zeroize::Zeroizing;
 
 use crate::csfle::{CsfleKey, LocalMasterKey};
@@ -30,6 +37,32 @@ pub const MASTER_KEY_ENV: &str = "FIELDCRYPT_MASTER_KEY";
 /// Wraps and unwraps data keys (envelope encryption). Implement it to add a KMS.
 ///
 /// Implementations must never put key bytes in errors, logs or `Debug` output.
+///
+/// # Associated data
+///
+/// [`wrap_with_ad`](KekProvider::wrap_with_ad) and [`unwrap_with_ad`](KekProvider::unwrap_with_ad)
+/// take `associated_data`: the wrapped key must be bound to it, and `unwrap_with_ad` must fail
+/// (with [`Error::Decrypt`]) when it is given other bytes than `wrap_with_ad` was. That is what stops someone who can write the key vault
+/// from copying one key's `keyMaterial` into another key's document (another alias, another
+/// tenant, a destroyed key). The key vault passes:
+///
+/// - for fieldcrypt's 32-byte keys, [`KeyVault::associated_data`](super::KeyVault::associated_data)
+///   (a fixed label, the key id, the alias and the kind; at most a few hundred bytes);
+/// - for MongoDB's 96-byte CSFLE keys, **empty** associated data — and then the provider must
+///   wrap exactly as libmongocrypt does (no encryption context, no AAD), or MongoDB's drivers
+///   cannot read the key.
+///
+/// Map non-empty associated data to the KMS's own binding, as Google Tink's KMS AEADs do:
+///
+/// | KMS | associated data goes to |
+/// |---|---|
+/// | AWS KMS `Encrypt`/`Decrypt` | `EncryptionContext = {"associatedData": hex(ad)}` |
+/// | GCP Cloud KMS `encrypt`/`decrypt` | `additionalAuthenticatedData` |
+/// | HashiCorp Vault transit (AEAD key types) | `associated_data` (base64) |
+/// | Azure Key Vault `wrapKey` (RSA-OAEP: no AAD) | wrap `SHA-256(ad) ‖ dek` and compare the digest in constant time on unwrap |
+///
+/// A KMS with no binding at all must do as the Azure row does (include a digest of the
+/// associated data in what it encrypts and check it), never ignore it.
 ///
 /// # Plugging in a cloud KMS
 ///
@@ -56,18 +89,25 @@ pub const MASTER_KEY_ENV: &str = "FIELDCRYPT_MASTER_KEY";
 ///         master_key.get_str("provider") == Ok("aws") && master_key.get_str("key") == Ok(&self.key_arn)
 ///     }
 ///
-///     async fn wrap(&self, dek: &KeyMaterial) -> Result<(Document, Vec<u8>)> {
-///         let out = self.client.encrypt().key_id(&self.key_arn)
-///             .plaintext(dek.expose_secret().to_vec().into()) // the SDK owns this copy
-///             .send().await.map_err(|e| fieldcrypt::Error::Config(format!("AWS KMS: {e}")))?;
+///     async fn wrap_with_ad(&self, dek: &KeyMaterial, ad: &[u8]) -> Result<(Document, Vec<u8>)> {
+///         let mut req = self.client.encrypt().key_id(&self.key_arn)
+///             .plaintext(dek.expose_secret().to_vec().into()); // the SDK owns this copy
+///         if !ad.is_empty() {
+///             req = req.encryption_context("associatedData", hex::encode(ad));
+///         }
+///         let out = req.send().await.map_err(|e| fieldcrypt::Error::Config(format!("AWS KMS: {e}")))?;
 ///         let blob = out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default();
 ///         Ok((doc! { "provider": "aws", "region": &self.region, "key": &self.key_arn }, blob))
 ///     }
 ///
-///     async fn unwrap(&self, _master_key: &Document, wrapped: &[u8]) -> Result<KeyMaterial> {
-///         let out = self.client.decrypt().key_id(&self.key_arn)
-///             .ciphertext_blob(wrapped.to_vec().into())
-///             .send().await.map_err(|e| fieldcrypt::Error::Config(format!("AWS KMS: {e}")))?;
+///     async fn unwrap_with_ad(&self, _master_key: &Document, wrapped: &[u8], ad: &[u8]) -> Result<KeyMaterial> {
+///         let mut req = self.client.decrypt().key_id(&self.key_arn)
+///             .ciphertext_blob(wrapped.to_vec().into());
+///         if !ad.is_empty() {
+///             req = req.encryption_context("associatedData", hex::encode(ad));
+///         }
+///         // A wrong context is InvalidCiphertextException: report it as Error::Decrypt.
+///         let out = req.send().await.map_err(|_| fieldcrypt::Error::Decrypt)?;
 ///         let plain = out.plaintext().ok_or(fieldcrypt::Error::Decrypt)?;
 ///         Ok(KeyMaterial::from_slice(plain.as_ref()))
 ///     }
@@ -93,19 +133,42 @@ pub trait KekProvider: Send + Sync {
         master_key.get_str("provider") == Ok(self.provider())
     }
 
-    /// Wraps a data key: returns the `masterKey` document and the wrapped bytes to store in
-    /// `keyMaterial`.
+    /// Wraps a data key, bound to `associated_data` (see the trait's documentation; empty for
+    /// MongoDB's CSFLE keys, which must then be wrapped exactly as libmongocrypt does): returns
+    /// the `masterKey` document and the wrapped bytes to store in `keyMaterial`.
     ///
     /// # Errors
     /// KMS errors ([`Error::Config`] for a KMS that refuses or cannot be reached).
-    async fn wrap(&self, dek: &KeyMaterial) -> Result<(Document, Vec<u8>)>;
+    async fn wrap_with_ad(
+        &self,
+        dek: &KeyMaterial,
+        associated_data: &[u8],
+    ) -> Result<(Document, Vec<u8>)>;
 
-    /// Unwraps `keyMaterial` that [`KekProvider::wrap`] (or the matching MongoDB KMS provider)
-    /// produced, given its `masterKey` document.
+    /// Unwraps `keyMaterial` that [`KekProvider::wrap_with_ad`] (or the matching MongoDB KMS
+    /// provider) produced, given its `masterKey` document and the same `associated_data`.
     ///
     /// # Errors
-    /// [`Error::Decrypt`] when the blob does not authenticate under this KEK; KMS errors.
-    async fn unwrap(&self, master_key: &Document, wrapped: &[u8]) -> Result<KeyMaterial>;
+    /// [`Error::Decrypt`] when the blob does not authenticate under this KEK and this
+    /// associated data; KMS errors.
+    async fn unwrap_with_ad(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        associated_data: &[u8],
+    ) -> Result<KeyMaterial>;
+
+    /// Unwraps the `keyMaterial` of a **MongoDB CSFLE** key document: with empty associated
+    /// data, as libmongocrypt wraps. fieldcrypt's own keys are bound to their key document and
+    /// do not unwrap this way: use [`KekProvider::unwrap_with_ad`] with
+    /// [`KeyVault::associated_data`](super::KeyVault::associated_data), or
+    /// [`KeyVault::keys_from_documents`](super::KeyVault::keys_from_documents).
+    ///
+    /// # Errors
+    /// As [`KekProvider::unwrap_with_ad`].
+    async fn unwrap(&self, master_key: &Document, wrapped: &[u8]) -> Result<KeyMaterial> {
+        self.unwrap_with_ad(master_key, wrapped, &[]).await
+    }
 }
 
 /// MongoDB's `local` KMS provider: a 96-byte master key held in memory (from a file or the
@@ -118,8 +181,9 @@ pub struct LocalKek {
     provider: String,
     master: LocalMasterKey,
     /// The same AEAD keyed with the same 96 bytes: [`LocalMasterKey`] wraps only 96-byte CSFLE
-    /// keys, and fieldcrypt's data keys are 32 bytes. libmongocrypt's wrap is the AEAD over
-    /// whatever the material is, so both lengths give what it would write.
+    /// keys with no associated data, and fieldcrypt's data keys are 32 bytes, bound to their
+    /// identity. libmongocrypt's wrap is this AEAD over whatever the material is with empty
+    /// associated data, so a CSFLE key wrapped here is exactly what it would write.
     any_len: CsfleKey,
 }
 
@@ -237,30 +301,46 @@ impl KekProvider for LocalKek {
         &self.provider
     }
 
-    async fn wrap(&self, dek: &KeyMaterial) -> Result<(Document, Vec<u8>)> {
+    async fn wrap_with_ad(
+        &self,
+        dek: &KeyMaterial,
+        associated_data: &[u8],
+    ) -> Result<(Document, Vec<u8>)> {
         let secret = dek.expose_secret();
-        let wrapped = if secret.len() == CSFLE_KEY_LEN {
-            let mut boxed = SecretBox::new(Box::new([0u8; CSFLE_KEY_LEN]));
-            boxed.expose_secret_mut().copy_from_slice(secret);
-            self.master.wrap(&boxed)
-        } else {
-            let mut out = Vec::with_capacity(secret.len() + 64);
-            self.any_len
-                .seal(&CsfleKey::random_iv(), &[], secret, &mut out);
-            out
-        };
+        let mut wrapped = Vec::with_capacity(secret.len() + 64);
+        self.any_len.seal(
+            &CsfleKey::random_iv(),
+            associated_data,
+            secret,
+            &mut wrapped,
+        );
         Ok((doc! { "provider": self.provider.as_str() }, wrapped))
     }
 
-    async fn unwrap(&self, master_key: &Document, wrapped: &[u8]) -> Result<KeyMaterial> {
+    async fn unwrap_with_ad(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        associated_data: &[u8],
+    ) -> Result<KeyMaterial> {
         self.check_provider(master_key)?;
-        if wrapped.len() == WRAPPED_CSFLE_LEN {
-            let key = self.master.unwrap(wrapped)?;
-            return Ok(KeyMaterial::from_slice(key.expose_secret()));
-        }
         let mut plain = Zeroizing::new(Vec::with_capacity(wrapped.len()));
-        self.any_len.open(&[], wrapped, &mut plain)?;
+        self.any_len.open(associated_data, wrapped, &mut plain)?;
         Ok(KeyMaterial::from_slice(&plain))
+    }
+
+    /// As the trait's, and a clear error for anything but a wrapped 96-byte key (a fieldcrypt
+    /// key's `keyMaterial` is 96 bytes long and bound to its key document).
+    async fn unwrap(&self, master_key: &Document, wrapped: &[u8]) -> Result<KeyMaterial> {
+        if wrapped.len() != WRAPPED_CSFLE_LEN {
+            return Err(Error::KeyFormat(format!(
+                "keyMaterial of {} bytes is not a wrapped {CSFLE_KEY_LEN}-byte CSFLE key; a \
+                 fieldcrypt key's keyMaterial is bound to its key document (id, alias, kind) and \
+                 unwraps only with it",
+                wrapped.len()
+            )));
+        }
+        self.unwrap_with_ad(master_key, wrapped, &[]).await
     }
 }
 
@@ -280,6 +360,8 @@ impl fmt::Display for LocalKek {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
     use crate::key::FIELDCRYPT_KEY_LEN;
 
@@ -293,28 +375,69 @@ mod tests {
     #[test]
     fn wraps_both_key_lengths() {
         let kek = LocalKek::generate();
-        for len in [FIELDCRYPT_KEY_LEN, CSFLE_KEY_LEN] {
+        for (len, ad) in [
+            (FIELDCRYPT_KEY_LEN, &b"bound"[..]),
+            (CSFLE_KEY_LEN, &[][..]),
+        ] {
             let dek = KeyMaterial::generate(len);
-            let (mk, wrapped) = block_on(kek.wrap(&dek)).unwrap();
+            let (mk, wrapped) = block_on(kek.wrap_with_ad(&dek, ad)).unwrap();
             assert_eq!(mk, doc! { "provider": "local" });
             assert_eq!(wrapped.len(), 16 + (len / 16 + 1) * 16 + 32);
-            let back = block_on(kek.unwrap(&mk, &wrapped)).unwrap();
+            let back = block_on(kek.unwrap_with_ad(&mk, &wrapped, ad)).unwrap();
             assert_eq!(back.expose_secret(), dek.expose_secret());
         }
+    }
+
+    #[test]
+    fn csfle_keys_are_wrapped_as_libmongocrypt_does() {
+        // Empty associated data: exactly LocalMasterKey's (libmongocrypt's) wrap, both ways.
+        let kek = LocalKek::generate();
+        let dek = KeyMaterial::generate(CSFLE_KEY_LEN);
+        let (mk, wrapped) = block_on(kek.wrap_with_ad(&dek, &[])).unwrap();
+        let by_master = kek.master_key().unwrap(&wrapped).unwrap();
+        assert_eq!(by_master.expose_secret()[..], *dek.expose_secret());
+        let back = block_on(kek.unwrap(&mk, &wrapped)).unwrap();
+        assert_eq!(back.expose_secret(), dek.expose_secret());
+    }
+
+    #[test]
+    fn fail_other_associated_data() {
+        let kek = LocalKek::generate();
+        let dek = KeyMaterial::generate(FIELDCRYPT_KEY_LEN);
+        let (mk, wrapped) = block_on(kek.wrap_with_ad(&dek, b"key A")).unwrap();
+        for ad in [&b"key B"[..], b"key A\0", b"", b"key "] {
+            assert!(matches!(
+                block_on(kek.unwrap_with_ad(&mk, &wrapped, ad)),
+                Err(Error::Decrypt)
+            ));
+        }
+        // The CSFLE-only inherent unwrap refuses a bound 32-byte key with a clear error.
+        let e = block_on(kek.unwrap(&mk, &wrapped)).unwrap_err();
+        assert!(
+            matches!(&e, Error::KeyFormat(m) if m.contains("bound to its key document")),
+            "{e}"
+        );
+        // And a 96-byte key wrapped with associated data does not unwrap without it.
+        let csfle = KeyMaterial::generate(CSFLE_KEY_LEN);
+        let (mk, wrapped) = block_on(kek.wrap_with_ad(&csfle, b"ctx")).unwrap();
+        assert!(matches!(
+            block_on(kek.unwrap(&mk, &wrapped)),
+            Err(Error::Decrypt)
+        ));
     }
 
     #[test]
     fn fail_wrong_master_key_or_provider() {
         let kek = LocalKek::generate();
         let dek = KeyMaterial::generate(FIELDCRYPT_KEY_LEN);
-        let (mk, wrapped) = block_on(kek.wrap(&dek)).unwrap();
+        let (mk, wrapped) = block_on(kek.wrap_with_ad(&dek, b"ad")).unwrap();
         let other = LocalKek::generate();
         assert!(matches!(
-            block_on(other.unwrap(&mk, &wrapped)),
+            block_on(other.unwrap_with_ad(&mk, &wrapped, b"ad")),
             Err(Error::Decrypt)
         ));
         assert!(matches!(
-            block_on(kek.unwrap(&doc! { "provider": "aws" }, &wrapped)),
+            block_on(kek.unwrap_with_ad(&doc! { "provider": "aws" }, &wrapped, b"ad")),
             Err(Error::KeyFormat(_))
         ));
         let named = LocalKek::named("eu", LocalMasterKey::generate()).unwrap();

@@ -2,14 +2,14 @@
 //! into a cache that the synchronous [`Keyring`] reads.
 //!
 //! ```text
-//!  create_key / rotate ──▶ KeyMaterial::generate ──▶ KekProvider::wrap ──▶ insert key document
-//!  prefetch_ids / prefetch_aliases ──▶ find ──▶ KekProvider::unwrap ──▶ cache (TTL, capacity)
+//!  create_key / rotate ──▶ KeyMaterial::generate ──▶ KekProvider::wrap_with_ad ──▶ insert key document
+//!  prefetch_ids / prefetch_aliases ──▶ find ──▶ KekProvider::unwrap_with_ad ──▶ cache (TTL, capacity)
 //!  Keyring::key / primary / readable_keys ◀── cache (memory only, never waits)
 //! ```
 //!
 //! Layout of the files:
-//! - `key_vault/document.rs`: the key document (MongoDB's layout plus `fieldcrypt`), primary
-//!   election.
+//! - `key_vault/document.rs`: the key document (MongoDB's layout plus `fieldcrypt`), the
+//!   associated data that binds a wrapped key to its document, primary election.
 //! - `key_vault/cache.rs`: the cache of unwrapped keys and its counters.
 //! - `key_vault/usage.rs`: usage leases for random-nonce suites.
 //!
@@ -32,12 +32,12 @@ use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 use subtle::ConstantTimeEq;
 
-use self::cache::{AliasEntry, KeyCache, KeyEntry};
+use self::cache::{KeyCache, KeyEntry};
 use self::document::{
     alias_filter, elect, status_of, NewKey, StoredKey, ALIAS, FIELDCRYPT, GENERATION, ID,
     KEY_ALT_NAMES, KEY_MATERIAL, MASTER_KEY, STATE, STATUS, UPDATE_DATE,
 };
-use self::usage::{Lease, LeaseCell};
+use self::usage::LeaseCell;
 use super::kek::KekProvider;
 use super::KeySource;
 use crate::csfle::CsfleKeyDocument;
@@ -114,6 +114,18 @@ pub struct KeyVault {
     cache: Arc<KeyCache>,
     usage_lease: u64,
     indexes: tokio::sync::OnceCell<()>,
+    /// After `cache` (fields drop in order): wakes the background task once the cache is
+    /// gone, so that it stops at once and lets go of the client.
+    _stop: StopOnDrop,
+}
+
+/// Wakes the background task when dropped.
+struct StopOnDrop(Arc<tokio::sync::Notify>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 /// Options for a [`KeyVault`]; start with [`KeyVault::builder`].
@@ -188,11 +200,13 @@ impl KeyVaultBuilder {
             ));
         }
         let cache = Arc::new(KeyCache::new(self.cache_ttl, self.cache_capacity));
-        spawn_sweeper(&cache, self.cache_ttl);
+        let coll = self.client.database(db).collection(coll);
+        spawn_background(&cache, &coll, self.cache_ttl);
         Ok(KeyVault {
-            coll: self.client.database(db).collection(coll),
+            coll,
             namespace: self.namespace,
             keks: RwLock::new(self.keks),
+            _stop: StopOnDrop(cache.wake_signal()),
             cache,
             usage_lease: self.usage_lease,
             indexes: tokio::sync::OnceCell::new(),
@@ -211,20 +225,50 @@ impl fmt::Debug for KeyVaultBuilder {
     }
 }
 
-/// Drops expired keys in the background, so unused key material leaves memory within about a
-/// TTL even when nothing calls the vault. Stops when the vault is dropped.
-fn spawn_sweeper(cache: &Arc<KeyCache>, ttl: Duration) {
+/// The vault's background task:
+///
+/// - drops expired keys, so unused key material leaves memory within about a TTL even when
+///   nothing calls the vault;
+/// - renews usage leases as soon as a synchronous lookup of a primary key sees its counter past
+///   the renewal point (rather than at the next prefetch), so that the stored count stays ahead
+///   of real use (see `docs/KEY_VAULT.md`, "Usage leases").
+///
+/// Stops when the vault is dropped.
+fn spawn_background(cache: &Arc<KeyCache>, coll: &Collection<Document>, ttl: Duration) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
+    let wake = cache.wake_signal();
     let cache = Arc::downgrade(cache);
+    let coll = coll.clone();
     let period = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
     runtime.spawn(async move {
+        let mut next_purge = tokio::time::Instant::now() + period;
         loop {
-            tokio::time::sleep(period).await;
-            match cache.upgrade() {
-                Some(c) => c.purge_expired(),
-                None => break,
+            let woken = tokio::time::timeout_at(next_purge, wake.notified())
+                .await
+                .is_ok();
+            let Some(cache) = cache.upgrade() else {
+                break;
+            };
+            if tokio::time::Instant::now() >= next_purge {
+                cache.purge_expired();
+                next_purge = tokio::time::Instant::now() + period;
+            }
+            if !woken {
+                continue;
+            }
+            let mut failed = false;
+            for entry in cache.leases_due() {
+                if let Err(e) = usage::ensure_lease(&coll, &cache, &entry).await {
+                    tracing::warn!(key = %entry.key.id(), error = %e, "could not renew a usage lease");
+                    failed = true;
+                }
+            }
+            drop(cache);
+            if failed {
+                // The next prefetch retries too; don't hammer a server that refuses.
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     });
@@ -265,6 +309,75 @@ impl KeyVault {
     #[must_use]
     pub fn kek_provider(&self) -> String {
         self.keks().wrap.provider().to_owned()
+    }
+
+    /// The associated data that the key vault binds a data key's wrapped material to, given
+    /// to [`KekProvider::wrap_with_ad`] and [`KekProvider::unwrap_with_ad`]:
+    ///
+    /// - for a fieldcrypt key ([`KeyKind::Fieldcrypt`], 32 bytes):
+    ///   `"fieldcrypt/dek-wrap/v2\0"` (23 bytes) ‖ the key id (16 bytes) ‖ the alias's length
+    ///   in bytes (u32, big-endian) ‖ the alias (UTF-8) ‖ the kind (one byte, 1);
+    /// - for a CSFLE key ([`KeyKind::Csfle`], 96 bytes): empty, as libmongocrypt wraps them.
+    ///
+    /// So a fieldcrypt key's `keyMaterial` unwraps only in a document with the same id, alias
+    /// and kind: copied to another key, alias or tenant, it fails to unwrap.
+    #[must_use]
+    pub fn associated_data(id: &KeyId, alias: &str, kind: KeyKind) -> Vec<u8> {
+        document::associated_data(id, alias, kind)
+    }
+
+    /// Unwraps key documents read some other way than from a vault (e.g. a `mongoexport` of
+    /// one), with the rules of the vault: fieldcrypt's documents (format 2, material bound to
+    /// the document) and MongoDB's CSFLE key documents; of several documents marked primary for
+    /// one alias, the newest claim wins. Keys without material come back destroyed.
+    ///
+    /// # Errors
+    /// [`Error::KeyFormat`] naming the key for a malformed document, one in an unsupported
+    /// format, or one whose `keyMaterial` does not unwrap under `kek` with its own associated
+    /// data (wrong KEK, or material copied from another document); KEK errors.
+    pub async fn keys_from_documents(docs: &[Document], kek: &dyn KekProvider) -> Result<Vec<Key>> {
+        let mut stored = docs
+            .iter()
+            .map(StoredKey::parse)
+            .collect::<Result<Vec<_>>>()?;
+        elect(&mut stored);
+        let mut keys = Vec::with_capacity(stored.len());
+        for k in &stored {
+            let key = match k
+                .key_material
+                .as_deref()
+                .filter(|_| k.state != KeyState::Destroyed)
+            {
+                None => Key::destroyed(k.id, k.alias.clone(), k.kind),
+                Some(wrapped) => {
+                    let ad = k.wrap_ad()?;
+                    let material = kek
+                        .unwrap_with_ad(&k.master_key, wrapped, &ad)
+                        .await
+                        .map_err(|e| match e {
+                            Error::Decrypt | Error::MalformedCiphertext(_) => {
+                                Error::KeyFormat(format!(
+                                    "keyMaterial of key {} does not unwrap under this KEK (wrong \
+                                     master key, or material that belongs to another key \
+                                     document)",
+                                    k.id
+                                ))
+                            }
+                            other => other,
+                        })?;
+                    Key::from_material(
+                        k.id,
+                        k.alias.clone(),
+                        k.kind,
+                        k.state,
+                        material,
+                        k.encryptions(),
+                    )?
+                }
+            };
+            keys.push(key.with_created(k.created));
+        }
+        Ok(keys)
     }
 
     /// The cache's counters.
@@ -376,6 +489,7 @@ impl KeyVault {
         id: KeyId,
         master_key: &Document,
         wrapped: &[u8],
+        associated_data: &[u8],
     ) -> Result<KeyMaterial> {
         let keks = self.keks();
         let provider = master_key.get_str("provider").unwrap_or("");
@@ -389,7 +503,10 @@ impl KeyVault {
             )));
         }
         for kek in candidates {
-            match kek.unwrap(master_key, wrapped).await {
+            match kek
+                .unwrap_with_ad(master_key, wrapped, associated_data)
+                .await
+            {
                 Ok(m) => return Ok(m),
                 // Not this KEK's key: try the next.
                 Err(Error::Decrypt | Error::MalformedCiphertext(_) | Error::KeyFormat(_)) => {}
@@ -398,32 +515,54 @@ impl KeyVault {
         }
         Err(Error::KeyFormat(format!(
             "keyMaterial of key {id} does not unwrap under this key vault's KEKs for provider \
-             {provider:?} (wrong master key, or a corrupted key document)"
+             {provider:?} (wrong master key, a corrupted key document, or keyMaterial that \
+             belongs to another key: it is bound to its key's id, alias and kind)"
         )))
     }
 
     /// Builds the cache entry for a stored key in `state`, reusing the cached secret when the
     /// material is unchanged (so usage counters, leases and cipher states carry over).
+    ///
+    /// The document's metadata is not authenticated, so nothing read here takes this process
+    /// backwards: a key it saw destroyed stays destroyed, and a new secret's usage counter
+    /// starts at no less than what this process counted or saw reserved before.
     async fn entry_for(&self, stored: &StoredKey, state: KeyState) -> Result<KeyEntry> {
-        let new_lease = |base: u64| Arc::new(LeaseCell::new(Lease::new(base, self.usage_lease)));
+        let id = stored.id;
+        // The callers have run `refuse_revived`; this holds even if one forgets.
+        let state = if self.cache.known_destroyed(&id) {
+            KeyState::Destroyed
+        } else {
+            state
+        };
         let Some(wrapped) = stored
             .key_material
             .as_deref()
             .filter(|_| state != KeyState::Destroyed)
         else {
-            let key = Key::destroyed(stored.id, stored.alias.clone(), stored.kind)
-                .with_created(stored.created);
-            return Ok(KeyEntry::new(key, new_lease(0)));
+            self.cache.mark_destroyed(id);
+            let key =
+                Key::destroyed(id, stored.alias.clone(), stored.kind).with_created(stored.created);
+            return Ok(KeyEntry::new(
+                key,
+                Arc::new(LeaseCell::new(0, self.usage_lease)),
+            ));
         };
+        let ad = stored.wrap_ad()?;
         let material = self
-            .unwrap_material(stored.id, &stored.master_key, wrapped)
+            .unwrap_material(id, &stored.master_key, wrapped, &ad)
             .await?;
-        if let Some(old) = self.cache.entry(&stored.id) {
+        // The stored count must not be below what this process knows was reserved.
+        let count = stored.encryptions();
+        let known = self.cache.observe_stored(id, count);
+        if stored.managed.is_some() && count < known {
+            usage::restore_count(&self.coll, id, count, known).await?;
+            self.cache.observe_stored(id, known);
+        }
+        if let Some(old) = self.cache.entry(&id) {
             if let Ok(cached) = old.key.material() {
                 if !bool::from(cached.expose_secret().ct_eq(material.expose_secret())) {
                     return Err(Error::KeyFormat(format!(
-                        "key {}: its material changed in the key vault",
-                        stored.id
+                        "key {id}: its material changed in the key vault"
                     )));
                 }
                 if old.key.kind() == stored.kind && old.key.alias() == stored.alias {
@@ -431,16 +570,37 @@ impl KeyVault {
                 }
             }
         }
+        let floor = self.cache.floor(&id);
+        let base = count.max(floor.stored);
         let key = Key::from_material(
-            stored.id,
+            id,
             stored.alias.clone(),
             stored.kind,
             state,
             material,
-            stored.encryptions(),
+            base.max(floor.used),
         )?
         .with_created(stored.created);
-        Ok(KeyEntry::new(key, new_lease(stored.encryptions())))
+        Ok(KeyEntry::new(
+            key,
+            Arc::new(LeaseCell::new(base, self.usage_lease)),
+        ))
+    }
+
+    /// A key this process saw destroyed stays destroyed, whatever the vault says now (a
+    /// document put back by a key-vault writer, or by restoring a backup): destroyed is
+    /// irreversible, and fieldcrypt never writes material back.
+    fn refuse_revived(&self, stored: &mut StoredKey) {
+        if stored.state != KeyState::Destroyed && self.cache.known_destroyed(&stored.id) {
+            tracing::error!(
+                key = %stored.id,
+                alias = %stored.alias,
+                state = %stored.state,
+                "the key vault shows a key that this process saw destroyed (written by something \
+                 other than fieldcrypt, or a restored backup): it stays destroyed here"
+            );
+            stored.state = KeyState::Destroyed;
+        }
     }
 
     /// Loads every key of `aliases` into the cache, with their alias lists.
@@ -449,6 +609,10 @@ impl KeyVault {
         let mut stored = self.find(alias_filter(aliases)).await?;
         stored.retain(|k| wanted.contains(k.alias.as_str()));
         self.cache.count_loads(stored.len());
+        // Before the election: a revived key must not win it (nor make us demote the others).
+        for k in &mut stored {
+            self.refuse_revived(k);
+        }
         for (alias, generation) in elect(&mut stored) {
             // Another process died between claiming primary and demoting the old one, or is
             // doing it right now: finish its job (idempotent).
@@ -470,19 +634,23 @@ impl KeyVault {
             .map(|a| (a.as_str(), (None, Vec::new())))
             .collect();
         for k in &stored {
-            entries.push(self.entry_for(k, k.state).await?);
+            let entry = self.entry_for(k, k.state).await?;
             if let Some((primary, ids)) = lists.get_mut(k.alias.as_str()) {
-                if k.state == KeyState::Primary {
+                if entry.key.state() == KeyState::Primary {
                     *primary = Some(k.id);
                 }
                 ids.push(k.id);
             }
+            entries.push(entry);
         }
-        self.cache.insert_keys(entries);
-        for (alias, (primary, ids)) in lists {
-            self.cache
-                .insert_alias(alias.to_owned(), AliasEntry::new(primary, ids));
-        }
+        // Keys and lists in one step; each list is stamped with its oldest key's load time.
+        self.cache.insert_loaded(
+            entries,
+            lists
+                .into_iter()
+                .map(|(alias, (primary, ids))| (alias.to_owned(), primary, ids))
+                .collect(),
+        );
         Ok(())
     }
 
@@ -557,12 +725,13 @@ impl KeyVault {
     /// key yet: `None` otherwise), then demotes the older primaries.
     async fn insert_key(&self, alias: &str, first_only: bool) -> Result<Option<KeyId>> {
         let kek = self.keks().wrap;
+        let id = KeyId::random();
         let (master_key, wrapped) = {
             let material = KeyMaterial::generate(FIELDCRYPT_KEY_LEN);
-            kek.wrap(&material).await?
+            let ad = document::associated_data(&id, alias, KeyKind::Fieldcrypt);
+            kek.wrap_with_ad(&material, &ad).await?
             // `material` is wiped here; only the wrapped form is kept.
         };
-        let id = KeyId::random();
         // After a duplicate, never retry the same numbers: the keyAltName may be taken by a
         // document that is not one of this alias's keys (a CSFLE key named like one).
         let (mut tried_version, mut tried_generation) = (0, 0);
@@ -578,13 +747,15 @@ impl KeyVault {
                 .unwrap_or(0)
                 .max(tried_version)
                 + 1;
-            let generation = existing
-                .iter()
-                .map(StoredKey::generation)
-                .max()
-                .unwrap_or(0)
-                .max(tried_generation)
-                + 1;
+            let generation = next_generation(
+                existing
+                    .iter()
+                    .map(StoredKey::generation)
+                    .max()
+                    .unwrap_or(0)
+                    .max(tried_generation),
+                alias,
+            )?;
             (tried_version, tried_generation) = (version, generation);
             let doc = NewKey {
                 id,
@@ -654,17 +825,23 @@ impl KeyVault {
             .pop()
             .ok_or(Error::UnknownKey(*id))?;
         if stored.state == KeyState::Destroyed {
+            self.cache.mark_destroyed(*id);
             return if state == KeyState::Destroyed {
                 Ok(())
             } else {
                 Err(Error::KeyDestroyed(*id))
             };
         }
+        // Revived behind fieldcrypt's back (destroyed is irreversible): only destroy again.
+        if state != KeyState::Destroyed && self.cache.known_destroyed(id) {
+            return Err(Error::KeyDestroyed(*id));
+        }
         let live = doc! { ID: id.to_binary(), KEY_MATERIAL: { "$exists": true } };
         let managed = stored.managed.is_some();
         match state {
             KeyState::Destroyed => {
                 self.destroy_where(live, managed).await?;
+                self.cache.mark_destroyed(*id);
             }
             KeyState::Primary if !managed => {
                 return Err(Error::KeyMisuse {
@@ -700,14 +877,15 @@ impl KeyVault {
     async fn promote(&self, stored: &StoredKey, live: Document) -> Result<()> {
         self.ensure_indexes().await?;
         for _ in 0..MAX_ATTEMPTS {
-            let generation = self
-                .alias_keys(&stored.alias)
-                .await?
-                .iter()
-                .map(StoredKey::generation)
-                .max()
-                .unwrap_or(0)
-                + 1;
+            let generation = next_generation(
+                self.alias_keys(&stored.alias)
+                    .await?
+                    .iter()
+                    .map(StoredKey::generation)
+                    .max()
+                    .unwrap_or(0),
+                &stored.alias,
+            )?;
             let r = self
                 .coll
                 .update_one(
@@ -781,6 +959,7 @@ impl KeyVault {
         }
         for k in &keys {
             self.cache.invalidate_key(&k.id);
+            self.cache.mark_destroyed(k.id);
         }
         self.cache.invalidate_alias(alias);
         tracing::info!(alias, keys = n, "destroyed every key of alias");
@@ -850,7 +1029,10 @@ impl KeyVault {
             let batch: Vec<Document> = self
                 .coll
                 .find(filter)
-                .projection(doc! { ID: 1, KEY_MATERIAL: 1, MASTER_KEY: 1 })
+                // What parsing and the associated data need (alias and kind of managed keys).
+                .projection(
+                    doc! { ID: 1, KEY_ALT_NAMES: 1, KEY_MATERIAL: 1, MASTER_KEY: 1, FIELDCRYPT: 1 },
+                )
                 .sort(doc! { ID: 1 })
                 .limit(REWRAP_BATCH)
                 .await?
@@ -868,10 +1050,16 @@ impl KeyVault {
                 let Some(old) = stored.key_material.as_deref() else {
                     continue;
                 };
+                if self.cache.known_destroyed(&stored.id) {
+                    // Revived behind fieldcrypt's back: do not carry it over to the new KEK.
+                    tracing::error!(key = %stored.id, "not re-wrapped: this process saw the key destroyed");
+                    continue;
+                }
+                let ad = stored.wrap_ad()?;
                 let material = self
-                    .unwrap_material(stored.id, &stored.master_key, old)
+                    .unwrap_material(stored.id, &stored.master_key, old, &ad)
                     .await?;
-                let (master_key, wrapped) = new_kek.wrap(&material).await?;
+                let (master_key, wrapped) = new_kek.wrap_with_ad(&material, &ad).await?;
                 drop(material);
                 let r = self
                     .coll
@@ -912,8 +1100,9 @@ impl KeyVault {
         key: &CsfleKeyDocument,
         wrapped_by: &dyn KekProvider,
     ) -> Result<KeyId> {
+        // MongoDB's format: no associated data.
         let material = wrapped_by
-            .unwrap(&key.master_key, &key.key_material)
+            .unwrap_with_ad(&key.master_key, &key.key_material, &[])
             .await
             .map_err(|e| match e {
                 Error::Decrypt | Error::MalformedCiphertext(_) => Error::KeyFormat(format!(
@@ -928,7 +1117,7 @@ impl KeyVault {
                 key.id
             )));
         }
-        let (master_key, wrapped) = self.keks().wrap.wrap(&material).await?;
+        let (master_key, wrapped) = self.keks().wrap.wrap_with_ad(&material, &[]).await?;
         drop(material);
         let mut doc = key.clone();
         doc.key_material = wrapped;
@@ -983,10 +1172,12 @@ impl KeySource for KeyVault {
         }
         self.cache.count_misses(due.len());
         let filter: Vec<Bson> = due.iter().map(|id| Bson::Binary(id.to_binary())).collect();
-        let stored = self.find(doc! { ID: { "$in": filter } }).await?;
+        let mut stored = self.find(doc! { ID: { "$in": filter } }).await?;
         self.cache.count_loads(stored.len());
         let mut entries = Vec::with_capacity(stored.len());
-        for k in &stored {
+        for k in &mut stored {
+            self.refuse_revived(k);
+            let k = &*k;
             // Without the alias's other keys there is no election here; trust a fresh alias
             // list that names another primary.
             let state = match self.cache.cached_primary_id(&k.alias) {
@@ -1000,7 +1191,7 @@ impl KeySource for KeyVault {
         for id in due.iter().filter(|id| !found.contains(id)) {
             self.cache.invalidate_key(id);
         }
-        self.cache.insert_keys(entries);
+        self.cache.insert_loaded(entries, Vec::new());
         Ok(())
     }
 
@@ -1023,7 +1214,7 @@ impl KeySource for KeyVault {
         }
         for alias in &aliases {
             if let Some(entry) = self.cache.primary_entry(alias) {
-                usage::ensure_lease(&self.coll, &entry).await?;
+                usage::ensure_lease(&self.coll, &self.cache, &entry).await?;
             }
         }
         Ok(())
@@ -1053,6 +1244,17 @@ impl fmt::Display for KeyVault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "key vault {}", self.namespace)
     }
+}
+
+/// The generation after `highest`: an error rather than an overflow when a key-vault writer
+/// has set a generation to the largest value.
+fn next_generation(highest: i64, alias: &str) -> Result<i64> {
+    highest.checked_add(1).ok_or_else(|| {
+        Error::KeyFormat(format!(
+            "alias {alias:?}: fieldcrypt.generation is at its largest value (the key vault was \
+             written by something other than fieldcrypt)"
+        ))
+    })
 }
 
 fn check_alias(alias: &str) -> Result<()> {

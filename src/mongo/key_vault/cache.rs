@@ -6,11 +6,22 @@
 //! the [`Keyring`](crate::Keyring) refuse it once it is older than the TTL. Expired and evicted
 //! entries are removed from the maps; a key's material is wiped when the last `Arc<Key>` to it
 //! drops (the material lives in a `secrecy::SecretSlice`).
+//!
+//! An alias entry is never fresher than its keys: it is stamped with the oldest load time of
+//! the keys it lists, and [`KeyCache::readable_keys`] refuses (rather than shortens) a list
+//! that names a key which is no longer cached and fresh.
+//!
+//! Besides the entries, the cache remembers two facts per key that outlive them (no secrets;
+//! [`KeyCache::clear`] keeps them too), so that a reload never takes this process backwards on
+//! the word of the key vault, whose metadata is not authenticated: the highest usage counts
+//! seen ([`Floor`]), and which keys it knows to be destroyed.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::usage::LeaseCell;
 use crate::error::{Error, Result};
@@ -46,6 +57,18 @@ pub(super) struct KeyEntry {
     loaded: Instant,
 }
 
+/// The usage counts this process has known for a key, kept after its cache entry is gone.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(super) struct Floor {
+    /// The highest `fieldcrypt.encryptions` seen in the vault: read there, returned by this
+    /// process's own reservations, or restored by it. The vault's count never goes down when
+    /// only fieldcrypt writes it.
+    pub(super) stored: u64,
+    /// The highest in-memory counter the key had here (every random-nonce encryption made or
+    /// counted by this process, reserved or not).
+    pub(super) used: u64,
+}
+
 impl KeyEntry {
     pub(super) fn new(key: Key, lease: Arc<LeaseCell>) -> Self {
         KeyEntry {
@@ -57,26 +80,40 @@ impl KeyEntry {
 }
 
 /// The keys of an alias: the primary (if any) and all keys, primary first, then newest first.
-pub(super) struct AliasEntry {
+/// `loaded` is the oldest load time of those keys.
+struct AliasEntry {
     primary: Option<KeyId>,
     keys: Vec<KeyId>,
     loaded: Instant,
-}
-
-impl AliasEntry {
-    pub(super) fn new(primary: Option<KeyId>, keys: Vec<KeyId>) -> Self {
-        AliasEntry {
-            primary,
-            keys,
-            loaded: Instant::now(),
-        }
-    }
 }
 
 #[derive(Default)]
 struct Inner {
     keys: HashMap<KeyId, KeyEntry>,
     aliases: HashMap<String, AliasEntry>,
+    /// Usage counts of keys no longer (or not yet) cached; only nonzero ones.
+    floors: HashMap<KeyId, Floor>,
+    /// Keys this process has seen destroyed (or destroyed itself).
+    destroyed: HashSet<KeyId>,
+}
+
+impl Inner {
+    /// Removes a key's entry, remembering its usage counter.
+    fn remove_key(&mut self, id: &KeyId) -> Option<KeyEntry> {
+        let e = self.keys.remove(id)?;
+        self.remember_use(&e);
+        Some(e)
+    }
+
+    fn remember_use(&mut self, e: &KeyEntry) {
+        let used = e.key.encryptions();
+        let stored = e.lease.reserved_to();
+        if used > 0 || stored > 0 {
+            let f = self.floors.entry(e.key.id()).or_default();
+            f.used = f.used.max(used);
+            f.stored = f.stored.max(stored);
+        }
+    }
 }
 
 pub(super) struct KeyCache {
@@ -87,6 +124,9 @@ pub(super) struct KeyCache {
     misses: AtomicU64,
     loads: AtomicU64,
     evictions: AtomicU64,
+    /// Wakes the vault's background task: a lookup saw a primary key's lease due for renewal
+    /// (or the vault is being dropped).
+    wake: Arc<Notify>,
 }
 
 impl KeyCache {
@@ -99,7 +139,13 @@ impl KeyCache {
             misses: AtomicU64::new(0),
             loads: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// What wakes the background task (see [`KeyCache::primary`]).
+    pub(super) fn wake_signal(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
@@ -166,6 +212,12 @@ impl KeyCache {
             Some(e) if self.fresh(e.loaded, now) => {
                 // A reload by id may have seen a demotion the alias entry has not seen yet.
                 if e.key.state() == KeyState::Primary {
+                    // The caller is about to encrypt: if the counter has passed the point
+                    // where the next prefetch would renew the lease, renew it now, in the
+                    // background (one atomic load here; the hot path never waits).
+                    if e.lease.renewal_due(e.key.encryptions()) {
+                        self.wake.notify_one();
+                    }
                     Ok(e.key.clone())
                 } else {
                     Err(Error::NoPrimaryKey(alias.to_owned()))
@@ -192,13 +244,24 @@ impl KeyCache {
         if a.keys.is_empty() {
             return Err(Error::UnknownAlias(alias.to_owned()));
         }
-        Ok(a.keys
-            .iter()
-            .filter_map(|id| inner.keys.get(id))
-            .filter(|e| self.fresh(e.loaded, now))
-            .filter(|e| matches!(e.key.state(), KeyState::Primary | KeyState::Active))
-            .map(|e| e.key.clone())
-            .collect())
+        // All or nothing: an equality query over a shorter list would silently match fewer
+        // documents. (The alias entry is no fresher than its keys, so this is a key reloaded
+        // alone and found gone, or one dropped for capacity: the next prefetch reloads.)
+        let mut keys = Vec::with_capacity(a.keys.len());
+        for id in &a.keys {
+            match inner.keys.get(id) {
+                Some(e) if self.fresh(e.loaded, now) => {
+                    if matches!(e.key.state(), KeyState::Primary | KeyState::Active) {
+                        keys.push(e.key.clone());
+                    }
+                }
+                _ => {
+                    self.count_misses(1);
+                    return Err(Error::UnknownKey(*id));
+                }
+            }
+        }
+        Ok(keys)
     }
 
     // ---- what the prefetch methods need ----
@@ -250,19 +313,50 @@ impl KeyCache {
             .and_then(|a| a.primary)
     }
 
-    pub(super) fn insert_keys(&self, entries: Vec<KeyEntry>) {
+    /// Caches loaded keys, and the lists of aliases (primary, then all key ids) whose keys
+    /// are among them, in one step: each alias entry is stamped with the oldest load time of
+    /// its keys, so it never outlives them.
+    pub(super) fn insert_loaded(
+        &self,
+        entries: Vec<KeyEntry>,
+        aliases: Vec<(String, Option<KeyId>, Vec<KeyId>)>,
+    ) {
         let mut inner = self.write();
+        let now = Instant::now();
         // Also here, not only in the sweeper: a vault built outside a runtime has none.
-        self.purge(&mut inner, Instant::now());
+        self.purge(&mut inner, now);
         for e in entries {
-            inner.keys.insert(e.key.id(), e);
+            if let Some(old) = inner.keys.insert(e.key.id(), e) {
+                inner.remember_use(&old);
+            }
         }
+        for (alias, primary, keys) in aliases {
+            let loaded = keys
+                .iter()
+                .map(|id| inner.keys.get(id).map(|e| e.loaded))
+                .try_fold(now, |min, l| l.map(|l| min.min(l)));
+            match loaded {
+                Some(loaded) => {
+                    inner.aliases.insert(
+                        alias,
+                        AliasEntry {
+                            primary,
+                            keys,
+                            loaded,
+                        },
+                    );
+                }
+                // Not all of its keys are here: no list rather than one with a hole.
+                None => {
+                    inner.aliases.remove(&alias);
+                }
+            }
+        }
+        self.enforce_alias_capacity(&mut inner);
         self.enforce_capacity(&mut inner);
     }
 
-    pub(super) fn insert_alias(&self, alias: String, entry: AliasEntry) {
-        let mut inner = self.write();
-        inner.aliases.insert(alias, entry);
+    fn enforce_alias_capacity(&self, inner: &mut Inner) {
         if inner.aliases.len() > self.capacity {
             let now = Instant::now();
             inner.aliases.retain(|_, a| self.fresh(a.loaded, now));
@@ -283,7 +377,64 @@ impl KeyCache {
 
     /// Forgets a key (after a local change: the next prefetch reloads it).
     pub(super) fn invalidate_key(&self, id: &KeyId) {
-        self.write().keys.remove(id);
+        self.write().remove_key(id);
+    }
+
+    // ---- what this process knows beyond its entries ----
+
+    /// What this process knows of a key's usage counts: the floor kept after its entry left,
+    /// raised by the cached entry's (if any) counter and reservations.
+    pub(super) fn floor(&self, id: &KeyId) -> Floor {
+        let inner = self.read();
+        let mut f = inner.floors.get(id).copied().unwrap_or_default();
+        if let Some(e) = inner.keys.get(id) {
+            f.used = f.used.max(e.key.encryptions());
+            f.stored = f.stored.max(e.lease.reserved_to());
+        }
+        f
+    }
+
+    /// Records that the vault's stored count for `id` was seen at `stored`; returns the
+    /// highest count known before (from [`KeyCache::floor`]), which `stored` should not be
+    /// below.
+    pub(super) fn observe_stored(&self, id: KeyId, stored: u64) -> u64 {
+        let before = self.floor(&id).stored;
+        if stored > 0 {
+            let mut inner = self.write();
+            let f = inner.floors.entry(id).or_default();
+            f.stored = f.stored.max(stored);
+        }
+        before
+    }
+
+    /// Remembers that `id` is destroyed: its material is gone from this process for good.
+    pub(super) fn mark_destroyed(&self, id: KeyId) {
+        let mut inner = self.write();
+        inner.destroyed.insert(id);
+        inner.floors.remove(&id);
+    }
+
+    /// Whether this process has seen `id` destroyed.
+    pub(super) fn known_destroyed(&self, id: &KeyId) -> bool {
+        self.read().destroyed.contains(id)
+    }
+
+    /// The cached primary keys whose lease is due for renewal (for the background task).
+    pub(super) fn leases_due(&self) -> Vec<KeyEntry> {
+        let now = Instant::now();
+        let inner = self.read();
+        let mut due: Vec<KeyEntry> = inner
+            .aliases
+            .values()
+            .filter_map(|a| a.primary)
+            .filter_map(|id| inner.keys.get(&id))
+            .filter(|e| self.fresh(e.loaded, now) && e.key.state() == KeyState::Primary)
+            .filter(|e| e.lease.renewal_due(e.key.encryptions()))
+            .cloned()
+            .collect();
+        due.sort_unstable_by_key(|e| e.key.id());
+        due.dedup_by_key(|e| e.key.id());
+        due
     }
 
     /// Forgets an alias's key list.
@@ -291,11 +442,14 @@ impl KeyCache {
         self.write().aliases.remove(alias);
     }
 
-    /// Drops every entry.
+    /// Drops every entry (not what [`KeyCache::floor`] and [`KeyCache::known_destroyed`] keep).
     pub(super) fn clear(&self) {
         let mut inner = self.write();
         let n = inner.keys.len();
-        inner.keys.clear();
+        let ids: Vec<KeyId> = inner.keys.keys().copied().collect();
+        for id in &ids {
+            inner.remove_key(id);
+        }
         inner.aliases.clear();
         self.evictions.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -308,11 +462,18 @@ impl KeyCache {
     }
 
     fn purge(&self, inner: &mut Inner, now: Instant) {
-        let before = inner.keys.len();
-        inner.keys.retain(|_, e| self.fresh(e.loaded, now));
+        let expired: Vec<KeyId> = inner
+            .keys
+            .iter()
+            .filter(|(_, e)| !self.fresh(e.loaded, now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &expired {
+            inner.remove_key(id);
+        }
         inner.aliases.retain(|_, a| self.fresh(a.loaded, now));
-        let gone = before - inner.keys.len();
-        self.evictions.fetch_add(gone as u64, Ordering::Relaxed);
+        self.evictions
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
     }
 
     fn enforce_capacity(&self, inner: &mut Inner) {
@@ -330,7 +491,7 @@ impl KeyCache {
         by_age.select_nth_unstable(excess - 1);
         let evicted: HashSet<KeyId> = by_age[..excess].iter().map(|(_, id)| *id).collect();
         for id in &evicted {
-            inner.keys.remove(id);
+            inner.remove_key(id);
         }
         // An alias list that names an evicted key would answer with a hole; drop it too.
         inner

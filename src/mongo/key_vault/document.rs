@@ -8,14 +8,21 @@
 //!   creationDate: date, updateDate: date,
 //!   status: int,                                   0 enabled, 1 disabled (or destroyed)
 //!   masterKey: { provider: "local", … },           what the KEK provider wrote
-//!   fieldcrypt: { alias: string, state: "primary" | "active" | "disabled" | "destroyed",
-//!                 kind: "fieldcrypt" | "csfle", version: long, generation: long,
+//!   fieldcrypt: { format: 2 (int),                 the layout version of this document
+//!                 alias: string, state: "primary" | "active" | "disabled" | "destroyed",
+//!                 kind: "fieldcrypt", version: long, generation: long,
 //!                 encryptions: long, suite: string (optional) } }
 //! ```
 //!
+//! `keyMaterial` of such a document (format 2) is the 32-byte key wrapped with associated data
+//! [`associated_data`]`(id, alias, kind)`, so it unwraps only in its own document. Format 1
+//! (no `format` field: wrapped with empty associated data, its metadata unbound) is refused
+//! with a clear error when it would be unwrapped.
+//!
 //! A document without `fieldcrypt` is a CSFLE data key as libmongocrypt writes it: alias from
 //! its first keyAltName (else its id), active or disabled by `status`, destroyed when it has no
-//! `keyMaterial`. fieldcrypt keeps such documents in that exact layout when it changes them.
+//! `keyMaterial`, wrapped with empty associated data. fieldcrypt keeps such documents in that
+//! exact layout when it changes them; as in MongoDB, none of their metadata is authenticated.
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document};
@@ -36,6 +43,17 @@ pub(super) const ALIAS: &str = "fieldcrypt.alias";
 pub(super) const STATE: &str = "fieldcrypt.state";
 pub(super) const GENERATION: &str = "fieldcrypt.generation";
 pub(super) const ENCRYPTIONS: &str = "fieldcrypt.encryptions";
+
+/// The layout version of the managed key documents this version writes and reads
+/// (`fieldcrypt.format`); a document without the field is format 1.
+pub(super) const KEY_FORMAT: i32 = 2;
+
+/// The first bytes of the associated data a managed key is wrapped with: names the purpose
+/// and the format, so these bytes can never be mistaken for another protocol's.
+pub(super) const WRAP_LABEL: &[u8] = b"fieldcrypt/dek-wrap/v2\0";
+
+/// The kind byte of the associated data.
+const KIND_FIELDCRYPT: u8 = 1;
 
 /// `status` values, as MongoDB uses them.
 pub(super) const STATUS_ENABLED: i32 = 0;
@@ -85,6 +103,8 @@ impl KeyInfo {
 /// fieldcrypt's own fields of a managed key.
 #[derive(Clone, Copy)]
 pub(super) struct Managed {
+    /// `fieldcrypt.format` (1 when absent).
+    pub(super) format: i64,
     pub(super) version: u64,
     pub(super) generation: i64,
     pub(super) encryptions: u64,
@@ -190,7 +210,14 @@ impl StoredKey {
                         Some(None) => Err(bad(&format!("'fieldcrypt.{name}' is not an integer"))),
                     }
                 };
+                let format = match f.get("format") {
+                    None => 1,
+                    Some(v) => {
+                        int(v).ok_or_else(|| bad("'fieldcrypt.format' is not an integer"))?
+                    }
+                };
                 let managed = Managed {
+                    format,
                     version: count("version")?,
                     generation: f.get("generation").and_then(int).unwrap_or(0),
                     encryptions: count("encryptions")?,
@@ -238,6 +265,42 @@ impl StoredKey {
         }
     }
 
+    /// The associated data this key's `keyMaterial` is wrapped with: empty for a CSFLE key
+    /// document (MongoDB's format), [`associated_data`] for a managed key.
+    ///
+    /// # Errors
+    /// [`Error::KeyFormat`] for a managed document in a format this version does not read
+    /// (format 1, whose material is not bound to the document, or a newer one), or of kind
+    /// `csfle` (fieldcrypt never writes those: it keeps CSFLE keys in MongoDB's layout).
+    pub(super) fn wrap_ad(&self) -> Result<Vec<u8>> {
+        let Some(m) = self.managed else {
+            return Ok(Vec::new());
+        };
+        let id = self.id;
+        if m.format < i64::from(KEY_FORMAT) {
+            return Err(Error::KeyFormat(format!(
+                "key document {id} is in key-document format {} (written by an older fieldcrypt, \
+                 its keyMaterial not bound to the document); this version reads format \
+                 {KEY_FORMAT} only: destroy the key and rotate its alias",
+                m.format
+            )));
+        }
+        if m.format > i64::from(KEY_FORMAT) {
+            return Err(Error::KeyFormat(format!(
+                "key document {id} is in key-document format {}, newer than this version's \
+                 ({KEY_FORMAT}): upgrade fieldcrypt",
+                m.format
+            )));
+        }
+        if self.kind != KeyKind::Fieldcrypt {
+            return Err(Error::KeyFormat(format!(
+                "key document {id}: fieldcrypt.kind is not \"fieldcrypt\" (CSFLE keys are kept \
+                 without a 'fieldcrypt' field, in MongoDB's layout)"
+            )));
+        }
+        Ok(associated_data(&id, &self.alias, self.kind))
+    }
+
     pub(super) fn generation(&self) -> i64 {
         self.managed.map_or(0, |m| m.generation)
     }
@@ -251,6 +314,30 @@ impl StoredKey {
 /// the lock that gives two concurrent creators different versions.
 pub(super) fn alt_name(alias: &str, version: u64) -> String {
     format!("{alias}:v{version}")
+}
+
+/// The associated data that binds a managed key's wrapped material to its identity:
+///
+/// ```text
+/// WRAP_LABEL ("fieldcrypt/dek-wrap/v2\0", 23 bytes) ‖ key id (16 bytes)
+///   ‖ alias length (u32, big-endian) ‖ alias (UTF-8) ‖ kind (1 byte: 1 = fieldcrypt)
+/// ```
+///
+/// Empty for [`KeyKind::Csfle`]: MongoDB's CSFLE keys are wrapped with no associated data,
+/// as libmongocrypt does.
+pub(super) fn associated_data(id: &KeyId, alias: &str, kind: KeyKind) -> Vec<u8> {
+    if kind != KeyKind::Fieldcrypt {
+        return Vec::new();
+    }
+    let mut ad = Vec::with_capacity(WRAP_LABEL.len() + 16 + 4 + alias.len() + 1);
+    ad.extend_from_slice(WRAP_LABEL);
+    ad.extend_from_slice(id.as_bytes());
+    // An alias longer than 4 GiB cannot be in a 16 MiB document; saturate rather than wrap.
+    let len = u32::try_from(alias.len()).unwrap_or(u32::MAX);
+    ad.extend_from_slice(&len.to_be_bytes());
+    ad.extend_from_slice(alias.as_bytes());
+    ad.push(KIND_FIELDCRYPT);
+    ad
 }
 
 /// `status` for a state: MongoDB knows only enabled (0) and disabled (1).
@@ -284,6 +371,7 @@ impl NewKey<'_> {
             STATUS: STATUS_ENABLED,
             MASTER_KEY: self.master_key.clone(),
             FIELDCRYPT: {
+                "format": KEY_FORMAT,
                 "alias": self.alias,
                 "state": KeyState::Primary.as_str(),
                 "kind": match self.kind { KeyKind::Fieldcrypt => "fieldcrypt", KeyKind::Csfle => "csfle" },
@@ -386,6 +474,80 @@ mod tests {
         assert_eq!(k.key_alt_names, ["pii:v3"]);
         assert_eq!(k.generation(), 5);
         assert_eq!(k.key_material.as_deref(), Some(&[7u8; 96][..]));
+    }
+
+    #[test]
+    fn associated_data_layout() {
+        let id = KeyId::from_bytes([0xab; 16]);
+        let ad = associated_data(&id, "pii/acme", KeyKind::Fieldcrypt);
+        let mut want = b"fieldcrypt/dek-wrap/v2\0".to_vec();
+        want.extend_from_slice(&[0xab; 16]);
+        want.extend_from_slice(&[0, 0, 0, 8]);
+        want.extend_from_slice(b"pii/acme");
+        want.push(1);
+        assert_eq!(ad, want);
+        assert_eq!(WRAP_LABEL.len(), 23);
+        // Every part counts; CSFLE keys have none.
+        assert_ne!(
+            ad,
+            associated_data(&KeyId::random(), "pii/acme", KeyKind::Fieldcrypt)
+        );
+        assert_ne!(ad, associated_data(&id, "pii/acm", KeyKind::Fieldcrypt));
+        assert!(associated_data(&id, "pii/acme", KeyKind::Csfle).is_empty());
+    }
+
+    #[test]
+    fn format_2_binds_and_older_or_newer_formats_are_refused() {
+        let d = managed("pii", 1, 1);
+        assert_eq!(
+            d.get_document(FIELDCRYPT).unwrap().get("format"),
+            Some(&Bson::Int32(2))
+        );
+        let k = StoredKey::parse(&d).unwrap();
+        assert_eq!(
+            k.wrap_ad().unwrap(),
+            associated_data(&k.id, "pii", KeyKind::Fieldcrypt)
+        );
+        let with_format = |f: Option<Bson>| {
+            let mut d = d.clone();
+            let sub = d.get_document_mut(FIELDCRYPT).unwrap();
+            match f {
+                Some(v) => sub.insert("format", v),
+                None => sub.remove("format"),
+            };
+            StoredKey::parse(&d)
+        };
+        // Format 1 (no field) parses, so it can be listed and destroyed, but never unwrapped.
+        let v1 = with_format(None).unwrap();
+        let e = v1.wrap_ad().unwrap_err();
+        assert!(
+            matches!(&e, Error::KeyFormat(m) if m.contains("format 1")),
+            "{e}"
+        );
+        let e = with_format(Some(Bson::Int64(3)))
+            .unwrap()
+            .wrap_ad()
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::KeyFormat(m) if m.contains("newer")),
+            "{e}"
+        );
+        assert!(with_format(Some(Bson::String("2".into()))).is_err());
+        // A managed document claiming to be a CSFLE key is not something fieldcrypt writes.
+        let mut csfle = d.clone();
+        csfle
+            .get_document_mut(FIELDCRYPT)
+            .unwrap()
+            .insert("kind", "csfle");
+        assert!(StoredKey::parse(&csfle).unwrap().wrap_ad().is_err());
+        // CSFLE key documents (no fieldcrypt field) use empty associated data.
+        let mut plain = d.clone();
+        plain.remove(FIELDCRYPT);
+        assert!(StoredKey::parse(&plain)
+            .unwrap()
+            .wrap_ad()
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
