@@ -1387,3 +1387,83 @@ async fn destroy_counts_documents_with_unreadable_references_as_unknown() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     client.database(&db).drop().await.unwrap();
 }
+
+/// The random-nonce encryptions counted in a keyset file for the keys of one alias.
+fn counted(dir: &Path, alias: &str) -> (u64, usize) {
+    let ring = InMemoryKeyring::load(dir.join("keys.json")).unwrap();
+    let keys: Vec<_> = ring
+        .keys()
+        .into_iter()
+        .filter(|k| k.alias() == alias)
+        .collect();
+    (keys.iter().map(|k| k.encryptions()).sum(), keys.len())
+}
+
+#[test]
+fn keyset_counters_add_up_across_concurrent_runs_and_errors() {
+    let dir = workdir();
+    let d = dir.path();
+    generate(&d.join("people.jsonl"), 1500);
+    let encrypt = |input: &str| {
+        Command::new(BIN)
+            .current_dir(d)
+            .args([
+                "encrypt",
+                "--schema",
+                "schema.toml",
+                "--keyset",
+                "keys.json",
+                "--in",
+                input,
+            ])
+            .env_remove("FIELDCRYPT_KEYSET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // One run alone: how many encryptions it counts.
+    let (c0, _) = counted(d, "pii");
+    let o = encrypt("people.jsonl").wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (c1, _) = counted(d, "pii");
+    let per_run = c1 - c0;
+    assert!(per_run >= 3000, "{per_run}");
+
+    // Two runs and four rotations at once: every run's count is added (not the larger of
+    // two), and every rotated key is kept.
+    let runs: Vec<_> = (0..2).map(|_| encrypt("people.jsonl")).collect();
+    let rotations: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(BIN)
+                .current_dir(d)
+                .args(["keys", "rotate", "pii", "--keyset", "keys.json", "-q"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in runs.into_iter().chain(rotations) {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (c2, n) = counted(d, "pii");
+    assert_eq!(n, 5, "a concurrent rotation was lost");
+    assert_eq!(c2, c1 + 2 * per_run, "a concurrent run's count was lost");
+    assert!(d.join("keys.json.lock").exists());
+
+    // A run that fails part-way still counts the encryptions it made: a document that cannot
+    // be encrypted (a dotted name spelling an encrypted path) after the others of its batch.
+    let mut text = std::fs::read_to_string(d.join("people.jsonl")).unwrap();
+    text.push_str("{\"_id\": -1, \"profile.email\": \"x@example.com\"}\n");
+    std::fs::write(d.join("bad.jsonl"), text).unwrap();
+    let o = encrypt("bad.jsonl").wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let (c3, _) = counted(d, "pii");
+    assert_eq!(
+        c3,
+        c2 + per_run,
+        "encryptions of a failed run were not counted"
+    );
+}

@@ -15,7 +15,7 @@ use fieldcrypt::{Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Resu
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::keysource::{connect, KeyArgs, Store};
+use crate::keysource::{connect, with_keyset, KeyArgs, Store};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
 #[derive(clap::Subcommand, Debug)]
@@ -124,7 +124,7 @@ pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
         KeysCommand::Enable { id, keys, out } => {
             let store = Store::open(&keys).await?;
             store.writable()?;
-            set_state(&store, &id, KeyState::Active).await?;
+            set_state(&store, &id, KeyState::Active, false).await?;
             print_done(&out, "enabled", &id);
             Ok(Exit::Ok)
         }
@@ -166,22 +166,25 @@ async fn create_or_rotate(
     store.writable()?;
     let (new, old) = match &store {
         Store::Keyset { ring, file } => {
-            let old = ring
-                .keys()
-                .iter()
-                .find(|k| k.alias() == alias)
-                .map(|_| ring.primary(alias).ok().map(|k| k.id()));
-            if create && old.is_some() {
-                return Err(exists(alias));
+            let rotate = |ring: &InMemoryKeyring| -> Result<((KeyId, Option<KeyId>), bool)> {
+                let old = ring
+                    .keys()
+                    .iter()
+                    .find(|k| k.alias() == alias)
+                    .map(|_| ring.primary(alias).ok().map(|k| k.id()));
+                if create && old.is_some() {
+                    return Err(exists(alias));
+                }
+                if !create && old.is_none() {
+                    return Err(Error::UnknownAlias(alias.to_owned()));
+                }
+                Ok(((ring.rotate(alias), old.flatten()), true))
+            };
+            match file {
+                // Re-read under the file's lock: a concurrent rotation is kept, not overwritten.
+                Some(f) => with_keyset(f, rotate)?,
+                None => rotate(ring)?.0,
             }
-            if !create && old.is_none() {
-                return Err(Error::UnknownAlias(alias.to_owned()));
-            }
-            let id = ring.rotate(alias);
-            if let Some(f) = file {
-                ring.save(f)?;
-            }
-            (id, old.flatten())
         }
         Store::Vault(v) => {
             let infos = v.list().await?;
@@ -339,14 +342,25 @@ fn ring_rows(ring: &InMemoryKeyring) -> Vec<RingRow> {
     v
 }
 
-async fn set_state(store: &Store, id: &KeyId, state: KeyState) -> Result<()> {
+async fn set_state(store: &Store, id: &KeyId, state: KeyState, force: bool) -> Result<()> {
     match store {
         Store::Keyset { ring, file } => {
-            ring.set_state(id, state)?;
-            if let Some(f) = file {
-                ring.save(f)?;
+            let change = |ring: &InMemoryKeyring| -> Result<((), bool)> {
+                // Checked again on what is in the file now: it may have changed since it was
+                // read (a rotation that made this key the primary, say).
+                if state != KeyState::Active && !force && ring.key(id)?.state() == KeyState::Primary
+                {
+                    return Err(Error::Config(format!(
+                        "key {id} is the primary of its alias: rotate the alias first (`fieldcrypt keys rotate`)"
+                    )));
+                }
+                ring.set_state(id, state)?;
+                Ok(((), true))
+            };
+            match file {
+                Some(f) => with_keyset(f, change),
+                None => change(ring).map(|_| ()),
             }
-            Ok(())
         }
         Store::Vault(v) => v.set_state(id, state).await,
         Store::VaultFile(_) => unreachable!("refused by writable()"),
@@ -435,7 +449,7 @@ async fn change_state(a: StateArgs, state: KeyState) -> Result<Exit> {
             return Ok(Exit::Refused);
         }
     }
-    set_state(&store, &a.id, state).await?;
+    set_state(&store, &a.id, state, a.force).await?;
     print_done(
         &a.out,
         if state == KeyState::Destroyed {

@@ -12,8 +12,11 @@
 //! The master key (MongoDB's `local` KMS provider: 96 bytes) comes from `--master-key-file` or
 //! `FIELDCRYPT_MASTER_KEY` (base64).
 
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Bson, Document};
@@ -90,6 +93,10 @@ pub(crate) async fn connect(uri: &str) -> Result<Client> {
 }
 
 /// Keys for reading and writing documents.
+///
+/// With a keyset file, the random-nonce usage counters of this run's encryptions are added to
+/// the file when the `Keys` is dropped (or earlier, by [`Keys::persist_counters`]): on success
+/// and on every error path alike, so the per-key limits hold across runs.
 pub(crate) struct Keys {
     /// What the engine and the cryptors use.
     pub source: Arc<dyn KeySource>,
@@ -97,6 +104,23 @@ pub(crate) struct Keys {
     ring: Option<Arc<InMemoryKeyring>>,
     /// The keyset file to write usage counters back to.
     keyset_file: Option<PathBuf>,
+    /// Each keyset key's counter as of the last load or persist: what is above it is this
+    /// run's, not yet written back.
+    persisted: Mutex<HashMap<KeyId, u64>>,
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist_counters() {
+            crate::report::warn(&format!(
+                "could not write the keys' usage counters back to the keyset file: {}",
+                match e {
+                    Error::Config(m) => m,
+                    other => other.to_string(),
+                }
+            ));
+        }
+    }
 }
 
 impl Keys {
@@ -107,9 +131,17 @@ impl Keys {
                 Some(f) => InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?,
                 None => InMemoryKeyring::new(),
             };
+            // The keyset's own keys, counted from their loaded values (key-vault-file keys are
+            // not saved to the keyset).
+            let mut persisted: HashMap<KeyId, u64> = ring
+                .keys()
+                .iter()
+                .map(|k| (k.id(), k.encryptions()))
+                .collect();
             if let Some(f) = &args.key_vault_file {
                 let kek = args.master()?;
                 for key in read_key_vault_file(f, &kek).await? {
+                    persisted.remove(&key.id());
                     ring.insert(key);
                 }
             }
@@ -118,6 +150,7 @@ impl Keys {
                 source: ring.clone(),
                 ring: Some(ring),
                 keyset_file: args.keyset.clone(),
+                persisted: Mutex::new(persisted),
             });
         }
         if KeyArgs::keyset_env().is_some() {
@@ -126,6 +159,7 @@ impl Keys {
                 source: ring.clone(),
                 ring: Some(ring),
                 keyset_file: None,
+                persisted: Mutex::new(HashMap::new()),
             });
         }
         let vault = open_vault(args).await?;
@@ -133,43 +167,111 @@ impl Keys {
             source: vault,
             ring: None,
             keyset_file: None,
+            persisted: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Writes the random-nonce usage counters back to the keyset file, so that the per-key
-    /// limits hold across runs. Re-reads the file first and changes only counters that grew,
-    /// so a key rotated meanwhile by another command is kept.
+    /// Adds the random-nonce encryptions made since the last call (or the load) to the keyset
+    /// file's counters, so that the per-key limits hold across runs and across processes that
+    /// use the file at once. The file is re-read and saved under its lock (`<keyset>.lock`),
+    /// so a key rotated meanwhile by another command is kept, and another process's counts
+    /// are added to rather than overwritten. Runs again on drop (a no-op when nothing is new).
     pub(crate) fn persist_counters(&self) -> Result<()> {
         let (Some(ring), Some(path)) = (&self.ring, &self.keyset_file) else {
             return Ok(());
         };
-        let fresh = InMemoryKeyring::load(path).map_err(|e| in_file(path, e))?;
-        let mut changed = false;
-        for k in fresh.keys() {
-            let Ok(ours) = ring.key(&k.id()) else {
-                continue;
-            };
-            if ours.encryptions() > k.encryptions() {
-                if let Ok(m) = k.material() {
-                    let updated = Key::from_material(
-                        k.id(),
-                        k.alias(),
-                        k.kind(),
-                        k.state(),
-                        KeyMaterial::from_slice(m.expose_secret()),
-                        ours.encryptions(),
-                    )?
-                    .with_created(k.created());
-                    fresh.insert(updated);
-                    changed = true;
+        let mut persisted = self
+            .persisted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut delta: Vec<(KeyId, u64, u64)> = Vec::new();
+        for (id, base) in persisted.iter() {
+            if let Ok(k) = ring.key(id) {
+                let now = k.encryptions();
+                if now > *base {
+                    delta.push((*id, now - *base, now));
                 }
             }
         }
-        if changed {
-            fresh.save(path)?;
+        if delta.is_empty() {
+            return Ok(());
+        }
+        with_keyset(path, |fresh| {
+            let mut changed = false;
+            for (id, add, _) in &delta {
+                let Ok(k) = fresh.key(id) else {
+                    continue; // deleted from the file meanwhile
+                };
+                let Ok(m) = k.material() else {
+                    continue; // destroyed meanwhile: no counter to keep
+                };
+                let updated = Key::from_material(
+                    k.id(),
+                    k.alias(),
+                    k.kind(),
+                    k.state(),
+                    KeyMaterial::from_slice(m.expose_secret()),
+                    k.encryptions().saturating_add(*add),
+                )?
+                .with_created(k.created());
+                fresh.insert(updated);
+                changed = true;
+            }
+            Ok(((), changed))
+        })?;
+        for (id, _, now) in delta {
+            persisted.insert(id, now);
         }
         Ok(())
     }
+}
+
+/// An exclusive advisory lock on `<keyset>.lock`, held for one load-modify-save of a keyset
+/// file, so that concurrent commands (`keys rotate`, `keys disable`, counter write-backs) do
+/// not drop each other's changes. Released on drop (or when the process dies).
+pub(crate) struct KeysetLock {
+    file: File,
+}
+
+impl KeysetLock {
+    /// Waits for the lock.
+    pub(crate) fn acquire(keyset: &Path) -> Result<Self> {
+        let mut name = keyset.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        file.lock()
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Ok(KeysetLock { file })
+    }
+}
+
+impl Drop for KeysetLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+/// Loads the keyset file under its lock, lets `change` modify it, and saves it (atomically)
+/// if `change` says it changed something, before the lock is released.
+pub(crate) fn with_keyset<T>(
+    path: &Path,
+    change: impl FnOnce(&InMemoryKeyring) -> Result<(T, bool)>,
+) -> Result<T> {
+    let _lock = KeysetLock::acquire(path)?;
+    let fresh = InMemoryKeyring::load(path).map_err(|e| in_file(path, e))?;
+    let (out, changed) = change(&fresh)?;
+    if changed {
+        fresh.save(path).map_err(|e| in_file(path, e))?;
+    }
+    Ok(out)
 }
 
 /// Where key management happens.
