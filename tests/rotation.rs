@@ -969,3 +969,99 @@ async fn plaintext_inside_nested_arrays_is_audited_and_migrated() {
     assert_eq!(rep.current, 20);
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_is_exact_about_types_arrays_and_collation() {
+    use mongodb::options::{Collation, CollationStrength};
+    let (_client, db) = database("rot_exact").await;
+    // A case-insensitive default collation: `$eq` alone would take "ABC-3" for "abc-3".
+    db.create_collection("c")
+        .collation(
+            Collation::builder()
+                .locale("en")
+                .strength(CollationStrength::Secondary)
+                .build(),
+        )
+        .await
+        .unwrap();
+    let coll = db.collection::<RawDocumentBuf>("c");
+    let docs = [
+        doc! { "_id": 0, "ssn": "abc-0" },
+        doc! { "_id": 1, "tags": ["a", "b"] },
+        doc! { "_id": 2, "ssn": 42 },
+        doc! { "_id": 3, "ssn": "abc-3" },
+    ];
+    for d in &docs {
+        coll.insert_one(RawDocumentBuf::from_document(d).unwrap())
+            .await
+            .unwrap();
+    }
+    let honours_collation = coll
+        .count_documents(doc! { "_id": 3, "ssn": "ABC-3" })
+        .await
+        .unwrap()
+        == 1;
+    if !honours_collation {
+        eprintln!("this server ignores collection default collations: the collation case is not exercised");
+    }
+    // Between the engine's read and its write, the application changes each document to a
+    // value that the old value's `$eq` still matches: an array containing it, an array
+    // containing the old array, the same number as a double, the same string in upper case.
+    let app: [(i32, Bson); 4] = [
+        (0, bson::bson!(["abc-0", "x"])),
+        (1, bson::bson!([["a", "b"], "c"])),
+        (2, Bson::Double(42.0)),
+        (3, Bson::String("ABC-3".into())),
+    ];
+    let keys = keys();
+    let handle = tokio::runtime::Handle::current();
+    let mut done = false;
+    let r = Rotator::new(keys.clone())
+        .checkpoint_collection(db.collection("checkpoints"))
+        .options(
+            RotationOptions::default()
+                .job("migrate")
+                .migrate_plaintext(true),
+        )
+        .run(&[Target::new(&coll, schema())], |p| {
+            if p.phase == Phase::BatchRead && !done {
+                done = true;
+                let coll = db.collection::<Document>("c");
+                let app = app.clone();
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        for (id, v) in app {
+                            let field = if id == 1 { "tags" } else { "ssn" };
+                            coll.update_one(doc! { "_id": id }, doc! { "$set": { field: v } })
+                                .await
+                                .unwrap();
+                        }
+                    });
+                });
+            }
+            Flow::Continue
+        })
+        .await;
+    let r = r.unwrap();
+    let s = r.stats();
+    assert_eq!(s.failed, 0, "{:?}", r.targets[0].failures);
+    assert!(s.conflicts >= 3, "{s:?}");
+    // Every application write survived, and is encrypted now.
+    let cryptor = Cryptor::new(keys.clone(), schema());
+    let stored = all(&coll).await;
+    assert_eq!(stored.len(), 4);
+    for raw in &stored {
+        let id = raw.get_i32("_id").unwrap();
+        let (_, want) = app.iter().find(|(i, _)| *i == id).unwrap();
+        let text = format!("{:?}", raw.to_document().unwrap());
+        assert!(!text.contains("abc-") && !text.contains("ABC-"), "{text}");
+        let back = cryptor
+            .decrypt_raw(raw, &ctx(&coll))
+            .unwrap()
+            .to_document()
+            .unwrap();
+        let field = if id == 1 { "tags" } else { "ssn" };
+        assert_eq!(back.get(field), Some(want), "document {id}");
+    }
+    db.drop().await.unwrap();
+}

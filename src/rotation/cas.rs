@@ -6,6 +6,15 @@
 //! every other field — including ones an application changes meanwhile — alone. The filter pins
 //! `_id` and the old value of every changed path (`$eq`, or `$exists: false` for a path that is
 //! new), so a concurrent write to any of them makes the update match nothing.
+//!
+//! A query's `$eq` alone is looser than "the same value": it matches an array that merely
+//! contains the value (or, for an array, contains it as an element), it compares numbers
+//! across types (`1` equals `1.0`), and it compares strings with the collection's default
+//! collation (maybe case-insensitive). So every statement also carries
+//! `collation: {locale: "simple"}` (binary string comparison), and an `$expr` that pins each
+//! old value's exact BSON type (`{$eq: [{$type: "$path"}, "binData"]}`, `"missing"` for an
+//! absent one) and compares arrays as whole values (`{$eq: ["$path", {$literal: old}]}`,
+//! which does not look inside arrays).
 
 use bson::{RawDocument, RawDocumentBuf};
 
@@ -99,7 +108,36 @@ pub(crate) fn writable(id: &Element<'_>, changes: &[Change]) -> bool {
             .all(|c| c.addressable && c.path != "_id" && !c.path.starts_with("_id."))
 }
 
-/// One `update` command statement: `{q: filter, u: {$set, $unset}, multi: false}`.
+/// The `$type` aggregation operator's name of a BSON type.
+fn type_name(t: u8) -> Result<&'static str> {
+    Ok(match t {
+        ty::DOUBLE => "double",
+        ty::STRING => "string",
+        ty::DOCUMENT => "object",
+        ty::ARRAY => "array",
+        ty::BINARY => "binData",
+        ty::UNDEFINED => "undefined",
+        ty::OBJECT_ID => "objectId",
+        ty::BOOLEAN => "bool",
+        ty::DATETIME => "date",
+        ty::NULL => "null",
+        ty::REGEX => "regex",
+        ty::DB_POINTER => "dbPointer",
+        ty::JAVASCRIPT => "javascript",
+        ty::SYMBOL => "symbol",
+        ty::CODE_WITH_SCOPE => "javascriptWithScope",
+        ty::INT32 => "int",
+        ty::TIMESTAMP => "timestamp",
+        ty::INT64 => "long",
+        ty::DECIMAL128 => "decimal",
+        ty::MIN_KEY => "minKey",
+        ty::MAX_KEY => "maxKey",
+        _ => return Err(Error::MalformedBson("unknown BSON type".into())),
+    })
+}
+
+/// One `update` command statement: `{q: filter, u: {$set, $unset}, multi: false, upsert:
+/// false, collation: {locale: "simple"}}`; see the module documentation for the filter.
 pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocumentBuf> {
     let mut out = Vec::with_capacity(256);
     let at = rawbson::begin_len(&mut out);
@@ -128,6 +166,54 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
         }
         rawbson::end_doc(&mut out, cond)?;
     }
+    // $expr: {$and: [exact type of each path, whole-value equality of each old array]}
+    rawbson::put_key(&mut out, ty::DOCUMENT, "$expr");
+    let expr = rawbson::begin_len(&mut out);
+    rawbson::put_key(&mut out, ty::ARRAY, "$and");
+    let and = rawbson::begin_len(&mut out);
+    let mut n = 0usize;
+    let mut item = |out: &mut Vec<u8>| {
+        rawbson::put_key(out, ty::DOCUMENT, &n.to_string());
+        n += 1;
+    };
+    for c in changes {
+        let field = format!("${}", c.path);
+        // {$eq: [{$type: "$path"}, "<type>"]}
+        item(&mut out);
+        let eq = rawbson::begin_len(&mut out);
+        rawbson::put_key(&mut out, ty::ARRAY, "$eq");
+        let args = rawbson::begin_len(&mut out);
+        rawbson::put_key(&mut out, ty::DOCUMENT, "0");
+        let t = rawbson::begin_len(&mut out);
+        rawbson::put_key(&mut out, ty::STRING, "$type");
+        put_str(&mut out, &field)?;
+        rawbson::end_doc(&mut out, t)?;
+        rawbson::put_key(&mut out, ty::STRING, "1");
+        match &c.old {
+            Some((t, _)) => put_str(&mut out, type_name(*t)?)?,
+            None => put_str(&mut out, "missing")?,
+        }
+        rawbson::end_doc(&mut out, args)?;
+        rawbson::end_doc(&mut out, eq)?;
+        // {$eq: ["$path", {$literal: <old array>}]}
+        if let Some((ty::ARRAY, v)) = &c.old {
+            item(&mut out);
+            let eq = rawbson::begin_len(&mut out);
+            rawbson::put_key(&mut out, ty::ARRAY, "$eq");
+            let args = rawbson::begin_len(&mut out);
+            rawbson::put_key(&mut out, ty::STRING, "0");
+            put_str(&mut out, &field)?;
+            rawbson::put_key(&mut out, ty::DOCUMENT, "1");
+            let lit = rawbson::begin_len(&mut out);
+            rawbson::put_key(&mut out, ty::ARRAY, "$literal");
+            out.extend_from_slice(v);
+            rawbson::end_doc(&mut out, lit)?;
+            rawbson::end_doc(&mut out, args)?;
+            rawbson::end_doc(&mut out, eq)?;
+        }
+    }
+    rawbson::end_doc(&mut out, and)?;
+    rawbson::end_doc(&mut out, expr)?;
     rawbson::end_doc(&mut out, q)?;
     // u
     rawbson::put_key(&mut out, ty::DOCUMENT, "u");
@@ -157,6 +243,12 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
     out.push(0);
     rawbson::put_key(&mut out, ty::BOOLEAN, "upsert");
     out.push(0);
+    // Strings compare byte for byte, whatever the collection's default collation.
+    rawbson::put_key(&mut out, ty::DOCUMENT, "collation");
+    let coll = rawbson::begin_len(&mut out);
+    rawbson::put_key(&mut out, ty::STRING, "locale");
+    put_str(&mut out, "simple")?;
+    rawbson::end_doc(&mut out, coll)?;
     rawbson::end_doc(&mut out, at)?;
     RawDocumentBuf::from_bytes(out).map_err(Error::from)
 }
@@ -237,9 +329,36 @@ mod tests {
         assert_eq!(
             st,
             doc! {
-                "q": { "_id": 7, "a.x": { "$eq": 1 }, "n": { "$type": "null" }, "added": { "$exists": false }, "gone": { "$eq": 1 } },
+                "q": {
+                    "_id": 7, "a.x": { "$eq": 1 }, "n": { "$type": "null" }, "added": { "$exists": false }, "gone": { "$eq": 1 },
+                    "$expr": { "$and": [
+                        { "$eq": [{ "$type": "$a.x" }, "int"] },
+                        { "$eq": [{ "$type": "$n" }, "null"] },
+                        { "$eq": [{ "$type": "$added" }, "missing"] },
+                        { "$eq": [{ "$type": "$gone" }, "int"] },
+                    ] },
+                },
                 "u": { "$set": { "a.x": 2, "n": 5, "added": 1 }, "$unset": { "gone": "" } },
-                "multi": false, "upsert": false,
+                "multi": false, "upsert": false, "collation": { "locale": "simple" },
+            }
+        );
+    }
+
+    #[test]
+    fn statement_pins_arrays_whole() {
+        let old = rawdoc! { "_id": 1, "tags": ["a", "$b"] };
+        let new = rawdoc! { "_id": 1, "tags": ["x"] };
+        let changes = diff(&old, &new).unwrap();
+        let id = rawbson::find(&old, "_id").unwrap().unwrap();
+        let st = statement(&id, &changes).unwrap().to_document().unwrap();
+        assert_eq!(
+            st.get_document("q").unwrap(),
+            &doc! {
+                "_id": 1, "tags": { "$eq": ["a", "$b"] },
+                "$expr": { "$and": [
+                    { "$eq": [{ "$type": "$tags" }, "array"] },
+                    { "$eq": ["$tags", { "$literal": ["a", "$b"] }] },
+                ] },
             }
         );
     }
