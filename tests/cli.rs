@@ -510,6 +510,47 @@ fn offline_encrypt_decrypt_round_trip() {
         ),
         d,
     );
+    // Encrypted without a namespace: decrypting with one is refused (a namespace-less value
+    // could have been moved from anywhere), with what to do; without one it decrypts.
+    let loose = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(loose.code, 0, "{}", loose.stderr);
+    snapshot(
+        "decrypt_unbound_namespace",
+        &run(
+            d,
+            &[
+                "decrypt",
+                "--keyset",
+                "keys.json",
+                "--namespace",
+                "app.people",
+            ],
+            Some(&loose.stdout),
+            &[],
+        ),
+        d,
+    );
+    let o = run(
+        d,
+        &["decrypt", "--keyset", "keys.json"],
+        Some(&loose.stdout),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let mut back = lines_as_docs(&o.stdout);
+    back[0].remove("phone_bidx");
+    assert_eq!(back, lines_as_docs(PEOPLE));
     // The keyset's usage counter was written back.
     let ring = InMemoryKeyring::load(d.join("keys.json")).unwrap();
     assert!(ring.primary("pii").unwrap().encryptions() >= 4);
@@ -1466,4 +1507,110 @@ fn keyset_counters_add_up_across_concurrent_runs_and_errors() {
         c2 + per_run,
         "encryptions of a failed run were not counted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_bindings_are_consistent_across_commands() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let db = unique_db_name("cli_bind");
+    let bound = format!("{db}.bound");
+    let loose = format!("{db}.loose");
+    let snap = |name: &str, o: &Out| snapshot_with(name, o, &d, &[(db.as_str(), "[DB]")]);
+    generate(&d.join("people.jsonl"), 5);
+    let env = [("MONGODB_URI", uri.as_str())];
+    let go = |args: &[&str], stdin: Option<&str>| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--keyset", "keys.json"]);
+        run(&d, &a, stdin, &env)
+    };
+    // `import` binds to the collection: its export decrypts with that namespace only.
+    let o = go(
+        &[
+            "import",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &bound,
+            "--in",
+            "people.jsonl",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let sealed = go(&["export", "--namespace", &bound], None);
+    assert_eq!(sealed.code, 0, "{}", sealed.stderr);
+    let o = go(&["decrypt", "--namespace", &bound], Some(&sealed.stdout));
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(lines_as_docs(&o.stdout).len(), 5);
+    let o = go(&["decrypt"], Some(&sealed.stdout));
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("bound to a namespace"), "{}", o.stderr);
+
+    // Values encrypted offline without a namespace and loaded as they are (mongoimport):
+    // `export --decrypt` refuses them unless told they are not namespace-bound.
+    let offline = go(
+        &["encrypt", "--schema", "schema.toml", "--in", "people.jsonl"],
+        None,
+    );
+    assert_eq!(offline.code, 0, "{}", offline.stderr);
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let coll = client
+        .database(&db)
+        .collection::<Document>(loose.split_once('.').unwrap().1);
+    coll.insert_many(lines_as_docs(&offline.stdout))
+        .await
+        .unwrap();
+    snap(
+        "export_decrypt_unbound",
+        &go(&["export", "--namespace", &loose, "--decrypt", "-q"], None),
+    );
+    let o = go(
+        &[
+            "export",
+            "--namespace",
+            &loose,
+            "--decrypt",
+            "--no-namespace-binding",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(lines_as_docs(&o.stdout).len(), 5);
+    // Re-encryption reads them the same way: under the collection's namespace they fail (and
+    // are listed), with --no-namespace-binding they are rotated.
+    assert_eq!(go(&["keys", "rotate", "pii", "-q"], None).code, 0);
+    let o = go(
+        &[
+            "reencrypt",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &loose,
+        ],
+        None,
+    );
+    assert_eq!(o.code, 4, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("not bound to the namespace"),
+        "{}",
+        o.stdout
+    );
+    let o = go(
+        &[
+            "reencrypt",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &loose,
+            "--no-namespace-binding",
+            "--job",
+            "loose",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("rewrote 5"), "{}", o.stdout);
+    client.database(&db).drop().await.unwrap();
 }

@@ -1065,3 +1065,73 @@ async fn compare_and_set_is_exact_about_types_arrays_and_collation() {
     }
     db.drop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_are_loosened_but_never_added_in_place() {
+    let (_client, db) = database("rot_bind").await;
+    let coll = db.collection::<RawDocumentBuf>("c");
+    let keys = keys();
+    let loose = || {
+        Schema::builder()
+            .field("ssn", Field::randomized("pii"))
+            .build()
+            .unwrap()
+    };
+    let tight = || {
+        Schema::builder()
+            .field("ssn", Field::randomized("pii").bind_id())
+            .build()
+            .unwrap()
+    };
+    let docs = || (0..10i64).map(|i| doc! { "_id": i, "ssn": format!("s{i}") });
+    insert_encrypted(&coll, &Cryptor::new(keys.clone(), loose()), docs()).await;
+    let run = |schema: Schema, job: &'static str| {
+        let keys = keys.clone();
+        let target = Target::new(&coll, schema);
+        let cp = db.collection("checkpoints");
+        async move {
+            Rotator::new(keys)
+                .checkpoint_collection(cp)
+                .options(RotationOptions::default().job(job))
+                .run(&[target], |_| Flow::Continue)
+                .await
+                .unwrap()
+        }
+    };
+    // Adding `bind_id`: the values lack the binding the schema now requires; decrypting them
+    // under it is refused (they could have been moved here), so each document fails, listed.
+    let r = run(tight(), "tighten").await;
+    let t = &r.targets[0];
+    assert_eq!((t.stats.failed, t.stats.rewritten), (10, 0));
+    assert!(
+        t.failures[0].reason.contains("_id"),
+        "{}",
+        t.failures[0].reason
+    );
+    assert!(!r.complete());
+    // Through a trusted path (decrypt with the old schema, encrypt with the new one), then
+    // removing `bind_id` again: bound values are rewritten without the binding.
+    let old = Cryptor::new(keys.clone(), loose());
+    let new = Cryptor::new(keys.clone(), tight());
+    for d in all(&coll).await {
+        let plain = old.decrypt_raw(&d, &ctx(&coll)).unwrap();
+        let sealed = new.encrypt_raw(&plain, &ctx(&coll)).unwrap();
+        coll.replace_one(doc! { "_id": d.get_i64("_id").unwrap() }, sealed)
+            .await
+            .unwrap();
+    }
+    let r = run(loose(), "loosen").await;
+    assert_eq!(r.stats().rewritten, 10, "{:?}", r.targets[0].failures);
+    for d in all(&coll).await {
+        let back = old
+            .decrypt_raw(&d, &ctx(&coll))
+            .unwrap()
+            .to_document()
+            .unwrap();
+        assert_eq!(
+            back.get_str("ssn").unwrap(),
+            format!("s{}", back.get_i64("_id").unwrap())
+        );
+    }
+    db.drop().await.unwrap();
+}

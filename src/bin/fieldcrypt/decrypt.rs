@@ -28,6 +28,25 @@ pub(crate) struct DecryptArgs {
     keys: KeyArgs,
 }
 
+/// An error decrypting document `n`, with what to do about a binding the ciphertext lacks:
+/// since the core refuses ciphertexts bound more loosely than the context they are read in, a
+/// value written without a namespace does not decrypt with one. `namespace_hint` says how to
+/// read without a namespace in this command.
+pub(crate) fn document_error(n: u64, e: Error, namespace_hint: &str) -> Error {
+    match e {
+        Error::UnboundCiphertext {
+            path,
+            missing: "namespace",
+        } => Error::Config(format!(
+            "document {n}: the ciphertext at {path:?} is not bound to a namespace (it was encrypted without one, e.g. by `fieldcrypt encrypt` without --namespace, or moved here from elsewhere) and is refused when a namespace is given; if it was encrypted without one, {namespace_hint}"
+        )),
+        Error::UnboundCiphertext { path, missing } => Error::Config(format!(
+            "document {n}: the ciphertext at {path:?} is not bound to the {missing} its schema requires (written without that binding, or moved here from elsewhere): refused"
+        )),
+        other => Error::Config(format!("document {n}: {other}")),
+    }
+}
+
 /// Key ids referenced by a batch, for key-vault prefetching.
 pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Result<Vec<KeyId>> {
     let mut ids = Vec::new();
@@ -60,7 +79,13 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         }
         keys.source.prefetch_ids(&referenced(&batch)?).await?;
         for (i, r) in cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate() {
-            let doc = r.map_err(|e| Error::Config(format!("document {}: {e}", first_line + i)))?;
+            let doc = r.map_err(|e| {
+                document_error(
+                    (first_line + i) as u64,
+                    e,
+                    "decrypt it without --namespace",
+                )
+            })?;
             writer.write(&doc)?;
         }
         first_line += batch.len();

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use bson::{doc, RawDocumentBuf};
-use fieldcrypt::{Context, Cryptor, Error, Result, Schema};
+use fieldcrypt::{Context, Cryptor, Result, Schema};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::decrypt::referenced;
+use crate::decrypt::{document_error, referenced};
 use crate::encrypt::load_schema;
 use crate::jsonl::{OutArgs, Writer};
 use crate::keys::split_namespace;
@@ -30,6 +30,10 @@ pub(crate) struct ExportArgs {
     /// Stop after this many documents.
     #[arg(long)]
     limit: Option<u64>,
+    /// With --decrypt: the ciphertexts are not bound to the collection's namespace (they were
+    /// written without one, e.g. by `encrypt` without --namespace and then mongoimport).
+    #[arg(long, requires = "decrypt")]
+    no_namespace_binding: bool,
     #[command(flatten)]
     dest: OutArgs,
     #[command(flatten)]
@@ -71,7 +75,11 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     }
     let mut cursor = find.await?;
     let mut writer = Writer::create(&a.dest, a.decrypt)?;
-    let ctx = Context::namespace(a.namespace.clone());
+    let ctx = if a.no_namespace_binding {
+        Context::none()
+    } else {
+        Context::namespace(a.namespace.clone())
+    };
     let cryptor = keys
         .as_ref()
         .map(|k| Cryptor::new(k.source.clone(), schema));
@@ -94,7 +102,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
                 k.source.prefetch_ids(&referenced(&batch)?).await?;
                 for (i, r) in c.decrypt_many(&batch, &ctx).into_iter().enumerate() {
                     let d = r.map_err(|e| {
-                        Error::Config(format!("document {}: {e}", written + i as u64 + 1))
+                        document_error(written + i as u64 + 1, e, "use --no-namespace-binding")
                     })?;
                     writer.write(&d)?;
                 }

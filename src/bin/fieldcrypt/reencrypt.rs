@@ -307,6 +307,16 @@ fn summarize(report: &Report, a: &RunArgs, command: &str, migrating: bool) -> Re
                 );
             }
         }
+        let unbound = report.targets.iter().any(|t| {
+            t.failures
+                .iter()
+                .any(|f| f.reason.contains("not bound to the namespace"))
+        });
+        if unbound && !a.no_namespace_binding {
+            report::warn(
+                "some values are not bound to their collection's namespace (written without one, e.g. by `fieldcrypt encrypt` without --namespace, or moved from elsewhere): if the collection was written that way, run with --no-namespace-binding",
+            );
+        }
         if s.skipped > 0 && !migrating {
             report::warn(&format!(
                 "{} document(s) hold plaintext or CSFLE values in encrypted fields: run `fieldcrypt migrate`",
