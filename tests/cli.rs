@@ -1342,7 +1342,7 @@ fn output_files_are_owner_only_and_not_overwritten_without_force() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destroy_counts_documents_with_unreadable_references_as_unknown() {
+async fn failed_documents_keep_the_job_open_and_unreadable_ones_block_destroy() {
     let uri = server_uri();
     let dir = workdir();
     let d = dir.path().to_owned();
@@ -1392,6 +1392,34 @@ async fn destroy_counts_documents_with_unreadable_references_as_unknown() {
     // Re-encryption moves the readable documents; the malformed one fails and keeps the key.
     let o = go(&["reencrypt", "--schema", "schema.toml", "--namespace", &ns]);
     assert_eq!(o.code, 4, "{}{}", o.stdout, o.stderr);
+    // The job is not complete while a document fails: --resume retries it (exit 4 again, not
+    // "already complete" and 0).
+    let resume = [
+        "reencrypt",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--resume",
+    ];
+    let o = go(&resume);
+    assert_eq!(o.code, 4, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stdout.contains("scanned 1,") && o.stdout.contains("not complete: 1 document(s)"),
+        "{}",
+        o.stdout
+    );
+    assert!(!o.stdout.contains("already complete"), "{}", o.stdout);
+    let o = go(&[&resume[..], &["--json"]].concat());
+    assert_eq!(o.code, 4);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            v["complete"].as_bool(),
+            v["targets"][0]["unresolved"].as_u64()
+        ),
+        (Some(false), Some(1))
+    );
     // A document whose only ciphertext cannot be read may be under any key: destroying is
     // refused, with the count, unless --force.
     coll.replace_one(doc! { "_id": 0 }, doc! { "_id": 0, "ssn": junk })
@@ -1426,6 +1454,13 @@ async fn destroy_counts_documents_with_unreadable_references_as_unknown() {
     );
     let o = go(&["keys", "destroy", &old, "--namespace", &ns, "--force"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // Once the document is repaired (here: removed), the job completes, and stays complete.
+    coll.delete_one(doc! { "_id": 0 }).await.unwrap();
+    let o = go(&resume);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let o = go(&resume);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("already complete"), "{}", o.stdout);
     client.database(&db).drop().await.unwrap();
 }
 
