@@ -85,12 +85,6 @@ def panel(title: str, bars: list, y: int, targets: list) -> tuple[list, int]:
         out.append(f'<line x1="{x(d):.1f}" y1="{y - 4}" x2="{x(d):.1f}" y2="{y + height}" class="grid"/>')
         out.append(f'<text x="{x(d):.1f}" y="{y + height + 14}" class="axis">{d:,.0f}</text>')
         d *= 10
-    for i, (label, v, kind) in enumerate(bars):
-        top = y + i * (BAR + GAP)
-        out.append(f'<text x="{LEFT - 8}" y="{top + BAR * 0.72:.1f}" class="label">{escape(label)}</text>')
-        out.append(f'<rect x="{LEFT}" y="{top}" width="{max(x(v) - LEFT, 1):.1f}" height="{BAR}" '
-                   f'fill="{COLORS[kind]}"/>')
-        out.append(f'<text x="{x(v) + 4:.1f}" y="{top + BAR * 0.72:.1f}" class="value">{v:,.0f}</text>')
     for i, (name, t) in enumerate(targets):
         below = y + height + 28 + 12 * i
         out.append(f'<line x1="{x(t):.1f}" y1="{y - 4}" x2="{x(t):.1f}" y2="{below - 9}" class="target"/>')
@@ -98,6 +92,12 @@ def panel(title: str, bars: list, y: int, targets: list) -> tuple[list, int]:
         anchor, dx = ("end", -3) if x(t) > WIDTH - 260 else ("start", 3)
         out.append(f'<text x="{x(t) + dx:.1f}" y="{below}" text-anchor="{anchor}" '
                    f'class="tlabel">target: {escape(name)}</text>')
+    for i, (label, v, kind) in enumerate(bars):
+        top = y + i * (BAR + GAP)
+        out.append(f'<text x="{LEFT - 8}" y="{top + BAR * 0.72:.1f}" class="label">{escape(label)}</text>')
+        out.append(f'<rect x="{LEFT}" y="{top}" width="{max(x(v) - LEFT, 1):.1f}" height="{BAR}" '
+                   f'fill="{COLORS[kind]}"/>')
+        out.append(f'<text x="{x(v) + 4:.1f}" y="{top + BAR * 0.72:.1f}" class="value">{v:,.0f}</text>')
     return out, height + 30 + 30 + 12 * len(targets)
 
 
@@ -132,7 +132,7 @@ def main() -> None:
 <style>
 .title {{ font-size: 14px; font-weight: bold; fill: #222; }}
 .label {{ font-size: 12px; text-anchor: end; fill: #222; }}
-.value {{ font-size: 11px; fill: #222; }}
+.value {{ font-size: 11px; fill: #222; paint-order: stroke; stroke: white; stroke-width: 3px; }}
 .axis {{ font-size: 10px; text-anchor: middle; fill: #555; }}
 .grid {{ stroke: #ddd; stroke-width: 1; }}
 .target {{ stroke: #c0392b; stroke-width: 1.5; stroke-dasharray: 4 3; }}
