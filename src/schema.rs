@@ -214,8 +214,16 @@ pub(crate) struct Node {
 }
 
 impl Node {
-    /// The child for `key`; children are kept sorted, so this is a binary search.
+    /// The child for `key`. Children are kept sorted: a binary search for wide nodes (W1 has
+    /// 1500 fields at the top), a scan for the usual handful, which is cheaper.
     pub(crate) fn child(&self, key: &str) -> Option<&Node> {
+        if self.children.len() <= 8 {
+            return self
+                .children
+                .iter()
+                .find(|(k, _)| k.len() == key.len() && k == key)
+                .map(|(_, n)| n);
+        }
         self.children
             .binary_search_by(|(k, _)| k.as_str().cmp(key))
             .ok()

@@ -613,8 +613,8 @@ impl<'c> Walker<'c> {
                 continue; // replaced by a freshly computed index below
             }
             let Some(child) = node.child(e.key) else {
-                if let Some(first) = e.key.split('.').next().filter(|_| e.key.contains('.')) {
-                    if node.child(first).is_some() {
+                if let Some(dot) = e.key.find('.') {
+                    if node.child(&e.key[..dot]).is_some() {
                         // MongoDB stores `{"a.b": v}` under the literal name "a.b"; left
                         // alone, `v` would be stored in clear although `a.b` is encrypted.
                         return Err(Error::schema(
