@@ -1222,6 +1222,39 @@ async fn rotation_script_runs_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // An export of the key vault (fieldcrypt's key documents, material bound to each
+    // document) decrypts offline as --key-vault-file.
+    let o = run(
+        &d,
+        &["export", "--namespace", &kv, "--out", "datakeys.jsonl"],
+        None,
+        &env,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let ns = format!("{db}.a");
+    let sealed = run(
+        &d,
+        &["export", "--namespace", &ns, "--limit", "3"],
+        None,
+        &env,
+    );
+    assert_eq!(sealed.code, 0, "{}", sealed.stderr);
+    let o = run(
+        &d,
+        &[
+            "decrypt",
+            "--key-vault-file",
+            "datakeys.jsonl",
+            "--namespace",
+            &ns,
+        ],
+        Some(&sealed.stdout),
+        &[("FIELDCRYPT_MASTER_KEY", master.as_str())],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let docs = lines_as_docs(&o.stdout);
+    assert_eq!(docs.len(), 3);
+    assert_eq!(docs[0].get_str("ssn").unwrap(), "000-00-0000");
     let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
     client.database(&db).drop().await.unwrap();
 }

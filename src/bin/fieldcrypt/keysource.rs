@@ -18,14 +18,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bson::spec::BinarySubtype;
 use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{
     KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
 };
-use fieldcrypt::{
-    Error, InMemoryKeyring, Key, KeyId, KeyKind, KeyMaterial, KeyState, Keyring, Result,
-};
+use fieldcrypt::{Error, InMemoryKeyring, Key, KeyId, KeyMaterial, Keyring, Result};
 use mongodb::Client;
 
 /// The environment variable holding a keyset (base64 of its JSON).
@@ -140,7 +137,7 @@ impl Keys {
                 .collect();
             if let Some(f) = &args.key_vault_file {
                 let kek = args.master()?;
-                for key in read_key_vault_file(f, &kek).await? {
+                for key in read_key_vault_file(f, kek).await? {
                     persisted.remove(&key.id());
                     ring.insert(key);
                 }
@@ -313,7 +310,7 @@ impl Store {
         }
         if let Some(f) = &args.key_vault_file {
             let ring = InMemoryKeyring::new();
-            for key in read_key_vault_file(f, &args.master()?).await? {
+            for key in read_key_vault_file(f, args.master()?).await? {
                 ring.insert(key);
             }
             return Ok(Store::VaultFile(ring));
@@ -373,10 +370,12 @@ pub(crate) fn in_file(path: &Path, e: Error) -> Error {
 }
 
 /// Reads a key vault export (Extended JSON, one document per line, or a JSON array) and
-/// unwraps every key with the local master key. fieldcrypt's key documents carry their alias,
-/// state and counter under `fieldcrypt`; MongoDB's CSFLE key documents become CSFLE keys named
-/// by their first keyAltName. See docs/KEY_VAULT.md for the layout.
-async fn read_key_vault_file(path: &Path, kek: &LocalKek) -> Result<Vec<Key>> {
+/// unwraps every key with the local master key, by the key vault's own rules
+/// ([`KeyVault::keys_from_documents`]): fieldcrypt's key documents (their `keyMaterial` bound
+/// to the document's id, alias and kind) and MongoDB's CSFLE key documents; the newest primary
+/// claim of an alias wins. Keys wrapped by a named local provider (`local:<name>`) unwrap with
+/// the same master key. See docs/KEY_VAULT.md for the layout.
+async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| in_file(path, Error::Io(e)))?,
     );
@@ -402,131 +401,79 @@ async fn read_key_vault_file(path: &Path, kek: &LocalKek) -> Result<Vec<Key>> {
         }
         out
     };
-    // The newest primary claim of each alias wins, as in the key vault.
-    let mut parsed: Vec<(Key, i64)> = Vec::new();
+    let mut docs = Vec::with_capacity(values.len());
     for (line, v) in values {
-        let at = |m: String| Error::KeyFormat(format!("{} line {line}: {m}", path.display()));
-        let doc = match Bson::try_from(v) {
-            Ok(Bson::Document(d)) => d,
-            _ => return Err(at("not an Extended JSON document".into())),
-        };
-        parsed.push(parse_key_document(&doc, kek).await.map_err(|e| match e {
-            Error::KeyFormat(m) => at(m),
-            other => other,
-        })?);
-    }
-    let mut best: std::collections::HashMap<String, (i64, KeyId)> =
-        std::collections::HashMap::new();
-    for (k, generation) in &parsed {
-        if k.state() == KeyState::Primary {
-            let e = best
-                .entry(k.alias().to_owned())
-                .or_insert((*generation, k.id()));
-            if (*generation, k.id()) > *e {
-                *e = (*generation, k.id());
+        match Bson::try_from(v) {
+            Ok(Bson::Document(d)) => docs.push((line, d)),
+            _ => {
+                return Err(Error::KeyFormat(format!(
+                    "{} line {line}: not an Extended JSON document",
+                    path.display()
+                )))
             }
         }
     }
-    Ok(parsed
-        .into_iter()
-        .map(|(k, _)| {
-            let demote = k.state() == KeyState::Primary
-                && best.get(k.alias()).is_some_and(|(_, id)| *id != k.id());
-            if demote {
-                k.with_state(KeyState::Active)
-            } else {
-                k
+    let kek = AnyLocal(kek);
+    let all: Vec<Document> = docs.iter().map(|(_, d)| d.clone()).collect();
+    match KeyVault::keys_from_documents(&all, &kek).await {
+        Ok(keys) => Ok(keys),
+        Err(Error::KeyFormat(m)) => {
+            // Name the line: the first document that fails on its own.
+            for (line, d) in &docs {
+                if let Err(Error::KeyFormat(m)) =
+                    KeyVault::keys_from_documents(std::slice::from_ref(d), &kek).await
+                {
+                    return Err(Error::KeyFormat(format!(
+                        "{} line {line}: {m}",
+                        path.display()
+                    )));
+                }
             }
-        })
-        .collect())
+            Err(Error::KeyFormat(format!("{}: {m}", path.display())))
+        }
+        Err(other) => Err(other),
+    }
 }
 
-async fn parse_key_document(doc: &Document, kek: &LocalKek) -> Result<(Key, i64)> {
-    let id = match doc.get("_id") {
-        Some(Bson::Binary(b)) if b.subtype == BinarySubtype::Uuid => KeyId::from_slice(&b.bytes)?,
-        _ => return Err(Error::KeyFormat("'_id' is not a UUID".into())),
-    };
-    let bad = |m: &str| Error::KeyFormat(format!("key {id}: {m}"));
-    let material = match doc.get("keyMaterial") {
-        None => None,
-        Some(Bson::Binary(b)) if b.subtype == BinarySubtype::Generic => Some(b.bytes.clone()),
-        Some(_) => return Err(bad("'keyMaterial' is not a binary of subtype 0")),
-    };
-    let master_key = doc
-        .get_document("masterKey")
-        .map_err(|_| bad("'masterKey' is missing"))?;
-    let created = doc.get_datetime("creationDate").ok().copied();
-    let (alias, kind, state, encryptions, generation) = match doc.get("fieldcrypt") {
-        Some(Bson::Document(f)) => {
-            let alias = f
-                .get_str("alias")
-                .map_err(|_| bad("'fieldcrypt.alias' is missing"))?
-                .to_owned();
-            let state: KeyState = f
-                .get_str("state")
-                .map_err(|_| bad("'fieldcrypt.state' is missing"))?
-                .parse()
-                .map_err(|_| bad("unknown 'fieldcrypt.state'"))?;
-            let kind = match f.get_str("kind") {
-                Ok("csfle") => KeyKind::Csfle,
-                Ok("fieldcrypt") | Err(_) => KeyKind::Fieldcrypt,
-                Ok(_) => return Err(bad("unknown 'fieldcrypt.kind'")),
-            };
-            let num = |n: &str| match f.get(n) {
-                Some(Bson::Int64(v)) => *v,
-                Some(Bson::Int32(v)) => i64::from(*v),
-                _ => 0,
-            };
-            (
-                alias,
-                kind,
-                state,
-                u64::try_from(num("encryptions")).unwrap_or(0),
-                num("generation"),
-            )
-        }
-        Some(_) => return Err(bad("'fieldcrypt' is not a document")),
-        None => {
-            let alias = match doc.get_array("keyAltNames").ok().and_then(|a| a.first()) {
-                Some(Bson::String(s)) => s.clone(),
-                _ => id.to_string(),
-            };
-            let status = match doc.get("status") {
-                Some(Bson::Int32(s)) => i64::from(*s),
-                Some(Bson::Int64(s)) => *s,
-                _ => 0,
-            };
-            let state = if status == 0 {
-                KeyState::Active
-            } else {
-                KeyState::Disabled
-            };
-            (alias, KeyKind::Csfle, state, 0, 0)
-        }
-    };
-    let Some(wrapped) = material else {
-        let k = Key::destroyed(id, alias, kind);
-        return Ok((created.map_or(k.clone(), |c| k.with_created(c)), generation));
-    };
-    if state == KeyState::Destroyed {
-        return Ok((Key::destroyed(id, alias, kind), generation));
+/// The local master key, for key documents wrapped by `local` or by a named local provider
+/// (`local:<name>`, [`LocalKek::named`]): the file holds one master key, whatever it was named.
+struct AnyLocal(LocalKek);
+
+#[async_trait::async_trait]
+impl KekProvider for AnyLocal {
+    fn provider(&self) -> &str {
+        self.0.provider()
     }
-    // A named local provider ("local:<name>") wraps the same way as "local".
-    let provider = master_key.get_str("provider").unwrap_or("");
-    let as_local = if provider.starts_with("local:") {
-        doc! { "provider": "local" }
-    } else {
-        master_key.clone()
-    };
-    let material = kek.unwrap(&as_local, &wrapped).await.map_err(|e| match e {
-        Error::Decrypt | Error::MalformedCiphertext(_) => {
-            bad("keyMaterial does not unwrap under this master key")
+
+    fn can_unwrap(&self, master_key: &Document) -> bool {
+        master_key
+            .get_str("provider")
+            .is_ok_and(|p| p == "local" || p.starts_with("local:"))
+    }
+
+    async fn wrap_with_ad(
+        &self,
+        dek: &KeyMaterial,
+        associated_data: &[u8],
+    ) -> Result<(Document, Vec<u8>)> {
+        self.0.wrap_with_ad(dek, associated_data).await
+    }
+
+    async fn unwrap_with_ad(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        associated_data: &[u8],
+    ) -> Result<KeyMaterial> {
+        if !self.can_unwrap(master_key) {
+            return Err(Error::KeyFormat(format!(
+                "key is wrapped by KMS provider {:?}, not a local master key",
+                master_key.get_str("provider").unwrap_or("?")
+            )));
         }
-        other => other,
-    })?;
-    let key = Key::from_material(id, alias, kind, state, material, encryptions)?;
-    Ok((
-        created.map_or(key.clone(), |c| key.with_created(c)),
-        generation,
-    ))
+        let as_ours = doc! { "provider": self.0.provider() };
+        self.0
+            .unwrap_with_ad(&as_ours, wrapped, associated_data)
+            .await
+    }
 }
