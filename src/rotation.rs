@@ -1168,3 +1168,66 @@ fn id_value(d: &RawDocument) -> Result<Bson> {
         .ok_or_else(|| Error::MalformedBson("a document has no _id".into()))?;
     Bson::try_from(raw.to_raw_bson()).map_err(Error::bson)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn failed_ids_are_kept_up_to_a_limit_then_only_counted() {
+        let mut cp = Checkpoint::default();
+        record_failures(&mut cp, (0..10).map(Bson::Int64).collect()).unwrap();
+        assert_eq!((cp.failed_ids.len(), cp.unrecorded), (10, 0));
+        let more = (10..MAX_RECORDED_FAILURES as i64 + 5)
+            .map(Bson::Int64)
+            .collect();
+        record_failures(&mut cp, more).unwrap();
+        assert_eq!(cp.failed_ids.len(), MAX_RECORDED_FAILURES);
+        assert_eq!(cp.unrecorded, 5);
+        // Once ids are lost, none is added any more (the next run scans everything anyway).
+        let mut cp = Checkpoint {
+            unrecorded: 1,
+            ..Checkpoint::default()
+        };
+        record_failures(&mut cp, vec![Bson::Int64(1)]).unwrap();
+        assert_eq!((cp.failed_ids.len(), cp.unrecorded), (0, 2));
+        // Large `_id`s count by size.
+        let mut cp = Checkpoint::default();
+        let big = |i: usize| Bson::String(format!("{i}{}", "x".repeat(100_000)));
+        record_failures(&mut cp, (0..50).map(big).collect()).unwrap();
+        assert!(cp.failed_ids.len() < 50 && cp.unrecorded > 0);
+        let bytes: usize = cp
+            .failed_ids
+            .iter()
+            .map(|i| bson_key(i).unwrap().len())
+            .sum();
+        assert!(bytes <= MAX_RECORDED_FAILURE_BYTES);
+    }
+
+    #[test]
+    fn a_report_with_failures_is_not_complete() {
+        let t = TargetReport {
+            namespace: "a.b".into(),
+            partition: "all".into(),
+            stats: Stats::default(),
+            totals: Stats::default(),
+            complete: true,
+            unresolved: 0,
+            resumed: false,
+            restarted: false,
+            failures: Vec::new(),
+            elapsed: Duration::ZERO,
+        };
+        let mut r = Report {
+            targets: vec![t],
+            stopped: false,
+        };
+        assert!(r.complete());
+        r.targets[0].stats.failed = 1;
+        assert!(!r.complete());
+        r.targets[0].stats.failed = 0;
+        r.targets[0].unresolved = 2;
+        assert!(!r.complete());
+    }
+}
