@@ -80,11 +80,7 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         keys.source.prefetch_ids(&referenced(&batch)?).await?;
         for (i, r) in cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate() {
             let doc = r.map_err(|e| {
-                document_error(
-                    (first_line + i) as u64,
-                    e,
-                    "decrypt it without --namespace",
-                )
+                document_error((first_line + i) as u64, e, "decrypt it without --namespace")
             })?;
             writer.write(&doc)?;
         }
