@@ -990,6 +990,7 @@ async fn compare_and_set_is_exact_about_types_arrays_and_collation() {
         doc! { "_id": 1, "tags": ["a", "b"] },
         doc! { "_id": 2, "ssn": 42 },
         doc! { "_id": 3, "ssn": "abc-3" },
+        doc! { "_id": 4, "ssn": [["abc-4"], "b"] },
     ];
     for d in &docs {
         coll.insert_one(RawDocumentBuf::from_document(d).unwrap())
@@ -1006,12 +1007,14 @@ async fn compare_and_set_is_exact_about_types_arrays_and_collation() {
     }
     // Between the engine's read and its write, the application changes each document to a
     // value that the old value's `$eq` still matches: an array containing it, an array
-    // containing the old array, the same number as a double, the same string in upper case.
-    let app: [(i32, Bson); 4] = [
+    // containing the old array, the same number as a double, the same string in upper case,
+    // an array containing an old array that holds an array.
+    let app: [(i32, Bson); 5] = [
         (0, bson::bson!(["abc-0", "x"])),
         (1, bson::bson!([["a", "b"], "c"])),
         (2, Bson::Double(42.0)),
         (3, Bson::String("ABC-3".into())),
+        (4, bson::bson!([[["abc-4"], "b"], "c"])),
     ];
     let keys = keys();
     let handle = tokio::runtime::Handle::current();
@@ -1045,11 +1048,11 @@ async fn compare_and_set_is_exact_about_types_arrays_and_collation() {
     let r = r.unwrap();
     let s = r.stats();
     assert_eq!(s.failed, 0, "{:?}", r.targets[0].failures);
-    assert!(s.conflicts >= 3, "{s:?}");
+    assert!(s.conflicts >= 4, "{s:?}");
     // Every application write survived, and is encrypted now.
     let cryptor = Cryptor::new(keys.clone(), schema());
     let stored = all(&coll).await;
-    assert_eq!(stored.len(), 4);
+    assert_eq!(stored.len(), 5);
     for raw in &stored {
         let id = raw.get_i32("_id").unwrap();
         let (_, want) = app.iter().find(|(i, _)| *i == id).unwrap();

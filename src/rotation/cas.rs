@@ -8,13 +8,18 @@
 //! new), so a concurrent write to any of them makes the update match nothing.
 //!
 //! A query's `$eq` alone is looser than "the same value": it matches an array that merely
-//! contains the value (or, for an array, contains it as an element), it compares numbers
-//! across types (`1` equals `1.0`), and it compares strings with the collection's default
-//! collation (maybe case-insensitive). So every statement also carries
-//! `collation: {locale: "simple"}` (binary string comparison), and an `$expr` that pins each
-//! old value's exact BSON type (`{$eq: [{$type: "$path"}, "binData"]}`, `"missing"` for an
-//! absent one) and compares arrays as whole values (`{$eq: ["$path", {$literal: old}]}`,
-//! which does not look inside arrays).
+//! contains the value (or, for an old array, an array holding it as an element), it compares
+//! numbers across types (`1` equals `1.0`), and it compares strings with the collection's
+//! default collation (maybe case-insensitive). So a statement that pins a string (plaintext
+//! being migrated; ciphertexts and blind indexes are binary, which no collation affects)
+//! carries `collation: {locale: "simple"}` (binary string comparison), and each old value is pinned
+//! exactly: a scalar by `{$eq: v, $type: <its type>, $not: {$type: "array"}}`; an array by
+//! `{$eq: a, $not: {$elemMatch: {$type: "array"}}}` (the old array holds no array, so a value
+//! holding it as an element is refused), or, for an old array that holds arrays itself, by
+//! `$eq` and `{$expr: {$eq: ["$path", {$literal: a}]}}` (aggregation `$eq` compares arrays
+//! whole). `$expr` and the collation are kept to the cases that need them because either can
+//! keep a server from looking the document up by `_id` alone (the dev server then scans the
+//! collection for every statement: 40 updates a second instead of 900).
 
 use bson::{RawDocument, RawDocumentBuf};
 
@@ -146,6 +151,8 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
     let q = rawbson::begin_len(&mut out);
     rawbson::put_key(&mut out, id.ty, "_id");
     out.extend_from_slice(id.value);
+    // Old arrays that hold arrays themselves: only an `$expr` compares them whole.
+    let mut whole: Vec<(&str, &[u8])> = Vec::new();
     for c in changes {
         rawbson::put_key(&mut out, ty::DOCUMENT, &c.path);
         let cond = rawbson::begin_len(&mut out);
@@ -153,11 +160,35 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
             // `{$eq: null}` also matches a missing field; pin the type instead.
             Some((t, _)) if *t == ty::NULL || *t == ty::UNDEFINED => {
                 rawbson::put_key(&mut out, ty::STRING, "$type");
-                put_str(&mut out, if *t == ty::NULL { "null" } else { "undefined" })?;
+                put_str(&mut out, type_name(*t)?)?;
+                not_type_array(&mut out)?;
+            }
+            Some((ty::ARRAY, v)) => {
+                rawbson::put_key(&mut out, ty::ARRAY, "$eq");
+                out.extend_from_slice(v);
+                if holds_array(v)? {
+                    whole.push((&c.path, v));
+                } else {
+                    // `$eq` also matches an array holding the old array as an element: refuse
+                    // any array element (the old array has none).
+                    rawbson::put_key(&mut out, ty::DOCUMENT, "$not");
+                    let not = rawbson::begin_len(&mut out);
+                    rawbson::put_key(&mut out, ty::DOCUMENT, "$elemMatch");
+                    let em = rawbson::begin_len(&mut out);
+                    rawbson::put_key(&mut out, ty::STRING, "$type");
+                    put_str(&mut out, "array")?;
+                    rawbson::end_doc(&mut out, em)?;
+                    rawbson::end_doc(&mut out, not)?;
+                }
             }
             Some((t, v)) => {
+                // The exact type (`$eq` compares numbers across types), and not an array
+                // (`$eq` and `$type` also match an array holding such a value).
                 rawbson::put_key(&mut out, *t, "$eq");
                 out.extend_from_slice(v);
+                rawbson::put_key(&mut out, ty::STRING, "$type");
+                put_str(&mut out, type_name(*t)?)?;
+                not_type_array(&mut out)?;
             }
             None => {
                 rawbson::put_key(&mut out, ty::BOOLEAN, "$exists");
@@ -166,43 +197,19 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
         }
         rawbson::end_doc(&mut out, cond)?;
     }
-    // $expr: {$and: [exact type of each path, whole-value equality of each old array]}
-    rawbson::put_key(&mut out, ty::DOCUMENT, "$expr");
-    let expr = rawbson::begin_len(&mut out);
-    rawbson::put_key(&mut out, ty::ARRAY, "$and");
-    let and = rawbson::begin_len(&mut out);
-    let mut n = 0usize;
-    let mut item = |out: &mut Vec<u8>| {
-        rawbson::put_key(out, ty::DOCUMENT, &n.to_string());
-        n += 1;
-    };
-    for c in changes {
-        let field = format!("${}", c.path);
-        // {$eq: [{$type: "$path"}, "<type>"]}
-        item(&mut out);
-        let eq = rawbson::begin_len(&mut out);
-        rawbson::put_key(&mut out, ty::ARRAY, "$eq");
-        let args = rawbson::begin_len(&mut out);
-        rawbson::put_key(&mut out, ty::DOCUMENT, "0");
-        let t = rawbson::begin_len(&mut out);
-        rawbson::put_key(&mut out, ty::STRING, "$type");
-        put_str(&mut out, &field)?;
-        rawbson::end_doc(&mut out, t)?;
-        rawbson::put_key(&mut out, ty::STRING, "1");
-        match &c.old {
-            Some((t, _)) => put_str(&mut out, type_name(*t)?)?,
-            None => put_str(&mut out, "missing")?,
-        }
-        rawbson::end_doc(&mut out, args)?;
-        rawbson::end_doc(&mut out, eq)?;
-        // {$eq: ["$path", {$literal: <old array>}]}
-        if let Some((ty::ARRAY, v)) = &c.old {
-            item(&mut out);
+    if !whole.is_empty() {
+        // $expr: {$and: [{$eq: ["$path", {$literal: <old array>}]}, …]}
+        rawbson::put_key(&mut out, ty::DOCUMENT, "$expr");
+        let expr = rawbson::begin_len(&mut out);
+        rawbson::put_key(&mut out, ty::ARRAY, "$and");
+        let and = rawbson::begin_len(&mut out);
+        for (i, (path, v)) in whole.iter().enumerate() {
+            rawbson::put_key(&mut out, ty::DOCUMENT, &i.to_string());
             let eq = rawbson::begin_len(&mut out);
             rawbson::put_key(&mut out, ty::ARRAY, "$eq");
             let args = rawbson::begin_len(&mut out);
             rawbson::put_key(&mut out, ty::STRING, "0");
-            put_str(&mut out, &field)?;
+            put_str(&mut out, &format!("${path}"))?;
             rawbson::put_key(&mut out, ty::DOCUMENT, "1");
             let lit = rawbson::begin_len(&mut out);
             rawbson::put_key(&mut out, ty::ARRAY, "$literal");
@@ -211,9 +218,9 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
             rawbson::end_doc(&mut out, args)?;
             rawbson::end_doc(&mut out, eq)?;
         }
+        rawbson::end_doc(&mut out, and)?;
+        rawbson::end_doc(&mut out, expr)?;
     }
-    rawbson::end_doc(&mut out, and)?;
-    rawbson::end_doc(&mut out, expr)?;
     rawbson::end_doc(&mut out, q)?;
     // u
     rawbson::put_key(&mut out, ty::DOCUMENT, "u");
@@ -243,14 +250,60 @@ pub(crate) fn statement(id: &Element<'_>, changes: &[Change]) -> Result<RawDocum
     out.push(0);
     rawbson::put_key(&mut out, ty::BOOLEAN, "upsert");
     out.push(0);
-    // Strings compare byte for byte, whatever the collection's default collation.
-    rawbson::put_key(&mut out, ty::DOCUMENT, "collation");
-    let coll = rawbson::begin_len(&mut out);
-    rawbson::put_key(&mut out, ty::STRING, "locale");
-    put_str(&mut out, "simple")?;
-    rawbson::end_doc(&mut out, coll)?;
+    // Strings compare byte for byte, whatever the collection's default collation. Only
+    // strings are compared by collation, so ciphertexts and blind indexes (binary) need none.
+    let mut strings = false;
+    for c in changes {
+        if let Some((t, v)) = &c.old {
+            strings |= holds_string(*t, v)?;
+        }
+    }
+    if strings {
+        rawbson::put_key(&mut out, ty::DOCUMENT, "collation");
+        let coll = rawbson::begin_len(&mut out);
+        rawbson::put_key(&mut out, ty::STRING, "locale");
+        put_str(&mut out, "simple")?;
+        rawbson::end_doc(&mut out, coll)?;
+    }
     rawbson::end_doc(&mut out, at)?;
     RawDocumentBuf::from_bytes(out).map_err(Error::from)
+}
+
+/// `$not: {$type: "array"}`, inside an operator document.
+fn not_type_array(out: &mut Vec<u8>) -> Result<()> {
+    rawbson::put_key(out, ty::DOCUMENT, "$not");
+    let not = rawbson::begin_len(out);
+    rawbson::put_key(out, ty::STRING, "$type");
+    put_str(out, "array")?;
+    rawbson::end_doc(out, not)
+}
+
+/// Whether a value is, or holds at any depth, a string (what a collation compares).
+fn holds_string(t: u8, v: &[u8]) -> Result<bool> {
+    match t {
+        ty::STRING | ty::SYMBOL => Ok(true),
+        ty::DOCUMENT | ty::ARRAY => {
+            for e in rawbson::elements(RawDocument::from_bytes(v)?) {
+                let e = e?;
+                if holds_string(e.ty, e.value)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Whether an array's bytes (a BSON document) hold an array element.
+fn holds_array(array: &[u8]) -> Result<bool> {
+    let d = RawDocument::from_bytes(array)?;
+    for e in rawbson::elements(d) {
+        if e?.ty == ty::ARRAY {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
@@ -301,7 +354,7 @@ fn lookup(doc: &RawDocument, path: &str) -> Result<Option<(u8, Vec<u8>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, rawdoc};
+    use bson::{doc, rawdoc, RawDocumentBuf};
 
     #[test]
     fn diff_descends_into_documents_only() {
@@ -326,39 +379,61 @@ mod tests {
         let id = rawbson::find(&old, "_id").unwrap().unwrap();
         assert!(writable(&id, &changes));
         let st = statement(&id, &changes).unwrap().to_document().unwrap();
+        let exact = |t: &str| doc! { "$eq": 1, "$type": t, "$not": { "$type": "array" } };
         assert_eq!(
             st,
             doc! {
                 "q": {
-                    "_id": 7, "a.x": { "$eq": 1 }, "n": { "$type": "null" }, "added": { "$exists": false }, "gone": { "$eq": 1 },
-                    "$expr": { "$and": [
-                        { "$eq": [{ "$type": "$a.x" }, "int"] },
-                        { "$eq": [{ "$type": "$n" }, "null"] },
-                        { "$eq": [{ "$type": "$added" }, "missing"] },
-                        { "$eq": [{ "$type": "$gone" }, "int"] },
-                    ] },
+                    "_id": 7, "a.x": exact("int"),
+                    "n": { "$type": "null", "$not": { "$type": "array" } },
+                    "added": { "$exists": false }, "gone": exact("int"),
                 },
                 "u": { "$set": { "a.x": 2, "n": 5, "added": 1 }, "$unset": { "gone": "" } },
-                "multi": false, "upsert": false, "collation": { "locale": "simple" },
+                "multi": false, "upsert": false,
             }
         );
     }
 
     #[test]
     fn statement_pins_arrays_whole() {
-        let old = rawdoc! { "_id": 1, "tags": ["a", "$b"] };
-        let new = rawdoc! { "_id": 1, "tags": ["x"] };
-        let changes = diff(&old, &new).unwrap();
-        let id = rawbson::find(&old, "_id").unwrap().unwrap();
-        let st = statement(&id, &changes).unwrap().to_document().unwrap();
+        let id_doc = rawdoc! { "_id": 1 };
+        let id = rawbson::find(&id_doc, "_id").unwrap().unwrap();
+        let q = |old: RawDocumentBuf| {
+            let changes = diff(&old, &rawdoc! { "_id": 1, "tags": ["x"] }).unwrap();
+            let st = statement(&id, &changes).unwrap().to_document().unwrap();
+            st.get_document("q").unwrap().clone()
+        };
+        // Strings are compared byte for byte, binary values need no collation.
+        let st = |old: RawDocumentBuf| {
+            let changes = diff(&old, &rawdoc! { "_id": 1, "v": 2 }).unwrap();
+            statement(&id, &changes).unwrap().to_document().unwrap()
+        };
+        let simple = Some(&bson::Bson::Document(doc! { "locale": "simple" }));
+        assert_eq!(st(rawdoc! { "_id": 1, "v": "s" }).get("collation"), simple);
         assert_eq!(
-            st.get_document("q").unwrap(),
-            &doc! {
-                "_id": 1, "tags": { "$eq": ["a", "$b"] },
-                "$expr": { "$and": [
-                    { "$eq": [{ "$type": "$tags" }, "array"] },
-                    { "$eq": ["$tags", { "$literal": ["a", "$b"] }] },
-                ] },
+            st(rawdoc! { "_id": 1, "v": { "a": [1, "s"] } }).get("collation"),
+            simple
+        );
+        let bin = bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: b"s".to_vec(),
+        };
+        assert_eq!(st(rawdoc! { "_id": 1, "v": bin }).get("collation"), None);
+        // An array of scalars: no element may be an array (the old one has none).
+        assert_eq!(
+            q(rawdoc! { "_id": 1, "tags": ["a", "$b"] }),
+            doc! {
+                "_id": 1,
+                "tags": { "$eq": ["a", "$b"], "$not": { "$elemMatch": { "$type": "array" } } },
+            }
+        );
+        // An array holding an array: compared whole by an $expr (literally: "$b" is no path).
+        assert_eq!(
+            q(rawdoc! { "_id": 1, "tags": [["a"], "$b"] }),
+            doc! {
+                "_id": 1,
+                "tags": { "$eq": [["a"], "$b"] },
+                "$expr": { "$and": [{ "$eq": ["$tags", { "$literal": [["a"], "$b"] }] }] },
             }
         );
     }
