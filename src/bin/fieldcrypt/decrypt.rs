@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use bson::RawDocumentBuf;
+use fieldcrypt::rotation::references;
 use fieldcrypt::{Cryptor, Error, KeyId, Result, Schema};
 
 use crate::encrypt::{context, load_schema, BATCH};
@@ -47,11 +48,12 @@ pub(crate) fn document_error(n: u64, e: Error, namespace_hint: &str) -> Error {
     }
 }
 
-/// Key ids referenced by a batch, for key-vault prefetching.
+/// Key ids referenced by a batch, for key-vault prefetching. Read leniently: a malformed value
+/// is reported by decryption, naming its document.
 pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Result<Vec<KeyId>> {
     let mut ids = Vec::new();
     for d in batch {
-        ids.extend(Cryptor::referenced_keys(d)?);
+        ids.extend(references(d).keys);
     }
     ids.sort_unstable();
     ids.dedup();
