@@ -4,7 +4,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
@@ -145,7 +144,9 @@ impl Writer {
 pub(crate) fn open_output(path: &Path, force: bool, plaintext: bool) -> Result<File> {
     let named = |e: io::Error| Error::Config(format!("{}: {e}", path.display()));
     let mut new = OpenOptions::new();
-    new.write(true).create_new(true).mode(0o600);
+    new.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut new, 0o600);
     match new.open(path) {
         Ok(f) => return Ok(f),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -163,13 +164,18 @@ pub(crate) fn open_output(path: &Path, force: bool, plaintext: bool) -> Result<F
         .truncate(true)
         .open(path)
         .map_err(named)?;
-    let mode = f.metadata().map_err(named)?.mode();
-    if plaintext && mode & 0o077 != 0 {
-        crate::report::warn(&format!(
-            "{} is readable by others (mode {:o}) and now holds plaintext: restrict it (chmod 600)",
-            path.display(),
-            mode & 0o777
-        ));
+    #[cfg(unix)]
+    {
+        let mode = std::os::unix::fs::MetadataExt::mode(&f.metadata().map_err(named)?);
+        if plaintext && mode & 0o077 != 0 {
+            crate::report::warn(&format!(
+                "{} is readable by others (mode {:o}) and now holds plaintext: restrict it (chmod 600)",
+                path.display(),
+                mode & 0o777
+            ));
+        }
     }
+    #[cfg(not(unix))]
+    let _ = plaintext;
     Ok(f)
 }
