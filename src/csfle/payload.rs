@@ -22,7 +22,9 @@ use zeroize::{Zeroize, Zeroizing};
 use super::aead::{CsfleKey, MIN_SEALED_LEN};
 use super::CsfleAlgorithm;
 use crate::error::{Error, Result};
+// One structural check of decrypted values for both formats.
 use crate::key::KeyId;
+pub(crate) use crate::rawbson::value_is_well_formed;
 
 /// Length of the header (= associated data): blob subtype, key UUID, original BSON type.
 pub(crate) const HEADER_LEN: usize = 18;
@@ -211,60 +213,6 @@ pub(crate) fn type_name(bson_type: u8) -> Option<&'static str> {
         0xFF => "minKey",
         _ => return None,
     })
-}
-
-/// Whether `v` is exactly one value of `bson_type`: the lengths add up and the terminators are
-/// where they belong. Nested documents are checked at their frame (length prefix, final NUL),
-/// not recursively; whoever parses them checks the rest. This keeps a spliced-in plaintext from
-/// changing the shape of the enclosing document.
-pub(crate) fn value_is_well_formed(bson_type: u8, v: &[u8]) -> bool {
-    match bson_type {
-        0x01 | 0x09 | 0x11 | 0x12 => v.len() == 8,
-        0x07 => v.len() == 12,
-        0x08 => matches!(v, [0 | 1]),
-        0x10 => v.len() == 4,
-        0x13 => v.len() == 16,
-        0x02 | 0x0D | 0x0E => string_len(v) == Some(v.len()),
-        0x03 | 0x04 => document_len(v) == Some(v.len()),
-        0x05 => len_prefix(v).and_then(|n| n.checked_add(5)) == Some(v.len()),
-        // Two C strings: pattern, options.
-        0x0B => v.iter().position(|&b| b == 0).is_some_and(|first| {
-            let options = &v[first + 1..];
-            options
-                .iter()
-                .position(|&b| b == 0)
-                .is_some_and(|end| end + 1 == options.len())
-        }),
-        0x0C => string_len(v).is_some_and(|n| v.len().checked_sub(n) == Some(12)),
-        0x0F => {
-            // int32 total length, string code, document scope.
-            len_prefix(v) == Some(v.len())
-                && v.get(4..)
-                    .and_then(string_len)
-                    .is_some_and(|s| v.get(4 + s..).and_then(document_len) == Some(v.len() - 4 - s))
-        }
-        0x06 | 0x0A | 0x7F | 0xFF => v.is_empty(),
-        _ => false,
-    }
-}
-
-/// A non-negative little-endian int32 at the start of `v`.
-fn len_prefix(v: &[u8]) -> Option<usize> {
-    let bytes: [u8; 4] = v.get(..4)?.try_into().ok()?;
-    usize::try_from(i32::from_le_bytes(bytes)).ok()
-}
-
-/// Total length of a BSON string (length prefix + bytes + NUL) at the start of `v`.
-fn string_len(v: &[u8]) -> Option<usize> {
-    let n = len_prefix(v)?;
-    let total = n.checked_add(4)?;
-    (n >= 1 && v.get(total - 1) == Some(&0)).then_some(total)
-}
-
-/// Total length of an embedded document at the start of `v`, checked at its frame.
-fn document_len(v: &[u8]) -> Option<usize> {
-    let n = len_prefix(v)?;
-    (n >= 5 && v.get(n - 1) == Some(&0)).then_some(n)
 }
 
 /// Serializes one BSON value: its element type byte and its bytes (no name). The buffer is wiped
