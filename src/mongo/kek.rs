@@ -72,7 +72,7 @@ pub const MASTER_KEY_ENV: &str = "FIELDCRYPT_MASTER_KEY";
 /// `keyVaultEndpoint`, `keyName`; `"kmip"`: `keyId`) and store the KMS's ciphertext as-is in
 /// `keyMaterial`: CSFLE key documents wrapped that way stay readable by MongoDB's drivers.
 ///
-/// ```ignore
+/// ```text
 /// use bson::{doc, Document};
 /// use fieldcrypt::{mongo::KekProvider, KeyMaterial, Result};
 ///
