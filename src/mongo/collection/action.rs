@@ -60,6 +60,77 @@ macro_rules! options_and_session {
     };
 }
 
+/// `IntoFuture` of an action that returns no cursor: awaiting it runs its `run` method.
+macro_rules! into_future {
+    ($action:ident -> $output:ty $(where T: $($bound:tt)+)?) => {
+        impl<'a, T: 'a $(+ $($bound)+)?> IntoFuture for $action<'a, T> {
+            type Output = Result<$output>;
+            type IntoFuture = BoxFuture<'a, Self::Output>;
+
+            fn into_future(self) -> Self::IntoFuture {
+                Box::pin(self.run())
+            }
+        }
+    };
+}
+
+/// The parts of find-like options (`FindOptions`, `FindOneOptions`: same field names) that
+/// [`EncryptedCollection::prepare_find`] checks or rewrites.
+struct FindChecks<'o> {
+    sort: Option<&'o Document>,
+    projection: &'o mut Option<Document>,
+    min: Option<&'o Document>,
+    max: Option<&'o Document>,
+    collation: Option<&'o Collation>,
+}
+
+/// The [`FindChecks`] of `Option<FindOptions>` or `Option<FindOneOptions>`, borrowed.
+macro_rules! find_checks {
+    ($options:expr) => {
+        $options.as_mut().map(|o| FindChecks {
+            sort: o.sort.as_ref(),
+            projection: &mut o.projection,
+            min: o.min.as_ref(),
+            max: o.max.as_ref(),
+            collation: o.collation.as_ref(),
+        })
+    };
+}
+
+/// The parts of update-like options (`UpdateOptions`, `FindOneAndUpdateOptions`: same field
+/// names) that [`EncryptedCollection::prepare_update`] checks or rewrites.
+struct UpdateChecks<'o> {
+    array_filters: &'o mut Option<Vec<Document>>,
+    sort: Option<&'o Document>,
+    collation: Option<&'o Collation>,
+}
+
+/// The [`UpdateChecks`] of `Option<UpdateOptions>` or `Option<FindOneAndUpdateOptions>`,
+/// borrowed.
+macro_rules! update_checks {
+    ($options:expr) => {
+        $options.as_mut().map(|o| UpdateChecks {
+            array_filters: &mut o.array_filters,
+            sort: o.sort.as_ref(),
+            collation: o.collation.as_ref(),
+        })
+    };
+}
+
+/// Decrypts the document a `find_one`-like operation returned, if any.
+async fn decrypt_found<T, R>(
+    coll: &EncryptedCollection<T>,
+    raw: Option<RawDocumentBuf>,
+) -> Result<Option<R>>
+where
+    R: DeserializeOwned + 'static,
+{
+    match raw {
+        Some(raw) => Ok(Some(coll.decrypt_one(raw).await?)),
+        None => Ok(None),
+    }
+}
+
 impl<T> EncryptedCollection<T> {
     fn trace(&self, operation: &'static str) {
         // Operation, namespace and scope only: never a filter, a document or an owner value.
@@ -71,33 +142,84 @@ impl<T> EncryptedCollection<T> {
         );
     }
 
-    /// Checks the handle, prefetches the schema's keys and rewrites a filter.
+    /// Checks the handle, traces the operation and prefetches the schema's keys.
     async fn begin(&self, operation: &'static str) -> Result<()> {
         self.check_usable()?;
         self.trace(operation);
         self.prefetch_aliases().await
     }
 
-    fn prepare_update(
+    /// Begins `operation` and rewrites its filter, refusing a collation that would compare
+    /// an encrypted field the filter touches.
+    async fn prepare_filter(
         &self,
+        operation: &'static str,
+        filter: &Document,
+        collation: Option<&Collation>,
+    ) -> Result<Document> {
+        self.begin(operation).await?;
+        let (filter, touched) = self.rewriter().filter_touching(filter)?;
+        check_collation(collation, touched.as_ref())?;
+        Ok(filter)
+    }
+
+    /// Begins `operation` and rewrites a find's filter, checking its options (sort, index
+    /// bounds, collation) and rewriting its projection in place.
+    async fn prepare_find(
+        &self,
+        operation: &'static str,
+        filter: &Document,
+        options: Option<FindChecks<'_>>,
+    ) -> Result<Document> {
+        self.begin(operation).await?;
+        let q = self.rewriter();
+        let (filter, touched) = q.filter_touching(filter)?;
+        if let Some(o) = options {
+            if let Some(s) = o.sort {
+                q.sort(s)?;
+            }
+            if let Some(p) = o.projection {
+                *p = q.projection(p)?;
+            }
+            for (bounds, name) in [(o.min, "min"), (o.max, "max")] {
+                if let Some(b) = bounds {
+                    q.bounds(b, name)?;
+                }
+            }
+            check_collation(o.collation, touched.as_ref())?;
+        }
+        Ok(filter)
+    }
+
+    /// Begins `operation` and rewrites an update's filter and modifications, rewriting its
+    /// array filters in place and checking its sort and collation.
+    async fn prepare_update(
+        &self,
+        operation: &'static str,
         filter: &Document,
         update: UpdateModifications,
-        array_filters: Option<Vec<Document>>,
-        sort: Option<&Document>,
-        collation: Option<&Collation>,
-    ) -> Result<(Document, UpdateModifications, Option<Vec<Document>>)> {
+        options: Option<UpdateChecks<'_>>,
+    ) -> Result<(Document, UpdateModifications)> {
+        self.begin(operation).await?;
+        let (array_filters, sort, collation) = match options {
+            Some(o) => (Some(o.array_filters), o.sort, o.collation),
+            None => (None, None, None),
+        };
         let q = self.rewriter();
         let (new_filter, touched) = q.filter_touching(filter)?;
-        let (update, array_filters) = match update {
+        let update = match update {
             UpdateModifications::Document(d) => {
-                let af = array_filters
-                    .map(|af| q.array_filters(&af, &d, filter))
-                    .transpose()?;
-                (UpdateModifications::Document(q.update(&d, filter)?), af)
+                if let Some(af) = array_filters {
+                    *af = af
+                        .take()
+                        .map(|af| q.array_filters(&af, &d, filter))
+                        .transpose()?;
+                }
+                UpdateModifications::Document(q.update(&d, filter)?)
             }
             UpdateModifications::Pipeline(p) => {
                 q.update_pipeline(&p)?;
-                (UpdateModifications::Pipeline(p), array_filters)
+                UpdateModifications::Pipeline(p)
             }
             _ => return Err(Error::Config("unsupported kind of update".into())),
         };
@@ -105,7 +227,7 @@ impl<T> EncryptedCollection<T> {
             q.sort(s)?;
         }
         check_collation(collation, touched.as_ref())?;
-        Ok((new_filter, update, array_filters))
+        Ok((new_filter, update))
     }
 }
 
@@ -288,18 +410,15 @@ pub struct InsertOne<'a, T> {
 
 options_and_session!(InsertOne, InsertOneOptions);
 
-impl<'a, T: 'a> IntoFuture for InsertOne<'a, T> {
-    type Output = Result<InsertOneResult>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(InsertOne -> InsertOneResult);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin("insert_one").await?;
-            let encrypted = coll.rewriter().document(&self.doc?)?;
-            let action = coll.coll.insert_one(encrypted).with_options(self.options);
-            Ok(run!(action, self.session)?)
-        })
+impl<'a, T: 'a> InsertOne<'a, T> {
+    async fn run(self) -> Result<InsertOneResult> {
+        let coll = self.coll;
+        coll.begin("insert_one").await?;
+        let encrypted = coll.rewriter().document(&self.doc?)?;
+        let action = coll.coll.insert_one(encrypted).with_options(self.options);
+        Ok(run!(action, self.session)?)
     }
 }
 
@@ -314,18 +433,15 @@ pub struct InsertMany<'a, T> {
 
 options_and_session!(InsertMany, InsertManyOptions);
 
-impl<'a, T: 'a> IntoFuture for InsertMany<'a, T> {
-    type Output = Result<InsertManyResult>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(InsertMany -> InsertManyResult);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin("insert_many").await?;
-            let encrypted = coll.encrypt_all(self.docs?).await?;
-            let action = coll.coll.insert_many(encrypted).with_options(self.options);
-            Ok(run!(action, self.session)?)
-        })
+impl<'a, T: 'a> InsertMany<'a, T> {
+    async fn run(self) -> Result<InsertManyResult> {
+        let coll = self.coll;
+        coll.begin("insert_many").await?;
+        let encrypted = coll.encrypt_all(self.docs?).await?;
+        let action = coll.coll.insert_many(encrypted).with_options(self.options);
+        Ok(run!(action, self.session)?)
     }
 }
 
@@ -392,37 +508,6 @@ impl<'a, T> Find<'a, T, NoSession> {
     }
 }
 
-impl<T> EncryptedCollection<T> {
-    async fn prepare_find(
-        &self,
-        filter: &Document,
-        options: Option<FindOptions>,
-    ) -> Result<(Document, Option<FindOptions>)> {
-        self.begin("find").await?;
-        let q = self.rewriter();
-        let (filter, touched) = q.filter_touching(filter)?;
-        let options = match options {
-            None => None,
-            Some(mut o) => {
-                if let Some(s) = &o.sort {
-                    q.sort(s)?;
-                }
-                if let Some(p) = &o.projection {
-                    o.projection = Some(q.projection(p)?);
-                }
-                for (bounds, name) in [(&o.min, "min"), (&o.max, "max")] {
-                    if let Some(b) = bounds {
-                        q.bounds(b, name)?;
-                    }
-                }
-                check_collation(o.collation.as_ref(), touched.as_ref())?;
-                Some(o)
-            }
-        };
-        Ok((filter, options))
-    }
-}
-
 impl<'a, T> IntoFuture for Find<'a, T, NoSession>
 where
     T: DeserializeOwned + Send + 'static,
@@ -433,7 +518,10 @@ where
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let coll = self.coll;
-            let (filter, options) = coll.prepare_find(&self.filter, self.options).await?;
+            let mut options = self.options;
+            let filter = coll
+                .prepare_find("find", &self.filter, find_checks!(options))
+                .await?;
             let batches = coll.coll.find(filter).with_options(options).batch().await?;
             Ok(cursor::from_cursor(batches, coll.decryptor()))
         })
@@ -451,7 +539,10 @@ where
         Box::pin(async move {
             let coll = self.coll;
             let session = self.session.0;
-            let (filter, options) = coll.prepare_find(&self.filter, self.options).await?;
+            let mut options = self.options;
+            let filter = coll
+                .prepare_find("find", &self.filter, find_checks!(options))
+                .await?;
             let batches = coll
                 .coll
                 .find(filter)
@@ -479,40 +570,17 @@ pub struct FindOne<'a, T> {
 
 options_and_session!(FindOne, FindOneOptions);
 
-impl<'a, T> IntoFuture for FindOne<'a, T>
-where
-    T: DeserializeOwned + 'static,
-{
-    type Output = Result<Option<T>>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(FindOne -> Option<T> where T: DeserializeOwned + 'static);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin("find_one").await?;
-            let q = coll.rewriter();
-            let (filter, touched) = q.filter_touching(&self.filter)?;
-            let mut options = self.options;
-            if let Some(o) = options.as_mut() {
-                if let Some(s) = &o.sort {
-                    q.sort(s)?;
-                }
-                if let Some(p) = &o.projection {
-                    o.projection = Some(q.projection(p)?);
-                }
-                for (bounds, name) in [(&o.min, "min"), (&o.max, "max")] {
-                    if let Some(b) = bounds {
-                        q.bounds(b, name)?;
-                    }
-                }
-                check_collation(o.collation.as_ref(), touched.as_ref())?;
-            }
-            let action = coll.coll.find_one(filter).with_options(options);
-            match run!(action, self.session)? {
-                Some(raw) => Ok(Some(coll.decrypt_one(raw).await?)),
-                None => Ok(None),
-            }
-        })
+impl<'a, T: DeserializeOwned + 'static> FindOne<'a, T> {
+    async fn run(self) -> Result<Option<T>> {
+        let coll = self.coll;
+        let mut options = self.options;
+        let filter = coll
+            .prepare_find("find_one", &self.filter, find_checks!(options))
+            .await?;
+        let action = coll.coll.find_one(filter).with_options(options);
+        decrypt_found(coll, run!(action, self.session)?).await
     }
 }
 
@@ -530,38 +598,32 @@ pub struct Update<'a, T> {
 
 options_and_session!(Update, UpdateOptions);
 
-impl<'a, T: 'a> IntoFuture for Update<'a, T> {
-    type Output = Result<UpdateResult>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(Update -> UpdateResult);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin(if self.many {
-                "update_many"
-            } else {
-                "update_one"
-            })
-            .await?;
-            let mut options = self.options;
-            let (filter, update, array_filters) = coll.prepare_update(
+impl<'a, T: 'a> Update<'a, T> {
+    async fn run(self) -> Result<UpdateResult> {
+        let coll = self.coll;
+        let operation = if self.many {
+            "update_many"
+        } else {
+            "update_one"
+        };
+        let mut options = self.options;
+        let (filter, update) = coll
+            .prepare_update(
+                operation,
                 &self.filter,
                 self.update,
-                options.as_mut().and_then(|o| o.array_filters.take()),
-                options.as_ref().and_then(|o| o.sort.as_ref()),
-                options.as_ref().and_then(|o| o.collation.as_ref()),
-            )?;
-            if let Some(o) = options.as_mut() {
-                o.array_filters = array_filters;
-            }
-            let action = if self.many {
-                coll.coll.update_many(filter, update)
-            } else {
-                coll.coll.update_one(filter, update)
-            }
-            .with_options(options);
-            Ok(run!(action, self.session)?)
-        })
+                update_checks!(options),
+            )
+            .await?;
+        let action = if self.many {
+            coll.coll.update_many(filter, update)
+        } else {
+            coll.coll.update_one(filter, update)
+        }
+        .with_options(options);
+        Ok(run!(action, self.session)?)
     }
 }
 
@@ -578,40 +640,28 @@ pub struct FindOneAndUpdate<'a, T> {
 
 options_and_session!(FindOneAndUpdate, FindOneAndUpdateOptions);
 
-impl<'a, T> IntoFuture for FindOneAndUpdate<'a, T>
-where
-    T: DeserializeOwned + 'static,
-{
-    type Output = Result<Option<T>>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(FindOneAndUpdate -> Option<T> where T: DeserializeOwned + 'static);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin("find_one_and_update").await?;
-            let mut options = self.options;
-            let (filter, update, array_filters) = coll.prepare_update(
+impl<'a, T: DeserializeOwned + 'static> FindOneAndUpdate<'a, T> {
+    async fn run(self) -> Result<Option<T>> {
+        let coll = self.coll;
+        let mut options = self.options;
+        let (filter, update) = coll
+            .prepare_update(
+                "find_one_and_update",
                 &self.filter,
                 self.update,
-                options.as_mut().and_then(|o| o.array_filters.take()),
-                options.as_ref().and_then(|o| o.sort.as_ref()),
-                options.as_ref().and_then(|o| o.collation.as_ref()),
-            )?;
-            if let Some(o) = options.as_mut() {
-                o.array_filters = array_filters;
-                if let Some(p) = &o.projection {
-                    o.projection = Some(coll.rewriter().projection(p)?);
-                }
-            }
-            let action = coll
-                .coll
-                .find_one_and_update(filter, update)
-                .with_options(options);
-            match run!(action, self.session)? {
-                Some(raw) => Ok(Some(coll.decrypt_one(raw).await?)),
-                None => Ok(None),
-            }
-        })
+                update_checks!(options),
+            )
+            .await?;
+        if let Some(p) = options.as_mut().and_then(|o| o.projection.as_mut()) {
+            *p = coll.rewriter().projection(p)?;
+        }
+        let action = coll
+            .coll
+            .find_one_and_update(filter, update)
+            .with_options(options);
+        decrypt_found(coll, run!(action, self.session)?).await
     }
 }
 
@@ -627,29 +677,26 @@ pub struct ReplaceOne<'a, T> {
 
 options_and_session!(ReplaceOne, ReplaceOptions);
 
-impl<'a, T: 'a> IntoFuture for ReplaceOne<'a, T> {
-    type Output = Result<UpdateResult>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(ReplaceOne -> UpdateResult);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin("replace_one").await?;
-            let q = coll.rewriter();
-            let replacement = q.replacement(&self.replacement?, &self.filter)?;
-            let (filter, touched) = q.filter_touching(&self.filter)?;
-            if let Some(o) = &self.options {
-                if let Some(s) = &o.sort {
-                    q.sort(s)?;
-                }
-                check_collation(o.collation.as_ref(), touched.as_ref())?;
+impl<'a, T: 'a> ReplaceOne<'a, T> {
+    async fn run(self) -> Result<UpdateResult> {
+        let coll = self.coll;
+        coll.begin("replace_one").await?;
+        let q = coll.rewriter();
+        let replacement = q.replacement(&self.replacement?, &self.filter)?;
+        let (filter, touched) = q.filter_touching(&self.filter)?;
+        if let Some(o) = &self.options {
+            if let Some(s) = &o.sort {
+                q.sort(s)?;
             }
-            let action = coll
-                .coll
-                .replace_one(filter, replacement)
-                .with_options(self.options);
-            Ok(run!(action, self.session)?)
-        })
+            check_collation(o.collation.as_ref(), touched.as_ref())?;
+        }
+        let action = coll
+            .coll
+            .replace_one(filter, replacement)
+            .with_options(self.options);
+        Ok(run!(action, self.session)?)
     }
 }
 
@@ -666,31 +713,27 @@ pub struct Delete<'a, T> {
 
 options_and_session!(Delete, DeleteOptions);
 
-impl<'a, T: 'a> IntoFuture for Delete<'a, T> {
-    type Output = Result<DeleteResult>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(Delete -> DeleteResult);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin(if self.many {
-                "delete_many"
-            } else {
-                "delete_one"
-            })
+impl<'a, T: 'a> Delete<'a, T> {
+    async fn run(self) -> Result<DeleteResult> {
+        let coll = self.coll;
+        let operation = if self.many {
+            "delete_many"
+        } else {
+            "delete_one"
+        };
+        let collation = self.options.as_ref().and_then(|o| o.collation.as_ref());
+        let filter = coll
+            .prepare_filter(operation, &self.filter, collation)
             .await?;
-            let (filter, touched) = coll.rewriter().filter_touching(&self.filter)?;
-            if let Some(o) = &self.options {
-                check_collation(o.collation.as_ref(), touched.as_ref())?;
-            }
-            let action = if self.many {
-                coll.coll.delete_many(filter)
-            } else {
-                coll.coll.delete_one(filter)
-            }
-            .with_options(self.options);
-            Ok(run!(action, self.session)?)
-        })
+        let action = if self.many {
+            coll.coll.delete_many(filter)
+        } else {
+            coll.coll.delete_one(filter)
+        }
+        .with_options(self.options);
+        Ok(run!(action, self.session)?)
     }
 }
 
@@ -705,21 +748,17 @@ pub struct CountDocuments<'a, T> {
 
 options_and_session!(CountDocuments, CountOptions);
 
-impl<'a, T: 'a> IntoFuture for CountDocuments<'a, T> {
-    type Output = Result<u64>;
-    type IntoFuture = BoxFuture<'a, Self::Output>;
+into_future!(CountDocuments -> u64);
 
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let coll = self.coll;
-            coll.begin("count_documents").await?;
-            let (filter, touched) = coll.rewriter().filter_touching(&self.filter)?;
-            if let Some(o) = &self.options {
-                check_collation(o.collation.as_ref(), touched.as_ref())?;
-            }
-            let action = coll.coll.count_documents(filter).with_options(self.options);
-            Ok(run!(action, self.session)?)
-        })
+impl<'a, T: 'a> CountDocuments<'a, T> {
+    async fn run(self) -> Result<u64> {
+        let coll = self.coll;
+        let collation = self.options.as_ref().and_then(|o| o.collation.as_ref());
+        let filter = coll
+            .prepare_filter("count_documents", &self.filter, collation)
+            .await?;
+        let action = coll.coll.count_documents(filter).with_options(self.options);
+        Ok(run!(action, self.session)?)
     }
 }
 
