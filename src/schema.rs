@@ -238,6 +238,8 @@ pub struct Schema {
     owner_field: Option<String>,
     tree: Node,
     needs_id: bool,
+    /// Each rule's blind-index field name, computed once (the transform needs it per document).
+    blind_index_names: Vec<Option<String>>,
 }
 
 /// Builds a [`Schema`].
@@ -325,7 +327,9 @@ impl SchemaBuilder {
             node.rule = Some(i);
         }
         let needs_id = rules.iter().any(|r| r.field.bind_id);
+        let blind_index_names = rules.iter().map(FieldRule::blind_index_name).collect();
         Ok(Schema {
+            blind_index_names,
             rules,
             owner_field: self.owner_field,
             tree,
@@ -478,6 +482,11 @@ impl Schema {
             node = node.child(seg)?;
         }
         node.rule.map(|i| &self.rules[i])
+    }
+
+    /// The blind-index field name of rule `i` (an index into [`Schema::rules`]).
+    pub(crate) fn blind_index_name_of(&self, i: usize) -> Option<&str> {
+        self.blind_index_names.get(i).and_then(Option::as_deref)
     }
 
     pub(crate) fn tree(&self) -> &Node {

@@ -609,7 +609,7 @@ impl<'c> Walker<'c> {
         let regenerated = self.regenerated_indexes(doc, node)?;
         for e in rawbson::elements(doc) {
             let e = e?;
-            if regenerated.iter().any(|n| n == e.key) {
+            if regenerated.contains(&e.key) {
                 continue; // replaced by a freshly computed index below
             }
             let Some(child) = node.child(e.key) else {
@@ -689,14 +689,11 @@ impl<'c> Walker<'c> {
 
     /// Names of blind-index fields in `doc` that will be recomputed (their source field is
     /// present in clear), so the stale copies are dropped.
-    fn regenerated_indexes(&self, doc: &RawDocument, node: &Node) -> Result<Vec<String>> {
-        let rules = self.cryptor.schema.rules();
+    fn regenerated_indexes(&self, doc: &RawDocument, node: &Node) -> Result<Vec<&'c str>> {
+        let schema: &'c Schema = &self.cryptor.schema;
         let mut names = Vec::new();
         for (key, child) in &node.children {
-            let Some(rule) = child.rule.map(|i| &rules[i]) else {
-                continue;
-            };
-            let Some(name) = rule.blind_index_name() else {
+            let Some(name) = child.rule.and_then(|i| schema.blind_index_name_of(i)) else {
                 continue;
             };
             if let Some(src) = rawbson::find(doc, key)? {
@@ -738,9 +735,10 @@ impl<'c> Walker<'c> {
                 self.seal(&key, params, rule.field.bind_id, e.raw_value(), out)?;
             }
         }
-        if let (Some(bi), Some(name)) = (&rule.field.blind_index, rule.blind_index_name()) {
+        let name = self.cryptor.schema.blind_index_name_of(ri);
+        if let (Some(bi), Some(name)) = (&rule.field.blind_index, name) {
             let key = self.primary(&bi.key)?;
-            rawbson::put_key(out, ty::BINARY, &name);
+            rawbson::put_key(out, ty::BINARY, name);
             let at = rawbson::begin_binary(out, BLIND_INDEX_SUBTYPE);
             blind_index::compute_into(&key, &rule.normalized, e.raw_value(), bi.len(), out)?;
             rawbson::end_binary(out, at)?;

@@ -225,13 +225,16 @@ impl<'a> Inspector<'a> {
         // Blind indexes sit next to their source field.
         let rules = self.schema.rules();
         for (key, child) in &node.children {
-            let Some(rule) = child.rule.map(|i| &rules[i]) else {
+            let Some(i) = child.rule else {
                 continue;
             };
-            let (Some(bi), Some(name)) = (&rule.field.blind_index, rule.blind_index_name()) else {
+            let (Some(bi), Some(name)) = (
+                &rules[i].field.blind_index,
+                self.schema.blind_index_name_of(i),
+            ) else {
                 continue;
             };
-            match rawbson::find(doc, &name)? {
+            match rawbson::find(doc, name)? {
                 Some(ix) => match ix.binary() {
                     Some((BLIND_INDEX_SUBTYPE, p)) => match blind_index::key_id(p) {
                         Ok(id) if self.primaries.is_primary(&bi.key, id) => {}
