@@ -153,7 +153,18 @@ impl Error {
 
 impl From<bson::raw::Error> for Error {
     fn from(e: bson::raw::Error) -> Self {
-        Error::bson(e)
+        // A `MalformedValue` message can quote a value (serializing a regex that holds a NUL
+        // puts the pattern in it): keep the key, drop the message.
+        let at = e
+            .key()
+            .map(|k| format!(" at key {k:?}"))
+            .unwrap_or_default();
+        match &e.kind {
+            bson::raw::ErrorKind::Utf8EncodingError(u) => {
+                Error::MalformedBson(format!("invalid UTF-8{at}: {u}"))
+            }
+            _ => Error::MalformedBson(format!("malformed value{at}")),
+        }
     }
 }
 

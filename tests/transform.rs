@@ -645,6 +645,11 @@ fn fail_unencodable_values_are_errors_without_the_value() {
         .query_ciphertexts("r", &bad, &Context::none(), None)
         .unwrap_err();
     assert!(!err.to_string().contains("SECRET"), "{err}");
+    // The same value anywhere in a document: the error names no part of it.
+    let err = c
+        .encrypt_document(&doc! { "other": bad.clone() }, &Context::none())
+        .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("SECRET"), "{err:?}");
 }
 
 #[test]
