@@ -3,6 +3,7 @@
 //! this module only adds the byte offsets it does not expose.
 
 use bson::RawDocument;
+use zeroize::Zeroizing;
 
 use crate::envelope::RawValue;
 use crate::error::{Error, Result};
@@ -252,6 +253,41 @@ fn document_is_well_formed(b: &[u8], depth: u32) -> bool {
         }
     }
     true
+}
+
+/// Serializes one BSON value: its element type byte and its own bytes (no name). The buffer is
+/// wiped on drop since it may hold plaintext; errors never quote the value (bson's would, e.g.
+/// for a regex holding a NUL).
+pub(crate) fn encode_value(value: &bson::Bson) -> Result<(u8, Zeroizing<Vec<u8>>)> {
+    let mut doc = bson::Document::new();
+    doc.insert("v", value.clone());
+    let mut bytes = Zeroizing::new(Vec::new());
+    doc.to_writer(&mut *bytes)
+        .map_err(|_| Error::MalformedBson("the value cannot be encoded as BSON".into()))?;
+    // Document layout: int32 length | type | "v\0" | value | 0x00.
+    match bytes.get(4..bytes.len().saturating_sub(1)) {
+        Some([t, b'v', 0, value @ ..]) => Ok((*t, Zeroizing::new(value.to_vec()))),
+        _ => Err(Error::MalformedBson(
+            "unexpected serialization of a value".into(),
+        )),
+    }
+}
+
+/// Parses the bytes of one BSON value of type `t` into a [`bson::Bson`].
+pub(crate) fn decode_value(t: u8, value: &[u8]) -> Result<bson::Bson> {
+    let total = value.len() + 8;
+    let len = i32::try_from(total).map_err(|_| Error::MalformedBson("value too large".into()))?;
+    let mut doc = Zeroizing::new(Vec::with_capacity(total));
+    doc.extend_from_slice(&len.to_le_bytes());
+    doc.push(t);
+    doc.extend_from_slice(b"v\0");
+    doc.extend_from_slice(value);
+    doc.push(0);
+    let mut parsed = bson::Document::from_reader(&mut &doc[..])
+        .map_err(|_| Error::MalformedBson("the value is not valid BSON".into()))?;
+    parsed
+        .remove("v")
+        .ok_or_else(|| Error::MalformedBson("value missing after parsing".into()))
 }
 
 /// Appends an element header: type byte and key.

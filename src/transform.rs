@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use rayon::prelude::*;
+use zeroize::Zeroizing;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
 use crate::csfle;
@@ -333,7 +334,7 @@ impl Cryptor {
                 field: path.into(),
                 reason: "the field has no blind index",
             })?;
-        let v = value_bytes(value)?;
+        let v = rawbson::encode_value(value)?;
         let mut out = Vec::new();
         for key in self.keyring.readable_keys(&bi.key)? {
             let mut payload = Vec::with_capacity(49);
@@ -458,26 +459,14 @@ fn binary(subtype: u8, bytes: Vec<u8>) -> bson::Binary {
     }
 }
 
-/// A single value's type byte and own bytes.
-fn value_bytes(v: &Bson) -> Result<(u8, Vec<u8>)> {
-    // `from_document` reports values BSON cannot hold (a NUL in a regex) as errors; bson's
-    // message would quote the value, so it is replaced.
-    let doc = RawDocumentBuf::from_document(&bson::doc! { "v": v.clone() })
-        .map_err(|_| Error::MalformedBson("the value cannot be encoded as BSON".into()))?;
-    let el = rawbson::elements(&doc)
-        .next()
-        .ok_or(Error::MalformedBson("empty value".into()))??;
-    Ok((el.ty, el.value.to_vec()))
-}
-
 /// One value encoded once, then sealed under one or more keys (explicit encryption and query
 /// rewriting).
 struct ValueSealer<'r> {
     rule: &'r FieldRule,
     namespace: Option<&'r str>,
-    value: (u8, Vec<u8>),
-    id: Option<(u8, Vec<u8>)>,
-    owner: Option<(u8, Vec<u8>)>,
+    value: (u8, Zeroizing<Vec<u8>>),
+    id: Option<(u8, Zeroizing<Vec<u8>>)>,
+    owner: Option<(u8, Zeroizing<Vec<u8>>)>,
     ad: Vec<u8>,
 }
 
@@ -494,15 +483,15 @@ impl<'r> ValueSealer<'r> {
         Ok(ValueSealer {
             rule,
             namespace: ctx.namespace.as_deref(),
-            value: value_bytes(value)?,
-            id: id.map(value_bytes).transpose()?,
-            owner: owner.map(value_bytes).transpose()?,
+            value: rawbson::encode_value(value)?,
+            id: id.map(rawbson::encode_value).transpose()?,
+            owner: owner.map(rawbson::encode_value).transpose()?,
             ad: Vec::new(),
         })
     }
 
     fn seal(&mut self, key: &Key, suite: crate::suite::Suite) -> Result<bson::Binary> {
-        fn raw(v: &Option<(u8, Vec<u8>)>) -> Option<RawValue<'_>> {
+        fn raw(v: &Option<(u8, Zeroizing<Vec<u8>>)>) -> Option<RawValue<'_>> {
             v.as_ref().map(|(ty, bytes)| RawValue { ty: *ty, bytes })
         }
         let binding = Binding {

@@ -16,15 +16,16 @@
 //! and algorithm are authenticated. The plaintext is the BSON value's own bytes, as they appear
 //! in a BSON element after the type byte and the name (`_mongocrypt_buffer_from_iter`).
 
-use bson::{Bson, Document};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
 use super::aead::{CsfleKey, MIN_SEALED_LEN};
 use super::CsfleAlgorithm;
 use crate::error::{Error, Result};
 // One structural check of decrypted values for both formats.
 use crate::key::KeyId;
-pub(crate) use crate::rawbson::value_is_well_formed;
+pub(crate) use crate::rawbson::{
+    decode_value as value_from_bytes, encode_value as value_to_bytes, value_is_well_formed,
+};
 
 /// Length of the header (= associated data): blob subtype, key UUID, original BSON type.
 pub(crate) const HEADER_LEN: usize = 18;
@@ -215,44 +216,14 @@ pub(crate) fn type_name(bson_type: u8) -> Option<&'static str> {
     })
 }
 
-/// Serializes one BSON value: its element type byte and its bytes (no name). The buffer is wiped
-/// on drop since it holds plaintext.
-pub(crate) fn value_to_bytes(value: &Bson) -> Result<(u8, Zeroizing<Vec<u8>>)> {
-    let mut doc = Document::new();
-    doc.insert("v", value.clone());
-    let mut bytes = Zeroizing::new(Vec::new());
-    doc.to_writer(&mut *bytes).map_err(Error::bson)?;
-    // Document layout: int32 length | type | "v\0" | value | 0x00.
-    match bytes.get(4..bytes.len().saturating_sub(1)) {
-        Some([bson_type, b'v', 0, value @ ..]) => Ok((*bson_type, Zeroizing::new(value.to_vec()))),
-        _ => Err(Error::MalformedBson(
-            "unexpected serialization of a value".into(),
-        )),
-    }
-}
-
-/// Parses the bytes of one BSON value of type `bson_type` into a [`Bson`].
-pub(crate) fn value_from_bytes(bson_type: u8, value: &[u8]) -> Result<Bson> {
-    let total = value.len() + 8;
-    let len = i32::try_from(total).map_err(|_| Error::MalformedBson("value too large".into()))?;
-    let mut doc = Zeroizing::new(Vec::with_capacity(total));
-    doc.extend_from_slice(&len.to_le_bytes());
-    doc.push(bson_type);
-    doc.extend_from_slice(b"v\0");
-    doc.extend_from_slice(value);
-    doc.push(0);
-    let mut parsed = Document::from_reader(&mut &doc[..]).map_err(Error::bson)?;
-    parsed
-        .remove("v")
-        .ok_or_else(|| Error::MalformedBson("value missing after parsing".into()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::csfle::aead::KEY_LEN;
     use bson::spec::BinarySubtype;
-    use bson::{doc, oid::ObjectId, Binary, DbPointer, JavaScriptCodeWithScope, Regex, Timestamp};
+    use bson::{
+        doc, oid::ObjectId, Binary, Bson, DbPointer, JavaScriptCodeWithScope, Regex, Timestamp,
+    };
 
     fn key() -> CsfleKey {
         CsfleKey::new(&[0x11; KEY_LEN])
@@ -470,6 +441,7 @@ mod tests {
 mod proptests {
     use super::*;
     use crate::csfle::aead::KEY_LEN;
+    use bson::Bson;
     use proptest::prelude::*;
 
     proptest! {
