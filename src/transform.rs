@@ -169,7 +169,7 @@ impl Cryptor {
         }));
         if let Some(owner_field) = self.schema.owner_field() {
             w.owner = rawbson::find(doc, owner_field)?.map(|e| e.raw_value());
-            w.owner_required = Some(owner_field);
+            w.owner_required = true;
         }
         let at = rawbson::begin_len(out);
         if needs_generated_id {
@@ -525,7 +525,8 @@ struct Walker<'c> {
     ctx: &'c Context,
     id: Option<RawValue<'c>>,
     owner: Option<RawValue<'c>>,
-    owner_required: Option<&'c str>,
+    /// The schema is owner-scoped: every ciphertext must be bound to an owner.
+    owner_required: bool,
     path: String,
     ad: Vec<u8>,
     /// The last key looked up, by id: documents mostly use one key.
@@ -546,7 +547,7 @@ impl<'c> Walker<'c> {
             ctx,
             id: None,
             owner: None,
-            owner_required: None,
+            owner_required: false,
             unresolved: None,
             depth: 0,
             path: String::with_capacity(64),
@@ -743,8 +744,7 @@ impl<'c> Walker<'c> {
         value: RawValue<'_>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        if let (Some(field), None) = (self.owner_required, self.owner) {
-            let _ = field;
+        if self.owner_required && self.owner.is_none() {
             return Err(Error::MissingContext(
                 "the document has no value for the schema's owner field",
             ));
