@@ -1255,6 +1255,54 @@ async fn rotation_script_runs_end_to_end() {
     let docs = lines_as_docs(&o.stdout);
     assert_eq!(docs.len(), 3);
     assert_eq!(docs[0].get_str("ssn").unwrap(), "000-00-0000");
+
+    // `keys rewrap`: every data key moves under a new master key; no data document changes.
+    let new_master = fieldcrypt::LocalMasterKey::generate();
+    let new_master = new_master.expose_base64();
+    std::fs::write(d.join("new.key"), new_master.as_bytes()).unwrap();
+    let o = run(
+        &d,
+        &[
+            "keys",
+            "rewrap",
+            "--new-master-key-file",
+            "new.key",
+            kvopt[0],
+            kvopt[1],
+        ],
+        None,
+        &env,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let export_with = |master: &str| {
+        run(
+            &d,
+            &[
+                "export",
+                "--namespace",
+                &ns,
+                "--decrypt",
+                "--limit",
+                "3",
+                kvopt[0],
+                kvopt[1],
+            ],
+            None,
+            &[
+                ("MONGODB_URI", uri.as_str()),
+                ("FIELDCRYPT_MASTER_KEY", master),
+            ],
+        )
+    };
+    let o = export_with(new_master.as_str());
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        lines_as_docs(&o.stdout)[0].get_str("ssn").unwrap(),
+        "000-00-0000"
+    );
+    let o = export_with(master.as_str());
+    assert_ne!(o.code, 0, "the old master key still unwraps after rewrap");
+    assert!(!o.stdout.contains("000-00-0000"));
     let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
     client.database(&db).drop().await.unwrap();
 }
