@@ -105,9 +105,11 @@ impl Binding<'_> {
         put_bytes(ad, self.path.as_bytes())?;
         let f = header[2];
         if f & flags::NAMESPACE != 0 {
-            let ns = self.namespace.ok_or(Error::MissingContext(
-                "the value is bound to a namespace; give the collection namespace",
-            ))?;
+            let ns = self.namespace.ok_or_else(|| {
+                Error::MissingContext(
+                    "the value is bound to a namespace; give the collection namespace",
+                )
+            })?;
             put_bytes(ad, ns.as_bytes())?;
         }
         if f & flags::ID != 0 {

@@ -217,17 +217,30 @@ impl Node {
     /// The child for `key`. Children are kept sorted: a binary search for wide nodes (W1 has
     /// 1500 fields at the top), a scan for the usual handful, which is cheaper.
     pub(crate) fn child(&self, key: &str) -> Option<&Node> {
-        if self.children.len() <= 8 {
-            return self
-                .children
-                .iter()
-                .find(|(k, _)| k.len() == key.len() && k == key)
-                .map(|(_, n)| n);
+        let mut from_start = usize::MAX; // no hint
+        self.child_after(key, &mut from_start)
+    }
+
+    /// [`Node::child`] for the elements of one document in turn: `next` is where the search
+    /// starts, and is moved past each match. Documents tend to hold their fields in the order
+    /// of the schema's (sorted) names — always when written from the same code — so that a
+    /// match usually costs one comparison instead of a search.
+    pub(crate) fn child_after(&self, key: &str, next: &mut usize) -> Option<&Node> {
+        if let Some((k, n)) = self.children.get(*next) {
+            if k == key {
+                *next += 1;
+                return Some(n);
+            }
         }
-        self.children
-            .binary_search_by(|(k, _)| k.as_str().cmp(key))
-            .ok()
-            .map(|i| &self.children[i].1)
+        let i = if self.children.len() <= 8 {
+            self.children.iter().position(|(k, _)| k == key)
+        } else {
+            self.children
+                .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .ok()
+        }?;
+        *next = i + 1;
+        Some(&self.children[i].1)
     }
 }
 

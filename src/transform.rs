@@ -8,6 +8,7 @@
 //! Encryption needs the schema (which fields, how); decryption needs only the keyring: it finds
 //! every envelope anywhere in a document and looks its key up by the id in its header.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
@@ -540,8 +541,30 @@ struct Walker<'c> {
     primaries: Vec<Arc<Key>>,
 }
 
+/// A walk's buffers, kept per thread between walks so that a document costs no allocation
+/// beyond its output. They hold field paths and associated data (both stored in the clear
+/// beside the ciphertexts), never keys or plaintext: a walk's keys are dropped when it ends.
+#[derive(Default)]
+struct Scratch {
+    path: String,
+    ad: Vec<u8>,
+    primaries: Vec<Arc<Key>>,
+}
+
+thread_local! {
+    static SCRATCH: Cell<Option<Scratch>> = const { Cell::new(None) };
+}
+
 impl<'c> Walker<'c> {
     fn new(cryptor: &'c Cryptor, ctx: &'c Context) -> Self {
+        // A walk inside a walk on the same thread finds no scratch and allocates its own.
+        let Scratch {
+            mut path,
+            mut ad,
+            primaries,
+        } = SCRATCH.with(Cell::take).unwrap_or_default();
+        path.clear();
+        ad.clear();
         Walker {
             cryptor,
             ctx,
@@ -550,10 +573,10 @@ impl<'c> Walker<'c> {
             owner_required: false,
             unresolved: None,
             depth: 0,
-            path: String::with_capacity(64),
-            ad: Vec::with_capacity(128),
+            path,
+            ad,
             last_key: None,
-            primaries: Vec::new(),
+            primaries,
         }
     }
 
@@ -575,15 +598,18 @@ impl<'c> Walker<'c> {
         Ok(k)
     }
 
-    fn key_by_id(&mut self, id: KeyId) -> Result<Arc<Key>> {
-        match &self.last_key {
-            Some(k) if k.id() == id => Ok(k.clone()),
-            _ => {
-                let k = self.cryptor.keyring.key(&id)?;
-                self.last_key = Some(k.clone());
-                Ok(k)
-            }
+    /// The key `id`, through a one-entry cache (documents mostly use one key). A function of
+    /// two fields rather than a method, so that the key can be borrowed beside the walk's
+    /// other fields.
+    fn key_by_id<'k>(
+        last: &'k mut Option<Arc<Key>>,
+        keyring: &dyn Keyring,
+        id: KeyId,
+    ) -> Result<&'k Key> {
+        if last.as_ref().is_none_or(|k| k.id() != id) {
+            *last = Some(keyring.key(&id)?);
         }
+        last.as_deref().ok_or(Error::UnknownKey(id))
     }
 
     // ---- encryption ----
@@ -597,12 +623,13 @@ impl<'c> Walker<'c> {
     ) -> Result<()> {
         self.enter()?;
         let regenerated = self.regenerated_indexes(doc, node)?;
+        let mut next_child = 0;
         for e in rawbson::elements(doc) {
             let e = e?;
             if regenerated.contains(&e.key) {
                 continue; // replaced by a freshly computed index below
             }
-            let Some(child) = node.child(e.key) else {
+            let Some(child) = node.child_after(e.key, &mut next_child) else {
                 if let Some(dot) = e.key.find('.') {
                     if node.child(&e.key[..dot]).is_some() {
                         // MongoDB stores `{"a.b": v}` under the literal name "a.b"; left
@@ -807,7 +834,7 @@ impl<'c> Walker<'c> {
     fn open(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
         self.check_minimum_bindings(&env)?;
-        let key = self.key_by_id(env.key_id)?;
+        let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
         if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
             if let Some((doc, owner_field)) = self.unresolved.take() {
                 self.id = rawbson::find(doc, "_id")?.map(|e| e.raw_value());
@@ -824,7 +851,7 @@ impl<'c> Walker<'c> {
         };
         let type_at = out.len();
         rawbson::put_key(out, 0, name);
-        match env.open_into(&key, &binding, &mut self.ad, out) {
+        match env.open_into(key, &binding, &mut self.ad, out) {
             Ok(t) => {
                 out[type_at] = t;
                 Ok(())
@@ -834,6 +861,18 @@ impl<'c> Walker<'c> {
                 Err(err)
             }
         }
+    }
+}
+
+impl Drop for Walker<'_> {
+    fn drop(&mut self) {
+        self.primaries.clear();
+        let scratch = Scratch {
+            path: std::mem::take(&mut self.path),
+            ad: std::mem::take(&mut self.ad),
+            primaries: std::mem::take(&mut self.primaries),
+        };
+        SCRATCH.with(|c| c.set(Some(scratch)));
     }
 }
 
@@ -874,7 +913,7 @@ impl Walker<'_> {
     /// Decrypts a MongoDB CSFLE (FLE1) value with a 96-byte CSFLE key from the same keyring.
     fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = csfle::parse_payload(payload)?;
-        let key = self.key_by_id(p.key_id)?;
+        let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, p.key_id)?;
         let cipher = key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
             id: p.key_id,
             reason: "not a 96-byte CSFLE data key",
