@@ -83,9 +83,31 @@ impl KeyArgs {
     }
 }
 
+/// Every client the command made, shut down by [`shutdown_clients`] before the runtime stops.
+static CLIENTS: std::sync::Mutex<Vec<Client>> = std::sync::Mutex::new(Vec::new());
+
 /// Connects to a cluster.
 pub(crate) async fn connect(uri: &str) -> Result<Client> {
-    Ok(Client::with_uri_str(uri).await?)
+    let client = Client::with_uri_str(uri).await?;
+    CLIENTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(client.clone());
+    Ok(client)
+}
+
+/// Shuts down the clients [`connect`] made, on the runtime that still runs them. Left to their
+/// `Drop`, the driver ends their sessions in a task spawned while the runtime shuts down, which
+/// can find the connection pool gone and print a panic on stderr after a successful command.
+pub(crate) async fn shutdown_clients() {
+    let clients = std::mem::take(
+        &mut *CLIENTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for client in clients {
+        client.shutdown().immediate(true).await;
+    }
 }
 
 /// Keys for reading and writing documents.

@@ -96,7 +96,7 @@ fn run_async(command: Command) -> fieldcrypt::Result<Exit> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        match command {
+        let result = match command {
             Command::Keys(c) => keys::run(c).await,
             Command::Encrypt(a) => encrypt::run(a).await,
             Command::Decrypt(a) => decrypt::run(a).await,
@@ -107,6 +107,8 @@ fn run_async(command: Command) -> fieldcrypt::Result<Exit> {
             Command::Audit(a) => audit::run(a).await,
             Command::Validator(a) => validator::run(a).await,
             Command::Bench(_) => Ok(Exit::Ok), // handled before the runtime starts
-        }
+        };
+        keysource::shutdown_clients().await;
+        result
     })
 }
