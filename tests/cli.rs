@@ -1730,3 +1730,139 @@ async fn namespace_bindings_are_consistent_across_commands() {
     assert!(o.stdout.contains("rewrote 5"), "{}", o.stdout);
     client.database(&db).drop().await.unwrap();
 }
+
+// ---- bench ----
+
+fn json_of(out: &Out) -> serde_json::Value {
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+fn positive(v: &serde_json::Value) -> bool {
+    v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite())
+}
+
+#[test]
+fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
+    let dir = workdir();
+    let fixed = [
+        "--documents",
+        "3",
+        "--trials",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+    ];
+    let w1 = json_of(&run(
+        dir.path(),
+        &[&["bench", "w1", "--format", "csfle"][..], &fixed].concat(),
+        None,
+        &[],
+    ));
+    assert_eq!(w1["workload"], "W1");
+    assert_eq!(w1["values_per_document"], 1500);
+    let rows = w1["results"].as_array().unwrap();
+    for kind in ["fieldcrypt", "baseline"] {
+        let row = rows.iter().find(|r| r["kind"] == kind).unwrap();
+        assert!(positive(&row["documents_per_second"]["median"]), "{row}");
+        assert_eq!(row["trials"].as_array().unwrap().len(), 2);
+    }
+    let ratios = w1["ratios"].as_object().unwrap();
+    assert!(
+        !ratios.is_empty() && ratios.values().all(positive),
+        "{ratios:?}"
+    );
+
+    let w2 = json_of(&run(
+        dir.path(),
+        &[
+            &["bench", "w2", "--docs", "50", "--path", "all"][..],
+            &fixed,
+        ]
+        .concat(),
+        None,
+        &[],
+    ));
+    let names: Vec<&str> = w2["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for want in [
+        "encrypt_raw",
+        "decrypt_raw",
+        "encrypt_owned",
+        "decrypt_owned",
+    ] {
+        assert!(names.iter().any(|n| n.contains(want)), "{names:?}");
+    }
+
+    // Contradictory options are refused with a message, not measured.
+    let bad = run(
+        dir.path(),
+        &["bench", "w1", "--format", "csfle", "--suite", "AES-256-GCM"],
+        None,
+        &[],
+    );
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("--suite"), "{}", bad.stderr);
+}
+
+#[test]
+fn bench_w4_rotates_a_collection_and_reports_copy_ratios_and_peak_memory() {
+    let dir = workdir();
+    let uri = server_uri();
+    let out = json_of(&run(
+        dir.path(),
+        &[
+            "bench",
+            "w4",
+            "--uri",
+            &uri,
+            "--documents",
+            "40,120",
+            "--batch-size",
+            "25",
+            "--trials",
+            "1",
+            "--json",
+        ],
+        None,
+        &[],
+    ));
+    assert_eq!(out["workload"], "W4");
+    let results = out["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, n) in results.iter().zip([40, 120]) {
+        assert_eq!(r["documents"], n);
+        for pass in ["copy", "rewrite", "rotate"] {
+            let p = &r["passes"][pass];
+            assert!(positive(&p["seconds"]["median"]), "{pass}: {p}");
+            assert!(
+                positive(&p["documents_per_second"]["median"]),
+                "{pass}: {p}"
+            );
+            // Linux: the peak resident set is measured for every pass.
+            assert!(
+                p["peak_rss_kib"].as_u64().is_some_and(|k| k > 0),
+                "{pass}: {p}"
+            );
+        }
+        assert!(positive(&r["ratios"]["rotate_over_copy"]["median"]));
+        assert!(positive(&r["ratios"]["rotate_over_rewrite"]["median"]));
+    }
+    // The scratch database is gone.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let names = rt.block_on(async {
+        let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+        let names = client.list_database_names().await.unwrap();
+        client.shutdown().immediate(true).await;
+        names
+    });
+    assert!(
+        !names.iter().any(|n| n.starts_with("fieldcrypt_bench_w4")),
+        "{names:?}"
+    );
+}

@@ -1,4 +1,4 @@
-//! `fieldcrypt bench`: the W1 and W2 workloads of docs/BENCHMARKS.md on the user's own hardware.
+//! `fieldcrypt bench`: the W1, W2 and W4 workloads of docs/BENCHMARKS.md on the user's own hardware.
 //!
 //! Every trial runs fieldcrypt and then its baseline — the bare AEAD calls on the same number of
 //! values of the same sizes — for the same time, so each ratio compares two numbers measured
@@ -8,6 +8,8 @@
 //! The baselines call the AEAD crates fieldcrypt itself is built on (`aes-gcm`,
 //! `chacha20poly1305`, `aes-siv`, `cbc` + `hmac`/`sha2` for CSFLE): there is no other way to
 //! time the bare cipher.
+
+mod rotation;
 
 use std::hint::black_box;
 use std::sync::Barrier;
@@ -61,6 +63,9 @@ enum BenchWorkload {
         #[command(flatten)]
         run: RunOpts,
     },
+    /// W4 rotation: re-encrypting a collection on a server (a new primary key, then the rotation
+    /// engine) against a plain copy of it and a plain in-place rewrite, with peak memory.
+    W4(rotation::W4Args),
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +139,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), Error> {
             path,
             run,
         } => w2(*suite, *docs, *path, run)?,
+        BenchWorkload::W4(w4) => return rotation::run(w4),
     };
     let json = args.json();
     if json {
@@ -152,6 +158,7 @@ impl BenchArgs {
     fn json(&self) -> bool {
         match &self.workload {
             BenchWorkload::W1 { run, .. } | BenchWorkload::W2 { run, .. } => run.json,
+            BenchWorkload::W4(w4) => w4.json,
         }
     }
 }
