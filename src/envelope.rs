@@ -258,6 +258,18 @@ pub(crate) struct SealParams {
     pub pad_to: Option<u32>,
 }
 
+/// The secret of a primary fieldcrypt key.
+pub(crate) fn encrypting_secret(key: &Key) -> Result<&crate::key::KeySecret> {
+    let secret = key.for_encrypt()?;
+    if secret.kind() != crate::key::KeyKind::Fieldcrypt {
+        return Err(Error::KeyMisuse {
+            id: key.id(),
+            reason: "not a fieldcrypt key",
+        });
+    }
+    Ok(secret)
+}
+
 /// Encrypts `value` under `key` and appends the envelope bytes to `out`.
 pub(crate) fn seal_into(
     key: &Key,
@@ -267,15 +279,8 @@ pub(crate) fn seal_into(
     ad: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let secret = key.for_encrypt()?;
-    if secret.kind() != crate::key::KeyKind::Fieldcrypt {
-        return Err(Error::KeyMisuse {
-            id: key.id(),
-            reason: "not a fieldcrypt key",
-        });
-    }
-    let suite = params.suite;
-    if let Some(limit) = suite.usage_limit() {
+    let secret = encrypting_secret(key)?;
+    if let Some(limit) = params.suite.usage_limit() {
         secret
             .reserve(1, limit)
             .map_err(|limit| Error::KeyUsageLimit {
@@ -283,6 +288,21 @@ pub(crate) fn seal_into(
                 limit,
             })?;
     }
+    seal_reserved_into(key, params, value, binding, ad, out)
+}
+
+/// [`seal_into`] for a caller that has already counted this encryption against the key's usage
+/// limit (a document walk reserves for all its values at once).
+pub(crate) fn seal_reserved_into(
+    key: &Key,
+    params: SealParams,
+    value: RawValue<'_>,
+    binding: &Binding<'_>,
+    ad: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let secret = encrypting_secret(key)?;
+    let suite = params.suite;
     let mut fl = binding.flags();
     if params.pad_to.is_some() {
         fl |= flags::PADDED;

@@ -238,6 +238,14 @@ impl Key {
             .ok_or(Error::KeyDestroyed(self.id))
     }
 
+    /// Gives back `n` random-nonce encryptions reserved on this key's secret and not made
+    /// (whatever the key's state now: the count belongs to the secret).
+    pub(crate) fn release_reserved(&self, n: u64) {
+        if let Some(s) = &self.secret {
+            s.release(n);
+        }
+    }
+
     /// The secret for decryption: the single place where state rules for reading are enforced.
     pub(crate) fn for_decrypt(&self) -> Result<&KeySecret> {
         match self.state {

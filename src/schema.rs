@@ -253,6 +253,9 @@ pub struct Schema {
     needs_id: bool,
     /// Each rule's blind-index field name, computed once (the transform needs it per document).
     blind_index_names: Vec<Option<String>>,
+    /// Per key alias, how many fields it encrypts with a random-nonce suite: what a document
+    /// walk reserves against the key's usage limit at once.
+    random_nonce_fields: Vec<(String, u64)>,
 }
 
 /// Builds a [`Schema`].
@@ -341,8 +344,19 @@ impl SchemaBuilder {
         }
         let needs_id = rules.iter().any(|r| r.field.bind_id);
         let blind_index_names = rules.iter().map(FieldRule::blind_index_name).collect();
+        let mut random_nonce_fields: Vec<(String, u64)> = Vec::new();
+        for enc in rules.iter().filter_map(|r| r.field.encrypt.as_ref()) {
+            if enc.suite.usage_limit().is_none() {
+                continue;
+            }
+            match random_nonce_fields.iter_mut().find(|(a, _)| *a == enc.key) {
+                Some((_, n)) => *n += 1,
+                None => random_nonce_fields.push((enc.key.clone(), 1)),
+            }
+        }
         Ok(Schema {
             blind_index_names,
+            random_nonce_fields,
             rules,
             owner_field: self.owner_field,
             tree,
@@ -500,6 +514,14 @@ impl Schema {
     /// The blind-index field name of rule `i` (an index into [`Schema::rules`]).
     pub(crate) fn blind_index_name_of(&self, i: usize) -> Option<&str> {
         self.blind_index_names.get(i).and_then(Option::as_deref)
+    }
+
+    /// How many fields `alias` encrypts with a random-nonce suite (at least 1).
+    pub(crate) fn random_nonce_fields(&self, alias: &str) -> u64 {
+        self.random_nonce_fields
+            .iter()
+            .find(|(a, _)| a == alias)
+            .map_or(1, |(_, n)| (*n).max(1))
     }
 
     pub(crate) fn tree(&self) -> &Node {

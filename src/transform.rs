@@ -538,7 +538,7 @@ struct Walker<'c> {
     /// Current nesting depth.
     depth: u32,
     /// Primary keys by alias, looked up once per document (aliases are few).
-    primaries: Vec<Arc<Key>>,
+    primaries: Vec<Primary>,
 }
 
 /// A walk's buffers, kept per thread between walks so that a document costs no allocation
@@ -548,7 +548,17 @@ struct Walker<'c> {
 struct Scratch {
     path: String,
     ad: Vec<u8>,
-    primaries: Vec<Arc<Key>>,
+    primaries: Vec<Primary>,
+}
+
+/// A primary key a walk encrypts with, and how many random-nonce encryptions it has reserved
+/// on the key's usage counter and not made yet. Reserving for all of a document's fields at
+/// once, and giving back what is left when the walk ends, makes one atomic update of the
+/// (shared) counter per document instead of one per value; the count is exact again when the
+/// walk ends, and never below the encryptions made.
+struct Primary {
+    key: Arc<Key>,
+    reserved: u64,
 }
 
 thread_local! {
@@ -589,13 +599,38 @@ impl<'c> Walker<'c> {
         len
     }
 
-    fn primary(&mut self, alias: &str) -> Result<Arc<Key>> {
-        if let Some(k) = self.primaries.iter().find(|k| k.alias() == alias) {
-            return Ok(k.clone());
+    /// The index in `self.primaries` of `alias`'s primary key.
+    fn primary(&mut self, alias: &str) -> Result<usize> {
+        if let Some(i) = self.primaries.iter().position(|p| p.key.alias() == alias) {
+            return Ok(i);
         }
-        let k = self.cryptor.keyring.primary(alias)?;
-        self.primaries.push(k.clone());
-        Ok(k)
+        let key = self.cryptor.keyring.primary(alias)?;
+        self.primaries.push(Primary { key, reserved: 0 });
+        Ok(self.primaries.len() - 1)
+    }
+
+    /// Counts one random-nonce encryption with primary `i` against `limit`, reserving for the
+    /// schema's fields under its alias when nothing is left (and for one alone when that many
+    /// would pass the limit).
+    fn reserve(&mut self, i: usize, limit: u64) -> Result<()> {
+        let p = &mut self.primaries[i];
+        if p.reserved == 0 {
+            let secret = envelope::encrypting_secret(&p.key)?;
+            let want = self.cryptor.schema.random_nonce_fields(p.key.alias());
+            p.reserved = if want > 1 && secret.reserve(want, limit).is_ok() {
+                want
+            } else {
+                secret
+                    .reserve(1, limit)
+                    .map_err(|limit| Error::KeyUsageLimit {
+                        key: p.key.id(),
+                        limit,
+                    })?;
+                1
+            };
+        }
+        p.reserved -= 1;
+        Ok(())
     }
 
     /// The key `id`, through a one-entry cache (documents mostly use one key). A function of
@@ -743,13 +778,13 @@ impl<'c> Walker<'c> {
                         out.extend_from_slice(item.raw);
                     } else {
                         rawbson::put_key(out, ty::BINARY, item.key);
-                        self.seal(&key, params, rule.field.bind_id, item.raw_value(), out)?;
+                        self.seal(key, params, rule.field.bind_id, item.raw_value(), out)?;
                     }
                 }
                 rawbson::end_doc(out, at)?;
             } else {
                 rawbson::put_key(out, ty::BINARY, e.key);
-                self.seal(&key, params, rule.field.bind_id, e.raw_value(), out)?;
+                self.seal(key, params, rule.field.bind_id, e.raw_value(), out)?;
             }
         }
         let name = self.cryptor.schema.blind_index_name_of(ri);
@@ -757,15 +792,17 @@ impl<'c> Walker<'c> {
             let key = self.primary(&bi.key)?;
             rawbson::put_key(out, ty::BINARY, name);
             let at = rawbson::begin_binary(out, BLIND_INDEX_SUBTYPE);
-            blind_index::compute_into(&key, &rule.normalized, e.raw_value(), bi.len(), out)?;
+            let key = &self.primaries[key].key;
+            blind_index::compute_into(key, &rule.normalized, e.raw_value(), bi.len(), out)?;
             rawbson::end_binary(out, at)?;
         }
         Ok(())
     }
 
+    /// Encrypts `value` with primary `key` (an index in `self.primaries`).
     fn seal(
         &mut self,
-        key: &Key,
+        key: usize,
         params: SealParams,
         bind_id: bool,
         value: RawValue<'_>,
@@ -776,6 +813,9 @@ impl<'c> Walker<'c> {
                 "the document has no value for the schema's owner field",
             ));
         }
+        if let Some(limit) = params.suite.usage_limit() {
+            self.reserve(key, limit)?;
+        }
         let binding = Binding {
             path: &self.path,
             namespace: self.ctx.namespace.as_deref(),
@@ -783,7 +823,8 @@ impl<'c> Walker<'c> {
             owner: self.owner,
         };
         let at = rawbson::begin_binary(out, ENVELOPE_SUBTYPE);
-        envelope::seal_into(key, params, value, &binding, &mut self.ad, out)?;
+        let key = &self.primaries[key].key;
+        envelope::seal_reserved_into(key, params, value, &binding, &mut self.ad, out)?;
         rawbson::end_binary(out, at)
     }
 
@@ -866,7 +907,11 @@ impl<'c> Walker<'c> {
 
 impl Drop for Walker<'_> {
     fn drop(&mut self) {
-        self.primaries.clear();
+        for p in self.primaries.drain(..) {
+            if p.reserved > 0 {
+                p.key.release_reserved(p.reserved);
+            }
+        }
         let scratch = Scratch {
             path: std::mem::take(&mut self.path),
             ad: std::mem::take(&mut self.ad),

@@ -314,6 +314,70 @@ fn fail_unknown_key_names_the_id() {
     assert!(err.to_string().contains(&id.to_string()));
 }
 
+/// A key whose usage counter starts at `used`, as primary of `pii`.
+fn worn_key(used: u64) -> (Arc<InMemoryKeyring>, KeyId) {
+    let keys = InMemoryKeyring::new();
+    let id = KeyId::random();
+    keys.insert(
+        Key::from_material(
+            id,
+            "pii",
+            KeyKind::Fieldcrypt,
+            KeyState::Primary,
+            KeyMaterial::generate(32),
+            used,
+        )
+        .unwrap(),
+    );
+    (Arc::new(keys), id)
+}
+
+#[test]
+fn usage_counts_are_exact_per_value_though_reserved_per_document() {
+    // Three random-nonce fields and a deterministic one under `pii`: a document walk reserves
+    // three encryptions at once and gives back those it did not make.
+    let schema = Schema::builder()
+        .field("x", Field::randomized("pii"))
+        .field("y", Field::randomized("pii"))
+        .field("z.$[]", Field::randomized("pii"))
+        .field("d", Field::deterministic("pii"))
+        .build()
+        .unwrap();
+    let (keys, id) = worn_key(0);
+    let c = Cryptor::new(keys.clone(), schema.clone());
+    let ctx = Context::none();
+    let used = || keys.key(&id).unwrap().encryptions();
+
+    c.encrypt_document(&doc! { "x": 1 }, &ctx).unwrap();
+    assert_eq!(used(), 1);
+    c.encrypt_document(&doc! { "d": 1 }, &ctx).unwrap();
+    assert_eq!(used(), 1, "deterministic values use no nonce");
+    // More values than fields (array elements): a second reservation within the document.
+    c.encrypt_document(&doc! { "x": 1, "y": 2, "z": [1, 2, 3, 4, 5] }, &ctx)
+        .unwrap();
+    assert_eq!(used(), 8);
+    // Many documents on all cores: still exact.
+    let docs: Vec<RawDocumentBuf> = (0..500)
+        .map(|i| RawDocumentBuf::from_document(&doc! { "x": i, "d": i, "n": i }).unwrap())
+        .collect();
+    assert!(c.encrypt_many(&docs, &ctx).iter().all(Result::is_ok));
+    assert_eq!(used(), 508);
+
+    // Near the limit a document gets what is left, one value at a time, and no more.
+    let (keys, id) = worn_key(fieldcrypt::RANDOM_NONCE_LIMIT - 2);
+    let c = Cryptor::new(keys.clone(), schema);
+    let used = || keys.key(&id).unwrap().encryptions();
+    c.encrypt_document(&doc! { "x": 1 }, &ctx).unwrap();
+    assert_eq!(used(), fieldcrypt::RANDOM_NONCE_LIMIT - 1);
+    let err = c
+        .encrypt_document(&doc! { "x": 1, "y": 2 }, &ctx)
+        .unwrap_err();
+    assert!(matches!(err, Error::KeyUsageLimit { .. }), "{err:?}");
+    assert_eq!(used(), fieldcrypt::RANDOM_NONCE_LIMIT);
+    assert!(c.encrypt_document(&doc! { "d": 1 }, &ctx).is_ok());
+    assert_eq!(used(), fieldcrypt::RANDOM_NONCE_LIMIT);
+}
+
 #[test]
 fn fail_usage_limit_asks_for_rotation() {
     let keys = InMemoryKeyring::new();

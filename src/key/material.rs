@@ -127,4 +127,9 @@ impl KeySecret {
             .map(|_| ())
             .map_err(|_| limit)
     }
+
+    /// Gives back `n` encryptions reserved with [`KeySecret::reserve`] and not made.
+    pub(crate) fn release(&self, n: u64) {
+        self.encryptions.fetch_sub(n, Ordering::Relaxed);
+    }
 }
