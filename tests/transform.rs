@@ -380,20 +380,7 @@ fn usage_counts_are_exact_per_value_though_reserved_per_document() {
 
 #[test]
 fn fail_usage_limit_asks_for_rotation() {
-    let keys = InMemoryKeyring::new();
-    let id = KeyId::random();
-    keys.insert(
-        Key::from_material(
-            id,
-            "pii",
-            KeyKind::Fieldcrypt,
-            KeyState::Primary,
-            KeyMaterial::generate(32),
-            fieldcrypt::RANDOM_NONCE_LIMIT - 1,
-        )
-        .unwrap(),
-    );
-    let keys = Arc::new(keys);
+    let (keys, id) = worn_key(fieldcrypt::RANDOM_NONCE_LIMIT - 1);
     let schema = Schema::builder()
         .field("x", Field::randomized("pii"))
         .build()
