@@ -554,8 +554,10 @@ struct Scratch {
 /// A primary key a walk encrypts with, and how many random-nonce encryptions it has reserved
 /// on the key's usage counter and not made yet. Reserving for all of a document's fields at
 /// once, and giving back what is left when the walk ends, makes one atomic update of the
-/// (shared) counter per document instead of one per value; the count is exact again when the
-/// walk ends, and never below the encryptions made.
+/// (shared) counter per document instead of one per value. The counter is never below the
+/// encryptions made and is exact again when the walk ends; a copy of it taken while walks run
+/// (a key vault's saved floor) may count their reservations too, which only errs on the safe
+/// side.
 struct Primary {
     key: Arc<Key>,
     reserved: u64,
@@ -572,7 +574,11 @@ impl<'c> Walker<'c> {
             mut path,
             mut ad,
             primaries,
-        } = SCRATCH.with(Cell::take).unwrap_or_default();
+        } = SCRATCH
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         path.clear();
         ad.clear();
         Walker {
@@ -610,24 +616,20 @@ impl<'c> Walker<'c> {
     }
 
     /// Counts one random-nonce encryption with primary `i` against `limit`, reserving for the
-    /// schema's fields under its alias when nothing is left (and for one alone when that many
-    /// would pass the limit).
+    /// schema's fields under its alias when nothing is left (or for as many as the limit still
+    /// allows).
     fn reserve(&mut self, i: usize, limit: u64) -> Result<()> {
         let p = &mut self.primaries[i];
         if p.reserved == 0 {
             let secret = envelope::encrypting_secret(&p.key)?;
             let want = self.cryptor.schema.random_nonce_fields(p.key.alias());
-            p.reserved = if want > 1 && secret.reserve(want, limit).is_ok() {
-                want
-            } else {
+            p.reserved =
                 secret
-                    .reserve(1, limit)
+                    .reserve_up_to(want, limit)
                     .map_err(|limit| Error::KeyUsageLimit {
                         key: p.key.id(),
                         limit,
                     })?;
-                1
-            };
         }
         p.reserved -= 1;
         Ok(())
@@ -917,7 +919,8 @@ impl Drop for Walker<'_> {
             ad: std::mem::take(&mut self.ad),
             primaries: std::mem::take(&mut self.primaries),
         };
-        SCRATCH.with(|c| c.set(Some(scratch)));
+        // Not during thread teardown, when the thread-local may already be gone.
+        let _ = SCRATCH.try_with(|c| c.set(Some(scratch)));
     }
 }
 

@@ -1,7 +1,7 @@
 //! Secret key material and the per-key state built from it.
 
 use core::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use rand::RngCore;
@@ -76,6 +76,10 @@ pub(crate) struct KeySecret {
     material: KeyMaterial,
     kind: KeyKind,
     encryptions: AtomicU64,
+    /// Set when the key may make no more random-nonce encryptions anywhere (the key vault said
+    /// its budget is spent): refuses every reservation, whatever the counter says after walks
+    /// give back what they reserved.
+    exhausted: AtomicBool,
     suites: SuiteKeys,
     csfle: OnceLock<Option<CsfleKey>>,
 }
@@ -86,6 +90,7 @@ impl KeySecret {
             material,
             kind,
             encryptions: AtomicU64::new(encryptions),
+            exhausted: AtomicBool::new(false),
             suites: SuiteKeys::default(),
             csfle: OnceLock::new(),
         }
@@ -120,6 +125,9 @@ impl KeySecret {
     /// Counts `n` random-nonce encryptions against `limit`, refusing (and not counting) when
     /// they would exceed it.
     pub(crate) fn reserve(&self, n: u64, limit: u64) -> Result<(), u64> {
+        if self.exhausted.load(Ordering::Acquire) {
+            return Err(limit);
+        }
         self.encryptions
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
                 c.checked_add(n).filter(|&next| next <= limit)
@@ -128,8 +136,66 @@ impl KeySecret {
             .map_err(|_| limit)
     }
 
-    /// Gives back `n` encryptions reserved with [`KeySecret::reserve`] and not made.
+    /// Counts up to `n` (at least 1) random-nonce encryptions against `limit`: as many as are
+    /// left, refusing only when none is.
+    pub(crate) fn reserve_up_to(&self, n: u64, limit: u64) -> Result<u64, u64> {
+        if self.exhausted.load(Ordering::Acquire) {
+            return Err(limit);
+        }
+        let n = n.max(1);
+        self.encryptions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c < limit).then(|| c + n.min(limit - c))
+            })
+            .map(|c| n.min(limit - c))
+            .map_err(|_| limit)
+    }
+
+    /// Gives back `n` encryptions reserved with [`KeySecret::reserve_up_to`] and not made.
+    /// After [`KeySecret::exhaust`] the count stays where it is.
     pub(crate) fn release(&self, n: u64) {
-        self.encryptions.fetch_sub(n, Ordering::Relaxed);
+        if !self.exhausted.load(Ordering::Acquire) {
+            self.encryptions.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// No more random-nonce encryptions with this key, in this process, for good: the counter
+    /// goes to `limit` and reservations are refused even if walks in flight give back theirs.
+    pub(crate) fn exhaust(&self, limit: u64) {
+        self.exhausted.store(true, Ordering::Release);
+        self.encryptions.fetch_max(limit, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(used: u64) -> KeySecret {
+        KeySecret::new(KeyMaterial::generate(32), KeyKind::Fieldcrypt, used)
+    }
+
+    #[test]
+    fn reserve_up_to_grants_what_is_left_and_release_gives_it_back() {
+        let s = secret(95);
+        assert_eq!(s.reserve_up_to(3, 100), Ok(3));
+        assert_eq!(s.encryptions(), 98);
+        assert_eq!(s.reserve_up_to(3, 100), Ok(2), "only two left");
+        assert_eq!(s.reserve_up_to(3, 100), Err(100));
+        assert_eq!(s.reserve(1, 100), Err(100));
+        s.release(2);
+        assert_eq!(s.encryptions(), 98);
+        assert_eq!(s.reserve_up_to(0, 100), Ok(1), "asks for at least one");
+    }
+
+    #[test]
+    fn exhausted_stays_exhausted_when_reservations_are_given_back() {
+        let s = secret(10);
+        assert_eq!(s.reserve_up_to(8, 100), Ok(8)); // a walk in flight
+        s.exhaust(100); // the key vault says the budget is spent
+        s.release(8); // the walk ends
+        assert!(s.encryptions() >= 100);
+        assert_eq!(s.reserve(1, 100), Err(100));
+        assert_eq!(s.reserve_up_to(1, 100), Err(100));
     }
 }

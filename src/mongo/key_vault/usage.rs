@@ -188,12 +188,7 @@ pub(super) async fn ensure_lease(
             // Nothing more may be encrypted with this key anywhere: use up the in-memory budget
             // so the core refuses with `KeyUsageLimit` (rotate the alias).
             if let Ok(secret) = key.for_encrypt() {
-                while secret.encryptions() < RANDOM_NONCE_LIMIT {
-                    let rest = RANDOM_NONCE_LIMIT - secret.encryptions();
-                    if secret.reserve(rest, RANDOM_NONCE_LIMIT).is_ok() {
-                        break;
-                    }
-                }
+                secret.exhaust(RANDOM_NONCE_LIMIT);
             }
             tracing::warn!(key = %key.id(), "key has used up its random-nonce encryptions; rotate its alias");
         }
