@@ -1845,8 +1845,10 @@ fn bench_w4_rotates_a_collection_and_reports_copy_ratios_and_peak_memory() {
                 "{pass}: {p}"
             );
             // Linux: the peak resident set is measured for every pass.
+            let peak = p["peak_rss_kib"].as_u64().unwrap();
+            assert!(peak > 0, "{pass}: {p}");
             assert!(
-                p["peak_rss_kib"].as_u64().is_some_and(|k| k > 0),
+                p["peak_growth_kib"].as_u64().unwrap() <= peak,
                 "{pass}: {p}"
             );
         }

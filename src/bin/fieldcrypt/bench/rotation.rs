@@ -15,7 +15,12 @@
 //!
 //! Phases run back to back in each trial (in reverse order every other trial), so their ratios
 //! compare passes taken under the same load. Peak memory is the process's peak resident set
-//! (`VmHWM`, reset through `/proc/self/clear_refs` before each phase; Linux only).
+//! (`VmHWM`, reset through `/proc/self/clear_refs` before each phase; Linux only), reported with
+//! what the pass added to the resident set it started from: the allocator keeps memory that
+//! earlier passes freed, so a peak alone includes them.
+//!
+//! The scratch database is dropped at the end and on errors; an interrupted run (Ctrl-C) leaves
+//! it behind (`fieldcrypt_bench_w4_*`, synthetic data only).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,10 +64,18 @@ pub(super) struct W4Args {
 /// The three passes, in their order within an even trial.
 const PHASES: [&str; 3] = ["copy", "rewrite", "rotate"];
 
-/// One pass: how long it took and the peak resident memory while it ran.
+/// One pass: how long it took, and the resident memory when it started and at its peak.
 struct Pass {
     seconds: f64,
+    start_rss_kib: Option<u64>,
     peak_rss_kib: Option<u64>,
+}
+
+impl Pass {
+    /// What the pass added to the resident set it started with, at its peak.
+    fn growth_kib(&self) -> Option<u64> {
+        Some(self.peak_rss_kib?.saturating_sub(self.start_rss_kib?))
+    }
 }
 
 /// Runs W4 and prints its results.
@@ -140,7 +153,11 @@ async fn measure_sizes(db: &Database, args: &W4Args) -> Result<Vec<Value>, Error
             let mut this: [f64; 3] = [0.0; 3];
             for phase in order {
                 let pass = match phase {
-                    0 => timed(copy(db, &src, batch, n)).await?,
+                    0 => {
+                        let pass = timed(copy(db, &src, batch, n)).await?;
+                        check_copy(db, n).await?;
+                        pass
+                    }
                     1 => timed(rewrite(db, &src, batch, n)).await?,
                     _ => timed(rotate(db, &keys, &schema, &src, args.batch_size, n)).await?,
                 };
@@ -162,13 +179,16 @@ fn size_result(n: u32, passes: &[Vec<Pass>; 3], ratios: &[Vec<f64>; 2]) -> Value
         .map(|(name, p)| {
             let secs: Vec<f64> = p.iter().map(|p| p.seconds).collect();
             let rate: Vec<f64> = secs.iter().map(|s| f64::from(n) / s).collect();
+            // The worst trial: a bound is about the largest.
             let peak = p.iter().filter_map(|p| p.peak_rss_kib).max();
+            let growth = p.iter().filter_map(Pass::growth_kib).max();
             (
                 (*name).to_string(),
                 json!({
                     "seconds": stats(secs.clone()).to_json_precise(),
                     "documents_per_second": stats(rate).to_json(),
                     "peak_rss_kib": peak,
+                    "peak_growth_kib": growth,
                     "trials_seconds": secs.iter().map(|&s| round_ms(s)).collect::<Vec<_>>(),
                 }),
             )
@@ -205,25 +225,27 @@ fn print(args: &W4Args, results: &[Value]) {
          Medians across trials; ratios are medians of per-trial ratios.\n"
     );
     println!(
-        "{:>10} {:<8} {:>10} {:>12} {:>14}",
-        "documents", "pass", "seconds", "docs/s", "peak RSS MiB"
+        "{:>10} {:<8} {:>10} {:>12} {:>14} {:>14}",
+        "documents", "pass", "seconds", "docs/s", "peak RSS MiB", "growth MiB"
     );
     for r in results {
         let n = r["documents"].as_u64().unwrap_or(0);
         for name in PHASES {
             let p = &r["passes"][name];
-            let peak = p["peak_rss_kib"]
-                .as_u64()
-                .map_or_else(|| "-".to_string(), |k| format!("{:.1}", kib_to_mib(k)));
+            let mib = |v: &Value| {
+                v.as_u64()
+                    .map_or_else(|| "-".to_string(), |k| format!("{:.1}", kib_to_mib(k)))
+            };
             println!(
-                "{:>10} {:<8} {:>10.3} {:>12.0} {:>14}",
+                "{:>10} {:<8} {:>10.3} {:>12.0} {:>14} {:>14}",
                 n,
                 name,
                 p["seconds"]["median"].as_f64().unwrap_or(f64::NAN),
                 p["documents_per_second"]["median"]
                     .as_f64()
                     .unwrap_or(f64::NAN),
-                peak
+                mib(&p["peak_rss_kib"]),
+                mib(&p["peak_growth_kib"]),
             );
         }
         println!(
@@ -273,12 +295,14 @@ async fn load(
 
 async fn timed<F: std::future::Future<Output = Result<(), Error>>>(f: F) -> Result<Pass, Error> {
     let measured = reset_peak_memory();
+    let start_rss_kib = status_kib("VmRSS");
     let start = Instant::now();
     f.await?;
     let seconds = start.elapsed().as_secs_f64();
     let peak_rss_kib = if measured { status_kib("VmHWM") } else { None };
     Ok(Pass {
         seconds,
+        start_rss_kib,
         peak_rss_kib,
     })
 }
@@ -330,7 +354,12 @@ async fn copy(
         }
     })
     .await?;
-    check_count("copy", seen, n)?;
+    check_count("copy", seen, n)
+}
+
+/// After the timed copy: every document arrived; the copy goes.
+async fn check_copy(db: &Database, n: u32) -> Result<(), Error> {
+    let dst = db.collection::<RawDocumentBuf>("users_copy");
     let copied = dst.count_documents(doc! {}).await?;
     dst.drop().await?;
     check_count("copy (documents in the new collection)", copied, n)
