@@ -1773,6 +1773,15 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
         !ratios.is_empty() && ratios.values().all(positive),
         "{ratios:?}"
     );
+    // The ratio is fieldcrypt's time per document over the bare calls': their rates inverted.
+    let rate = |kind: &str| {
+        rows.iter().find(|r| r["kind"] == kind).unwrap()["documents_per_second"]["median"]
+            .as_f64()
+            .unwrap()
+    };
+    let ratio = ratios["decrypt_raw_over_bare_aead"].as_f64().unwrap();
+    let want = rate("baseline") / rate("fieldcrypt");
+    assert!((ratio / want - 1.0).abs() < 0.01, "{ratio} vs {want}");
 
     let w2 = json_of(&run(
         dir.path(),
@@ -1852,8 +1861,17 @@ fn bench_w4_rotates_a_collection_and_reports_copy_ratios_and_peak_memory() {
                 "{pass}: {p}"
             );
         }
-        assert!(positive(&r["ratios"]["rotate_over_copy"]["median"]));
-        assert!(positive(&r["ratios"]["rotate_over_rewrite"]["median"]));
+        // One trial: each ratio is that trial's rotate time over the baseline's (rounded to ms).
+        let secs = |pass: &str| r["passes"][pass]["seconds"]["median"].as_f64().unwrap();
+        for (ratio, baseline) in [
+            ("rotate_over_copy", "copy"),
+            ("rotate_over_rewrite", "rewrite"),
+        ] {
+            let got = r["ratios"][ratio]["median"].as_f64().unwrap();
+            let want = secs("rotate") / secs(baseline);
+            assert!(positive(&r["ratios"][ratio]["median"]), "{ratio}");
+            assert!((got / want - 1.0).abs() < 0.15, "{ratio}: {got} vs {want}");
+        }
     }
     // The scratch database is gone.
     let rt = tokio::runtime::Runtime::new().unwrap();

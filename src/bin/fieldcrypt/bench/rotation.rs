@@ -189,7 +189,7 @@ fn size_result(n: u32, passes: &[Vec<Pass>; 3], ratios: &[Vec<f64>; 2]) -> Value
                     "documents_per_second": stats(rate).to_json(),
                     "peak_rss_kib": peak,
                     "peak_growth_kib": growth,
-                    "trials_seconds": secs.iter().map(|&s| round_ms(s)).collect::<Vec<_>>(),
+                    "trials_seconds": secs.iter().map(|&s| round6(s)).collect::<Vec<_>>(),
                 }),
             )
         })
@@ -204,13 +204,14 @@ fn size_result(n: u32, passes: &[Vec<Pass>; 3], ratios: &[Vec<f64>; 2]) -> Value
     })
 }
 
-fn round_ms(s: f64) -> f64 {
-    (s * 1000.0).round() / 1000.0
+/// Seconds and ratios to 6 decimals (microseconds): short passes on a fast server stay above 0.
+fn round6(s: f64) -> f64 {
+    (s * 1e6).round() / 1e6
 }
 
 impl Stats {
     fn to_json_precise(self) -> Value {
-        json!({ "median": round_ms(self.median), "min": round_ms(self.min), "max": round_ms(self.max) })
+        json!({ "median": round6(self.median), "min": round6(self.min), "max": round6(self.max) })
     }
 }
 
