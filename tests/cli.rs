@@ -215,8 +215,7 @@ const PEOPLE: &str = r#"{"_id": 1, "ssn": "123-45-6789", "profile": {"email": "a
 fn workdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("schema.toml"), SCHEMA).unwrap();
-    let ks = dir.path().join("keys.json");
-    InMemoryKeyring::new().save(&ks).unwrap();
+    // `keys create` starts the keyset file when there is none.
     for alias in ["pii", "idx"] {
         let o = run(
             dir.path(),
@@ -250,6 +249,43 @@ fn help_lists_commands_and_exit_codes() {
         &run(dir.path(), &["reencrypt", "--help"], None, &[]),
         dir.path(),
     );
+}
+
+#[test]
+fn keys_create_starts_a_keyset_file_and_nothing_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Only `create` makes a missing file; `rotate` and `list` say it is missing.
+    for args in [
+        &["keys", "rotate", "pii", "--keyset", "new.json"][..],
+        &["keys", "list", "--keyset", "new.json"][..],
+    ] {
+        let o = run(d, args, None, &[]);
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("new.json"), "{}", o.stderr);
+        assert!(!d.join("new.json").exists());
+    }
+    let o = run(
+        d,
+        &["keys", "create", "pii", "--keyset", "new.json"],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let ring = InMemoryKeyring::load(d.join("new.json")).unwrap();
+    assert_eq!(
+        ring.primary("pii").unwrap().id().to_string(),
+        o.stdout.trim()
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.join("new.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }
 
 #[test]

@@ -276,14 +276,40 @@ impl Drop for KeysetLock {
     }
 }
 
+/// Loads a keyset file; with `may_be_new`, a file that does not exist is an empty keyset.
+fn load_keyset(path: &Path, may_be_new: bool) -> Result<InMemoryKeyring> {
+    match InMemoryKeyring::load(path) {
+        Err(Error::Io(e)) if may_be_new && e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(InMemoryKeyring::new())
+        }
+        other => other.map_err(|e| in_file(path, e)),
+    }
+}
+
 /// Loads the keyset file under its lock, lets `change` modify it, and saves it (atomically)
 /// if `change` says it changed something, before the lock is released.
 pub(crate) fn with_keyset<T>(
     path: &Path,
     change: impl FnOnce(&InMemoryKeyring) -> Result<(T, bool)>,
 ) -> Result<T> {
+    change_keyset(path, false, change)
+}
+
+/// [`with_keyset`] for `keys create`: a file that does not exist yet starts empty.
+pub(crate) fn with_new_or_existing_keyset<T>(
+    path: &Path,
+    change: impl FnOnce(&InMemoryKeyring) -> Result<(T, bool)>,
+) -> Result<T> {
+    change_keyset(path, true, change)
+}
+
+fn change_keyset<T>(
+    path: &Path,
+    may_be_new: bool,
+    change: impl FnOnce(&InMemoryKeyring) -> Result<(T, bool)>,
+) -> Result<T> {
     let _lock = KeysetLock::acquire(path)?;
-    let fresh = InMemoryKeyring::load(path).map_err(|e| in_file(path, e))?;
+    let fresh = load_keyset(path, may_be_new)?;
     let (out, changed) = change(&fresh)?;
     if changed {
         fresh.save(path).map_err(|e| in_file(path, e))?;
@@ -322,9 +348,19 @@ impl Store {
     }
 
     pub(crate) async fn open(args: &KeyArgs) -> Result<Store> {
+        Self::open_keyset_or(args, false).await
+    }
+
+    /// [`Store::open`] for `keys create`, where a `--keyset` file that does not exist yet is an
+    /// empty keyset (created, owner-only, when the key is saved).
+    pub(crate) async fn open_creating(args: &KeyArgs) -> Result<Store> {
+        Self::open_keyset_or(args, true).await
+    }
+
+    async fn open_keyset_or(args: &KeyArgs, may_be_new: bool) -> Result<Store> {
         if let Some(f) = &args.keyset {
             return Ok(Store::Keyset {
-                ring: InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?,
+                ring: load_keyset(f, may_be_new)?,
                 file: Some(f.clone()),
             });
         }
