@@ -18,7 +18,8 @@ use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::event::command::CommandEvent;
 use mongodb::event::EventHandler;
 use mongodb::options::{
-    ClientOptions, Collation, FindOneAndUpdateOptions, FindOptions, ReturnDocument,
+    ClientOptions, Collation, FindOneAndDeleteOptions, FindOneAndReplaceOptions,
+    FindOneAndUpdateOptions, FindOptions, ReturnDocument,
 };
 use mongodb::{Client, Database};
 use serde::{Deserialize, Serialize};
@@ -422,6 +423,91 @@ async fn updates_encrypt_what_they_write() {
         "every remaining document got the tag above"
     );
     assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 0);
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn find_one_and_replace_and_delete_encrypt_what_they_write_and_decrypt_what_they_return() {
+    let (db, _ring, coll, sent) = setup("coll_foa").await;
+    coll.insert_many((1..=4).map(patient)).await.unwrap();
+    let raw = db.collection::<Document>("patients");
+
+    // Replaced through a deterministic field; the document as it was comes back decrypted.
+    let mut replacement = patient(2);
+    replacement.email = "new2@example.com".into();
+    replacement.ssn = "222-22-2222".into();
+    let before = coll
+        .find_one_and_replace(doc! { "email": "user2@example.com" }, &replacement)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(before, patient(2));
+    let stored = raw.find_one(doc! { "_id": 2 }).await.unwrap().unwrap();
+    for f in ["ssn", "email", "name"] {
+        assert_eq!(subtype(stored.get(f)), Some(ENVELOPE_SUBTYPE), "{f}");
+    }
+    let text = format!("{stored:?}");
+    assert!(
+        !text.contains("222-22-2222") && !text.contains("new2@"),
+        "{text}"
+    );
+    // The new document, asked for, comes back decrypted; and the stored one is found by value.
+    replacement.age = 99;
+    let after = coll
+        .find_one_and_replace(doc! { "_id": 2 }, &replacement)
+        .with_options(
+            FindOneAndReplaceOptions::builder()
+                .return_document(ReturnDocument::After)
+                .build(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, replacement);
+    assert_eq!(
+        coll.find_one(doc! { "email": "new2@example.com" })
+            .await
+            .unwrap(),
+        Some(replacement)
+    );
+
+    // Deleted through a blind-indexed field; the deleted document comes back decrypted.
+    let gone = coll
+        .find_one_and_delete(doc! { "name": "Name 3" })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(gone, patient(3));
+    assert!(coll
+        .find_one_and_delete(doc! { "name": "Name 3" })
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 3);
+
+    // Refused before anything is sent: a sort on an encrypted field, a range on one.
+    sent.lock().unwrap().clear();
+    let e = coll
+        .find_one_and_delete(doc! {})
+        .with_options(
+            FindOneAndDeleteOptions::builder()
+                .sort(doc! { "ssn": 1 })
+                .build(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refusal(e).1, "ssn");
+    let e = coll
+        .find_one_and_replace(doc! { "code": { "$gt": 5 } }, patient(1))
+        .await
+        .unwrap_err();
+    assert_eq!(refusal(e).1, "code");
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "{:?}",
+        sent.lock().unwrap()
+    );
+    assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 3);
     db.drop().await.unwrap();
 }
 

@@ -33,8 +33,8 @@ mod cursor;
 mod tenant;
 
 pub use action::{
-    Aggregate, CountDocuments, Delete, Find, FindOne, FindOneAndUpdate, InsertMany, InsertOne,
-    NoSession, ReplaceOne, Update, WithSession,
+    Aggregate, CountDocuments, Delete, Find, FindOne, FindOneAndDelete, FindOneAndReplace,
+    FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update, WithSession,
 };
 pub use cursor::EncryptedCursor;
 pub use tenant::{tenant_alias, tenant_aliases, tenant_schema};

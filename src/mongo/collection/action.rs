@@ -7,9 +7,9 @@ use std::marker::PhantomData;
 
 use bson::{Document, RawDocumentBuf};
 use mongodb::options::{
-    AggregateOptions, Collation, CountOptions, DeleteOptions, FindOneAndUpdateOptions,
-    FindOneOptions, FindOptions, InsertManyOptions, InsertOneOptions, ReplaceOptions,
-    UpdateModifications, UpdateOptions,
+    AggregateOptions, Collation, CountOptions, DeleteOptions, FindOneAndDeleteOptions,
+    FindOneAndReplaceOptions, FindOneAndUpdateOptions, FindOneOptions, FindOptions,
+    InsertManyOptions, InsertOneOptions, ReplaceOptions, UpdateModifications, UpdateOptions,
 };
 use mongodb::results::{DeleteResult, InsertManyResult, InsertOneResult, UpdateResult};
 use mongodb::{BoxFuture, ClientSession};
@@ -270,6 +270,24 @@ impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
             session: None,
         }
     }
+
+    /// Replaces one document with `replacement` (encrypted, and bound to the handle's owner if
+    /// scoped) and returns the document before or after, per the options, decrypted.
+    ///
+    /// `await` returns `Result<Option<T>>`.
+    pub fn find_one_and_replace(
+        &self,
+        filter: Document,
+        replacement: impl Borrow<T>,
+    ) -> FindOneAndReplace<'_, T> {
+        FindOneAndReplace {
+            coll: self,
+            filter,
+            replacement: to_raw(replacement.borrow()),
+            options: None,
+            session: None,
+        }
+    }
 }
 
 impl<T> EncryptedCollection<T> {
@@ -341,6 +359,18 @@ impl<T> EncryptedCollection<T> {
             coll: self,
             filter,
             update: update.into(),
+            options: None,
+            session: None,
+        }
+    }
+
+    /// Deletes one matching document and returns it, decrypted.
+    ///
+    /// `await` returns `Result<Option<T>>`.
+    pub fn find_one_and_delete(&self, filter: Document) -> FindOneAndDelete<'_, T> {
+        FindOneAndDelete {
+            coll: self,
+            filter,
             options: None,
             session: None,
         }
@@ -697,6 +727,82 @@ impl<'a, T: 'a> ReplaceOne<'a, T> {
             .replace_one(filter, replacement)
             .with_options(self.options);
         Ok(run!(action, self.session)?)
+    }
+}
+
+/// Replaces one document and returns it. Construct with
+/// [`EncryptedCollection::find_one_and_replace`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct FindOneAndReplace<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    replacement: Result<RawDocumentBuf>,
+    options: Option<FindOneAndReplaceOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(FindOneAndReplace, FindOneAndReplaceOptions);
+
+into_future!(FindOneAndReplace -> Option<T> where T: DeserializeOwned + 'static);
+
+impl<'a, T: DeserializeOwned + 'static> FindOneAndReplace<'a, T> {
+    async fn run(self) -> Result<Option<T>> {
+        let coll = self.coll;
+        coll.begin("find_one_and_replace").await?;
+        let q = coll.rewriter();
+        let replacement = q.replacement(&self.replacement?, &self.filter)?;
+        let (filter, touched) = q.filter_touching(&self.filter)?;
+        let mut options = self.options;
+        if let Some(o) = options.as_mut() {
+            if let Some(s) = &o.sort {
+                q.sort(s)?;
+            }
+            if let Some(p) = o.projection.as_mut() {
+                *p = q.projection(p)?;
+            }
+            check_collation(o.collation.as_ref(), touched.as_ref())?;
+        }
+        let action = coll
+            .coll
+            .find_one_and_replace(filter, replacement)
+            .with_options(options);
+        decrypt_found(coll, run!(action, self.session)?).await
+    }
+}
+
+/// Deletes one document and returns it. Construct with
+/// [`EncryptedCollection::find_one_and_delete`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct FindOneAndDelete<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    options: Option<FindOneAndDeleteOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(FindOneAndDelete, FindOneAndDeleteOptions);
+
+into_future!(FindOneAndDelete -> Option<T> where T: DeserializeOwned + 'static);
+
+impl<'a, T: DeserializeOwned + 'static> FindOneAndDelete<'a, T> {
+    async fn run(self) -> Result<Option<T>> {
+        let coll = self.coll;
+        let mut options = self.options;
+        let collation = options.as_ref().and_then(|o| o.collation.as_ref());
+        let filter = coll
+            .prepare_filter("find_one_and_delete", &self.filter, collation)
+            .await?;
+        if let Some(o) = options.as_mut() {
+            let q = coll.rewriter();
+            if let Some(s) = &o.sort {
+                q.sort(s)?;
+            }
+            if let Some(p) = o.projection.as_mut() {
+                *p = q.projection(p)?;
+            }
+        }
+        let action = coll.coll.find_one_and_delete(filter).with_options(options);
+        decrypt_found(coll, run!(action, self.session)?).await
     }
 }
 
