@@ -512,6 +512,90 @@ async fn find_one_and_replace_and_delete_encrypt_what_they_write_and_decrypt_wha
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_decrypts_deterministic_fields_once_per_value_across_keys() {
+    let (db, ring, coll, sent) = setup("coll_distinct").await;
+    coll.insert_many((1..=6).map(patient)).await.unwrap();
+    let sorted = |mut v: Vec<Bson>| {
+        v.sort_by_key(ToString::to_string);
+        v
+    };
+    let strings = |v: &[&str]| sorted(v.iter().map(|s| Bson::from(*s)).collect());
+
+    // A plain field: the server's answer.
+    let ages = coll.distinct("age", doc! {}).await.unwrap();
+    assert_eq!(sorted(ages), sorted((21..=26).map(Bson::Int32).collect()));
+    // Deterministic fields, top-level, nested and per-element, decrypted.
+    let emails = coll
+        .distinct("email", doc! { "age": { "$lt": 23 } })
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(emails),
+        strings(&["user1@example.com", "user2@example.com"])
+    );
+    let phones = coll.distinct("profile.phone", doc! {}).await.unwrap();
+    assert_eq!(phones.len(), 6);
+    assert!(phones.contains(&Bson::from("+1-555-0004")));
+    let tags = coll.distinct("tags", doc! {}).await.unwrap();
+    assert_eq!(
+        sorted(tags),
+        strings(&["t1", "t2", "t3", "t4", "t5", "t6", "vip"])
+    );
+    // A filter on an encrypted field is rewritten as for find.
+    let one = coll
+        .distinct("email", doc! { "email": "user4@example.com" })
+        .await
+        .unwrap();
+    assert_eq!(one, vec![Bson::from("user4@example.com")]);
+
+    // After a rotation the same plaintext has two ciphertexts in the collection: one value.
+    ring.rotate("det");
+    let mut again = patient(7);
+    again.email = "user1@example.com".into();
+    coll.insert_one(&again).await.unwrap();
+    let raw = db.collection::<Document>("patients");
+    assert_eq!(raw.distinct("email", doc! {}).await.unwrap().len(), 7);
+    assert_eq!(coll.distinct("email", doc! {}).await.unwrap().len(), 6);
+
+    // Fields without one ciphertext per value are refused before anything is sent.
+    sent.lock().unwrap().clear();
+    for (field, refused) in [
+        ("ssn", "ssn"),
+        ("name", "name"),
+        ("name_bidx", "name"),
+        ("profile", "profile.phone"),
+    ] {
+        let e = coll.distinct(field, doc! {}).await.unwrap_err();
+        assert_eq!(
+            refusal(e),
+            ("distinct".to_string(), refused.to_string()),
+            "{field}"
+        );
+    }
+    let e = coll
+        .distinct("email", doc! {})
+        .with_options(
+            mongodb::options::DistinctOptions::builder()
+                .collation(
+                    Collation::builder()
+                        .locale("en")
+                        .strength(mongodb::options::CollationStrength::Primary)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refusal(e).0, "collation");
+    assert!(
+        sent.lock().unwrap().is_empty(),
+        "{:?}",
+        sent.lock().unwrap()
+    );
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_refused_operations_send_nothing() {
     let (db, _ring, coll, sent) = setup("coll_refuse").await;
     coll.insert_one(patient(1)).await.unwrap();

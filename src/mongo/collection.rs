@@ -33,8 +33,9 @@ mod cursor;
 mod tenant;
 
 pub use action::{
-    Aggregate, CountDocuments, Delete, Find, FindOne, FindOneAndDelete, FindOneAndReplace,
-    FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update, WithSession,
+    Aggregate, CountDocuments, Delete, Distinct, Find, FindOne, FindOneAndDelete,
+    FindOneAndReplace, FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update,
+    WithSession,
 };
 pub use cursor::EncryptedCursor;
 pub use tenant::{tenant_alias, tenant_aliases, tenant_schema};
@@ -326,6 +327,38 @@ impl<T> EncryptedCollection<T> {
         }
         let plain = self.cryptor.decrypt_raw(&raw, &self.ctx)?;
         from_raw(plain)
+    }
+
+    /// Decrypts the distinct ciphertexts of the deterministic field `path` and drops repeats:
+    /// a value written under several keys of its alias (before and after a rotation) is one
+    /// value. Values that are not ciphertext (written before the field was encrypted) pass
+    /// through, as a find would return them.
+    async fn decrypt_distinct(
+        &self,
+        path: &str,
+        values: Vec<Bson>,
+        owner: Option<&Bson>,
+    ) -> Result<Vec<Bson>> {
+        let all = RawDocumentBuf::from_document(&bson::doc! { "v": values.clone() })?;
+        let ids = Cryptor::referenced_keys(&all)?;
+        if !ids.is_empty() {
+            self.keys.prefetch_ids(&ids).await?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(values.len());
+        for v in values {
+            let plain = match &v {
+                Bson::Binary(b) => self
+                    .cryptor
+                    .decrypt_value(path, b, &self.ctx, None, owner)?,
+                _ => v,
+            };
+            let (ty, bytes) = crate::rawbson::encode_value(&plain)?;
+            if seen.insert((ty, bytes.to_vec())) {
+                out.push(plain);
+            }
+        }
+        Ok(out)
     }
 
     /// Binds documents to the owner and encrypts them; large batches in parallel, off the

@@ -942,6 +942,58 @@ impl<'a> QueryRewriter<'a> {
     // ---------------------------------------------------------------------------------------
     // Sorts and projections
 
+    /// How `distinct` on `field` with `filter` can be answered: `None` when the field is plain
+    /// (the server's answer is the answer), or the deterministic field whose distinct
+    /// ciphertexts are to be decrypted, and the owner they are bound to, if any.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedQuery`] (operator `distinct`) for randomized fields (every
+    /// ciphertext differs), fields bound to `_id` (a distinct value has no document), blind
+    /// indexes, parents of encrypted fields and paths inside them; [`Error::MissingContext`]
+    /// for an owner-scoped schema with no owner known.
+    pub fn distinct_field(
+        &self,
+        field: &str,
+        filter: &Document,
+    ) -> Result<Option<(&'a FieldRule, Option<Bson>)>> {
+        let resolved = self.classify(field);
+        let rule = match resolved.kind {
+            Kind::Plain => return Ok(None),
+            Kind::Field(r) => r,
+            Kind::Index(r) | Kind::Parent(r) | Kind::Inside(r) => {
+                return Err(refuse(
+                    "distinct",
+                    r.normalized.clone(),
+                    "distinct values of a blind index, or of a document holding ciphertext, are not plaintext values",
+                ))
+            }
+        };
+        match &rule.field.encrypt {
+            Some(e) if e.suite.is_deterministic() => {}
+            _ => {
+                return Err(refuse(
+                    "distinct",
+                    rule.normalized.clone(),
+                    "only deterministic fields have one ciphertext per value",
+                ))
+            }
+        }
+        if rule.field.bind_id {
+            return Err(refuse(
+                "distinct",
+                rule.normalized.clone(),
+                "values bound to their document's _id cannot be decrypted without it",
+            ));
+        }
+        let owner = self.owner_for(filter);
+        if self.owner_field().is_some() && owner.is_none() {
+            return Err(Error::MissingContext(
+                "deterministic ciphertexts of an owner-scoped schema are bound to the owner: ask through a scoped handle or put an owner equality in the filter",
+            ));
+        }
+        Ok(Some((rule, owner)))
+    }
+
     /// Checks a sort specification: sorting by an encrypted field (or a document containing
     /// one) is refused.
     ///
