@@ -14,9 +14,9 @@ mod collection;
 mod query;
 mod validator;
 pub use collection::{
-    tenant_alias, tenant_aliases, tenant_schema, Aggregate, CountDocuments, Delete,
-    EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndUpdate, InsertMany, InsertOne,
-    NoSession, ReplaceOne, Update, WithSession,
+    tenant_alias, tenant_aliases, tenant_schema, Aggregate, CountDocuments, Delete, Distinct,
+    EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndDelete, FindOneAndReplace,
+    FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update, WithSession,
 };
 pub use query::QueryRewriter;
 pub use validator::{apply_validator, json_schema, validator};
