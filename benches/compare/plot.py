@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 COLORS = {"fieldcrypt": "#1f6fb4", "libmongocrypt": "#3b9b48", "quoted": "#a8d5ad",
-          "python": "#e07b29"}
+          "python": "#e07b29", "baseline": "#9a9a9a"}
 WIDTH, LEFT, RIGHT, BAR, GAP = 900, 330, 70, 20, 6
 
 
@@ -65,6 +65,20 @@ def w2_bars(res: dict) -> list:
             if kind in py:
                 bars.append((f"Python {name} per field, {op}", med(py[kind]["w2"][op]), "python"))
     return bars
+
+
+def w4_bars(res: dict) -> tuple[list, list, str]:
+    """The largest W4 size: rotation and its two plain baselines, documents/s."""
+    sizes = res.get("fieldcrypt", {}).get("w4", {}).get("results", [])
+    if not sizes:
+        return [], [], ""
+    size = max(sizes, key=lambda s: s["documents"])
+    p = size["passes"]
+    rate = lambda name: p[name]["documents_per_second"]["median"]  # noqa: E731
+    bars = [("fieldcrypt rotation (Rotator::run)", rate("rotate"), "fieldcrypt"),
+            ("plain rewrite: the same writes, no crypto", rate("rewrite"), "baseline"),
+            ("plain copy: read + insert_many", rate("copy"), "baseline")]
+    return bars, [("rotation ≤ 1.2× a plain copy", rate("copy") / 1.2)], f"{size['documents']:,}"
 
 
 def panel(title: str, bars: list, y: int, targets: list) -> tuple[list, int]:
@@ -115,6 +129,13 @@ def main() -> None:
                   w2_bars(res), y, [("≥ 400,000 per core, raw path", 400_000)])
     body += el
     y += h
+    bars, targets, n = w4_bars(res)
+    if bars:
+        y += 20
+        el, h = panel(f"W4 key rotation of a {n}-document collection on the test server — documents/s",
+                      bars, y, targets)
+        body += el
+        y += h
     m = res.get("machine", {})
     load = res.get("load_average_1m", {})
     note = (f"{m.get('cpu_model') or 'CPU'}, {m.get('cpus')} CPUs; median of {res['params']['trials']} "
@@ -124,7 +145,8 @@ def main() -> None:
     legend_y = 22
     lx = 10
     for kind, name in (("fieldcrypt", "fieldcrypt"), ("libmongocrypt", "libmongocrypt, this run"),
-                       ("quoted", "libmongocrypt native, quoted"), ("python", "Python cryptography")):
+                       ("quoted", "libmongocrypt native, quoted"), ("python", "Python cryptography"),
+                       ("baseline", "plain baseline")):
         body.append(f'<rect x="{lx}" y="{legend_y - 10}" width="12" height="12" fill="{COLORS[kind]}"/>')
         body.append(f'<text x="{lx + 16}" y="{legend_y}" class="legend">{escape(name)}</text>')
         lx += 40 + 7 * len(name)

@@ -456,6 +456,12 @@ def fieldcrypt_cli(cli: str, opts) -> dict:
     return {"source": f"{cli} bench (--json)", "w1": w1, "w2": w2}
 
 
+def fieldcrypt_w4(cli: str, opts) -> dict:
+    """W4 (rotation against a plain copy and a plain rewrite) on a dev server the CLI starts."""
+    print(f"  fieldcrypt W4, {opts.w4_docs} documents", file=sys.stderr)
+    return cli_json(cli, "w4", "--documents", opts.w4_docs, "--trials", str(opts.w4_trials))
+
+
 def fieldcrypt_criterion(opts) -> dict:
     """Fallback: criterion's benches, read from their estimates.json files (per iteration)."""
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
@@ -550,6 +556,17 @@ def print_table(res: dict) -> None:
             if py:
                 line("W2", f"Python {'AES-GCM' if kind == 'aesgcm' else 'Fernet'} per field, {op}", 1,
                      med(py["w2"][op]), ref, "vs fieldcrypt")
+    for size in fc.get("w4", {}).get("results", []):
+        n = size["documents"]
+        for name, what in (("copy", "plain copy (read + insert_many)"),
+                           ("rewrite", "plain rewrite (CAS writes, no crypto)"),
+                           ("rotate", "fieldcrypt rotation")):
+            p = size["passes"][name]
+            line("W4", f"{what}, {n:,} docs, peak {p['peak_rss_kib'] / 1024:.1f} MiB", 1,
+                 p["documents_per_second"]["median"], None)
+        r = size["ratios"]
+        lines.append(f"W4   rotation time ÷ copy {r['rotate_over_copy']['median']:.2f}×, "
+                     f"÷ rewrite {r['rotate_over_rewrite']['median']:.2f}× ({n:,} docs)")
     print("\n".join(lines))
     print("\n'fc ÷ it': fieldcrypt's documents/s ÷ this row's, same workload and thread count "
           "(CSFLE rows against fieldcrypt's CSFLE decryption).")
@@ -565,13 +582,17 @@ def main() -> None:
     ap.add_argument("--fieldcrypt-bin", help="a fieldcrypt binary with `bench` (or FIELDCRYPT_BIN)")
     ap.add_argument("--no-build", action="store_true", help="don't run cargo build first")
     ap.add_argument("--criterion", action="store_true", help="use criterion even if the CLI exists")
-    ap.add_argument("--skip", default="", help="comma list of: libmongocrypt,fernet,aesgcm,fieldcrypt")
+    ap.add_argument("--w4-docs", default="2000,8000", help="W4 collection sizes (default 2000,8000)")
+    ap.add_argument("--w4-trials", type=int, default=3, help="W4 trials (default 3)")
+    ap.add_argument("--skip", default="",
+                    help="comma list of: libmongocrypt,fernet,aesgcm,fieldcrypt,w4")
     ap.add_argument("--venv", help="virtualenv to use or create (default target/compare-venv)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.3 s × 3 trials, 5,000 W2 docs")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     opts = ap.parse_args()
     if opts.quick:
         opts.seconds, opts.trials, opts.warmup, opts.w2_docs = 0.3, 3, 0.2, 5_000
+        opts.w4_docs, opts.w4_trials = "200,800", 1
     opts.threads = [int(t) for t in opts.threads.split(",") if t]
     skip = set(filter(None, opts.skip.split(",")))
     ensure_peers(opts)
@@ -589,6 +610,8 @@ def main() -> None:
         print("fieldcrypt …", file=sys.stderr)
         cli = None if opts.criterion else find_cli(opts)
         res["fieldcrypt"] = fieldcrypt_cli(cli, opts) if cli else fieldcrypt_criterion(opts)
+        if cli and "w4" not in skip:
+            res["fieldcrypt"]["w4"] = fieldcrypt_w4(cli, opts)
         res["load_average_1m"]["after_fieldcrypt"] = load_average()
     if "libmongocrypt" not in skip:
         print("libmongocrypt (pymongocrypt) …", file=sys.stderr)
