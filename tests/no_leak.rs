@@ -483,6 +483,26 @@ async fn no_plaintext_or_key_material_in_any_command_reply_or_log() {
     acme.replace_one(doc! { "_id": 17 }, replacement)
         .await
         .unwrap();
+    let mut replacement = person(9018, &mut secrets);
+    replacement.insert("_id", 18);
+    let before = acme
+        .find_one_and_replace(doc! { "email": email(18) }, replacement)
+        .await
+        .unwrap()
+        .unwrap();
+    seen.push(before);
+    let gone = acme
+        .find_one_and_delete(doc! { "name": "PLAINTEXT NAME 00019" })
+        .await
+        .unwrap()
+        .unwrap();
+    seen.push(gone);
+    let emails = acme
+        .distinct("email", doc! { "email": { "$in": [email(24), email(25)] } })
+        .await
+        .unwrap();
+    assert_eq!(emails.len(), 2);
+    assert!(emails.contains(&Bson::from(email(24))));
     read_all(&acme, &mut seen).await;
 
     // Rotation, then more writes and reads: old and new ciphertexts both match.

@@ -324,7 +324,21 @@ async fn unscoped_handles_bind_the_owner_from_the_filter() {
         .await,
         [1, 2]
     );
-    assert!(all.scoped("acme").is_ok());
+    // Distinct values of a deterministic field: per owner, never across owners.
+    assert!(matches!(
+        all.distinct("email", doc! {}).await,
+        Err(Error::MissingContext(_))
+    ));
+    assert_eq!(
+        all.distinct("email", doc! { "tenant": "globex" })
+            .await
+            .unwrap(),
+        [Bson::from("x@x")]
+    );
+    let acme = all.scoped("acme").unwrap();
+    let mut acme_emails = acme.distinct("email", doc! {}).await.unwrap();
+    acme_emails.sort_by_key(ToString::to_string);
+    assert_eq!(acme_emails, [Bson::from("noid@x"), Bson::from("x@x")]);
     let unowned = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring,
