@@ -101,6 +101,16 @@ impl Binding<'_> {
     /// Writes the associated data for `header` into `ad` (cleared first).
     fn write_ad(&self, header: &[u8], ad: &mut Vec<u8>) -> Result<()> {
         ad.clear();
+        // At most this much: one allocation for a fresh buffer, none for a reused one.
+        let value = |v: Option<RawValue<'_>>| v.map_or(0, |v| 5 + v.bytes.len());
+        ad.reserve(
+            header.len()
+                + 4
+                + self.path.len()
+                + self.namespace.map_or(0, |n| 4 + n.len())
+                + value(self.id)
+                + value(self.owner),
+        );
         ad.extend_from_slice(header);
         put_bytes(ad, self.path.as_bytes())?;
         let f = header[2];

@@ -259,6 +259,9 @@ fn document_is_well_formed(b: &[u8], depth: u32) -> bool {
 /// wiped on drop since it may hold plaintext; errors never quote the value (bson's would, e.g.
 /// for a regex holding a NUL).
 pub(crate) fn encode_value(value: &bson::Bson) -> Result<(u8, Zeroizing<Vec<u8>>)> {
+    if let Some(encoded) = encode_scalar(value) {
+        return Ok(encoded);
+    }
     let mut doc = bson::Document::new();
     doc.insert("v", value.clone());
     let mut bytes = Zeroizing::new(Vec::new());
@@ -273,8 +276,84 @@ pub(crate) fn encode_value(value: &bson::Bson) -> Result<(u8, Zeroizing<Vec<u8>>
     }
 }
 
+/// The common scalar types written directly, byte for byte as bson serializes them (single
+/// values, such as query ciphertexts, skip building a document); `None` for the rest.
+fn encode_scalar(value: &bson::Bson) -> Option<(u8, Zeroizing<Vec<u8>>)> {
+    use bson::Bson;
+    let (t, bytes) = match value {
+        Bson::String(s) => {
+            let len = i32::try_from(s.len() + 1).ok()?;
+            let mut b = Vec::with_capacity(s.len() + 5);
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(s.as_bytes());
+            b.push(0);
+            (ty::STRING, b)
+        }
+        Bson::Int32(i) => (ty::INT32, i.to_le_bytes().to_vec()),
+        Bson::Int64(i) => (ty::INT64, i.to_le_bytes().to_vec()),
+        Bson::Double(d) => (ty::DOUBLE, d.to_le_bytes().to_vec()),
+        Bson::Boolean(b) => (ty::BOOLEAN, vec![u8::from(*b)]),
+        Bson::Null => (ty::NULL, Vec::new()),
+        Bson::DateTime(d) => (ty::DATETIME, d.timestamp_millis().to_le_bytes().to_vec()),
+        Bson::ObjectId(o) => (ty::OBJECT_ID, o.bytes().to_vec()),
+        _ => return None,
+    };
+    Some((t, Zeroizing::new(bytes)))
+}
+
+/// The scalars of [`encode_scalar`] read back directly; `None` for other types. Malformed
+/// bytes are an error, as bson's parser would make them.
+fn decode_scalar(t: u8, value: &[u8]) -> Option<Result<bson::Bson>> {
+    use bson::Bson;
+    fn bad() -> Error {
+        Error::MalformedBson("the value is not valid BSON".into())
+    }
+    let fixed = |n: usize| -> Result<&[u8]> {
+        if value.len() == n {
+            Ok(value)
+        } else {
+            Err(bad())
+        }
+    };
+    let le8 = || -> Result<[u8; 8]> { fixed(8)?.try_into().map_err(|_| bad()) };
+    Some(match t {
+        ty::STRING => (|| {
+            if !is_string(value) {
+                return Err(bad());
+            }
+            let text = core::str::from_utf8(&value[4..value.len() - 1]).map_err(|_| bad())?;
+            Ok(Bson::String(text.to_owned()))
+        })(),
+        ty::INT32 => fixed(4).and_then(|b| {
+            Ok(Bson::Int32(i32::from_le_bytes(
+                b.try_into().map_err(|_| bad())?,
+            )))
+        }),
+        ty::INT64 => le8().map(|b| Bson::Int64(i64::from_le_bytes(b))),
+        ty::DOUBLE => le8().map(|b| Bson::Double(f64::from_le_bytes(b))),
+        ty::BOOLEAN => match value {
+            [0] => Ok(Bson::Boolean(false)),
+            [1] => Ok(Bson::Boolean(true)),
+            _ => Err(bad()),
+        },
+        ty::NULL => fixed(0).map(|_| Bson::Null),
+        ty::DATETIME => {
+            le8().map(|b| Bson::DateTime(bson::DateTime::from_millis(i64::from_le_bytes(b))))
+        }
+        ty::OBJECT_ID => fixed(12).and_then(|b| {
+            Ok(Bson::ObjectId(bson::oid::ObjectId::from_bytes(
+                b.try_into().map_err(|_| bad())?,
+            )))
+        }),
+        _ => return None,
+    })
+}
+
 /// Parses the bytes of one BSON value of type `t` into a [`bson::Bson`].
 pub(crate) fn decode_value(t: u8, value: &[u8]) -> Result<bson::Bson> {
+    if let Some(decoded) = decode_scalar(t, value) {
+        return decoded;
+    }
     let total = value.len() + 8;
     let len = i32::try_from(total).map_err(|_| Error::MalformedBson("value too large".into()))?;
     let mut doc = Zeroizing::new(Vec::with_capacity(total));
@@ -334,6 +413,58 @@ fn patch_len(out: &mut [u8], at: usize, len: usize) -> Result<()> {
 mod tests {
     use super::*;
     use bson::rawdoc;
+
+    /// The scalar fast paths must give bson's bytes exactly: deterministic ciphertexts and
+    /// query values depend on them.
+    #[test]
+    fn scalar_fast_paths_match_bson_byte_for_byte() {
+        use bson::Bson;
+        let values = [
+            Bson::String(String::new()),
+            Bson::String("value 0001".into()),
+            Bson::String("nul\0inside and ünïcødé ✓".into()),
+            Bson::Int32(i32::MIN),
+            Bson::Int32(-1),
+            Bson::Int64(i64::MAX),
+            Bson::Double(-0.0),
+            Bson::Double(f64::NAN),
+            Bson::Double(1.5e300),
+            Bson::Boolean(true),
+            Bson::Boolean(false),
+            Bson::Null,
+            Bson::DateTime(bson::DateTime::from_millis(-5)),
+            Bson::ObjectId(bson::oid::ObjectId::from_bytes([7; 12])),
+        ];
+        for v in values {
+            let (t, fast) = encode_scalar(&v).unwrap();
+            let mut doc = bson::Document::new();
+            doc.insert("v", v.clone());
+            let bytes = bson::to_vec(&doc).unwrap();
+            assert_eq!(bytes[4], t, "{v:?}");
+            assert_eq!(&bytes[7..bytes.len() - 1], &fast[..], "{v:?}");
+            let back = decode_value(t, &fast).unwrap();
+            match (&v, &back) {
+                (Bson::Double(a), Bson::Double(b)) => assert_eq!(a.to_bits(), b.to_bits()),
+                _ => assert_eq!(back, v),
+            }
+        }
+    }
+
+    #[test]
+    fn scalar_decoding_refuses_malformed_bytes() {
+        for (t, bytes) in [
+            (ty::STRING, &b"\x02\0\0\0a"[..]),      // no terminator
+            (ty::STRING, &b"\x03\0\0\0a\0"[..]),    // length past the end
+            (ty::STRING, &b"\x02\0\0\0\xff\0"[..]), // not UTF-8
+            (ty::INT32, &b"\0\0\0"[..]),
+            (ty::INT64, &b"\0\0\0\0"[..]),
+            (ty::BOOLEAN, &b"\x02"[..]),
+            (ty::NULL, &b"\0"[..]),
+            (ty::OBJECT_ID, &[0u8; 11][..]),
+        ] {
+            assert!(decode_value(t, bytes).is_err(), "{t} {bytes:?}");
+        }
+    }
 
     #[test]
     fn elements_expose_exact_slices() {

@@ -354,7 +354,11 @@ impl Cryptor {
         Ok(out)
     }
 
-    /// Decrypts one envelope found at `path`. `id` and `owner` are the document's, when bound.
+    /// Decrypts one value found at `path` (a schema path; `$[]` segments may be given or
+    /// left out): a fieldcrypt envelope or a MongoDB CSFLE value, directly, without building a
+    /// document. Any other binary is returned as it is, as a document walk would leave it.
+    /// `id` and `owner` are the document's `_id` and owner, needed when the value is bound to
+    /// them.
     ///
     /// # Errors
     /// As [`Cryptor::decrypt_raw`].
@@ -366,34 +370,38 @@ impl Cryptor {
         id: Option<&Bson>,
         owner: Option<&Bson>,
     ) -> Result<Bson> {
-        let mut d = Document::new();
-        if let Some(id) = id {
-            d.insert("_id", id.clone());
+        let path = normalized(path);
+        let bytes = value.bytes.as_slice();
+        match u8::from(value.subtype) {
+            ENVELOPE_SUBTYPE => {
+                let env = Envelope::parse(bytes)?;
+                check_minimum_bindings(self, ctx, &path, &env)?;
+                let key = self.keyring.key(&env.key_id)?;
+                let encode = |v: Option<&Bson>| v.map(rawbson::encode_value).transpose();
+                let (id, owner) = (encode(id)?, encode(owner)?);
+                let binding = Binding {
+                    path: &path,
+                    namespace: ctx.namespace.as_deref(),
+                    id: as_raw(&id),
+                    owner: as_raw(&owner),
+                };
+                let mut plain = Zeroizing::new(Vec::with_capacity(env.ciphertext.len()));
+                let t = env.open_into(&key, &binding, &mut Vec::new(), &mut plain)?;
+                rawbson::decode_value(t, &plain)
+            }
+            CSFLE_SUBTYPE if matches!(bytes.first(), Some(1 | 2)) => {
+                let p = csfle::parse_payload(bytes)?;
+                let key = self.keyring.key(&p.key_id)?;
+                let cipher = key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
+                    id: p.key_id,
+                    reason: "not a 96-byte CSFLE data key",
+                })?;
+                let mut plain = Zeroizing::new(Vec::new());
+                csfle::decrypt_into(cipher, &p, &mut plain)?;
+                rawbson::decode_value(p.bson_type, &plain)
+            }
+            _ => Ok(Bson::Binary(value.clone())),
         }
-        let owner_field = ctx.owner_field.as_deref().or(self.schema.owner_field());
-        if let (Some(f), Some(o)) = (owner_field, owner) {
-            d.insert(f, o.clone());
-        }
-        // Rebuild the value at its path so the one decryption engine applies.
-        let segs: Vec<&str> = path.split('.').collect();
-        let mut v = Bson::Binary(value.clone());
-        for s in segs[1..].iter().rev() {
-            v = Bson::Document(bson::doc! { *s: v });
-        }
-        d.insert(segs[0], v);
-        let mut out = self.decrypt_document(&d, ctx)?;
-        let mut cur = out
-            .remove(segs[0])
-            .ok_or(Error::MalformedCiphertext("value vanished"))?;
-        for s in &segs[1..] {
-            cur = match cur {
-                Bson::Document(mut inner) => inner
-                    .remove(*s)
-                    .ok_or(Error::MalformedCiphertext("value vanished"))?,
-                _ => return Err(Error::MalformedCiphertext("value vanished")),
-            };
-        }
-        Ok(cur)
     }
 
     /// In an owner-scoped schema every ciphertext is bound to an owner: refuse to make one
@@ -408,13 +416,8 @@ impl Cryptor {
     }
 
     fn rule(&self, path: &str) -> Result<&FieldRule> {
-        let normalized: String = path
-            .split('.')
-            .filter(|s| *s != crate::schema::EACH)
-            .collect::<Vec<_>>()
-            .join(".");
         self.schema
-            .rule(&normalized)
+            .rule(&normalized(path))
             .ok_or_else(|| Error::schema(path, "not an encrypted field in the schema"))
     }
 
@@ -492,14 +495,11 @@ impl<'r> ValueSealer<'r> {
     }
 
     fn seal(&mut self, key: &Key, suite: crate::suite::Suite) -> Result<bson::Binary> {
-        fn raw(v: &Option<(u8, Zeroizing<Vec<u8>>)>) -> Option<RawValue<'_>> {
-            v.as_ref().map(|(ty, bytes)| RawValue { ty: *ty, bytes })
-        }
         let binding = Binding {
             path: &self.rule.normalized,
             namespace: self.namespace,
-            id: raw(&self.id),
-            owner: raw(&self.owner),
+            id: as_raw(&self.id),
+            owner: as_raw(&self.owner),
         };
         let mut payload = Vec::with_capacity(self.value.1.len() + 64);
         envelope::seal_into(
@@ -876,7 +876,7 @@ impl<'c> Walker<'c> {
 
     fn open(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
-        self.check_minimum_bindings(&env)?;
+        check_minimum_bindings(self.cryptor, self.ctx, &self.path, &env)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
         if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
             if let Some((doc, owner_field)) = self.unresolved.take() {
@@ -925,39 +925,6 @@ impl Drop for Walker<'_> {
 }
 
 impl Walker<'_> {
-    /// A ciphertext must be bound at least as tightly as its context requires: to the
-    /// namespace when the reader knows it, to the owner in owner-scoped collections, and to
-    /// `_id` where the schema binds the field. Otherwise a value written without those
-    /// bindings (or planted by someone with write access) could be moved here and decrypt.
-    fn check_minimum_bindings(&self, env: &Envelope<'_>) -> Result<()> {
-        use envelope::flags;
-        let missing = |what| {
-            Err(Error::UnboundCiphertext {
-                path: self.path.clone(),
-                missing: what,
-            })
-        };
-        if self.ctx.namespace.is_some() && env.flags & flags::NAMESPACE == 0 {
-            return missing("namespace");
-        }
-        let owner_scoped =
-            self.ctx.owner_field.is_some() || self.cryptor.schema.owner_field().is_some();
-        if owner_scoped && env.flags & flags::OWNER == 0 {
-            return missing("owner");
-        }
-        if self.cryptor.schema.needs_id()
-            && env.flags & flags::ID == 0
-            && self
-                .cryptor
-                .schema
-                .rule_at(&self.path)
-                .is_some_and(|r| r.field.bind_id)
-        {
-            return missing("_id");
-        }
-        Ok(())
-    }
-
     /// Decrypts a MongoDB CSFLE (FLE1) value with a 96-byte CSFLE key from the same keyring.
     fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = csfle::parse_payload(payload)?;
@@ -970,6 +937,60 @@ impl Walker<'_> {
         rawbson::put_key(out, p.bson_type, name);
         csfle::decrypt_into(cipher, &p, out).inspect_err(|_| out.truncate(type_at))
     }
+}
+
+/// An encoded value (type and bytes) as a [`RawValue`].
+fn as_raw(v: &Option<(u8, Zeroizing<Vec<u8>>)>) -> Option<RawValue<'_>> {
+    v.as_ref().map(|(ty, bytes)| RawValue { ty: *ty, bytes })
+}
+
+/// A schema path without its `$[]` segments: the path bound into the associated data.
+fn normalized(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.split('.').any(|s| s == crate::schema::EACH) {
+        let segments: Vec<&str> = path
+            .split('.')
+            .filter(|s| *s != crate::schema::EACH)
+            .collect();
+        std::borrow::Cow::Owned(segments.join("."))
+    } else {
+        std::borrow::Cow::Borrowed(path)
+    }
+}
+
+/// A ciphertext must be bound at least as tightly as its context requires: to the namespace
+/// when the reader knows it, to the owner in owner-scoped collections, and to `_id` where the
+/// schema binds the field (`path`, normalized). Otherwise a value written without those
+/// bindings (or planted by someone with write access) could be moved here and decrypt.
+fn check_minimum_bindings(
+    cryptor: &Cryptor,
+    ctx: &Context,
+    path: &str,
+    env: &Envelope<'_>,
+) -> Result<()> {
+    use envelope::flags;
+    let missing = |what| {
+        Err(Error::UnboundCiphertext {
+            path: path.to_owned(),
+            missing: what,
+        })
+    };
+    if ctx.namespace.is_some() && env.flags & flags::NAMESPACE == 0 {
+        return missing("namespace");
+    }
+    let owner_scoped = ctx.owner_field.is_some() || cryptor.schema.owner_field().is_some();
+    if owner_scoped && env.flags & flags::OWNER == 0 {
+        return missing("owner");
+    }
+    if cryptor.schema.needs_id()
+        && env.flags & flags::ID == 0
+        && cryptor
+            .schema
+            .rule_at(path)
+            .is_some_and(|r| r.field.bind_id)
+    {
+        return missing("_id");
+    }
+    Ok(())
 }
 
 /// Whether an element already holds a ciphertext (ours or MongoDB's).

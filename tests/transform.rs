@@ -604,6 +604,106 @@ fn explicit_value_api_round_trips() {
 }
 
 #[test]
+fn explicit_values_agree_with_documents_for_every_type_and_check_bindings() {
+    let schema = Schema::builder()
+        .field("v", Field::randomized("pii"))
+        .field("tags.$[]", Field::deterministic("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(ring(), schema);
+    let ctx = Context::namespace("db.c");
+    let values = [
+        Bson::from("text ✓"),
+        Bson::Int32(-7),
+        Bson::Int64(1 << 40),
+        Bson::Double(2.5),
+        Bson::Boolean(true),
+        Bson::Null,
+        Bson::DateTime(bson::DateTime::from_millis(1_700_000_000_000)),
+        Bson::ObjectId(bson::oid::ObjectId::new()),
+        Bson::Document(doc! { "nested": [1, "two"] }),
+        Bson::Binary(Binary {
+            subtype: BinarySubtype::Generic,
+            bytes: vec![1, 2, 3],
+        }),
+    ];
+    for v in &values {
+        // A value encrypted alone decrypts alone and inside its document, and back.
+        let ct = c.encrypt_value("v", v, &ctx, None, None).unwrap();
+        assert_eq!(&c.decrypt_value("v", &ct, &ctx, None, None).unwrap(), v);
+        let in_doc = c
+            .decrypt_document(&doc! { "v": Bson::Binary(ct) }, &ctx)
+            .unwrap();
+        assert_eq!(in_doc.get("v"), Some(v));
+        let enc = c.encrypt_document(&doc! { "v": v.clone() }, &ctx).unwrap();
+        let Some(Bson::Binary(from_doc)) = enc.get("v") else {
+            panic!("{enc:?}")
+        };
+        assert_eq!(
+            &c.decrypt_value("v", from_doc, &ctx, None, None).unwrap(),
+            v
+        );
+        // Deterministic per-element values: the same ciphertext either way; `$[]` optional.
+        let one = c.encrypt_value("tags.$[]", v, &ctx, None, None).unwrap();
+        let enc = c
+            .encrypt_document(&doc! { "tags": [v.clone()] }, &ctx)
+            .unwrap();
+        assert_eq!(enc.get_array("tags").unwrap()[0], Bson::Binary(one.clone()));
+        assert_eq!(
+            &c.decrypt_value("tags.$[]", &one, &ctx, None, None).unwrap(),
+            v
+        );
+        assert_eq!(&c.decrypt_value("tags", &one, &ctx, None, None).unwrap(), v);
+        // Bound to its path and namespace; not decrypted in a context without them.
+        assert!(c
+            .decrypt_value("tags", &ct_of(&c, v), &ctx, None, None)
+            .is_err());
+        let other = Context::namespace("db.other");
+        assert!(c
+            .decrypt_value(
+                "v",
+                &c.encrypt_value("v", v, &ctx, None, None).unwrap(),
+                &other,
+                None,
+                None
+            )
+            .is_err());
+    }
+    // A value written without a namespace is refused where the namespace is known.
+    let loose = c
+        .encrypt_value("v", &Bson::from("x"), &Context::none(), None, None)
+        .unwrap();
+    assert!(matches!(
+        c.decrypt_value("v", &loose, &ctx, None, None),
+        Err(Error::UnboundCiphertext {
+            missing: "namespace",
+            ..
+        })
+    ));
+    // A binary that is not a ciphertext is returned as it is.
+    let plain = Binary {
+        subtype: BinarySubtype::Generic,
+        bytes: b"not encrypted".to_vec(),
+    };
+    assert_eq!(
+        c.decrypt_value("v", &plain, &ctx, None, None).unwrap(),
+        Bson::Binary(plain.clone())
+    );
+    // A truncated envelope is an error, not a panic.
+    let mut cut = c
+        .encrypt_value("v", &Bson::from("x"), &ctx, None, None)
+        .unwrap();
+    cut.bytes.truncate(10);
+    assert!(c.decrypt_value("v", &cut, &ctx, None, None).is_err());
+}
+
+/// `v` encrypted as the field `v` (for checks that another path does not open it).
+fn ct_of(c: &Cryptor, v: &Bson) -> Binary {
+    c.encrypt_value("v", v, &Context::namespace("db.c"), None, None)
+        .unwrap()
+}
+
+#[test]
 fn paths_go_through_nested_arrays() {
     let schema = Schema::builder()
         .field("a.b", Field::randomized("pii"))
