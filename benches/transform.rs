@@ -4,6 +4,7 @@
 //!   in MongoDB's CSFLE deterministic format and in each fieldcrypt suite.
 //! - `W2` bulk encrypt/decrypt of user-like documents, raw and owned paths.
 //! - `W3` per-field overhead: fieldcrypt per field vs the bare AEAD call on the same bytes.
+//! - `single_value_32B`: the explicit per-value API on one 32-byte string.
 //!
 //! Run with `cargo bench --bench transform`; CI only compiles and smoke-runs them
 //! (`cargo bench --bench transform -- --test`).
@@ -226,5 +227,53 @@ fn bench_w3(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_w1, bench_w2, bench_w3);
+/// One 32-byte value through the explicit API (`encrypt_value` / `decrypt_value`): the "single
+/// values" target of docs/BENCHMARKS.md, beside the bare AEAD on the same bytes.
+fn bench_single_values(c: &mut Criterion) {
+    let ring = Arc::new(InMemoryKeyring::new());
+    ring.generate("k");
+    let cr = Cryptor::with_shared(
+        ring,
+        Arc::new(
+            Schema::builder()
+                .field("v", Field::randomized("k"))
+                .build()
+                .unwrap(),
+        ),
+    );
+    let ctx = Context::namespace("app.users");
+    let value = bson::Bson::String("x".repeat(32));
+    let sealed = cr.encrypt_value("v", &value, &ctx, None, None).unwrap();
+    let bare = Aes256Gcm::new(&[7u8; 32].into());
+    let nonce = [1u8; 12].into();
+    let ad = [0u8; 38]; // header, path and namespace, as fieldcrypt's
+    let plain = [b'x'; 37]; // the BSON string's bytes
+    let mut g = c.benchmark_group("single_value_32B");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encrypt_value", |b| {
+        b.iter(|| {
+            cr.encrypt_value("v", black_box(&value), &ctx, None, None)
+                .unwrap()
+        });
+    });
+    g.bench_function("decrypt_value", |b| {
+        b.iter(|| {
+            cr.decrypt_value("v", black_box(&sealed), &ctx, None, None)
+                .unwrap()
+        });
+    });
+    g.bench_function("bare_aes256gcm_seal", |b| {
+        let mut buf = plain.to_vec();
+        b.iter(|| {
+            buf.copy_from_slice(&plain);
+            black_box(
+                bare.encrypt_in_place_detached(&nonce, &ad, &mut buf)
+                    .unwrap(),
+            )
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_w1, bench_w2, bench_w3, bench_single_values);
 criterion_main!(benches);
