@@ -101,19 +101,25 @@ impl Binding<'_> {
     /// Writes the associated data for `header` into `ad` (cleared first).
     fn write_ad(&self, header: &[u8], ad: &mut Vec<u8>) -> Result<()> {
         ad.clear();
-        // At most this much: one allocation for a fresh buffer, none for a reused one.
-        let value = |v: Option<RawValue<'_>>| v.map_or(0, |v| 5 + v.bytes.len());
-        ad.reserve(
-            header.len()
-                + 4
-                + self.path.len()
-                + self.namespace.map_or(0, |n| 4 + n.len())
-                + value(self.id)
-                + value(self.owner),
-        );
+        let f = header[2];
+        // What the bound parts take: one allocation for a fresh buffer, none for a reused one
+        // (capped: a binding too long for the format is refused below, not allocated first).
+        let part = |on: bool, len: Option<usize>| if on { len.unwrap_or(0) + 5 } else { 0 };
+        let need = header
+            .len()
+            .saturating_add(4 + self.path.len())
+            .saturating_add(part(
+                f & flags::NAMESPACE != 0,
+                self.namespace.map(str::len),
+            ))
+            .saturating_add(part(f & flags::ID != 0, self.id.map(|v| v.bytes.len())))
+            .saturating_add(part(
+                f & flags::OWNER != 0,
+                self.owner.map(|v| v.bytes.len()),
+            ));
+        ad.reserve(need.min(1 << 16));
         ad.extend_from_slice(header);
         put_bytes(ad, self.path.as_bytes())?;
-        let f = header[2];
         if f & flags::NAMESPACE != 0 {
             let ns = self.namespace.ok_or_else(|| {
                 Error::MissingContext(

@@ -362,11 +362,15 @@ pub(crate) fn decode_value(t: u8, value: &[u8]) -> Result<bson::Bson> {
     doc.extend_from_slice(b"v\0");
     doc.extend_from_slice(value);
     doc.push(0);
-    let mut parsed = bson::Document::from_reader(&mut &doc[..])
-        .map_err(|_| Error::MalformedBson("the value is not valid BSON".into()))?;
-    parsed
-        .remove("v")
-        .ok_or_else(|| Error::MalformedBson("value missing after parsing".into()))
+    // Raw parsing and a structural conversion, not serde: serde would turn an embedded
+    // document with a key such as `$date` or `$numberLong` into that extended-JSON type.
+    let bad = || Error::MalformedBson("the value is not valid BSON".into());
+    let raw = bson::RawDocument::from_bytes(&doc[..])
+        .map_err(|_| bad())?
+        .get("v")
+        .map_err(|_| bad())?
+        .ok_or_else(|| Error::MalformedBson("value missing after parsing".into()))?;
+    bson::Bson::try_from(raw.to_raw_bson()).map_err(|_| bad())
 }
 
 /// Appends an element header: type byte and key.
@@ -443,6 +447,21 @@ mod tests {
             assert_eq!(bytes[4], t, "{v:?}");
             assert_eq!(&bytes[7..bytes.len() - 1], &fast[..], "{v:?}");
             let back = decode_value(t, &fast).unwrap();
+            // And bson's own parser reads the same value from the same bytes.
+            let parsed: bson::Bson = bson::RawDocument::from_bytes(&bytes)
+                .unwrap()
+                .get("v")
+                .unwrap()
+                .unwrap()
+                .to_raw_bson()
+                .try_into()
+                .unwrap();
+            match (&parsed, &back) {
+                (bson::Bson::Double(a), bson::Bson::Double(b)) => {
+                    assert_eq!(a.to_bits(), b.to_bits());
+                }
+                _ => assert_eq!(parsed, back),
+            }
             match (&v, &back) {
                 (Bson::Double(a), Bson::Double(b)) => assert_eq!(a.to_bits(), b.to_bits()),
                 _ => assert_eq!(back, v),

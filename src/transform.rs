@@ -378,6 +378,9 @@ impl Cryptor {
                 check_minimum_bindings(self, ctx, &path, &env)?;
                 let key = self.keyring.key(&env.key_id)?;
                 let encode = |v: Option<&Bson>| v.map(rawbson::encode_value).transpose();
+                // As in a document walk, the owner counts only where there is an owner field.
+                let owner_field = ctx.owner_field.as_deref().or(self.schema.owner_field());
+                let owner = owner.filter(|_| owner_field.is_some());
                 let (id, owner) = (encode(id)?, encode(owner)?);
                 let binding = Binding {
                     path: &path,

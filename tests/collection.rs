@@ -596,6 +596,60 @@ async fn distinct_decrypts_deterministic_fields_once_per_value_across_keys() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_merges_values_as_the_server_would_and_passes_legacy_plaintext() {
+    let (client, _sent) = client_recording().await;
+    let db = client.database(&unique_db_name("coll_distinct_merge"));
+    let schema = Schema::builder()
+        .field("n", Field::deterministic("det"))
+        .field("list", Field::deterministic("det"))
+        .build()
+        .unwrap();
+    let coll =
+        EncryptedCollection::<Document>::new(db.collection::<Document>("c"), keyring(), schema);
+    coll.insert_many([
+        doc! { "_id": 1, "n": 1_i32, "list": [1, 2] },
+        doc! { "_id": 2, "n": 1_i64, "list": [2, 3] },
+        doc! { "_id": 3, "n": 1.0, "list": ["x"] },
+        doc! { "_id": 4, "n": 2.5 },
+    ])
+    .await
+    .unwrap();
+    // Written before the fields were encrypted: plaintext, straight into the collection.
+    db.collection::<Document>("c")
+        .insert_one(doc! { "_id": 5, "n": 7, "list": [3, "y"] })
+        .await
+        .unwrap();
+    let sorted = |mut v: Vec<Bson>| {
+        v.sort_by_key(ToString::to_string);
+        v
+    };
+    // One 1 whatever its numeric type (the first one met), as the server merges numbers.
+    let n = sorted(coll.distinct("n", doc! {}).await.unwrap());
+    assert_eq!(n.len(), 3, "{n:?}");
+    assert!(
+        n.contains(&Bson::Double(2.5)) && n.contains(&Bson::Int32(7)),
+        "{n:?}"
+    );
+    // A deterministic array is encrypted whole; its distinct values are its elements, merged
+    // with the elements of plaintext arrays the server split.
+    let list = sorted(coll.distinct("list", doc! {}).await.unwrap());
+    assert_eq!(
+        list,
+        sorted(vec![
+            Bson::Int32(1),
+            Bson::Int32(2),
+            Bson::Int32(3),
+            Bson::from("x"),
+            Bson::from("y")
+        ])
+    );
+    // Positional paths name nothing the server could list.
+    let e = coll.distinct("list.$[]", doc! {}).await.unwrap_err();
+    assert_eq!(refusal(e).0, "distinct");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_refused_operations_send_nothing() {
     let (db, _ring, coll, sent) = setup("coll_refuse").await;
     coll.insert_one(patient(1)).await.unwrap();

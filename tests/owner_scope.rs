@@ -339,6 +339,29 @@ async fn unscoped_handles_bind_the_owner_from_the_filter() {
     let mut acme_emails = acme.distinct("email", doc! {}).await.unwrap();
     acme_emails.sort_by_key(ToString::to_string);
     assert_eq!(acme_emails, [Bson::from("noid@x"), Bson::from("x@x")]);
+    // A scoped handle does not reach another owner's document by `_id` either.
+    assert_eq!(acme.distinct("_id", doc! { "_id": 2 }).await.unwrap(), []);
+    assert!(acme
+        .find_one_and_replace(doc! { "_id": 2 }, person(2, Some("acme"), "taken@x"))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(acme
+        .find_one_and_delete(doc! { "_id": 2 })
+        .await
+        .unwrap()
+        .is_none());
+    let globex = all.scoped("globex").unwrap();
+    assert_eq!(
+        globex
+            .find_one(doc! { "_id": 2 })
+            .await
+            .unwrap()
+            .unwrap()
+            .get_str("email")
+            .unwrap(),
+        "x@x"
+    );
     let unowned = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring,

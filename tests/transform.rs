@@ -622,10 +622,27 @@ fn explicit_values_agree_with_documents_for_every_type_and_check_bindings() {
         Bson::DateTime(bson::DateTime::from_millis(1_700_000_000_000)),
         Bson::ObjectId(bson::oid::ObjectId::new()),
         Bson::Document(doc! { "nested": [1, "two"] }),
+        // Keys that serde would read as extended JSON stay a plain document.
+        Bson::Document(doc! { "$date": "not a date", "$numberLong": "5" }),
+        Bson::Document(doc! { "$oid": 1 }),
         Bson::Binary(Binary {
             subtype: BinarySubtype::Generic,
             bytes: vec![1, 2, 3],
         }),
+        Bson::Decimal128(bson::Decimal128::from_bytes([3; 16])),
+        Bson::RegularExpression(bson::Regex {
+            pattern: "^a.*z$".into(),
+            options: "i".into(),
+        }),
+        Bson::Timestamp(bson::Timestamp {
+            time: 7,
+            increment: 9,
+        }),
+        Bson::JavaScriptCode("function () {}".into()),
+        Bson::Symbol("sym".into()),
+        Bson::MinKey,
+        Bson::MaxKey,
+        Bson::Undefined,
     ];
     for v in &values {
         // A value encrypted alone decrypts alone and inside its document, and back.
@@ -654,21 +671,59 @@ fn explicit_values_agree_with_documents_for_every_type_and_check_bindings() {
             v
         );
         assert_eq!(&c.decrypt_value("tags", &one, &ctx, None, None).unwrap(), v);
-        // Bound to its path and namespace; not decrypted in a context without them.
-        assert!(c
-            .decrypt_value("tags", &ct_of(&c, v), &ctx, None, None)
-            .is_err());
+        // Bound to its path and namespace: elsewhere it does not authenticate.
+        assert!(matches!(
+            c.decrypt_value("tags", &ct_of(&c, v), &ctx, None, None),
+            Err(Error::Decrypt)
+        ));
         let other = Context::namespace("db.other");
-        assert!(c
-            .decrypt_value(
-                "v",
-                &c.encrypt_value("v", v, &ctx, None, None).unwrap(),
-                &other,
-                None,
-                None
-            )
-            .is_err());
+        assert!(matches!(
+            c.decrypt_value("v", &ct_of(&c, v), &other, None, None),
+            Err(Error::Decrypt)
+        ));
     }
+    // `_id` and owner bindings: the right ones open it, others do not, none is refused.
+    let owned = Schema::builder()
+        .owner_field("tenant")
+        .field("v", Field::randomized("pii").bind_id())
+        .build()
+        .unwrap();
+    let keys = ring();
+    let o = Cryptor::new(keys.clone(), owned);
+    let (id, acme) = (Bson::Int32(1), Bson::from("acme"));
+    let ct = o
+        .encrypt_value("v", &Bson::from("x"), &ctx, Some(&id), Some(&acme))
+        .unwrap();
+    assert_eq!(
+        o.decrypt_value("v", &ct, &ctx, Some(&id), Some(&acme))
+            .unwrap(),
+        Bson::from("x")
+    );
+    assert!(matches!(
+        o.decrypt_value("v", &ct, &ctx, Some(&Bson::Int32(2)), Some(&acme)),
+        Err(Error::Decrypt)
+    ));
+    assert!(matches!(
+        o.decrypt_value("v", &ct, &ctx, Some(&id), Some(&Bson::from("globex"))),
+        Err(Error::Decrypt)
+    ));
+    assert!(matches!(
+        o.decrypt_value("v", &ct, &ctx, None, Some(&acme)),
+        Err(Error::MissingContext(_))
+    ));
+    // Without an owner field (in the schema or the context) the owner given is not used, as
+    // in a document walk: the owner-bound value cannot be opened.
+    let no_owner_field = Cryptor::new(
+        keys,
+        Schema::builder()
+            .field("v", Field::randomized("pii").bind_id())
+            .build()
+            .unwrap(),
+    );
+    assert!(matches!(
+        no_owner_field.decrypt_value("v", &ct, &ctx, Some(&id), Some(&acme)),
+        Err(Error::MissingContext(_))
+    ));
     // A value written without a namespace is refused where the namespace is known.
     let loose = c
         .encrypt_value("v", &Bson::from("x"), &Context::none(), None, None)

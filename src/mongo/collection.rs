@@ -329,10 +329,11 @@ impl<T> EncryptedCollection<T> {
         from_raw(plain)
     }
 
-    /// Decrypts the distinct ciphertexts of the deterministic field `path` and drops repeats:
-    /// a value written under several keys of its alias (before and after a rotation) is one
-    /// value. Values that are not ciphertext (written before the field was encrypted) pass
-    /// through, as a find would return them.
+    /// Decrypts the distinct ciphertexts of the deterministic field `path` and drops repeats
+    /// as the server would have in clear: a value written under several keys of its alias
+    /// (before and after a rotation) is one value, numbers equal across types are one value,
+    /// and an array encrypted whole counts by its elements. Values that are not ciphertext
+    /// (written before the field was encrypted) pass through, as a find would return them.
     async fn decrypt_distinct(
         &self,
         path: &str,
@@ -346,6 +347,12 @@ impl<T> EncryptedCollection<T> {
         }
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(values.len());
+        let mut keep = |v: Bson| -> Result<()> {
+            if seen.insert(DistinctKey::of(&v)?) {
+                out.push(v);
+            }
+            Ok(())
+        };
         for v in values {
             let plain = match &v {
                 Bson::Binary(b) => self
@@ -353,9 +360,9 @@ impl<T> EncryptedCollection<T> {
                     .decrypt_value(path, b, &self.ctx, None, owner)?,
                 _ => v,
             };
-            let (ty, bytes) = crate::rawbson::encode_value(&plain)?;
-            if seen.insert((ty, bytes.to_vec())) {
-                out.push(plain);
+            match plain {
+                Bson::Array(items) => items.into_iter().try_for_each(&mut keep)?,
+                plain => keep(plain)?,
             }
         }
         Ok(out)
@@ -397,6 +404,48 @@ fn check_collation(collation: Option<&Collation>, touched: Option<&String>) -> R
                 "ciphertext equality is binary; a collation would compare plaintexts differently",
         }),
         _ => Ok(()),
+    }
+}
+
+/// A plaintext value as `distinct` compares it: numbers by value whatever their type, anything
+/// else by its BSON bytes (wiped on drop: they are plaintext).
+#[derive(PartialEq, Eq)]
+struct DistinctKey(u8, zeroize::Zeroizing<Vec<u8>>);
+
+impl std::hash::Hash for DistinctKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.hash(h);
+        self.1.as_slice().hash(h);
+    }
+}
+
+impl DistinctKey {
+    fn of(v: &Bson) -> Result<Self> {
+        let int = |i: i64| DistinctKey(0x12, zeroize::Zeroizing::new(i.to_le_bytes().to_vec()));
+        Ok(match v {
+            Bson::Int32(i) => int(i64::from(*i)),
+            Bson::Int64(i) => int(*i),
+            // Integral doubles in i64 range compare as those integers; the rest by their bits,
+            // with one zero and one NaN.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+            Bson::Double(d)
+                if d.fract() == 0.0 && *d >= i64::MIN as f64 && *d < i64::MAX as f64 =>
+            {
+                int(*d as i64)
+            }
+            Bson::Double(d) => {
+                let bits = if d.is_nan() {
+                    f64::NAN.to_bits()
+                } else {
+                    d.to_bits()
+                };
+                DistinctKey(0x01, zeroize::Zeroizing::new(bits.to_le_bytes().to_vec()))
+            }
+            other => {
+                let (t, bytes) = crate::rawbson::encode_value(other)?;
+                DistinctKey(t, bytes)
+            }
+        })
     }
 }
 

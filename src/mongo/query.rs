@@ -956,6 +956,13 @@ impl<'a> QueryRewriter<'a> {
         field: &str,
         filter: &Document,
     ) -> Result<Option<(&'a FieldRule, Option<Bson>)>> {
+        if field.split('.').any(is_positional) {
+            return Err(refuse(
+                "distinct",
+                field,
+                "name the array field itself: distinct lists its elements",
+            ));
+        }
         let resolved = self.classify(field);
         let rule = match resolved.kind {
             Kind::Plain => return Ok(None),
