@@ -618,7 +618,10 @@ impl Rotator {
         let keyring: Arc<dyn Keyring> = self.keys.clone();
         let cryptor = Cryptor::with_shared(keyring.clone(), target.schema.clone());
 
-        let aliases: Vec<String> = inspect::aliases(&target.schema)
+        let aliases: Vec<String> = target
+            .schema
+            .aliases()
+            .into_iter()
             .map(str::to_owned)
             .collect();
         self.keys.prefetch_aliases(&aliases).await?;

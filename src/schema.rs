@@ -184,6 +184,16 @@ pub struct FieldRule {
 }
 
 impl FieldRule {
+    /// The key aliases this field uses: its encryption key's, then its blind index's.
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.field
+            .encrypt
+            .as_ref()
+            .map(|e| e.key.as_str())
+            .into_iter()
+            .chain(self.field.blind_index.as_ref().map(|b| b.key.as_str()))
+    }
+
     /// The full path of this field's blind index, if it has one.
     #[must_use]
     pub fn blind_index_path(&self) -> Option<String> {
@@ -532,20 +542,25 @@ impl Schema {
         self.needs_id
     }
 
+    /// Every key alias the schema names, once each, in the order of the rules.
+    #[must_use]
+    pub fn aliases(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for a in self.rules.iter().flat_map(FieldRule::aliases) {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
     /// Checks that every alias the schema names exists in `keyring`.
     ///
     /// # Errors
     /// [`Error::Schema`] naming the path whose alias is unknown.
     pub fn check_keys(&self, keyring: &dyn Keyring) -> Result<()> {
         for r in &self.rules {
-            let aliases = r
-                .field
-                .encrypt
-                .as_ref()
-                .map(|e| e.key.as_str())
-                .into_iter()
-                .chain(r.field.blind_index.as_ref().map(|b| b.key.as_str()));
-            for alias in aliases {
+            for alias in r.aliases() {
                 if let Err(Error::UnknownAlias(_)) = keyring.readable_keys(alias) {
                     return Err(Error::schema(
                         r.path.clone(),
@@ -723,6 +738,27 @@ impl SchemaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aliases_are_listed_once_each() {
+        let s = Schema::builder()
+            .field(
+                "b",
+                Field::randomized("pii").with_blind_index(BlindIndex::new("idx")),
+            )
+            .field("a", Field::deterministic("det"))
+            .field("c", Field::randomized("pii"))
+            .field("t", Field::blind_index_only(BlindIndex::new("idx")))
+            .build()
+            .unwrap();
+        let mut got = s.aliases();
+        got.sort_unstable();
+        assert_eq!(got, ["det", "idx", "pii"]);
+        let b = s.rule("b").unwrap();
+        assert_eq!(b.aliases().collect::<Vec<_>>(), ["pii", "idx"]);
+        let t = s.rule("t").unwrap();
+        assert_eq!(t.aliases().collect::<Vec<_>>(), ["idx"]);
+    }
 
     fn err_path(r: Result<Schema>) -> String {
         match r {

@@ -113,22 +113,7 @@ impl<T> core::fmt::Debug for EncryptedCollection<T> {
 }
 
 fn aliases_of(schema: &Schema) -> Arc<[String]> {
-    let mut aliases: Vec<String> = Vec::new();
-    for r in schema.rules() {
-        let names = r
-            .field
-            .encrypt
-            .as_ref()
-            .map(|e| &e.key)
-            .into_iter()
-            .chain(r.field.blind_index.as_ref().map(|b| &b.key));
-        for a in names {
-            if !aliases.contains(a) {
-                aliases.push(a.clone());
-            }
-        }
-    }
-    aliases.into()
+    schema.aliases().into_iter().map(str::to_owned).collect()
 }
 
 impl<T> EncryptedCollection<T> {

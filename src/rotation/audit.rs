@@ -376,7 +376,7 @@ impl Audit {
     ) -> Result<AuditReport> {
         let started = Instant::now();
         let schema: &Schema = &target.schema;
-        let aliases: Vec<String> = super::inspect::aliases(schema).map(str::to_owned).collect();
+        let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
         self.keys.prefetch_aliases(&aliases).await?;
         let keyring: &dyn Keyring = self.keys.as_ref();
         // An alias without a primary is itself worth reporting, but must not stop the audit.

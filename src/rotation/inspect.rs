@@ -31,10 +31,8 @@ impl Primaries {
     /// Looks up the primaries of every alias the schema names.
     pub(crate) fn resolve(schema: &Schema, keyring: &dyn Keyring) -> Result<Self> {
         let mut ids = HashMap::new();
-        for alias in aliases(schema) {
-            if !ids.contains_key(alias) {
-                ids.insert(alias.to_owned(), Some(keyring.primary(alias)?.id()));
-            }
+        for alias in schema.aliases() {
+            ids.insert(alias.to_owned(), Some(keyring.primary(alias)?.id()));
         }
         Ok(Primaries { ids })
     }
@@ -56,17 +54,6 @@ impl Primaries {
 }
 
 /// Every key alias a schema names (encryption and blind indexes).
-pub(crate) fn aliases(schema: &Schema) -> impl Iterator<Item = &str> {
-    schema.rules().iter().flat_map(|r| {
-        r.field
-            .encrypt
-            .as_ref()
-            .map(|e| e.key.as_str())
-            .into_iter()
-            .chain(r.field.blind_index.as_ref().map(|b| b.key.as_str()))
-    })
-}
-
 /// A ciphertext found somewhere in a document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Found {

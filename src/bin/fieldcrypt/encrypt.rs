@@ -44,18 +44,7 @@ pub(crate) fn context(namespace: Option<&str>) -> Context {
 pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     let schema = load_schema(&a.schema)?;
     let keys = Keys::open(&a.keys).await?;
-    let aliases: Vec<String> = schema
-        .rules()
-        .iter()
-        .flat_map(|r| {
-            r.field
-                .encrypt
-                .as_ref()
-                .map(|e| e.key.clone())
-                .into_iter()
-                .chain(r.field.blind_index.as_ref().map(|b| b.key.clone()))
-        })
-        .collect();
+    let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
     let cryptor = Cryptor::new(keys.source.clone(), schema);

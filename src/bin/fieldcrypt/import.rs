@@ -41,18 +41,7 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     let schema = load_schema(&a.schema)?;
     let (db, coll) = split_namespace(&a.namespace)?;
     let keys = Keys::open(&a.keys).await?;
-    let aliases: Vec<String> = schema
-        .rules()
-        .iter()
-        .flat_map(|r| {
-            r.field
-                .encrypt
-                .as_ref()
-                .map(|e| e.key.clone())
-                .into_iter()
-                .chain(r.field.blind_index.as_ref().map(|b| b.key.clone()))
-        })
-        .collect();
+    let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
     let cryptor = Cryptor::new(keys.source.clone(), schema);
