@@ -377,11 +377,17 @@ impl Cryptor {
                 let env = Envelope::parse(bytes)?;
                 check_minimum_bindings(self, ctx, &path, &env)?;
                 let key = self.keyring.key(&env.key_id)?;
-                let encode = |v: Option<&Bson>| v.map(rawbson::encode_value).transpose();
-                // As in a document walk, the owner counts only where there is an owner field.
+                // Encoded only when the envelope binds them. As in a document walk, the owner
+                // counts only where there is an owner field.
+                let bound = |flag: u8, v: Option<&Bson>| {
+                    v.filter(|_| env.flags & flag != 0)
+                        .map(rawbson::encode_value)
+                        .transpose()
+                };
                 let owner_field = ctx.owner_field.as_deref().or(self.schema.owner_field());
                 let owner = owner.filter(|_| owner_field.is_some());
-                let (id, owner) = (encode(id)?, encode(owner)?);
+                let id = bound(envelope::flags::ID, id)?;
+                let owner = bound(envelope::flags::OWNER, owner)?;
                 let binding = Binding {
                     path: &path,
                     namespace: ctx.namespace.as_deref(),
@@ -395,10 +401,7 @@ impl Cryptor {
             CSFLE_SUBTYPE if matches!(bytes.first(), Some(1 | 2)) => {
                 let p = csfle::parse_payload(bytes)?;
                 let key = self.keyring.key(&p.key_id)?;
-                let cipher = key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
-                    id: p.key_id,
-                    reason: "not a 96-byte CSFLE data key",
-                })?;
+                let cipher = csfle_cipher(&key)?;
                 let mut plain = Zeroizing::new(Vec::new());
                 csfle::decrypt_into(cipher, &p, &mut plain)?;
                 rawbson::decode_value(p.bson_type, &plain)
@@ -932,14 +935,19 @@ impl Walker<'_> {
     fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = csfle::parse_payload(payload)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, p.key_id)?;
-        let cipher = key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
-            id: p.key_id,
-            reason: "not a 96-byte CSFLE data key",
-        })?;
+        let cipher = csfle_cipher(key)?;
         let type_at = out.len();
         rawbson::put_key(out, p.bson_type, name);
         csfle::decrypt_into(cipher, &p, out).inspect_err(|_| out.truncate(type_at))
     }
+}
+
+/// The CSFLE cipher state of `key`, for decryption (a readable 96-byte CSFLE data key).
+fn csfle_cipher(key: &Key) -> Result<&csfle::CsfleKey> {
+    key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
+        id: key.id(),
+        reason: "not a 96-byte CSFLE data key",
+    })
 }
 
 /// An encoded value (type and bytes) as a [`RawValue`].

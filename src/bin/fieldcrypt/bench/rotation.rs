@@ -366,15 +366,17 @@ async fn check_copy(db: &Database, n: u32) -> Result<(), Error> {
     check_count("copy (documents in the new collection)", copied, n)
 }
 
+/// Field `key` of a W4 document, owned.
+fn get(doc: &RawDocument, key: &str) -> Result<Bson, Error> {
+    let v = doc
+        .get(key)?
+        .ok_or_else(|| Error::Config(format!("W4 document without `{key}`")))?;
+    Ok(v.to_raw_bson().try_into()?)
+}
+
 /// The three encrypted values of a W2 document, as the filter and `$set` of the rotation name
 /// them.
 fn encrypted_values(d: &RawDocument) -> Result<[Bson; 3], Error> {
-    let get = |doc: &RawDocument, key: &str| -> Result<Bson, Error> {
-        let v = doc
-            .get(key)?
-            .ok_or_else(|| Error::Config(format!("W4 document without `{key}`")))?;
-        Ok(v.to_raw_bson().try_into()?)
-    };
     Ok([
         get(d, "email")?,
         get(d, "ssn")?,
@@ -405,11 +407,7 @@ async fn rewrite(
             for (i, d) in docs.iter().enumerate() {
                 let [email, ssn, phone] = &values[i];
                 let [new_email, new_ssn, new_phone] = &values[(i + 1) % values.len()];
-                let id: Bson = d
-                    .get("_id")?
-                    .ok_or_else(|| Error::Config("W4 document without `_id`".into()))?
-                    .to_raw_bson()
-                    .try_into()?;
+                let id = get(d, "_id")?;
                 updates.push(doc! {
                     "q": { "_id": id, "email": email, "ssn": ssn, "profile.phone": phone },
                     "u": { "$set": { "email": new_email, "ssn": new_ssn, "profile.phone": new_phone } },
