@@ -216,7 +216,7 @@ impl SuiteKeys {
     pub(crate) fn blind_index(&self, root: &KeyMaterial) -> &Hmac<Sha256> {
         self.blind_index.get_or_init(|| {
             let k = derive::<32>(root, BLIND_INDEX_LABEL);
-            <Hmac<Sha256> as hmac::Mac>::new_from_slice(k.as_ref())
+            <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(k.as_ref())
                 .expect("HMAC takes keys of any length") // allowed: infallible for HMAC
         })
     }

@@ -46,9 +46,9 @@ pub(crate) const MIN_SEALED_LEN: usize = IV_LEN + BLOCK_LEN + TAG_LEN;
 /// are computed once, so that sealing or opening a small value costs one short HMAC (two
 /// SHA-512 compressions for values up to ~50 bytes) plus its AES blocks.
 ///
-/// The AES key schedule wipes itself on drop (`aes` feature `zeroize`). The HMAC states
-/// (SHA-512 states after absorbing key ⊕ ipad/opad) cannot be wiped: `hmac` 0.12 / `sha2` 0.10
-/// offer no zeroize support. They are not the key bytes, but they do allow computing tags.
+/// Both wipe themselves on drop: the AES key schedule (`aes` feature `zeroize`) and the HMAC
+/// states, SHA-512 states after absorbing key ⊕ ipad/opad (`sha2` feature `zeroize`; so are
+/// the per-value clones that [`CsfleKey::tag`] makes).
 pub(crate) struct CsfleKey {
     mac: Hmac<Sha512>,
     iv_mac: Hmac<Sha512>,
@@ -166,7 +166,7 @@ fn keyed_hmac(key: &[u8]) -> Hmac<Sha512> {
     // same MAC and spares a fallible constructor.
     let mut block = Zeroizing::new([0u8; 128]);
     block[..key.len()].copy_from_slice(key);
-    <Hmac<Sha512> as KeyInit>::new(GenericArray::from_slice(&block[..]))
+    <Hmac<Sha512> as hmac::digest::KeyInit>::new((&*block).into())
 }
 
 /// AL: the length of the associated data in bits, as a 64-bit big-endian integer.
@@ -186,6 +186,17 @@ mod tests {
 
     fn unhex(s: &str) -> Vec<u8> {
         hex::decode(s).unwrap()
+    }
+
+    /// An HMAC key lives on in the two hash states it was absorbed into (`HmacCore` holds them
+    /// and every tag clones them): those states must wipe themselves. This stops compiling if
+    /// `sha2`'s `zeroize` feature goes.
+    #[test]
+    fn hmac_states_wipe_themselves_on_drop() {
+        use hmac::digest::block_api::CoreProxy;
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<<Sha512 as CoreProxy>::Core>();
+        wiped_on_drop::<<sha2::Sha256 as CoreProxy>::Core>();
     }
 
     // draft-mcgrew-aead-aes-cbc-hmac-sha2-05 §5.4 (AEAD_AES_256_CBC_HMAC_SHA_512), as libmongocrypt
@@ -235,7 +246,7 @@ mod tests {
     fn hmac_key_padding_matches_short_key() {
         let key = [7u8; 32];
         let mut a = keyed_hmac(&key);
-        let mut b = <Hmac<Sha512> as Mac>::new_from_slice(&key).unwrap();
+        let mut b = <Hmac<Sha512> as hmac::KeyInit>::new_from_slice(&key).unwrap();
         a.update(b"x");
         b.update(b"x");
         assert_eq!(a.finalize().into_bytes(), b.finalize().into_bytes());

@@ -899,8 +899,7 @@ impl Bare {
         match format {
             Format::Csfle => {
                 use aes::cipher::KeyInit as _;
-                use hmac::Mac;
-                let mac = <HmacSha512 as Mac>::new_from_slice(&BENCH_KEY[..32])
+                let mac = <HmacSha512 as hmac::KeyInit>::new_from_slice(&BENCH_KEY[..32])
                     .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
                 Bare::Csfle(Box::new((mac, aes::Aes256::new(k32))))
             }
