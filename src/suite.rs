@@ -10,7 +10,8 @@
 use core::fmt;
 use std::sync::OnceLock;
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::array::{Array, ArraySize};
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use aes_siv::siv::Aes256Siv;
 use chacha20poly1305::{ChaCha20Poly1305, XChaCha20Poly1305};
@@ -187,21 +188,21 @@ impl SuiteKeys {
     fn gcm(&self, root: &KeyMaterial) -> &Aes256Gcm {
         self.gcm.get_or_init(|| {
             let k = derive::<32>(root, Suite::Aes256Gcm.hkdf_label());
-            Aes256Gcm::new(k.as_ref().into())
+            Aes256Gcm::new((&*k).into())
         })
     }
 
     fn chacha(&self, root: &KeyMaterial) -> &ChaCha20Poly1305 {
         self.chacha.get_or_init(|| {
             let k = derive::<32>(root, Suite::ChaCha20Poly1305.hkdf_label());
-            ChaCha20Poly1305::new(k.as_ref().into())
+            ChaCha20Poly1305::new((&*k).into())
         })
     }
 
     fn xchacha(&self, root: &KeyMaterial) -> &XChaCha20Poly1305 {
         self.xchacha.get_or_init(|| {
             let k = derive::<32>(root, Suite::XChaCha20Poly1305.hkdf_label());
-            XChaCha20Poly1305::new(k.as_ref().into())
+            XChaCha20Poly1305::new((&*k).into())
         })
     }
 
@@ -209,7 +210,7 @@ impl SuiteKeys {
         let k = self
             .siv
             .get_or_init(|| derive::<64>(root, Suite::Aes256SivDeterministic.hkdf_label()));
-        Aes256Siv::new(k.as_ref().into())
+        Aes256Siv::new((&**k).into())
     }
 
     /// The keyed HMAC-SHA-256 state for blind indexes; clone it per value.
@@ -239,7 +240,7 @@ impl SuiteKeys {
                 rand::thread_rng().fill_bytes(nonce);
                 let t = self
                     .gcm(root)
-                    .encrypt_in_place_detached(nonce[..].into(), aad, buf)
+                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
                     .map_err(too_long)?;
                 tag.copy_from_slice(&t);
             }
@@ -247,7 +248,7 @@ impl SuiteKeys {
                 rand::thread_rng().fill_bytes(nonce);
                 let t = self
                     .chacha(root)
-                    .encrypt_in_place_detached(nonce[..].into(), aad, buf)
+                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
                     .map_err(too_long)?;
                 tag.copy_from_slice(&t);
             }
@@ -255,14 +256,14 @@ impl SuiteKeys {
                 rand::thread_rng().fill_bytes(nonce);
                 let t = self
                     .xchacha(root)
-                    .encrypt_in_place_detached(nonce[..].into(), aad, buf)
+                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
                     .map_err(too_long)?;
                 tag.copy_from_slice(&t);
             }
             Suite::Aes256SivDeterministic => {
                 let siv = self
                     .siv(root)
-                    .encrypt_in_place_detached([aad], buf)
+                    .encrypt_inout_detached([aad], buf.into())
                     .map_err(too_long)?;
                 nonce.copy_from_slice(&siv);
             }
@@ -283,23 +284,34 @@ impl SuiteKeys {
         let ok = match suite {
             Suite::Aes256Gcm => {
                 self.gcm(root)
-                    .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
+                    .decrypt_inout_detached(sized(nonce)?, aad, buf.into(), sized(tag)?)
             }
-            Suite::ChaCha20Poly1305 => {
-                self.chacha(root)
-                    .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
-            }
-            Suite::XChaCha20Poly1305 => {
-                self.xchacha(root)
-                    .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
-            }
+            Suite::ChaCha20Poly1305 => self.chacha(root).decrypt_inout_detached(
+                sized(nonce)?,
+                aad,
+                buf.into(),
+                sized(tag)?,
+            ),
+            Suite::XChaCha20Poly1305 => self.xchacha(root).decrypt_inout_detached(
+                sized(nonce)?,
+                aad,
+                buf.into(),
+                sized(tag)?,
+            ),
             Suite::Aes256SivDeterministic => {
                 self.siv(root)
-                    .decrypt_in_place_detached([aad], buf, nonce.into())
+                    .decrypt_inout_detached([aad], buf.into(), sized(nonce)?)
             }
         };
         ok.map_err(|_| Error::Decrypt)
     }
+}
+
+/// `b` as the fixed-size array an AEAD takes. Envelopes are parsed and built with each suite's
+/// lengths, so a mismatch is a malformed input, never a reason to panic.
+fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>> {
+    b.try_into()
+        .map_err(|_| Error::MalformedCiphertext("nonce or tag of the wrong length for its suite"))
 }
 
 #[cfg(test)]

@@ -20,8 +20,7 @@
 use core::fmt;
 
 use aes::cipher::block_padding::Pkcs7;
-use aes::cipher::generic_array::GenericArray;
-use aes::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit};
+use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
 use aes::Aes256;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -58,12 +57,14 @@ pub(crate) struct CsfleKey {
 impl CsfleKey {
     /// Splits 96 bytes of key material as FLE1 does: MAC key, encryption key, IV key.
     pub(crate) fn new(material: &[u8; KEY_LEN]) -> Self {
-        let (mac_key, rest) = material.split_at(SUBKEY_LEN);
-        let (enc_key, iv_key) = rest.split_at(SUBKEY_LEN);
+        // KEY_LEN is three subkeys exactly, so the chunks are those three and no remainder.
+        let ([mac_key, enc_key, iv_key], []) = material.as_chunks::<SUBKEY_LEN>() else {
+            unreachable!("KEY_LEN == 3 * SUBKEY_LEN")
+        };
         CsfleKey {
             mac: keyed_hmac(mac_key),
             iv_mac: keyed_hmac(iv_key),
-            aes: Aes256::new(GenericArray::from_slice(enc_key)),
+            aes: Aes256::new(enc_key.into()),
         }
     }
 
@@ -97,8 +98,9 @@ impl CsfleKey {
         out.resize(ct_start + plaintext.len() + pad, pkcs7_byte(pad));
         // CBC encryption is sequential whatever the backend, so block by block costs nothing.
         let mut cbc = cbc::Encryptor::<&Aes256>::inner_iv_init(&self.aes, iv.into());
-        for block in out[ct_start..].chunks_exact_mut(BLOCK_LEN) {
-            cbc.encrypt_block_mut(GenericArray::from_mut_slice(block));
+        // Padded to whole blocks just above.
+        for block in out[ct_start..].as_chunks_mut::<BLOCK_LEN>().0 {
+            cbc.encrypt_block(block.into());
         }
         let tag = self.tag(ad, &out[start..]);
         out.extend_from_slice(&tag[..TAG_LEN]);
@@ -120,13 +122,17 @@ impl CsfleKey {
         if !bool::from(expected[..TAG_LEN].ct_eq(tag)) {
             return Err(Error::Decrypt);
         }
-        let (iv, ct) = signed.split_at(IV_LEN);
+        let (iv, ct) = signed
+            .split_first_chunk::<IV_LEN>()
+            .ok_or(Error::MalformedCiphertext(
+                "CSFLE ciphertext shorter than its IV",
+            ))?;
+        let iv = iv.into();
         let start = out.len();
         out.extend_from_slice(ct);
-        let unpadded =
-            cbc::Decryptor::<&Aes256>::inner_iv_init(&self.aes, GenericArray::from_slice(iv))
-                .decrypt_padded_mut::<Pkcs7>(&mut out[start..])
-                .map(<[u8]>::len);
+        let unpadded = cbc::Decryptor::<&Aes256>::inner_iv_init(&self.aes, iv)
+            .decrypt_padded::<Pkcs7>(&mut out[start..])
+            .map(<[u8]>::len);
         match unpadded {
             Ok(len) => {
                 // The padding bytes are not secret, but wiping them keeps `out`'s spare
@@ -310,8 +316,8 @@ mod tests {
             let mut block = [0u8; 16];
             block[15] = last;
             let mut enc = cbc::Encryptor::<&Aes256>::inner_iv_init(&key.aes, (&iv).into());
-            let mut b = GenericArray::clone_from_slice(&block);
-            enc.encrypt_block_mut(&mut b);
+            let mut b = aes::cipher::Block::<Aes256>::from(block);
+            enc.encrypt_block(&mut b);
             let mut sealed = iv.to_vec();
             sealed.extend_from_slice(&b);
             let tag = key.tag(b"", &sealed);

@@ -15,7 +15,8 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::array::{Array, ArraySize};
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use aes_siv::siv::Aes256Siv;
 use bson::{Document, RawDocumentBuf};
@@ -880,6 +881,13 @@ struct Sealed {
 
 type HmacSha512 = hmac::Hmac<sha2::Sha512>;
 
+/// `b` as the fixed-size array a cipher takes (nonces, IVs and tags here have their suite's
+/// length by construction).
+fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>, Error> {
+    b.try_into()
+        .map_err(|_| Error::Config("bare AEAD input of the wrong length".into()))
+}
+
 /// The cipher alone, keyed once, with no envelope, BSON or key lookup around it.
 enum Bare {
     Gcm(Box<Aes256Gcm>),
@@ -895,7 +903,9 @@ const BENCH_KEY: [u8; 64] = [0x42; 64];
 
 impl Bare {
     fn new(format: Format) -> Self {
-        let k32 = aes_gcm::Key::<Aes256Gcm>::from_slice(&BENCH_KEY[..32]);
+        let k32 = (&BENCH_KEY[..32])
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("32 of 64 bytes"));
         match format {
             Format::Csfle => {
                 use aes::cipher::KeyInit as _;
@@ -958,21 +968,21 @@ impl Bare {
             Bare::Gcm(c) => {
                 out.extend_from_slice(pt);
                 let tag = c
-                    .encrypt_in_place_detached(nonce_buf[..12].into(), ad, out)
+                    .encrypt_inout_detached(sized(&nonce_buf[..12])?, ad, out.as_mut_slice().into())
                     .map_err(fail)?;
                 out.extend_from_slice(&tag);
             }
             Bare::ChaCha(c) => {
                 out.extend_from_slice(pt);
                 let tag = c
-                    .encrypt_in_place_detached(nonce_buf[..12].into(), ad, out)
+                    .encrypt_inout_detached(sized(&nonce_buf[..12])?, ad, out.as_mut_slice().into())
                     .map_err(fail)?;
                 out.extend_from_slice(&tag);
             }
             Bare::XChaCha(c) => {
                 out.extend_from_slice(pt);
                 let tag = c
-                    .encrypt_in_place_detached(nonce_buf[..].into(), ad, out)
+                    .encrypt_inout_detached(sized(&nonce_buf[..])?, ad, out.as_mut_slice().into())
                     .map_err(fail)?;
                 out.extend_from_slice(&tag);
             }
@@ -980,13 +990,13 @@ impl Bare {
                 out.extend_from_slice(&[0; 16]);
                 out.extend_from_slice(pt);
                 let siv = Aes256Siv::new(k.into())
-                    .encrypt_in_place_detached([ad], &mut out[16..])
+                    .encrypt_inout_detached([ad], (&mut out[16..]).into())
                     .map_err(fail)?;
                 out[..16].copy_from_slice(&siv);
             }
             Bare::Csfle(c) => {
                 use aes::cipher::block_padding::Pkcs7;
-                use aes::cipher::{BlockEncryptMut, InnerIvInit};
+                use aes::cipher::{BlockModeEncrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
                 let iv = &nonce_buf[..16];
@@ -994,8 +1004,8 @@ impl Bare {
                 out.extend_from_slice(pt);
                 let padded = (pt.len() / 16 + 1) * 16;
                 out.resize(16 + padded, 0);
-                cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, iv.into())
-                    .encrypt_padded_mut::<Pkcs7>(&mut out[16..], pt.len())
+                cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
+                    .encrypt_padded::<Pkcs7>(&mut out[16..], pt.len())
                     .map_err(|_| Error::Config("CBC padding".into()))?;
                 let mut m = mac.clone();
                 m.update(ad);
@@ -1016,31 +1026,46 @@ impl Bare {
             Bare::Gcm(c) => {
                 let (ct, tag) = s.body.split_at(s.body.len() - 16);
                 buf.extend_from_slice(ct);
-                c.decrypt_in_place_detached(s.nonce[..].into(), ad, buf, tag.into())
-                    .map_err(decrypt)
+                c.decrypt_inout_detached(
+                    sized(&s.nonce)?,
+                    ad,
+                    buf.as_mut_slice().into(),
+                    sized(tag)?,
+                )
+                .map_err(decrypt)
             }
             Bare::ChaCha(c) => {
                 let (ct, tag) = s.body.split_at(s.body.len() - 16);
                 buf.extend_from_slice(ct);
-                c.decrypt_in_place_detached(s.nonce[..].into(), ad, buf, tag.into())
-                    .map_err(decrypt)
+                c.decrypt_inout_detached(
+                    sized(&s.nonce)?,
+                    ad,
+                    buf.as_mut_slice().into(),
+                    sized(tag)?,
+                )
+                .map_err(decrypt)
             }
             Bare::XChaCha(c) => {
                 let (ct, tag) = s.body.split_at(s.body.len() - 16);
                 buf.extend_from_slice(ct);
-                c.decrypt_in_place_detached(s.nonce[..].into(), ad, buf, tag.into())
-                    .map_err(decrypt)
+                c.decrypt_inout_detached(
+                    sized(&s.nonce)?,
+                    ad,
+                    buf.as_mut_slice().into(),
+                    sized(tag)?,
+                )
+                .map_err(decrypt)
             }
             Bare::Siv(k) => {
                 let (siv, ct) = s.body.split_at(16);
                 buf.extend_from_slice(ct);
                 Aes256Siv::new(k.into())
-                    .decrypt_in_place_detached([ad], buf, siv.into())
+                    .decrypt_inout_detached([ad], buf.as_mut_slice().into(), sized(siv)?)
                     .map_err(decrypt)
             }
             Bare::Csfle(c) => {
                 use aes::cipher::block_padding::Pkcs7;
-                use aes::cipher::{BlockDecryptMut, InnerIvInit};
+                use aes::cipher::{BlockModeDecrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
                 let (signed, tag) = s.body.split_at(s.body.len() - 32);
@@ -1052,8 +1077,8 @@ impl Bare {
                 m.verify_truncated_left(tag).map_err(|_| Error::Decrypt)?;
                 let (iv, ct) = signed.split_at(16);
                 buf.extend_from_slice(ct);
-                let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, iv.into())
-                    .decrypt_padded_mut::<Pkcs7>(buf)
+                let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
+                    .decrypt_padded::<Pkcs7>(buf)
                     .map_err(|_| Error::Decrypt)?
                     .len();
                 buf.truncate(len);
