@@ -25,7 +25,6 @@ use aes::Aes256;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha512;
-use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
@@ -118,10 +117,11 @@ impl CsfleKey {
             ));
         }
         let (signed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
-        let expected = self.tag(ad, signed);
-        if !bool::from(expected[..TAG_LEN].ct_eq(tag)) {
-            return Err(Error::Decrypt);
-        }
+        // Constant-time comparison with the leftmost TAG_LEN bytes (`digest`'s own; with
+        // `hmac` 0.13 cheaper than finalizing and comparing separately).
+        self.mac(ad, signed)
+            .verify_truncated_left(tag)
+            .map_err(|_| Error::Decrypt)?;
         let (iv, ct) = signed
             .split_first_chunk::<IV_LEN>()
             .ok_or(Error::MalformedCiphertext(
@@ -152,11 +152,16 @@ impl CsfleKey {
     }
 
     fn tag(&self, ad: &[u8], iv_and_ct: &[u8]) -> hmac::digest::Output<Hmac<Sha512>> {
+        self.mac(ad, iv_and_ct).finalize().into_bytes()
+    }
+
+    /// The MAC state after `AD || IV || C || AL`, ready to finalize or verify.
+    fn mac(&self, ad: &[u8], iv_and_ct: &[u8]) -> Hmac<Sha512> {
         let mut mac = self.mac.clone();
         mac.update(ad);
         mac.update(iv_and_ct);
         mac.update(&bit_length(ad));
-        mac.finalize().into_bytes()
+        mac
     }
 }
 
