@@ -15,11 +15,13 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::array::{Array, ArraySize};
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Aes256Gcm, KeyInit};
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::Aes256Gcm;
 use aes_siv::siv::Aes256Siv;
 use bson::{Document, RawDocumentBuf};
+use chacha20poly1305::aead::array::{Array, ArraySize};
+use chacha20poly1305::aead::AeadInOut;
+use chacha20poly1305::KeyInit;
 use chacha20poly1305::{ChaCha20Poly1305, XChaCha20Poly1305};
 use fieldcrypt::workloads::{self, Format};
 use fieldcrypt::{Context, Cryptor, Error, Suite};
@@ -921,7 +923,9 @@ impl Bare {
             }
             Format::Fieldcrypt(Suite::Aes256SivDeterministic) => Bare::Siv(BENCH_KEY),
             // AES-256-GCM, and any suite added later.
-            Format::Fieldcrypt(_) => Bare::Gcm(Box::new(Aes256Gcm::new(k32))),
+            Format::Fieldcrypt(_) => Bare::Gcm(Box::new(<Aes256Gcm as aes_gcm::KeyInit>::new(
+                aes_gcm::Key::<Aes256Gcm>::from_slice(&BENCH_KEY[..32]),
+            ))),
         }
     }
 
@@ -961,14 +965,16 @@ impl Bare {
 
     /// Seals `pt` into `out` (cleared first).
     fn seal_into(&self, n: u64, ad: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        let fail = |_| Error::Config("bare AEAD failed to seal".into());
+        fn fail<E>(_: E) -> Error {
+            Error::Config("bare AEAD failed to seal".into())
+        }
         out.clear();
         let (nonce_buf, _) = self.nonce(n);
         match self {
             Bare::Gcm(c) => {
                 out.extend_from_slice(pt);
                 let tag = c
-                    .encrypt_inout_detached(sized(&nonce_buf[..12])?, ad, out.as_mut_slice().into())
+                    .encrypt_in_place_detached(nonce_buf[..12].into(), ad, out)
                     .map_err(fail)?;
                 out.extend_from_slice(&tag);
             }
@@ -1021,18 +1027,15 @@ impl Bare {
     /// Authenticates and decrypts `s` into `buf` (cleared first).
     fn open(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), Error> {
         buf.clear();
-        let decrypt = |_| Error::Decrypt;
+        fn decrypt<E>(_: E) -> Error {
+            Error::Decrypt
+        }
         match self {
             Bare::Gcm(c) => {
                 let (ct, tag) = s.body.split_at(s.body.len() - 16);
                 buf.extend_from_slice(ct);
-                c.decrypt_inout_detached(
-                    sized(&s.nonce)?,
-                    ad,
-                    buf.as_mut_slice().into(),
-                    sized(tag)?,
-                )
-                .map_err(decrypt)
+                c.decrypt_in_place_detached(s.nonce[..].into(), ad, buf, tag.into())
+                    .map_err(decrypt)
             }
             Bare::ChaCha(c) => {
                 let (ct, tag) = s.body.split_at(s.body.len() - 16);
