@@ -1819,6 +1819,32 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
     let want = rate("baseline") / rate("fieldcrypt");
     assert!((ratio / want - 1.0).abs() < 0.01, "{ratio} vs {want}");
 
+    // Every suite, fieldcrypt and its bare baseline (each seals and opens the document's
+    // values; a failed open is an error, not a number).
+    for suite in [
+        "AES-256-GCM",
+        "ChaCha20-Poly1305",
+        "XChaCha20-Poly1305",
+        "AES-256-SIV-deterministic",
+    ] {
+        let w1 = json_of(&run(
+            dir.path(),
+            &[
+                &["bench", "w1", "--suite", suite, "--documents", "1"][..],
+                &["--trials", "1", "--warmup", "0", "--json"],
+            ]
+            .concat(),
+            None,
+            &[],
+        ));
+        assert_eq!(w1["params"]["suite"], suite);
+        let rows = w1["results"].as_array().unwrap();
+        for kind in ["fieldcrypt", "baseline"] {
+            let row = rows.iter().find(|r| r["kind"] == kind).unwrap();
+            assert!(positive(&row["documents_per_second"]["median"]), "{row}");
+        }
+    }
+
     let w2 = json_of(&run(
         dir.path(),
         &[

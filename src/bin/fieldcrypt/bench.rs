@@ -883,6 +883,39 @@ struct Sealed {
 
 type HmacSha512 = hmac::Hmac<sha2::Sha512>;
 
+/// Appends `pt` sealed with an `aead` 0.6 cipher to `out`: ciphertext, then the tag.
+fn seal_detached<A: AeadInOut>(
+    c: &A,
+    nonce: &[u8],
+    ad: &[u8],
+    pt: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let start = out.len();
+    out.extend_from_slice(pt);
+    let tag = c
+        .encrypt_inout_detached(sized(nonce)?, ad, (&mut out[start..]).into())
+        .map_err(|_| Error::Config("bare AEAD failed to seal".into()))?;
+    out.extend_from_slice(&tag);
+    Ok(())
+}
+
+/// Opens `s` (ciphertext, then the 16-byte tag) with an `aead` 0.6 cipher into `buf`.
+fn open_detached<A: AeadInOut>(
+    c: &A,
+    s: &Sealed,
+    ad: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let (ct, tag) = s
+        .body
+        .split_at_checked(s.body.len().saturating_sub(16))
+        .ok_or(Error::Decrypt)?;
+    buf.extend_from_slice(ct);
+    c.decrypt_inout_detached(sized(&s.nonce)?, ad, buf.as_mut_slice().into(), sized(tag)?)
+        .map_err(|_| Error::Decrypt)
+}
+
 /// `b` as the fixed-size array a cipher takes (nonces, IVs and tags here have their suite's
 /// length by construction).
 fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>, Error> {
@@ -978,20 +1011,8 @@ impl Bare {
                     .map_err(fail)?;
                 out.extend_from_slice(&tag);
             }
-            Bare::ChaCha(c) => {
-                out.extend_from_slice(pt);
-                let tag = c
-                    .encrypt_inout_detached(sized(&nonce_buf[..12])?, ad, out.as_mut_slice().into())
-                    .map_err(fail)?;
-                out.extend_from_slice(&tag);
-            }
-            Bare::XChaCha(c) => {
-                out.extend_from_slice(pt);
-                let tag = c
-                    .encrypt_inout_detached(sized(&nonce_buf[..])?, ad, out.as_mut_slice().into())
-                    .map_err(fail)?;
-                out.extend_from_slice(&tag);
-            }
+            Bare::ChaCha(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,
+            Bare::XChaCha(c) => seal_detached(&**c, &nonce_buf[..], ad, pt, out)?,
             Bare::Siv(k) => {
                 out.extend_from_slice(&[0; 16]);
                 out.extend_from_slice(pt);
@@ -1037,28 +1058,8 @@ impl Bare {
                 c.decrypt_in_place_detached(s.nonce[..].into(), ad, buf, tag.into())
                     .map_err(decrypt)
             }
-            Bare::ChaCha(c) => {
-                let (ct, tag) = s.body.split_at(s.body.len() - 16);
-                buf.extend_from_slice(ct);
-                c.decrypt_inout_detached(
-                    sized(&s.nonce)?,
-                    ad,
-                    buf.as_mut_slice().into(),
-                    sized(tag)?,
-                )
-                .map_err(decrypt)
-            }
-            Bare::XChaCha(c) => {
-                let (ct, tag) = s.body.split_at(s.body.len() - 16);
-                buf.extend_from_slice(ct);
-                c.decrypt_inout_detached(
-                    sized(&s.nonce)?,
-                    ad,
-                    buf.as_mut_slice().into(),
-                    sized(tag)?,
-                )
-                .map_err(decrypt)
-            }
+            Bare::ChaCha(c) => open_detached(&**c, s, ad, buf),
+            Bare::XChaCha(c) => open_detached(&**c, s, ad, buf),
             Bare::Siv(k) => {
                 let (siv, ct) = s.body.split_at(16);
                 buf.extend_from_slice(ct);
