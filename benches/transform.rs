@@ -17,7 +17,7 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use aes_gcm::aead::AeadInPlace;
+use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bson::{doc, Document, RawDocumentBuf};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -145,7 +145,7 @@ fn bench_w3(c: &mut Criterion) {
         let enc_many = many.encrypt_raw(&plain_many, &ctx).unwrap();
         let mut sealed = value.as_bytes().to_vec();
         let tag = bare
-            .encrypt_in_place_detached(&nonce, &ad, &mut sealed)
+            .encrypt_inout_detached(&nonce, &ad, sealed.as_mut_slice().into())
             .unwrap();
 
         g.throughput(Throughput::Elements(1));
@@ -157,7 +157,7 @@ fn bench_w3(c: &mut Criterion) {
                 b.iter(|| {
                     buf.copy_from_slice(value.as_bytes());
                     black_box(
-                        bare.encrypt_in_place_detached(&nonce, &ad, &mut buf)
+                        bare.encrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into())
                             .unwrap(),
                     )
                 });
@@ -170,7 +170,7 @@ fn bench_w3(c: &mut Criterion) {
                 let mut buf = sealed.clone();
                 b.iter(|| {
                     buf.copy_from_slice(&sealed);
-                    bare.decrypt_in_place_detached(&nonce, &ad, &mut buf, &tag)
+                    bare.decrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into(), &tag)
                         .unwrap();
                     black_box(&buf);
                 });
@@ -267,7 +267,7 @@ fn bench_single_values(c: &mut Criterion) {
         b.iter(|| {
             buf.copy_from_slice(&plain);
             black_box(
-                bare.encrypt_in_place_detached(&nonce, &ad, &mut buf)
+                bare.encrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into())
                     .unwrap(),
             )
         });

@@ -46,7 +46,7 @@ pub(crate) const MIN_SEALED_LEN: usize = IV_LEN + BLOCK_LEN + TAG_LEN;
 ///
 /// Both wipe themselves on drop: the AES key schedule (`aes` feature `zeroize`) and the HMAC
 /// states, SHA-512 states after absorbing key ⊕ ipad/opad (`sha2` feature `zeroize`; so are
-/// the per-value clones that [`CsfleKey::tag`] makes).
+/// the per-value clones that `CsfleKey::mac` makes).
 pub(crate) struct CsfleKey {
     mac: Hmac<Sha512>,
     iv_mac: Hmac<Sha512>,

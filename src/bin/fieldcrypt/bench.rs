@@ -15,13 +15,11 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::array::{Array, ArraySize};
+use aes_gcm::aead::AeadInOut;
+use aes_gcm::{Aes256Gcm, KeyInit};
 use aes_siv::siv::Aes256Siv;
 use bson::{Document, RawDocumentBuf};
-use chacha20poly1305::aead::array::{Array, ArraySize};
-use chacha20poly1305::aead::AeadInOut;
-use chacha20poly1305::KeyInit;
 use chacha20poly1305::{ChaCha20Poly1305, XChaCha20Poly1305};
 use fieldcrypt::workloads::{self, Format};
 use fieldcrypt::{Context, Cryptor, Error, Suite};
@@ -909,7 +907,7 @@ fn open_detached<A: AeadInOut>(
 ) -> Result<(), Error> {
     let (ct, tag) = s
         .body
-        .split_at_checked(s.body.len().saturating_sub(16))
+        .split_at_checked(s.body.len().wrapping_sub(16))
         .ok_or(Error::Decrypt)?;
     buf.extend_from_slice(ct);
     c.decrypt_inout_detached(sized(&s.nonce)?, ad, buf.as_mut_slice().into(), sized(tag)?)
@@ -956,9 +954,7 @@ impl Bare {
             }
             Format::Fieldcrypt(Suite::Aes256SivDeterministic) => Bare::Siv(BENCH_KEY),
             // AES-256-GCM, and any suite added later.
-            Format::Fieldcrypt(_) => Bare::Gcm(Box::new(<Aes256Gcm as aes_gcm::KeyInit>::new(
-                aes_gcm::Key::<Aes256Gcm>::from_slice(&BENCH_KEY[..32]),
-            ))),
+            Format::Fieldcrypt(_) => Bare::Gcm(Box::new(Aes256Gcm::new(k32))),
         }
     }
 
@@ -998,19 +994,11 @@ impl Bare {
 
     /// Seals `pt` into `out` (cleared first).
     fn seal_into(&self, n: u64, ad: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        fn fail<E>(_: E) -> Error {
-            Error::Config("bare AEAD failed to seal".into())
-        }
+        let fail = |_| Error::Config("bare AEAD failed to seal".into());
         out.clear();
         let (nonce_buf, _) = self.nonce(n);
         match self {
-            Bare::Gcm(c) => {
-                out.extend_from_slice(pt);
-                let tag = c
-                    .encrypt_in_place_detached(nonce_buf[..12].into(), ad, out)
-                    .map_err(fail)?;
-                out.extend_from_slice(&tag);
-            }
+            Bare::Gcm(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,
             Bare::ChaCha(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,
             Bare::XChaCha(c) => seal_detached(&**c, &nonce_buf[..], ad, pt, out)?,
             Bare::Siv(k) => {
@@ -1048,20 +1036,13 @@ impl Bare {
     /// Authenticates and decrypts `s` into `buf` (cleared first).
     fn open(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), Error> {
         buf.clear();
-        fn decrypt<E>(_: E) -> Error {
-            Error::Decrypt
-        }
+        let decrypt = |_| Error::Decrypt;
         match self {
-            Bare::Gcm(c) => {
-                let (ct, tag) = s.body.split_at(s.body.len() - 16);
-                buf.extend_from_slice(ct);
-                c.decrypt_in_place_detached(s.nonce[..].into(), ad, buf, tag.into())
-                    .map_err(decrypt)
-            }
+            Bare::Gcm(c) => open_detached(&**c, s, ad, buf),
             Bare::ChaCha(c) => open_detached(&**c, s, ad, buf),
             Bare::XChaCha(c) => open_detached(&**c, s, ad, buf),
             Bare::Siv(k) => {
-                let (siv, ct) = s.body.split_at(16);
+                let (siv, ct) = s.body.split_at_checked(16).ok_or(Error::Decrypt)?;
                 buf.extend_from_slice(ct);
                 Aes256Siv::new(k.into())
                     .decrypt_inout_detached([ad], buf.as_mut_slice().into(), sized(siv)?)
@@ -1072,14 +1053,17 @@ impl Bare {
                 use aes::cipher::{BlockModeDecrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
-                let (signed, tag) = s.body.split_at(s.body.len() - 32);
+                let (signed, tag) = s
+                    .body
+                    .split_at_checked(s.body.len().wrapping_sub(32))
+                    .ok_or(Error::Decrypt)?;
                 let mut m = mac.clone();
                 m.update(ad);
                 m.update(signed);
                 m.update(&(ad.len() as u64 * 8).to_be_bytes());
                 // Constant-time comparison of the truncated tag.
                 m.verify_truncated_left(tag).map_err(|_| Error::Decrypt)?;
-                let (iv, ct) = signed.split_at(16);
+                let (iv, ct) = signed.split_at_checked(16).ok_or(Error::Decrypt)?;
                 buf.extend_from_slice(ct);
                 let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
                     .decrypt_padded::<Pkcs7>(buf)
