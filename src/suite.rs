@@ -365,6 +365,7 @@ mod tests {
         wiped_on_drop::<ChaCha20Poly1305>();
         wiped_on_drop::<XChaCha20Poly1305>();
         wiped_on_drop::<Aes256Siv>();
+        wiped_on_drop::<cmac::block_api::CmacCore<aes::Aes256>>();
         wiped_on_drop::<aes::Aes256>();
     }
 

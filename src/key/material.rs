@@ -161,6 +161,8 @@ impl KeySecret {
 
     /// No more random-nonce encryptions with this key, in this process, for good: the counter
     /// goes to `limit` and reservations are refused even if walks in flight give back theirs.
+    /// (Called when the key vault reports the budget spent.)
+    #[cfg(any(test, feature = "mongodb"))]
     pub(crate) fn exhaust(&self, limit: u64) {
         self.exhausted.store(true, Ordering::Release);
         self.encryptions.fetch_max(limit, Ordering::Relaxed);
