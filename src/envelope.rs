@@ -102,22 +102,6 @@ impl Binding<'_> {
     fn write_ad(&self, header: &[u8], ad: &mut Vec<u8>) -> Result<()> {
         ad.clear();
         let f = header[2];
-        // What the bound parts take: one allocation for a fresh buffer, none for a reused one
-        // (capped: a binding too long for the format is refused below, not allocated first).
-        let part = |on: bool, len: Option<usize>| if on { len.unwrap_or(0) + 5 } else { 0 };
-        let need = header
-            .len()
-            .saturating_add(4 + self.path.len())
-            .saturating_add(part(
-                f & flags::NAMESPACE != 0,
-                self.namespace.map(str::len),
-            ))
-            .saturating_add(part(f & flags::ID != 0, self.id.map(|v| v.bytes.len())))
-            .saturating_add(part(
-                f & flags::OWNER != 0,
-                self.owner.map(|v| v.bytes.len()),
-            ));
-        ad.reserve(need.min(1 << 16));
         ad.extend_from_slice(header);
         put_bytes(ad, self.path.as_bytes())?;
         if f & flags::NAMESPACE != 0 {
@@ -266,6 +250,10 @@ impl<'a> Envelope<'a> {
     }
 }
 
+/// A first capacity for an associated-data buffer that is not reused: the 20-byte header and
+/// a path, namespace and `_id` of ordinary lengths fit without growing it.
+pub(crate) const AD_CAPACITY: usize = 128;
+
 /// How to encrypt one value.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct SealParams {
@@ -298,7 +286,7 @@ pub(crate) fn seal_into(
     let secret = encrypting_secret(key)?;
     if let Some(limit) = params.suite.usage_limit() {
         secret
-            .reserve(1, limit)
+            .reserve_up_to(1, limit)
             .map_err(|limit| Error::KeyUsageLimit {
                 key: key.id(),
                 limit,

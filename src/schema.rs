@@ -531,7 +531,7 @@ impl Schema {
         self.random_nonce_fields
             .iter()
             .find(|(a, _)| a == alias)
-            .map_or(1, |(_, n)| (*n).max(1))
+            .map_or(1, |(_, n)| *n)
     }
 
     pub(crate) fn tree(&self) -> &Node {

@@ -395,7 +395,8 @@ impl Cryptor {
                     owner: as_raw(&owner),
                 };
                 let mut plain = Zeroizing::new(Vec::with_capacity(env.ciphertext.len()));
-                let t = env.open_into(&key, &binding, &mut Vec::new(), &mut plain)?;
+                let mut ad = Vec::with_capacity(envelope::AD_CAPACITY);
+                let t = env.open_into(&key, &binding, &mut ad, &mut plain)?;
                 rawbson::decode_value(t, &plain)
             }
             CSFLE_SUBTYPE if matches!(bytes.first(), Some(1 | 2)) => {
@@ -496,7 +497,7 @@ impl<'r> ValueSealer<'r> {
             value: rawbson::encode_value(value)?,
             id: id.map(rawbson::encode_value).transpose()?,
             owner: owner.map(rawbson::encode_value).transpose()?,
-            ad: Vec::new(),
+            ad: Vec::with_capacity(envelope::AD_CAPACITY),
         })
     }
 

@@ -122,20 +122,6 @@ impl KeySecret {
         self.encryptions.load(Ordering::Relaxed)
     }
 
-    /// Counts `n` random-nonce encryptions against `limit`, refusing (and not counting) when
-    /// they would exceed it.
-    pub(crate) fn reserve(&self, n: u64, limit: u64) -> Result<(), u64> {
-        if self.exhausted.load(Ordering::Acquire) {
-            return Err(limit);
-        }
-        self.encryptions
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                c.checked_add(n).filter(|&next| next <= limit)
-            })
-            .map(|_| ())
-            .map_err(|_| limit)
-    }
-
     /// Counts up to `n` (at least 1) random-nonce encryptions against `limit`: as many as are
     /// left, refusing only when none is.
     pub(crate) fn reserve_up_to(&self, n: u64, limit: u64) -> Result<u64, u64> {
@@ -184,7 +170,7 @@ mod tests {
         assert_eq!(s.encryptions(), 98);
         assert_eq!(s.reserve_up_to(3, 100), Ok(2), "only two left");
         assert_eq!(s.reserve_up_to(3, 100), Err(100));
-        assert_eq!(s.reserve(1, 100), Err(100));
+        assert_eq!(s.reserve_up_to(1, 100), Err(100));
         s.release(2);
         assert_eq!(s.encryptions(), 98);
         assert_eq!(s.reserve_up_to(0, 100), Ok(1), "asks for at least one");
@@ -197,7 +183,7 @@ mod tests {
         s.exhaust(100); // the key vault says the budget is spent
         s.release(8); // the walk ends
         assert!(s.encryptions() >= 100);
-        assert_eq!(s.reserve(1, 100), Err(100));
+        assert_eq!(s.reserve_up_to(1, 100), Err(100));
         assert_eq!(s.reserve_up_to(1, 100), Err(100));
     }
 }
