@@ -302,51 +302,47 @@ fn encode_scalar(value: &bson::Bson) -> Option<(u8, Zeroizing<Vec<u8>>)> {
 }
 
 /// The scalars of [`encode_scalar`] read back directly; `None` for other types. Malformed
-/// bytes are an error, as bson's parser would make them.
+/// bytes are an error, as bson's parser would make them ([`value_is_well_formed`] decides).
 fn decode_scalar(t: u8, value: &[u8]) -> Option<Result<bson::Bson>> {
     use bson::Bson;
-    fn bad() -> Error {
-        Error::MalformedBson("the value is not valid BSON".into())
+    if !matches!(
+        t,
+        ty::STRING
+            | ty::INT32
+            | ty::INT64
+            | ty::DOUBLE
+            | ty::BOOLEAN
+            | ty::NULL
+            | ty::DATETIME
+            | ty::OBJECT_ID
+    ) {
+        return None;
     }
-    let fixed = |n: usize| -> Result<&[u8]> {
-        if value.len() == n {
-            Ok(value)
-        } else {
-            Err(bad())
-        }
-    };
-    let le8 = || -> Result<[u8; 8]> { fixed(8)?.try_into().map_err(|_| bad()) };
-    Some(match t {
-        ty::STRING => (|| {
-            if !is_string(value) {
-                return Err(bad());
-            }
-            let text = core::str::from_utf8(&value[4..value.len() - 1]).map_err(|_| bad())?;
-            Ok(Bson::String(text.to_owned()))
-        })(),
-        ty::INT32 => fixed(4).and_then(|b| {
-            Ok(Bson::Int32(i32::from_le_bytes(
-                b.try_into().map_err(|_| bad())?,
-            )))
-        }),
+    let bad = || Error::MalformedBson("the value is not valid BSON".into());
+    if !value_is_well_formed(t, value) {
+        return Some(Err(bad()));
+    }
+    // The lengths are checked above: only a string's UTF-8 can still be wrong.
+    let le8 = || value.first_chunk::<8>().copied();
+    let decoded = match t {
+        ty::STRING => core::str::from_utf8(&value[4..value.len() - 1])
+            .ok()
+            .map(|text| Bson::String(text.to_owned())),
+        ty::INT32 => value
+            .first_chunk::<4>()
+            .map(|b| Bson::Int32(i32::from_le_bytes(*b))),
         ty::INT64 => le8().map(|b| Bson::Int64(i64::from_le_bytes(b))),
         ty::DOUBLE => le8().map(|b| Bson::Double(f64::from_le_bytes(b))),
-        ty::BOOLEAN => match value {
-            [0] => Ok(Bson::Boolean(false)),
-            [1] => Ok(Bson::Boolean(true)),
-            _ => Err(bad()),
-        },
-        ty::NULL => fixed(0).map(|_| Bson::Null),
+        ty::BOOLEAN => Some(Bson::Boolean(value == [1])),
+        ty::NULL => Some(Bson::Null),
         ty::DATETIME => {
             le8().map(|b| Bson::DateTime(bson::DateTime::from_millis(i64::from_le_bytes(b))))
         }
-        ty::OBJECT_ID => fixed(12).and_then(|b| {
-            Ok(Bson::ObjectId(bson::oid::ObjectId::from_bytes(
-                b.try_into().map_err(|_| bad())?,
-            )))
-        }),
-        _ => return None,
-    })
+        _ => value
+            .first_chunk::<12>()
+            .map(|b| Bson::ObjectId(bson::oid::ObjectId::from_bytes(*b))),
+    };
+    Some(decoded.ok_or_else(bad))
 }
 
 /// Parses the bytes of one BSON value of type `t` into a [`bson::Bson`].
