@@ -53,7 +53,6 @@ impl Primaries {
     }
 }
 
-/// Every key alias a schema names (encryption and blind indexes).
 /// A ciphertext found somewhere in a document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Found {

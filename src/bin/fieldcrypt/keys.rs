@@ -15,7 +15,7 @@ use fieldcrypt::{Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Resu
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::keysource::{connect, with_keyset, with_new_or_existing_keyset, KeyArgs, Store};
+use crate::keysource::{change_keyset, connect, with_keyset, KeyArgs, Store};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
 #[derive(clap::Subcommand, Debug)]
@@ -162,11 +162,7 @@ async fn create_or_rotate(
     out: &OutputOpts,
     create: bool,
 ) -> Result<Exit> {
-    let store = if create {
-        Store::open_creating(args).await?
-    } else {
-        Store::open(args).await?
-    };
+    let store = Store::open_keyset_or(args, create).await?;
     store.writable()?;
     let (new, old) = match &store {
         Store::Keyset { ring, file } => {
@@ -186,8 +182,7 @@ async fn create_or_rotate(
             };
             match file {
                 // Re-read under the file's lock: a concurrent rotation is kept, not overwritten.
-                Some(f) if create => with_new_or_existing_keyset(f, rotate)?,
-                Some(f) => with_keyset(f, rotate)?,
+                Some(f) => change_keyset(f, create, rotate)?,
                 None => rotate(ring)?.0,
             }
         }

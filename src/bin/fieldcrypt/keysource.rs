@@ -295,15 +295,9 @@ pub(crate) fn with_keyset<T>(
     change_keyset(path, false, change)
 }
 
-/// [`with_keyset`] for `keys create`: a file that does not exist yet starts empty.
-pub(crate) fn with_new_or_existing_keyset<T>(
-    path: &Path,
-    change: impl FnOnce(&InMemoryKeyring) -> Result<(T, bool)>,
-) -> Result<T> {
-    change_keyset(path, true, change)
-}
-
-fn change_keyset<T>(
+/// Loads the keyset at `path` under its lock (`may_be_new`: a file that does not exist yet
+/// starts empty), applies `change` and saves the keyset when `change` says it changed.
+pub(crate) fn change_keyset<T>(
     path: &Path,
     may_be_new: bool,
     change: impl FnOnce(&InMemoryKeyring) -> Result<(T, bool)>,
@@ -351,13 +345,9 @@ impl Store {
         Self::open_keyset_or(args, false).await
     }
 
-    /// [`Store::open`] for `keys create`, where a `--keyset` file that does not exist yet is an
-    /// empty keyset (created, owner-only, when the key is saved).
-    pub(crate) async fn open_creating(args: &KeyArgs) -> Result<Store> {
-        Self::open_keyset_or(args, true).await
-    }
-
-    async fn open_keyset_or(args: &KeyArgs, may_be_new: bool) -> Result<Store> {
+    /// [`Store::open`], where with `may_be_new` (`keys create`) a `--keyset` file that does not
+    /// exist yet is an empty keyset (created, owner-only, when the key is saved).
+    pub(crate) async fn open_keyset_or(args: &KeyArgs, may_be_new: bool) -> Result<Store> {
         if let Some(f) = &args.keyset {
             return Ok(Store::Keyset {
                 ring: load_keyset(f, may_be_new)?,

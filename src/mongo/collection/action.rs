@@ -85,7 +85,8 @@ struct FindChecks<'o> {
     collation: Option<&'o Collation>,
 }
 
-/// The [`FindChecks`] of `Option<FindOptions>` or `Option<FindOneOptions>`, borrowed.
+/// The [`FindChecks`] of `Option<FindOptions>` or `Option<FindOneOptions>`, borrowed; with
+/// `no_bounds`, of the find-and-modify options, which have no `min`/`max`.
 macro_rules! find_checks {
     ($options:expr) => {
         $options.as_mut().map(|o| FindChecks {
@@ -93,6 +94,15 @@ macro_rules! find_checks {
             projection: &mut o.projection,
             min: o.min.as_ref(),
             max: o.max.as_ref(),
+            collation: o.collation.as_ref(),
+        })
+    };
+    ($options:expr, no_bounds) => {
+        $options.as_mut().map(|o| FindChecks {
+            sort: o.sort.as_ref(),
+            projection: &mut o.projection,
+            min: None,
+            max: None,
             collation: o.collation.as_ref(),
         })
     };
@@ -765,20 +775,14 @@ into_future!(FindOneAndReplace -> Option<T> where T: DeserializeOwned + 'static)
 impl<'a, T: DeserializeOwned + 'static> FindOneAndReplace<'a, T> {
     async fn run(self) -> Result<Option<T>> {
         let coll = self.coll;
-        coll.begin("find_one_and_replace").await?;
-        let q = coll.rewriter();
-        let replacement = q.replacement(&self.replacement?, &self.filter)?;
-        let (filter, touched) = q.filter_touching(&self.filter)?;
         let mut options = self.options;
-        if let Some(o) = options.as_mut() {
-            if let Some(s) = &o.sort {
-                q.sort(s)?;
-            }
-            if let Some(p) = o.projection.as_mut() {
-                *p = q.projection(p)?;
-            }
-            check_collation(o.collation.as_ref(), touched.as_ref())?;
-        }
+        let checks = find_checks!(options, no_bounds);
+        let filter = coll
+            .prepare_find("find_one_and_replace", &self.filter, checks)
+            .await?;
+        let replacement = coll
+            .rewriter()
+            .replacement(&self.replacement?, &self.filter)?;
         let action = coll
             .coll
             .find_one_and_replace(filter, replacement)
@@ -805,19 +809,10 @@ impl<'a, T: DeserializeOwned + 'static> FindOneAndDelete<'a, T> {
     async fn run(self) -> Result<Option<T>> {
         let coll = self.coll;
         let mut options = self.options;
-        let collation = options.as_ref().and_then(|o| o.collation.as_ref());
+        let checks = find_checks!(options, no_bounds);
         let filter = coll
-            .prepare_filter("find_one_and_delete", &self.filter, collation)
+            .prepare_find("find_one_and_delete", &self.filter, checks)
             .await?;
-        if let Some(o) = options.as_mut() {
-            let q = coll.rewriter();
-            if let Some(s) = &o.sort {
-                q.sort(s)?;
-            }
-            if let Some(p) = o.projection.as_mut() {
-                *p = q.projection(p)?;
-            }
-        }
         let action = coll.coll.find_one_and_delete(filter).with_options(options);
         decrypt_found(coll, run!(action, self.session)?).await
     }
