@@ -21,8 +21,8 @@ use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
 use bson::{doc, Document, RawDocumentBuf};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fieldcrypt::workloads::{self, Format};
 use fieldcrypt::{Context, Cryptor, Field, InMemoryKeyring, Schema, Suite};
+use fieldcrypt_testkit::workloads::{self, Format};
 
 fn bench_w1(c: &mut Criterion) {
     let mut g = c.benchmark_group("W1_bulk_decrypt");

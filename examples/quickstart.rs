@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bson::{doc, Document};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::mongo::{EncryptedCollection, KeyVault, LocalKek};
 use fieldcrypt::{BlindIndex, Field, LocalMasterKey, Schema};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -107,7 +107,7 @@ fn users() -> Vec<NewUser> {
 }
 
 #[tokio::main]
-async fn main() -> fieldcrypt::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = DevServer::start()?;
     println!("server: {} ({:?})", server.uri(), server.kind());
     let client = mongodb::Client::with_uri_str(server.uri()).await?;

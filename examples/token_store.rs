@@ -10,15 +10,15 @@
 use std::sync::Arc;
 
 use bson::{doc, Bson, Document};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::mongo::{EncryptedCollection, KeyVault, LocalKek};
 use fieldcrypt::{BlindIndex, Field, Schema};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
 
 const OWNER: &str = "user_id";
 
 #[tokio::main]
-async fn main() -> fieldcrypt::Result<()> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let server = DevServer::start()?;
     let client = mongodb::Client::with_uri_str(server.uri()).await?;
     // A throwaway master key: this example keeps nothing.

@@ -123,12 +123,6 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
-    /// The development server ([`crate::devserver`], for tests and examples) could not be
-    /// found, installed or started; the message says why and how to provide one.
-    #[cfg(feature = "mongodb")]
-    #[error("dev server: {0}")]
-    DevServer(String),
-
     /// An error from the MongoDB driver. Its message keeps the error's kind, code and server
     /// message but drops the details a server may attach (a validation failure's `errInfo`
     /// quotes the rejected document); the driver's own error is kept as the source.

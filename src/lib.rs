@@ -16,7 +16,6 @@
 //! | equality queries | [`Field::deterministic`] + [`Cryptor::query_ciphertexts`], or [`BlindIndex`] + [`Cryptor::blind_index_values`] |
 //! | MongoDB CSFLE data | 96-byte keys ([`KeyKind::Csfle`]) in any keyring; [`CsfleKeySet`], [`LocalMasterKey`] |
 //! | online rotation, migration, audit (feature `mongodb`) | `rotation::Rotator`, `rotation::Audit` |
-//! | the benchmark workloads | [`workloads`] |
 //!
 //! # Data path
 //!
@@ -57,8 +56,6 @@
 
 mod blind_index;
 mod csfle;
-#[cfg(feature = "mongodb")]
-pub mod devserver;
 mod envelope;
 mod error;
 mod key;
@@ -71,7 +68,6 @@ pub mod rotation;
 mod schema;
 mod suite;
 mod transform;
-pub mod workloads;
 
 pub use blind_index::BLIND_INDEX_SUBTYPE;
 pub use csfle::{CsfleAlgorithm, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, LocalMasterKey};

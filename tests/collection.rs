@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Bson, Document, RawDocumentBuf};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::mongo::{apply_validator, EncryptedCollection};
 use fieldcrypt::{
     BlindIndex, Error, Field, InMemoryKeyring, Schema, BLIND_INDEX_SUBTYPE, ENVELOPE_SUBTYPE,
 };
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::event::command::CommandEvent;

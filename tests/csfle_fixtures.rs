@@ -8,10 +8,10 @@ use std::path::PathBuf;
 
 use bson::spec::BinarySubtype;
 use bson::{Binary, Bson, Document};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::{
     CsfleAlgorithm, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, Error, KeyId, LocalMasterKey,
 };
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

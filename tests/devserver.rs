@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
-use fieldcrypt::devserver::{unique_db_name, DevServer, DevServerKind};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer, DevServerKind};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::Client;
 

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use fieldcrypt::devserver::DevServer;
+use fieldcrypt_testkit::devserver::DevServer;
 
 /// `target/<profile>/examples/<name>`, next to this test's `deps/` directory.
 fn example(name: &str) -> PathBuf {

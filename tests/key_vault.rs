@@ -1,4 +1,4 @@
-//! The key vault against a real MongoDB wire-protocol server (`fieldcrypt::devserver`): key
+//! The key vault against a real MongoDB wire-protocol server (`fieldcrypt_testkit::devserver`): key
 //! documents in MongoDB's layout, rotation and state changes across processes, concurrency,
 //! re-wrapping under a new KEK, the cache, usage leases, crypto-shredding, redaction; and what
 //! someone who can write the key-vault collection (but has no KEK) can and cannot do.
@@ -16,12 +16,12 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::mongo::{tenant_alias, KekProvider, KeySource, KeyVault, LocalKek};
 use fieldcrypt::{
     Context, Cryptor, CsfleKeyDocument, Error, Field, KeyId, KeyKind, KeyMaterial, KeyState,
     Keyring, LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
 };
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
 use mongodb::{Client, Collection};
 use secrecy::ExposeSecret as _;

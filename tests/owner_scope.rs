@@ -7,9 +7,9 @@
 use std::sync::{Arc, Mutex};
 
 use bson::{doc, Bson, Document};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::mongo::{tenant_aliases, EncryptedCollection};
 use fieldcrypt::{BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::event::command::CommandEvent;
 use mongodb::event::EventHandler;

@@ -145,7 +145,7 @@ fn errors_carry_no_plaintext_or_key_bytes() {
 
 #[tokio::test]
 async fn driver_errors_lose_the_details_that_quote_documents() {
-    use fieldcrypt::devserver::{unique_db_name, DevServer};
+    use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
     let server = DevServer::shared().unwrap();
     let client = mongodb::Client::with_uri_str(server.uri()).await.unwrap();
     let db = client.database(&unique_db_name("redaction"));

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::rotation::{
     Audit, AuditFinding, AuditOptions, Flow, Partition, Phase, Report, RotationOptions, Rotator,
     Stats, Target, TokenKind,
@@ -22,6 +21,7 @@ use fieldcrypt::{
     BlindIndex, Context, Cryptor, CsfleAlgorithm, CsfleDataKey, Field, InMemoryKeyring, Key,
     KeyKind, KeyMaterial, KeyState, Keyring, LocalMasterKey, Schema, Suite,
 };
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
 use mongodb::{Client, Collection, Database};
 use rand::rngs::StdRng;

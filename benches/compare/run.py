@@ -157,7 +157,7 @@ def w1_plain():
 
 
 def w2_user(i: int) -> dict:
-    """workloads::w2_user(i) in src/workloads.rs, field for field."""
+    """workloads::w2_user(i) in testkit/src/workloads.rs, field for field."""
     import datetime
 
     import bson

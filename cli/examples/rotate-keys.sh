@@ -1,10 +1,10 @@
 #!/bin/sh
 # Rotate a key alias and move every document to the new key, with the fieldcrypt CLI.
 #
-#   examples/rotate-keys.sh ALIAS SCHEMA DB.COLL [DB.COLL ...]
+#   cli/examples/rotate-keys.sh ALIAS SCHEMA DB.COLL [DB.COLL ...]
 #
 # e.g.  MONGODB_URI=mongodb://db.example:27017 FIELDCRYPT_MASTER_KEY_FILE=/secrets/master.key \
-#       examples/rotate-keys.sh pii schema.toml app.users app.orders
+#       cli/examples/rotate-keys.sh pii schema.toml app.users app.orders
 #
 # The procedure (docs/ROTATION.md explains each step):
 #   1. create a new primary key for the alias (the old primary stays readable, as "active");

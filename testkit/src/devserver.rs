@@ -14,8 +14,8 @@
 //!    that speaks the real wire protocol ([`DevServerKind::Secantus`]). It is installed once, with
 //!    [`PYTHON_REQUIREMENTS`], into a virtual environment under a cache directory:
 //!    `$FIELDCRYPT_DEVSERVER_DIR` if set, else `<target dir>/fieldcrypt-devserver`, where the
-//!    target dir is `$CARGO_TARGET_DIR` or `./target` (cargo runs tests and examples from the
-//!    package root). The venv is created with `python3` (override with
+//!    target dir is `$CARGO_TARGET_DIR`, else the cargo target directory the running test,
+//!    example or binary was built into (one for the whole workspace), else `./target`. The venv is created with `python3` (override with
 //!    `$FIELDCRYPT_DEVSERVER_PYTHON`), needs CPython 3.11 and a reachable PyPI, and takes about
 //!    half a minute the first time. The install is guarded by a file lock, so parallel test
 //!    binaries wait for each other, and is only considered done once a marker file has been
@@ -30,7 +30,7 @@
 //! # Example
 //!
 //! ```no_run
-//! use fieldcrypt::devserver::{unique_db_name, DevServer};
+//! use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! // One server per test process; each test makes its own client and database.
@@ -54,7 +54,43 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result};
+/// Why no development server could be had.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// No server could be found, installed or started; the message says why and how to
+    /// provide one (`MONGODB_URI`, `mongod` on `PATH`, or Python 3.11 with pip for SecantusDB).
+    Unavailable(String),
+    /// A file-system or process error.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Unavailable(m) => write!(f, "dev server: {m}"),
+            Error::Io(e) => write!(f, "dev server: I/O error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Unavailable(_) => None,
+            Error::Io(e) => Some(e),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+/// The result of the dev server's functions.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The Python packages installed into the SecantusDB virtual environment, pinned to versions
 /// checked to work together: the server itself, and pymongo + pymongocrypt (libmongocrypt) for
@@ -147,7 +183,7 @@ impl DevServer {
     ///
     /// # Errors
     ///
-    /// [`Error::DevServer`] if no server can be had (its message says how to provide one) or if
+    /// [`Error::Unavailable`] if no server can be had (its message says how to provide one) or if
     /// the server does not become ready within a minute; [`Error::Io`] for file-system errors.
     pub fn start() -> Result<DevServer> {
         if let Some(uri) = env_nonempty("MONGODB_URI") {
@@ -162,7 +198,7 @@ impl DevServer {
             return start_mongod(&mongod);
         }
         let venv = ensure_venv().map_err(|e| {
-            Error::DevServer(format!(
+            Error::Unavailable(format!(
                 "no MongoDB server: MONGODB_URI is not set, no `mongod` is on PATH, and SecantusDB \
                  could not be installed: {}\n{HOW_TO_PROVIDE}",
                 message_of(&e)
@@ -180,12 +216,12 @@ impl DevServer {
     ///
     /// # Errors
     ///
-    /// The error of the first [`DevServer::start`], as [`Error::DevServer`], on every call.
+    /// The error of the first [`DevServer::start`], as [`Error::Unavailable`], on every call.
     pub fn shared() -> Result<&'static DevServer> {
         static SHARED: OnceLock<Result<DevServer, String>> = OnceLock::new();
         match SHARED.get_or_init(|| DevServer::start().map_err(|e| message_of(&e))) {
             Ok(server) => Ok(server),
-            Err(message) => Err(Error::DevServer(message.clone())),
+            Err(message) => Err(Error::Unavailable(message.clone())),
         }
     }
 
@@ -195,7 +231,7 @@ impl DevServer {
     ///
     /// # Errors
     ///
-    /// [`Error::DevServer`] if the environment cannot be installed.
+    /// [`Error::Unavailable`] if the environment cannot be installed.
     pub fn python_env() -> Result<PathBuf> {
         ensure_venv().map(|v| v.python)
     }
@@ -371,7 +407,7 @@ impl Supervised {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|e| {
-            Error::DevServer(format!(
+            Error::Unavailable(format!(
                 "could not run `sh` to supervise the server: {e}\n{HOW_TO_PROVIDE}"
             ))
         })?;
@@ -401,7 +437,7 @@ impl Supervised {
         // Let the log thread take in the last lines.
         thread::sleep(Duration::from_millis(100));
         let tail = self.log.snapshot();
-        Error::DevServer(format!(
+        Error::Unavailable(format!(
             "{what}; its last output:\n{}\n{HOW_TO_PROVIDE}",
             if tail.is_empty() {
                 "(nothing)".to_owned()
@@ -515,16 +551,28 @@ fn cache_dir() -> PathBuf {
     if let Some(dir) = env_nonempty("FIELDCRYPT_DEVSERVER_DIR") {
         return PathBuf::from(dir);
     }
-    let target = env_nonempty("CARGO_TARGET_DIR").unwrap_or_else(|| "target".to_owned());
-    let target = PathBuf::from(target);
-    let target = if target.is_absolute() {
-        target
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(&target))
-            .unwrap_or(target)
-    };
-    target.join("fieldcrypt-devserver")
+    target_dir().join("fieldcrypt-devserver")
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else the directory holding the running test,
+/// example or binary (cargo marks it with a `CACHEDIR.TAG`, and one workspace shares it), else
+/// `./target`.
+fn target_dir() -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_default();
+    if let Some(dir) = env_nonempty("CARGO_TARGET_DIR") {
+        return cwd.join(dir);
+    }
+    let exe = std::env::current_exe().ok();
+    let tagged = exe.as_deref().and_then(|exe| {
+        exe.ancestors()
+            .skip(1)
+            .take(4)
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+    });
+    match tagged {
+        Some(dir) => dir.to_path_buf(),
+        None => cwd.join("target"),
+    }
 }
 
 fn venv_paths(venv: &Path) -> Venv {
@@ -556,7 +604,7 @@ fn ensure_venv() -> Result<Venv> {
     }
     let dir = cache_dir();
     fs::create_dir_all(&dir).map_err(|e| {
-        Error::DevServer(format!(
+        Error::Unavailable(format!(
             "cannot create the cache directory {}: {e}",
             dir.display()
         ))
@@ -584,7 +632,7 @@ fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
             Ok(()) => return Ok(()),
             Err(std::fs::TryLockError::WouldBlock) => {}
             Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::DevServer(format!(
+                return Err(Error::Unavailable(format!(
                     "cannot lock {}: {e}",
                     path.display()
                 )))
@@ -599,7 +647,7 @@ fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
             told = true;
         }
         if Instant::now() >= deadline {
-            return Err(Error::DevServer(format!(
+            return Err(Error::Unavailable(format!(
                 "timed out after {}s waiting for the install lock {}",
                 LOCK_TIMEOUT.as_secs(),
                 path.display()
@@ -653,7 +701,7 @@ fn install(dir: &Path, lock: &File) -> Result<Venv> {
     args.extend(PYTHON_REQUIREMENTS.iter().map(OsStr::new));
     run_logged(&args, lock, &log, PIP_TIMEOUT, "`pip install`")?;
     if !paths.secantusd.is_file() {
-        return Err(Error::DevServer(format!(
+        return Err(Error::Unavailable(format!(
             "pip install succeeded but {} is missing",
             paths.secantusd.display()
         )));
@@ -696,7 +744,7 @@ fn run_logged(
         .env_remove("PIP_USER");
     let mut child = cmd
         .spawn()
-        .map_err(|e| Error::DevServer(format!("could not run {what} under `sh`: {e}")))?;
+        .map_err(|e| Error::Unavailable(format!("could not run {what} under `sh`: {e}")))?;
     let mut stdin = child.stdin.take();
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -706,7 +754,7 @@ fn run_logged(
         if Instant::now() >= deadline {
             drop(stdin.take());
             let _ = child.wait();
-            return Err(Error::DevServer(format!(
+            return Err(Error::Unavailable(format!(
                 "{what} timed out after {}s; last lines of {}:\n{}",
                 timeout.as_secs(),
                 log.display(),
@@ -719,7 +767,7 @@ fn run_logged(
     if status.success() {
         Ok(())
     } else {
-        Err(Error::DevServer(format!(
+        Err(Error::Unavailable(format!(
             "{what} failed ({status}); last lines of {}:\n{}",
             log.display(),
             file_tail(log, 20)
@@ -761,7 +809,7 @@ fn is_executable(path: &Path) -> bool {
 
 fn message_of(e: &Error) -> String {
     match e {
-        Error::DevServer(m) => m.clone(),
+        Error::Unavailable(m) => m.clone(),
         other => other.to_string(),
     }
 }

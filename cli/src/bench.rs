@@ -4,7 +4,7 @@
 //! values of the same sizes — for the same time, so each ratio compares two numbers measured
 //! under the same machine load. Results are medians across trials, with the spread.
 //!
-//! The workload data comes from `fieldcrypt::workloads`, which the criterion benches use too.
+//! The workload data comes from `fieldcrypt_testkit::workloads`, which the criterion benches use too.
 //! The baselines call the AEAD crates fieldcrypt itself is built on (`aes-gcm`,
 //! `chacha20poly1305`, `aes-siv`, `cbc` + `hmac`/`sha2` for CSFLE): there is no other way to
 //! time the bare cipher.
@@ -21,8 +21,8 @@ use aes_gcm::{Aes256Gcm, KeyInit};
 use aes_siv::siv::Aes256Siv;
 use bson::{Document, RawDocumentBuf};
 use chacha20poly1305::{ChaCha20Poly1305, XChaCha20Poly1305};
-use fieldcrypt::workloads::{self, Format};
 use fieldcrypt::{Context, Cryptor, Error, Suite};
+use fieldcrypt_testkit::workloads::{self, Format};
 use serde_json::{json, Value};
 
 /// Run the benchmark workloads (W1, W2 of docs/BENCHMARKS.md) and print documents/s.

@@ -26,9 +26,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bson::{doc, Bson, Document, RawDocument, RawDocumentBuf};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::rotation::{Flow, RotationOptions, Rotator, Target};
-use fieldcrypt::{workloads, Cryptor, Error, InMemoryKeyring, Schema, Suite};
+use fieldcrypt::{Cryptor, Error, InMemoryKeyring, Schema, Suite};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::workloads;
 use futures_util::TryStreamExt;
 use mongodb::{Collection, Database};
 use serde_json::{json, Value};
@@ -89,7 +90,8 @@ pub(super) fn run(args: &W4Args) -> Result<(), Error> {
     let uri = match &args.uri {
         Some(u) => u.clone(),
         None => {
-            local = DevServer::start()?;
+            local =
+                DevServer::start().map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
             local.uri().to_owned()
         }
     };

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use bson::{doc, Bson, Document, RawDocumentBuf};
-use fieldcrypt::devserver::{unique_db_name, DevServer};
 use fieldcrypt::{Context, Cryptor, InMemoryKeyring, Keyring, Schema};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
 use rand::{Rng, SeedableRng};
 
@@ -594,7 +594,7 @@ fn offline_encrypt_decrypt_round_trip() {
 
 #[test]
 fn decrypts_mongodb_csfle_documents_with_a_key_vault_file() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/csfle");
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/csfle");
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures.join("document.json")).unwrap())
             .unwrap();

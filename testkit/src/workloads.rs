@@ -13,13 +13,10 @@ use std::sync::Arc;
 use bson::{doc, Document, RawDocumentBuf};
 use secrecy::SecretBox;
 
-use crate::csfle::{CsfleAlgorithm, CsfleDataKey};
-use crate::error::Result;
-use crate::key::{Key, KeyId, KeyKind, KeyMaterial, KeyState};
-use crate::keyring::InMemoryKeyring;
-use crate::schema::{Field, Schema};
-use crate::suite::Suite;
-use crate::transform::{Context, Cryptor};
+use fieldcrypt::{
+    Context, Cryptor, CsfleAlgorithm, CsfleDataKey, Field, InMemoryKeyring, Key, KeyId, KeyKind,
+    KeyMaterial, KeyState, Result, Schema, Suite,
+};
 
 /// Number of fields in the W1 document.
 pub const W1_FIELDS: usize = 1500;
