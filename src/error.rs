@@ -119,6 +119,48 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
 
+    /// An argument, option, name or identifier that fieldcrypt refuses. Names what was refused,
+    /// never a secret.
+    #[error("invalid configuration: {0}")]
+    InvalidArgument(#[from] ArgumentError),
+
+    /// A query, update or pipeline that is not well-formed (the server would refuse it too).
+    #[error("invalid configuration: {0}")]
+    InvalidCommand(#[from] CommandError),
+
+    /// A schema file that does not parse (its rules are checked by [`Error::Schema`]).
+    #[error("invalid configuration: schema {format}: {message}")]
+    SchemaSyntax {
+        /// `TOML` or `JSON`.
+        format: &'static str,
+        /// The parser's message (it names lines and columns, not the file's content).
+        message: String,
+    },
+
+    /// A value, path or binding longer than the format can hold.
+    #[error("{0} too long for the format")]
+    TooLong(&'static str),
+
+    /// A task on the blocking thread pool (bulk encryption or decryption) panicked or was
+    /// cancelled.
+    #[error("{0} task failed (panicked or was cancelled)")]
+    TaskFailed(&'static str),
+
+    /// The key vault is not in a state fieldcrypt can work with.
+    #[cfg(feature = "mongodb")]
+    #[error("{0}")]
+    KeyVault(#[from] KeyVaultError),
+
+    /// A key management service (a master key's provider) refused a request or could not be
+    /// reached. Names the provider and what failed, never a key, credential or token.
+    #[error("KMS {provider}: {reason}")]
+    Kms {
+        /// The provider (`aws`, `aws:prod`, `local`, …).
+        provider: String,
+        /// What failed.
+        reason: String,
+    },
+
     /// An I/O error (reading a keyset or schema file, for instance).
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -129,6 +171,107 @@ pub enum Error {
     #[cfg(feature = "mongodb")]
     #[error("MongoDB error: {}", redacted_mongo(.0))]
     Mongo(#[source] Box<mongodb::error::Error>),
+}
+
+/// What [`Error::InvalidArgument`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ArgumentError {
+    /// Not the name of a [`Suite`](crate::Suite).
+    #[error("unknown suite {0:?} (expected one of AES-256-GCM, ChaCha20-Poly1305, XChaCha20-Poly1305, AES-256-SIV-deterministic)")]
+    UnknownSuite(String),
+    /// Not the name of a [`CsfleAlgorithm`](crate::CsfleAlgorithm).
+    #[error("unknown CSFLE algorithm {0:?}")]
+    UnknownCsfleAlgorithm(String),
+    /// A key id that is not a UUID.
+    #[error("not a UUID: {0:?}")]
+    NotAUuid(String),
+    /// A key alias that is empty or holds a NUL.
+    #[error("invalid key alias {0:?}")]
+    KeyAlias(String),
+    /// A local KMS provider name with characters other than ASCII letters, digits and `_`.
+    #[error("local KMS provider name {0:?} must be ASCII letters, digits and '_'")]
+    KmsProviderName(String),
+    /// An environment variable that must be set is not.
+    #[error("environment variable {0} is not set")]
+    MissingEnvVar(String),
+    /// A partition `i/N` whose index is not below its count.
+    #[error("partition {index}/{count}: the index must be below the count (0-based)")]
+    PartitionOutOfRange {
+        /// The 0-based index.
+        index: u32,
+        /// The number of partitions.
+        count: u32,
+    },
+    /// A partition that is not `all` or `i/N`.
+    #[error("partition {0:?}: expected i/N, e.g. 0/4")]
+    PartitionSyntax(String),
+    /// A tenant name that is empty or holds `/` or NUL.
+    #[error("a tenant name must be non-empty and contain no '/' or NUL")]
+    TenantName,
+    /// Per-tenant keys with an owner value of another type than string, ObjectId or integer.
+    #[error("per-tenant keys need an owner value that is a string, an ObjectId or an integer")]
+    TenantOwnerType,
+    /// An owner scope asked of a schema without an owner field.
+    #[error("scoped() needs a schema with an owner field (SchemaBuilder::owner_field)")]
+    NoOwnerField,
+    /// A key vault namespace that is not `database.collection`.
+    #[error("key vault namespace {0:?} is not \"database.collection\"")]
+    KeyVaultNamespace(String),
+    /// A zero key vault cache TTL, cache capacity or usage lease.
+    #[error("key vault cache TTL, cache capacity and usage lease must be positive")]
+    KeyVaultLimits,
+    /// A rotation rate limit that is zero, negative or not a number.
+    #[error("rate limit must be a positive number")]
+    RateLimit,
+}
+
+/// What [`Error::InvalidCommand`] refused: the operator or stage, and what it needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// An operator given the wrong kind of argument (`$and` without an array of filters,
+    /// `$set` without a document, …).
+    #[error("{operator} needs {expected}")]
+    Operand {
+        /// The operator or stage (`$and`, `$set`, `$facet`, …).
+        operator: String,
+        /// What it needs (`an array of filters`, `a document`, …).
+        expected: &'static str,
+    },
+    /// A pipeline stage that is not a document with exactly one field.
+    #[error("a pipeline stage must be a document with exactly one field")]
+    Stage,
+    /// An update document with a field that is not an update operator.
+    #[error("an update document must consist of update operators; use replace_one to replace a document")]
+    NotAnUpdate,
+    /// A kind of update the driver has and fieldcrypt does not rewrite.
+    #[error("unsupported kind of update")]
+    UpdateKind,
+}
+
+/// What [`Error::KeyVault`] found.
+#[cfg(feature = "mongodb")]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyVaultError {
+    /// An index on `keyAltNames` exists but is not unique, so aliases could be duplicated.
+    #[error("key vault {namespace}: the index on keyAltNames is not unique")]
+    IndexNotUnique {
+        /// The key vault's namespace.
+        namespace: String,
+    },
+    /// Writers kept racing on one alias or key; nothing was changed.
+    #[error("could not {what}: lost {attempts} races with other writers")]
+    LostRaces {
+        /// What was tried (`create a key for "pii"`, `promote key …`).
+        what: String,
+        /// How many attempts were made.
+        attempts: usize,
+    },
+    /// A key (or one of its alternate names) that is already in the key vault.
+    #[error("key {0} or one of its keyAltNames is already in the key vault")]
+    AlreadyPresent(KeyId),
 }
 
 impl Error {
@@ -179,12 +322,14 @@ fn redacted_mongo(e: &mongodb::error::Error) -> String {
             "write error {} ({}): {}",
             w.code,
             w.code_name.as_deref().unwrap_or("?"),
-            w.message
+            server_message(&w.message)
         ),
         ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
             format!(
                 "write concern error {} ({}): {}",
-                w.code, w.code_name, w.message
+                w.code,
+                w.code_name,
+                server_message(&w.message)
             )
         }
         ErrorKind::InsertMany(m) => {
@@ -196,13 +341,18 @@ fn redacted_mongo(e: &mongodb::error::Error) -> String {
                     w.index,
                     w.code,
                     w.code_name.as_deref().unwrap_or("?"),
-                    w.message
+                    server_message(&w.message)
                 ),
                 None => "bulk insert failed (write concern)".to_owned(),
             }
         }
         ErrorKind::Command(c) => {
-            format!("command error {} ({}): {}", c.code, c.code_name, c.message)
+            format!(
+                "command error {} ({}): {}",
+                c.code,
+                c.code_name,
+                server_message(&c.message)
+            )
         }
         // serde messages can quote the values they failed on.
         ErrorKind::BsonDeserialization(_) | ErrorKind::BsonSerialization(_) => {
@@ -213,6 +363,16 @@ fn redacted_mongo(e: &mongodb::error::Error) -> String {
         _ => e.to_string(),
     };
     format!("{text}{labels}")
+}
+
+/// A server's error message without the values it quotes: a duplicate-key error (E11000) ends
+/// with `dup key: { _id: "alice@example.com" }`, the indexed values of the rejected document.
+#[cfg(feature = "mongodb")]
+fn server_message(message: &str) -> std::borrow::Cow<'_, str> {
+    match message.find("dup key:") {
+        Some(at) => format!("{}dup key: {{ [REDACTED] }}", &message[..at]).into(),
+        None => message.into(),
+    }
 }
 
 #[cfg(feature = "mongodb")]

@@ -170,3 +170,28 @@ async fn driver_errors_lose_the_details_that_quote_documents() {
     assert!(!shown.contains(plaintext), "{shown}");
     db.drop().await.unwrap();
 }
+
+#[tokio::test]
+async fn duplicate_key_errors_do_not_quote_the_indexed_values() {
+    use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+    let server = DevServer::shared().unwrap();
+    let client = mongodb::Client::with_uri_str(server.uri()).await.unwrap();
+    let db = client.database(&unique_db_name("redaction"));
+    let coll = db.collection::<bson::Document>("c");
+    let id = "alice-DUPKEY-4411@example.com";
+    coll.insert_one(doc! { "_id": id }).await.unwrap();
+    let single = coll.insert_one(doc! { "_id": id }).await.unwrap_err();
+    let bulk = coll
+        .insert_many([doc! { "_id": "bob@example.com" }, doc! { "_id": id }])
+        .await
+        .unwrap_err();
+    for err in [single, bulk] {
+        // The server's message ends with `dup key: { _id: "alice…" }`.
+        assert!(format!("{err}").contains(id), "no value to redact: {err}");
+        let shown = Error::from(err).to_string();
+        assert!(shown.contains("11000"), "{shown}");
+        assert!(shown.contains("dup key: { [REDACTED] }"), "{shown}");
+        assert!(!shown.contains(id), "{shown}");
+    }
+    db.drop().await.unwrap();
+}
