@@ -224,6 +224,15 @@ pub enum ArgumentError {
     /// A rotation rate limit that is zero, negative or not a number.
     #[error("rate limit must be a positive number")]
     RateLimit,
+    /// A rotation batch size outside 1..=100000.
+    #[error("batch size must be between 1 and 100000")]
+    BatchSize,
+    /// A rotation job name that is empty or holds `|`.
+    #[error("job name must be non-empty, without '|'")]
+    JobName,
+    /// A schema file whose name ends in neither `.toml` nor `.json`.
+    #[error("schema file {0} must end in .toml or .json")]
+    SchemaFileName(String),
 }
 
 /// What [`Error::InvalidCommand`] refused: the operator or stage, and what it needs.
