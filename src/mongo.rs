@@ -11,14 +11,14 @@ use crate::key::KeyId;
 use crate::keyring::{InMemoryKeyring, Keyring};
 
 mod collection;
-mod query;
+mod rewrite;
 mod validator;
 pub use collection::{
     tenant_alias, tenant_aliases, tenant_schema, Aggregate, CountDocuments, Delete, Distinct,
     EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndDelete, FindOneAndReplace,
     FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update, WithSession,
 };
-pub use query::QueryRewriter;
+pub use rewrite::QueryRewriter;
 pub use validator::{apply_validator, json_schema, validator};
 
 mod kek;

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::mongo::query::QueryRewriter;
+use crate::mongo::rewrite::QueryRewriter;
 use crate::mongo::KeySource;
 use crate::schema::Schema;
 use crate::transform::{Context, Cryptor, PARALLEL_THRESHOLD};
@@ -358,12 +358,12 @@ impl<T> EncryptedCollection<T> {
     async fn encrypt_all(&self, docs: Vec<RawDocumentBuf>) -> Result<Vec<RawDocumentBuf>> {
         if docs.len() < PARALLEL_THRESHOLD {
             let q = self.rewriter();
-            return docs.iter().map(|d| q.document(d)).collect();
+            return docs.iter().map(|d| q.insert_document(d)).collect();
         }
         let (cryptor, ctx, owner) = (self.cryptor.clone(), self.ctx.clone(), self.owner.clone());
         tokio::task::spawn_blocking(move || {
             let q = QueryRewriter::new(&cryptor, &ctx).scope(owner.as_ref());
-            docs.par_iter().map(|d| q.document(d)).collect()
+            docs.par_iter().map(|d| q.insert_document(d)).collect()
         })
         .await
         .map_err(|_| Error::Config("an encryption task failed".into()))?

@@ -473,7 +473,7 @@ impl<'a, T: 'a> InsertOne<'a, T> {
     async fn run(self) -> Result<InsertOneResult> {
         let coll = self.coll;
         coll.begin("insert_one").await?;
-        let encrypted = coll.rewriter().document(&self.doc?)?;
+        let encrypted = coll.rewriter().insert_document(&self.doc?)?;
         let action = coll.coll.insert_one(encrypted).with_options(self.options);
         Ok(run!(action, self.session)?)
     }
