@@ -4,7 +4,8 @@
 //! ```text
 //!  T ──serde──▶ raw BSON ──owner bound, encrypted (rayon for batches)──▶ driver ──▶ server
 //!  T ◀──serde── raw BSON ◀──decrypted per batch (keys prefetched)─────── driver ◀── server
-//!  filter / update / pipeline ──QueryRewriter (pure)──▶ driver   (or a refusal, nothing sent)
+//!  filter / write / pipeline ──QueryRewriter (pure)──▶ driver    (or a refusal, nothing sent)
+//!  each operation: action/<family>.rs, through action/prepare.rs (rewrite, check, prefetch)
 //! ```
 //!
 //! Documents travel as [`RawDocumentBuf`] on the wire side: serde types are serialized once to
@@ -33,7 +34,7 @@ mod cursor;
 mod tenant;
 
 pub use action::{
-    Aggregate, CountDocuments, Delete, Distinct, Find, FindOne, FindOneAndDelete,
+    ActionSession, Aggregate, CountDocuments, Delete, Distinct, Find, FindOne, FindOneAndDelete,
     FindOneAndReplace, FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update,
     WithSession,
 };

@@ -2,11 +2,11 @@
 //! work on ciphertext — pure functions over [`bson::Document`], no I/O.
 //!
 //! ```text
-//!  filter, $match ───────────────▶ filter.rs    equality → ciphertexts / blind indexes, owner filter
-//!  insert, replacement, update ──▶ write.rs     values encrypted through the engine, owner bound
-//!  pipeline, projection, sort ───▶ pipeline.rs  stages checked, $match through filter.rs
-//!  expressions in any of them ───▶ expression.rs  no reference to an encrypted field
-//!                  all of them ──▶ this file: paths classified against the schema, refusals
+//!  filter, $match ──────────────▶ filter.rs      equality → ciphertexts / blind indexes, owner
+//!  insert, replace, update ─────▶ write.rs       values encrypted through the engine, owner bound
+//!  pipeline, projection, sort ──▶ pipeline.rs    stages checked, $match through filter.rs
+//!  expressions in any of them ──▶ expression.rs  no reference to an encrypted field
+//!                 all of them ──▶ this file: paths classified against the schema, refusals
 //! ```
 //!
 //! Imports point down only: write and pipeline use filter, all three use expression, and
