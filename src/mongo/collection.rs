@@ -17,7 +17,6 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bson::{Bson, Document, RawDocumentBuf};
-use mongodb::options::Collation;
 use mongodb::Collection;
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
@@ -376,20 +375,6 @@ impl<T> EncryptedCollection<T> {
             ctx: self.ctx.clone(),
             keys: self.keys.clone(),
         }
-    }
-}
-
-/// Refuses a collation where a condition compares ciphertext: ciphertext equality is binary,
-/// while a collation (case- or accent-insensitive) would compare plaintexts differently.
-fn check_collation(collation: Option<&Collation>, touched: Option<&String>) -> Result<()> {
-    match (collation, touched) {
-        (Some(c), Some(field)) if c.locale != "simple" => Err(Error::UnsupportedQuery {
-            operator: "collation".into(),
-            field: field.clone(),
-            reason:
-                "ciphertext equality is binary; a collation would compare plaintexts differently",
-        }),
-        _ => Ok(()),
     }
 }
 

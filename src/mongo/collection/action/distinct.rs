@@ -6,7 +6,7 @@ use mongodb::options::DistinctOptions;
 use mongodb::ClientSession;
 
 use crate::error::Result;
-use crate::mongo::collection::{check_collation, EncryptedCollection};
+use crate::mongo::collection::EncryptedCollection;
 
 impl<T> EncryptedCollection<T> {
     /// The distinct values of `field` among the documents matching `filter`: a plain field's
@@ -43,17 +43,10 @@ into_future!(Distinct -> Vec<Bson>);
 impl<'a, T: 'a> Distinct<'a, T> {
     async fn run(self) -> Result<Vec<Bson>> {
         let coll = self.coll;
-        coll.begin("distinct").await?;
-        let q = coll.rewriter();
-        let target = q.distinct_field(&self.field, &self.filter)?;
-        let (filter, touched) = q.filter_touching(&self.filter)?;
-        // Distinct compares the field's values: ciphertext, for an encrypted field.
-        let compared = target
-            .as_ref()
-            .map(|(r, _)| r.normalized.clone())
-            .or(touched);
         let collation = self.options.as_ref().and_then(|o| o.collation.as_ref());
-        check_collation(collation, compared.as_ref())?;
+        let (filter, target) = coll
+            .prepare_distinct(&self.field, &self.filter, collation)
+            .await?;
         let action = coll
             .coll
             .distinct(&self.field, filter)

@@ -2,12 +2,13 @@
 //! (never its values), prefetch the keys, and rewrite or refuse what it sends — the filter and
 //! the options that name fields (sort, projection, index bounds, collation, array filters).
 
-use bson::{Document, RawDocumentBuf};
-use mongodb::options::{AggregateOptions, Collation, UpdateModifications};
+use bson::{Bson, Document, RawDocumentBuf};
+use mongodb::options::{AggregateOptions, Collation, ReplaceOptions, UpdateModifications};
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::mongo::collection::{check_collation, EncryptedCollection};
+use crate::mongo::collection::EncryptedCollection;
+use crate::schema::FieldRule;
 
 /// The parts of find-like options (`FindOptions`, `FindOneOptions`: same field names) that
 /// [`EncryptedCollection::prepare_find`] checks or rewrites.
@@ -25,6 +26,23 @@ pub(super) struct UpdateChecks<'o> {
     pub(super) array_filters: &'o mut Option<Vec<Document>>,
     pub(super) sort: Option<&'o Document>,
     pub(super) collation: Option<&'o Collation>,
+}
+
+/// Refuses a collation where a condition compares ciphertext: ciphertext equality is binary,
+/// while a collation (case- or accent-insensitive) would compare plaintexts differently.
+pub(super) fn check_collation(
+    collation: Option<&Collation>,
+    touched: Option<&String>,
+) -> Result<()> {
+    match (collation, touched) {
+        (Some(c), Some(field)) if c.locale != "simple" => Err(Error::UnsupportedQuery {
+            operator: "collation".into(),
+            field: field.clone(),
+            reason:
+                "ciphertext equality is binary; a collation would compare plaintexts differently",
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Decrypts the document a `find_one`-like operation returned, if any.
@@ -138,6 +156,52 @@ impl<T> EncryptedCollection<T> {
         }
         check_collation(collation, touched.as_ref())?;
         Ok((new_filter, update))
+    }
+
+    /// Begins a `replace_one`: binds and encrypts the replacement (taking `_id` from the
+    /// filter where `_id`-bound fields need it), rewrites the filter and checks the sort and
+    /// collation.
+    pub(super) async fn prepare_replace(
+        &self,
+        filter: &Document,
+        replacement: Result<RawDocumentBuf>,
+        options: Option<&ReplaceOptions>,
+    ) -> Result<(Document, RawDocumentBuf)> {
+        self.begin("replace_one").await?;
+        let q = self.rewriter();
+        let replacement = q.replacement(&replacement?, filter)?;
+        let (filter, touched) = q.filter_touching(filter)?;
+        if let Some(o) = options {
+            if let Some(s) = &o.sort {
+                q.sort(s)?;
+            }
+            check_collation(o.collation.as_ref(), touched.as_ref())?;
+        }
+        Ok((filter, replacement))
+    }
+
+    /// Begins a `distinct` on `field`: rewrites the filter and tells how the values are to be
+    /// decrypted ([`QueryRewriter::distinct_field`]), refusing a collation where the server
+    /// would compare ciphertext.
+    ///
+    /// [`QueryRewriter::distinct_field`]: crate::mongo::QueryRewriter::distinct_field
+    pub(super) async fn prepare_distinct(
+        &self,
+        field: &str,
+        filter: &Document,
+        collation: Option<&Collation>,
+    ) -> Result<(Document, Option<(&FieldRule, Option<Bson>)>)> {
+        self.begin("distinct").await?;
+        let q = self.rewriter();
+        let target = q.distinct_field(field, filter)?;
+        let (filter, touched) = q.filter_touching(filter)?;
+        // Distinct compares the field's values: ciphertext, for an encrypted field.
+        let compared = target
+            .as_ref()
+            .map(|(r, _)| r.normalized.clone())
+            .or(touched);
+        check_collation(collation, compared.as_ref())?;
+        Ok((filter, target))
     }
 
     /// Begins an aggregation and rewrites its pipeline, refusing a collation that would

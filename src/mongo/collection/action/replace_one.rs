@@ -10,7 +10,7 @@ use mongodb::ClientSession;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::mongo::collection::{check_collation, to_raw, EncryptedCollection};
+use crate::mongo::collection::{to_raw, EncryptedCollection};
 
 impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
     /// Replaces the document matching `filter` with `replacement`, encrypted. `_id`-bound
@@ -45,16 +45,9 @@ into_future!(ReplaceOne -> UpdateResult);
 impl<'a, T: 'a> ReplaceOne<'a, T> {
     async fn run(self) -> Result<UpdateResult> {
         let coll = self.coll;
-        coll.begin("replace_one").await?;
-        let q = coll.rewriter();
-        let replacement = q.replacement(&self.replacement?, &self.filter)?;
-        let (filter, touched) = q.filter_touching(&self.filter)?;
-        if let Some(o) = &self.options {
-            if let Some(s) = &o.sort {
-                q.sort(s)?;
-            }
-            check_collation(o.collation.as_ref(), touched.as_ref())?;
-        }
+        let (filter, replacement) = coll
+            .prepare_replace(&self.filter, self.replacement, self.options.as_ref())
+            .await?;
         let action = coll
             .coll
             .replace_one(filter, replacement)
