@@ -1,6 +1,17 @@
 //! The MongoDB layer (feature `mongodb`): the key vault with envelope encryption, key-encryption
 //! key (KEK) providers, and the encrypting collection.
 //!
+//! ```text
+//!  EncryptedCollection::<op>   collection.rs; one action family per file in collection/action/
+//!    │ prepare (action/prepare.rs): check the handle, prefetch keys from a KeySource
+//!    │ rewrite (rewrite.rs, rewrite/): filter, write, pipeline, expression; or refuse (pure)
+//!    │ encrypt what is written (the transform, keys read from memory)
+//!    ▼
+//!  driver ──▶ server ──▶ driver ──▶ decrypt what is read (collection/cursor.rs)
+//!
+//!  KeyVault (key_vault.rs): data keys in MongoDB, wrapped by a KekProvider (kek.rs)
+//! ```
+//!
 //! The core transform is synchronous and never waits on the network. Keys that live in MongoDB
 //! are resolved ahead of each operation through [`KeySource`], then used from memory.
 
@@ -11,14 +22,15 @@ use crate::key::KeyId;
 use crate::keyring::{InMemoryKeyring, Keyring};
 
 mod collection;
-mod query;
+mod rewrite;
 mod validator;
 pub use collection::{
-    tenant_alias, tenant_aliases, tenant_schema, Aggregate, CountDocuments, Delete, Distinct,
-    EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndDelete, FindOneAndReplace,
-    FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update, WithSession,
+    tenant_alias, tenant_aliases, tenant_schema, ActionSession, Aggregate, CountDocuments, Delete,
+    Distinct, EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndDelete,
+    FindOneAndReplace, FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update,
+    WithSession,
 };
-pub use query::QueryRewriter;
+pub use rewrite::QueryRewriter;
 pub use validator::{apply_validator, json_schema, validator};
 
 mod kek;

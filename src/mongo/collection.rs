@@ -4,7 +4,8 @@
 //! ```text
 //!  T ──serde──▶ raw BSON ──owner bound, encrypted (rayon for batches)──▶ driver ──▶ server
 //!  T ◀──serde── raw BSON ◀──decrypted per batch (keys prefetched)─────── driver ◀── server
-//!  filter / update / pipeline ──QueryRewriter (pure)──▶ driver   (or a refusal, nothing sent)
+//!  filter / write / pipeline ──QueryRewriter (pure)──▶ driver    (or a refusal, nothing sent)
+//!  each operation: action/<family>.rs, through action/prepare.rs (rewrite, check, prefetch)
 //! ```
 //!
 //! Documents travel as [`RawDocumentBuf`] on the wire side: serde types are serialized once to
@@ -16,14 +17,13 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use bson::{Bson, Document, RawDocumentBuf};
-use mongodb::options::Collation;
 use mongodb::Collection;
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::mongo::query::QueryRewriter;
+use crate::mongo::rewrite::QueryRewriter;
 use crate::mongo::KeySource;
 use crate::schema::Schema;
 use crate::transform::{Context, Cryptor, PARALLEL_THRESHOLD};
@@ -33,7 +33,7 @@ mod cursor;
 mod tenant;
 
 pub use action::{
-    Aggregate, CountDocuments, Delete, Distinct, Find, FindOne, FindOneAndDelete,
+    ActionSession, Aggregate, CountDocuments, Delete, Distinct, Find, FindOne, FindOneAndDelete,
     FindOneAndReplace, FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update,
     WithSession,
 };
@@ -358,12 +358,12 @@ impl<T> EncryptedCollection<T> {
     async fn encrypt_all(&self, docs: Vec<RawDocumentBuf>) -> Result<Vec<RawDocumentBuf>> {
         if docs.len() < PARALLEL_THRESHOLD {
             let q = self.rewriter();
-            return docs.iter().map(|d| q.document(d)).collect();
+            return docs.iter().map(|d| q.insert_document(d)).collect();
         }
         let (cryptor, ctx, owner) = (self.cryptor.clone(), self.ctx.clone(), self.owner.clone());
         tokio::task::spawn_blocking(move || {
             let q = QueryRewriter::new(&cryptor, &ctx).scope(owner.as_ref());
-            docs.par_iter().map(|d| q.document(d)).collect()
+            docs.par_iter().map(|d| q.insert_document(d)).collect()
         })
         .await
         .map_err(|_| Error::Config("an encryption task failed".into()))?
@@ -375,20 +375,6 @@ impl<T> EncryptedCollection<T> {
             ctx: self.ctx.clone(),
             keys: self.keys.clone(),
         }
-    }
-}
-
-/// Refuses a collation where a condition compares ciphertext: ciphertext equality is binary,
-/// while a collation (case- or accent-insensitive) would compare plaintexts differently.
-fn check_collation(collation: Option<&Collation>, touched: Option<&String>) -> Result<()> {
-    match (collation, touched) {
-        (Some(c), Some(field)) if c.locale != "simple" => Err(Error::UnsupportedQuery {
-            operator: "collation".into(),
-            field: field.clone(),
-            reason:
-                "ciphertext equality is binary; a collation would compare plaintexts differently",
-        }),
-        _ => Ok(()),
     }
 }
 

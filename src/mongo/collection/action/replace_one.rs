@@ -1,0 +1,57 @@
+//! `replace_one`: the replacement bound to the owner and encrypted (`_id`-bound fields take
+//! the `_id` of the filter when it has none); the filter rewritten.
+
+use std::borrow::Borrow;
+
+use bson::{Document, RawDocumentBuf};
+use mongodb::options::ReplaceOptions;
+use mongodb::results::UpdateResult;
+use mongodb::ClientSession;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::mongo::collection::{to_raw, EncryptedCollection};
+
+impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
+    /// Replaces the document matching `filter` with `replacement`, encrypted. `_id`-bound
+    /// fields take the `_id` of the replacement, or of an `_id` equality in `filter`.
+    ///
+    /// `await` returns `Result<UpdateResult>`.
+    pub fn replace_one(&self, filter: Document, replacement: impl Borrow<T>) -> ReplaceOne<'_, T> {
+        ReplaceOne {
+            coll: self,
+            filter,
+            replacement: to_raw(replacement.borrow()),
+            options: None,
+            session: None,
+        }
+    }
+}
+
+/// Replaces one document. Construct with [`EncryptedCollection::replace_one`].
+#[must_use = "actions do nothing unless awaited"]
+pub struct ReplaceOne<'a, T> {
+    coll: &'a EncryptedCollection<T>,
+    filter: Document,
+    replacement: Result<RawDocumentBuf>,
+    options: Option<ReplaceOptions>,
+    session: Option<&'a mut ClientSession>,
+}
+
+options_and_session!(ReplaceOne, ReplaceOptions);
+
+into_future!(ReplaceOne -> UpdateResult);
+
+impl<'a, T: 'a> ReplaceOne<'a, T> {
+    async fn run(self) -> Result<UpdateResult> {
+        let coll = self.coll;
+        let (filter, replacement) = coll
+            .prepare_replace(&self.filter, self.replacement, self.options.as_ref())
+            .await?;
+        let action = coll
+            .coll
+            .replace_one(filter, replacement)
+            .with_options(self.options);
+        Ok(run!(action, self.session)?)
+    }
+}
