@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 
 use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{tenant_aliases, EncryptedCollection};
-use fieldcrypt::{BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema};
+use fieldcrypt::{
+    ArgumentError, BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema,
+};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::event::command::CommandEvent;
@@ -370,7 +372,10 @@ async fn unscoped_handles_bind_the_owner_from_the_filter() {
             .build()
             .unwrap(),
     );
-    assert!(matches!(unowned.scoped("acme"), Err(Error::Config(_))));
+    assert!(matches!(
+        unowned.scoped("acme"),
+        Err(Error::InvalidArgument(ArgumentError::NoOwnerField))
+    ));
     db.drop().await.unwrap();
 }
 

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 use crate::mongo::rewrite::QueryRewriter;
 use crate::mongo::KeySource;
 use crate::schema::Schema;
@@ -158,13 +158,11 @@ impl<T> EncryptedCollection<T> {
     /// decrypt.
     ///
     /// # Errors
-    /// [`Error::Config`] when the schema has no owner field; with per-tenant keys, an owner
+    /// [`Error::InvalidArgument`] when the schema has no owner field; with per-tenant keys, an owner
     /// value that cannot name a tenant (see [`tenant_schema`]).
     pub fn scoped(&self, owner: impl Into<Bson>) -> Result<Self> {
         if self.schema.owner_field().is_none() {
-            return Err(Error::Config(
-                "scoped() needs a schema with an owner field (SchemaBuilder::owner_field)".into(),
-            ));
+            return Err(Error::from(ArgumentError::NoOwnerField));
         }
         let mut scoped = self.clone();
         scoped.owner = Some(owner.into());
@@ -366,7 +364,7 @@ impl<T> EncryptedCollection<T> {
             docs.par_iter().map(|d| q.insert_document(d)).collect()
         })
         .await
-        .map_err(|_| Error::Config("an encryption task failed".into()))?
+        .map_err(|_| Error::TaskFailed("an encryption"))?
     }
 
     fn decryptor(&self) -> cursor::Decryptor {

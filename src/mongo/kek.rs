@@ -27,7 +27,7 @@ use bson::{doc, Bson, Document};
 use zeroize::Zeroizing;
 
 use crate::csfle::{CsfleKey, LocalMasterKey};
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 use crate::key::{KeyMaterial, CSFLE_KEY_LEN};
 
 /// The environment variable [`LocalKek::from_env`] reads: the 96-byte local master key in
@@ -95,7 +95,7 @@ pub const MASTER_KEY_ENV: &str = "FIELDCRYPT_MASTER_KEY";
 ///         if !ad.is_empty() {
 ///             req = req.encryption_context("associatedData", hex::encode(ad));
 ///         }
-///         let out = req.send().await.map_err(|e| fieldcrypt::Error::Config(format!("AWS KMS: {e}")))?;
+///         let out = req.send().await.map_err(|e| fieldcrypt::Error::Kms { provider: "aws".into(), reason: e.to_string() })?;
 ///         let blob = out.ciphertext_blob().map(|b| b.as_ref().to_vec()).unwrap_or_default();
 ///         Ok((doc! { "provider": "aws", "region": &self.region, "key": &self.key_arn }, blob))
 ///     }
@@ -138,7 +138,7 @@ pub trait KekProvider: Send + Sync {
     /// the `masterKey` document and the wrapped bytes to store in `keyMaterial`.
     ///
     /// # Errors
-    /// KMS errors ([`Error::Config`] for a KMS that refuses or cannot be reached).
+    /// KMS errors ([`Error::Kms`] for a KMS that refuses or cannot be reached).
     async fn wrap_with_ad(
         &self,
         dek: &KeyMaterial,
@@ -198,13 +198,11 @@ impl LocalKek {
     /// providers), so that two local master keys can be told apart during a rewrap.
     ///
     /// # Errors
-    /// [`Error::Config`] when `name` is empty or holds characters other than ASCII letters,
+    /// [`Error::InvalidArgument`] when `name` is empty or holds characters other than ASCII letters,
     /// digits and `_` (MongoDB's rule for KMS provider names).
     pub fn named(name: &str, master: LocalMasterKey) -> Result<Self> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(Error::Config(format!(
-                "local KMS provider name {name:?} must be ASCII letters, digits and '_'"
-            )));
+            return Err(Error::from(ArgumentError::KmsProviderName(name.to_owned())));
         }
         Ok(Self::with_provider(format!("local:{name}"), master))
     }
@@ -228,7 +226,7 @@ impl LocalKek {
     /// (`FIELDCRYPT_MASTER_KEY`).
     ///
     /// # Errors
-    /// [`Error::Config`] when the variable is not set, [`Error::KeyFormat`] when it does not
+    /// [`Error::InvalidArgument`] when the variable is not set, [`Error::KeyFormat`] when it does not
     /// hold base64 of 96 bytes.
     pub fn from_env() -> Result<Self> {
         Self::from_env_var(MASTER_KEY_ENV)
@@ -241,7 +239,7 @@ impl LocalKek {
     pub fn from_env_var(var: &str) -> Result<Self> {
         let text = Zeroizing::new(
             std::env::var(var)
-                .map_err(|_| Error::Config(format!("environment variable {var} is not set")))?,
+                .map_err(|_| Error::from(ArgumentError::MissingEnvVar(var.to_owned())))?,
         );
         LocalMasterKey::from_base64(&text)
             .map(Self::new)

@@ -78,7 +78,7 @@ impl Decryptor {
             let this = self.clone();
             match tokio::task::spawn_blocking(move || this.decode::<R>(&batch)).await {
                 Ok(items) => out.extend(items),
-                Err(_) => out.push(Err(Error::Config("a decryption task failed".into()))),
+                Err(_) => out.push(Err(Error::TaskFailed("a decryption"))),
             }
         } else {
             out.extend(self.decode::<R>(&batch));

@@ -9,7 +9,7 @@
 
 use bson::Bson;
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 use crate::schema::{Field, Schema};
 
 /// The alias of `alias` for `tenant`: `<alias>/<tenant>`.
@@ -20,9 +20,7 @@ pub fn tenant_alias(alias: &str, tenant: &str) -> String {
 
 fn check_tenant(tenant: &str) -> Result<()> {
     if tenant.is_empty() || tenant.contains(['/', '\0']) {
-        return Err(Error::Config(
-            "a tenant name must be non-empty and contain no '/' or NUL".into(),
-        ));
+        return Err(Error::from(ArgumentError::TenantName));
     }
     Ok(())
 }
@@ -31,7 +29,7 @@ fn check_tenant(tenant: &str) -> Result<()> {
 /// [`tenant_alias`] for `tenant`; paths, suites, bindings and the owner field are unchanged.
 ///
 /// # Errors
-/// [`Error::Config`] for an empty tenant name or one containing `/` (which would make
+/// [`Error::InvalidArgument`] for an empty tenant name or one containing `/` (which would make
 /// `alias/tenant` ambiguous).
 pub fn tenant_schema(schema: &Schema, tenant: &str) -> Result<Schema> {
     check_tenant(tenant)?;
@@ -98,10 +96,7 @@ pub(super) fn label(owner: &Bson) -> Result<String> {
         Bson::ObjectId(o) => Ok(format!("oid:{}", o.to_hex())),
         Bson::Int32(n) => Ok(format!("int:{n}")),
         Bson::Int64(n) => Ok(format!("int:{n}")),
-        _ => Err(Error::Config(
-            "per-tenant keys need an owner value that is a string, an ObjectId or an integer"
-                .into(),
-        )),
+        _ => Err(Error::from(ArgumentError::TenantOwnerType)),
     }
 }
 

@@ -7,7 +7,7 @@ use bson::{doc, Bson, Document};
 use super::{is_operator_doc, refuse, sibling, Kind, QueryRewriter, State};
 use crate::blind_index::BLIND_INDEX_SUBTYPE;
 use crate::envelope::ENVELOPE_SUBTYPE;
-use crate::error::{Error, Result};
+use crate::error::{CommandError, Error, Result};
 use crate::schema::FieldRule;
 use crate::transform::CSFLE_SUBTYPE;
 
@@ -274,12 +274,18 @@ impl QueryRewriter<'_> {
         match k {
             "$and" | "$or" | "$nor" => {
                 let Bson::Array(items) = v else {
-                    return Err(Error::Config(format!("{k} needs an array of filters")));
+                    return Err(Error::from(CommandError::Operand {
+                        operator: k.to_owned(),
+                        expected: "an array of filters",
+                    }));
                 };
                 let mut rewritten = Vec::with_capacity(items.len());
                 for item in items {
                     let Bson::Document(d) = item else {
-                        return Err(Error::Config(format!("{k} needs an array of filters")));
+                        return Err(Error::from(CommandError::Operand {
+                            operator: k.to_owned(),
+                            expected: "an array of filters",
+                        }));
                     };
                     rewritten.push(Bson::Document(self.filter_doc(d, base, st)?));
                 }

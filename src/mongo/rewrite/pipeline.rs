@@ -7,7 +7,7 @@ use bson::{doc, Bson, Document};
 
 use super::filter::Base;
 use super::{is_flag, is_inside, is_positional, refuse, Kind, QueryRewriter, State};
-use crate::error::{Error, Result};
+use crate::error::{CommandError, Error, Result};
 use crate::schema::FieldRule;
 
 /// Stages that MongoDB only accepts first in a pipeline, so an owner filter cannot precede them.
@@ -272,14 +272,12 @@ impl<'a> QueryRewriter<'a> {
         for stage in stages {
             let mut it = stage.iter();
             let (Some((name, body)), None) = (it.next(), it.next()) else {
-                return Err(Error::Config(
-                    "a pipeline stage must be a document with exactly one field".into(),
-                ));
+                return Err(Error::from(CommandError::Stage));
             };
             let body = match name.as_str() {
                 "$match" => {
                     let Bson::Document(f) = body else {
-                        return Err(Error::Config("$match needs a filter document".into()));
+                        return Err(Error::from(CommandError::Operand { operator: "$match".into(), expected: "a filter document" }));
                     };
                     let mut st = State {
                         owner: self.owner_for(f),
@@ -315,19 +313,19 @@ impl<'a> QueryRewriter<'a> {
                 }
                 "$facet" => {
                     let Bson::Document(facets) = body else {
-                        return Err(Error::Config("$facet needs a document".into()));
+                        return Err(Error::from(CommandError::Operand { operator: "$facet".into(), expected: "a document" }));
                     };
                     let mut rewritten = Document::new();
                     for (k, sub) in facets {
                         self.check_output_name(k, name)?;
                         let Bson::Array(sub) = sub else {
-                            return Err(Error::Config("$facet needs pipelines".into()));
+                            return Err(Error::from(CommandError::Operand { operator: "$facet".into(), expected: "pipelines" }));
                         };
                         let sub: Vec<Document> = sub
                             .iter()
                             .map(|s| match s {
                                 Bson::Document(d) => Ok(d.clone()),
-                                _ => Err(Error::Config("$facet needs pipelines".into())),
+                                _ => Err(Error::from(CommandError::Operand { operator: "$facet".into(), expected: "pipelines" })),
                             })
                             .collect::<Result<_>>()?;
                         let mut sub_out = Vec::with_capacity(sub.len());

@@ -9,7 +9,7 @@ use super::filter::{is_logical, Base, Conjunction};
 use super::{
     equality_in, is_flag, is_inside, is_operator_doc, refuse, sibling, Kind, QueryRewriter, State,
 };
-use crate::error::{Error, Result};
+use crate::error::{CommandError, Error, Result};
 use crate::schema::{FieldRule, Node};
 use crate::transform::MAX_DEPTH;
 
@@ -29,19 +29,20 @@ impl<'a> QueryRewriter<'a> {
     ///
     /// # Errors
     /// [`Error::UnsupportedQuery`]; [`Error::MissingContext`] when the owner is unknown;
-    /// [`Error::Config`] for a replacement document (use `replace_one`); key errors.
+    /// [`Error::InvalidCommand`] for a replacement document (use `replace_one`); key errors.
     pub fn update(&self, update: &Document, filter: &Document) -> Result<Document> {
         let id = equality_in(filter, "_id");
         let owner = self.owner_for(filter);
         let mut out = Document::new();
         for (op, fields) in update {
             if !op.starts_with('$') {
-                return Err(Error::Config(
-                    "an update document must consist of update operators; use replace_one to replace a document".into(),
-                ));
+                return Err(Error::from(CommandError::NotAnUpdate));
             }
             let Bson::Document(fields) = fields else {
-                return Err(Error::Config(format!("{op} needs a document")));
+                return Err(Error::from(CommandError::Operand {
+                    operator: op.clone(),
+                    expected: "a document",
+                }));
             };
             let mut rewritten: Vec<(String, Bson)> = Vec::with_capacity(fields.len());
             for (path, value) in fields {
@@ -53,7 +54,12 @@ impl<'a> QueryRewriter<'a> {
                     out.insert(op.clone(), Document::new());
                     match out.get_mut(op) {
                         Some(Bson::Document(d)) => d,
-                        _ => return Err(Error::Config("update rewriting failed".into())),
+                        _ => {
+                            return Err(Error::from(CommandError::Operand {
+                                operator: op.clone(),
+                                expected: "a document",
+                            }))
+                        }
                     }
                 }
             };
@@ -408,15 +414,13 @@ impl<'a> QueryRewriter<'a> {
     /// `$literal`, nor build names from values; other stages are refused.
     ///
     /// # Errors
-    /// [`Error::UnsupportedQuery`]; [`Error::Config`] for a malformed stage.
+    /// [`Error::UnsupportedQuery`]; [`Error::InvalidCommand`] for a malformed stage.
     pub fn update_pipeline(&self, pipeline: &[Document]) -> Result<()> {
         let guarded = self.has_rules() || self.owner_field().is_some();
         for stage in pipeline {
             let mut it = stage.iter();
             let (Some((name, body)), None) = (it.next(), it.next()) else {
-                return Err(Error::Config(
-                    "a pipeline stage must be a document with exactly one field".into(),
-                ));
+                return Err(Error::from(CommandError::Stage));
             };
             if !guarded {
                 continue;
@@ -508,9 +512,10 @@ impl<'a> QueryRewriter<'a> {
         };
         for n in names {
             let Bson::String(path) = n else {
-                return Err(Error::Config(format!(
-                    "{name} needs a field name or an array of field names"
-                )));
+                return Err(Error::from(CommandError::Operand {
+                    operator: name.to_string(),
+                    expected: "a field name or an array of field names",
+                }));
             };
             if self.is_owner_path(path) {
                 return Err(self.refuse_owner(name, path));
@@ -849,7 +854,7 @@ mod tests {
         assert_eq!(back.get_str("ssn").unwrap(), "1");
         assert!(matches!(
             q.update(&doc! { "email": "x" }, &doc! {}),
-            Err(Error::Config(_))
+            Err(Error::InvalidCommand(CommandError::NotAnUpdate))
         ));
     }
 

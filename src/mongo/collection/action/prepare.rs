@@ -6,7 +6,7 @@ use bson::{Bson, Document, RawDocumentBuf};
 use mongodb::options::{AggregateOptions, Collation, ReplaceOptions, UpdateModifications};
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
+use crate::error::{CommandError, Error, Result};
 use crate::mongo::collection::EncryptedCollection;
 use crate::schema::FieldRule;
 
@@ -149,7 +149,7 @@ impl<T> EncryptedCollection<T> {
                 q.update_pipeline(&p)?;
                 UpdateModifications::Pipeline(p)
             }
-            _ => return Err(Error::Config("unsupported kind of update".into())),
+            _ => return Err(Error::from(CommandError::UpdateKind)),
         };
         if let Some(s) = sort {
             q.sort(s)?;
