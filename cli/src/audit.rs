@@ -9,8 +9,7 @@ use fieldcrypt::rotation::{Audit, AuditOptions, AuditReport, Target};
 use fieldcrypt::{Context, Result};
 use serde_json::json;
 
-use crate::encrypt::load_schema;
-use crate::keys::split_namespace;
+use crate::common::{load_schema, split_namespace};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{Exit, OutputOpts, Progress};
 

@@ -3,11 +3,9 @@
 
 use std::path::PathBuf;
 
-use bson::RawDocumentBuf;
-use fieldcrypt::rotation::references;
-use fieldcrypt::{Cryptor, Error, KeyId, Result, Schema};
+use fieldcrypt::{Cryptor, Result, Schema};
 
-use crate::encrypt::{context, load_schema, BATCH};
+use crate::common::{context, document_error, load_schema, referenced, BATCH};
 use crate::jsonl::{IoArgs, Reader, Writer};
 use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;
@@ -27,37 +25,6 @@ pub(crate) struct DecryptArgs {
     io: IoArgs,
     #[command(flatten)]
     keys: KeyArgs,
-}
-
-/// An error decrypting document `n`, with what to do about a binding the ciphertext lacks:
-/// since the core refuses ciphertexts bound more loosely than the context they are read in, a
-/// value written without a namespace does not decrypt with one. `namespace_hint` says how to
-/// read without a namespace in this command.
-pub(crate) fn document_error(n: u64, e: Error, namespace_hint: &str) -> Error {
-    match e {
-        Error::UnboundCiphertext {
-            path,
-            missing: "namespace",
-        } => Error::Config(format!(
-            "document {n}: the ciphertext at {path:?} is not bound to a namespace (it was encrypted without one, e.g. by `fieldcrypt encrypt` without --namespace, or moved here from elsewhere) and is refused when a namespace is given; if it was encrypted without one, {namespace_hint}"
-        )),
-        Error::UnboundCiphertext { path, missing } => Error::Config(format!(
-            "document {n}: the ciphertext at {path:?} is not bound to the {missing} its schema requires (written without that binding, or moved here from elsewhere): refused"
-        )),
-        other => Error::Config(format!("document {n}: {other}")),
-    }
-}
-
-/// Key ids referenced by a batch, for key-vault prefetching. Read leniently: a malformed value
-/// is reported by decryption, naming its document.
-pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Result<Vec<KeyId>> {
-    let mut ids = Vec::new();
-    for d in batch {
-        ids.extend(references(d).keys);
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
 }
 
 pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {

@@ -1,15 +1,13 @@
 //! `fieldcrypt encrypt`: encrypts Extended JSON documents per a schema, offline.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use fieldcrypt::{Context, Cryptor, Error, Result, Schema};
+use fieldcrypt::{Cryptor, Error, Result};
 
+use crate::common::{context, load_schema, BATCH};
 use crate::jsonl::{IoArgs, Reader, Writer};
-use crate::keysource::{in_file, KeyArgs, Keys};
+use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;
-
-/// Documents per batch (encrypted in parallel).
-pub(crate) const BATCH: usize = 1000;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct EncryptArgs {
@@ -24,21 +22,6 @@ pub(crate) struct EncryptArgs {
     io: IoArgs,
     #[command(flatten)]
     keys: KeyArgs,
-}
-
-/// Loads a schema file, naming the file in errors.
-pub(crate) fn load_schema(path: &Path) -> Result<Schema> {
-    Schema::load(path).map_err(|e| match e {
-        Error::Schema { path: p, reason } => {
-            Error::Config(format!("{}: field {p:?}: {reason}", path.display()))
-        }
-        other => in_file(path, other),
-    })
-}
-
-/// The context for a namespace option.
-pub(crate) fn context(namespace: Option<&str>) -> Context {
-    namespace.map_or_else(Context::none, Context::namespace)
 }
 
 pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {

@@ -9,10 +9,8 @@ use fieldcrypt::{Context, Cryptor, Result, Schema};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::decrypt::{document_error, referenced};
-use crate::encrypt::load_schema;
+use crate::common::{document_error, load_schema, referenced, split_namespace, BATCH};
 use crate::jsonl::{OutArgs, Writer};
-use crate::keys::split_namespace;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -41,8 +39,6 @@ pub(crate) struct ExportArgs {
     #[command(flatten)]
     out: OutputOpts,
 }
-
-const BATCH: usize = 1000;
 
 pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     let (db, coll) = split_namespace(&a.namespace)?;

@@ -9,9 +9,8 @@ use bson::RawDocumentBuf;
 use fieldcrypt::{Context, Cryptor, Error, Result};
 use serde_json::json;
 
-use crate::encrypt::load_schema;
+use crate::common::{load_schema, split_namespace};
 use crate::jsonl::{InArgs, Reader};
-use crate::keys::split_namespace;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 

@@ -15,6 +15,7 @@ use fieldcrypt::{Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Resu
 use futures_util::TryStreamExt;
 use serde_json::json;
 
+use crate::common::split_namespace;
 use crate::keysource::{change_keyset, connect, with_keyset, KeyArgs, Store};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -540,11 +541,4 @@ async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<RefCount>> {
         });
     }
     Ok(out)
-}
-
-/// `db.collection` → (`db`, `collection`).
-pub(crate) fn split_namespace(ns: &str) -> Result<(&str, &str)> {
-    ns.split_once('.')
-        .filter(|(d, c)| !d.is_empty() && !c.is_empty())
-        .ok_or_else(|| Error::Config(format!("namespace {ns:?} is not \"database.collection\"")))
 }

@@ -2,11 +2,13 @@
 //! JSON, import and export, re-encryption and migration of live collections, audits, and
 //! collection validators. See `docs/CLI.md`.
 //!
-//! One file per subcommand; `keysource.rs` (where keys come from), `jsonl.rs` (Extended JSON
-//! lines) and `report.rs` (progress, summaries, exit codes) are shared.
+//! One file per subcommand; `common.rs` (schemas, namespaces, per-document errors),
+//! `keysource.rs` (where keys come from), `jsonl.rs` (Extended JSON lines) and `report.rs`
+//! (progress, summaries, exit codes) are shared. Subcommand files import only from these.
 
 mod audit;
 mod bench;
+mod common;
 mod decrypt;
 mod encrypt;
 mod export;

@@ -12,8 +12,7 @@ use fieldcrypt::rotation::{
 use fieldcrypt::{Context, Error, Result};
 use serde_json::json;
 
-use crate::encrypt::load_schema;
-use crate::keys::split_namespace;
+use crate::common::{load_schema, split_namespace};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use fieldcrypt::mongo::{apply_validator, validator};
 use fieldcrypt::{Error, Result};
 
-use crate::encrypt::load_schema;
-use crate::keys::split_namespace;
+use crate::common::{load_schema, split_namespace};
 use crate::keysource::connect;
 use crate::report::Exit;
 
