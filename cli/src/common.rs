@@ -35,22 +35,22 @@ pub(crate) fn split_namespace(ns: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| Error::Config(format!("namespace {ns:?} is not \"database.collection\"")))
 }
 
-/// An error decrypting document `n`, with what to do about a binding the ciphertext lacks:
+/// An error decrypting the document at `place` (`line N`, `document N`), with what to do about a binding the ciphertext lacks:
 /// since the core refuses ciphertexts bound more loosely than the context they are read in, a
 /// value written without a namespace does not decrypt with one. `namespace_hint` says how to
 /// read without a namespace in this command.
-pub(crate) fn document_error(n: u64, e: Error, namespace_hint: &str) -> Error {
+pub(crate) fn document_error(place: &str, e: Error, namespace_hint: &str) -> Error {
     match e {
         Error::UnboundCiphertext {
             path,
             missing: "namespace",
         } => Error::Config(format!(
-            "document {n}: the ciphertext at {path:?} is not bound to a namespace (it was encrypted without one, e.g. by `fieldcrypt encrypt` without --namespace, or moved here from elsewhere) and is refused when a namespace is given; if it was encrypted without one, {namespace_hint}"
+            "{place}: the ciphertext at {path:?} is not bound to a namespace (it was encrypted without one, e.g. by `fieldcrypt encrypt` without --namespace, or moved here from elsewhere) and is refused when a namespace is given; if it was encrypted without one, {namespace_hint}"
         )),
         Error::UnboundCiphertext { path, missing } => Error::Config(format!(
-            "document {n}: the ciphertext at {path:?} is not bound to the {missing} its schema requires (written without that binding, or moved here from elsewhere): refused"
+            "{place}: the ciphertext at {path:?} is not bound to the {missing} its schema requires (written without that binding, or moved here from elsewhere): refused"
         )),
-        other => Error::Config(format!("document {n}: {other}")),
+        other => Error::Config(format!("{place}: {other}")),
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use fieldcrypt::{Cryptor, Result, Schema};
 
 use crate::common::{context, document_error, load_schema, referenced, BATCH};
-use crate::jsonl::{IoArgs, Reader, Writer};
+use crate::jsonl::{wipe, IoArgs, Reader, Writer};
 use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;
 
@@ -25,6 +25,10 @@ pub(crate) struct DecryptArgs {
     io: IoArgs,
     #[command(flatten)]
     keys: KeyArgs,
+    /// Print nothing but the documents and errors (this command prints nothing else anyway;
+    /// accepted, as by every command).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
@@ -39,8 +43,7 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
     }
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let mut reader = Reader::open(a.io.input.input.as_deref())?;
-    let mut writer = Writer::create(&a.io.output, true)?;
-    let mut first_line = 1;
+    let mut writer = Writer::create(&a.io.output, true, Some(&a.io.input))?;
     loop {
         let batch = reader.batch(BATCH)?;
         if batch.is_empty() {
@@ -49,11 +52,16 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         keys.source.prefetch_ids(&referenced(&batch)?).await?;
         for (i, r) in cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate() {
             let doc = r.map_err(|e| {
-                document_error((first_line + i) as u64, e, "decrypt it without --namespace")
+                document_error(
+                    &format!("line {}", reader.line_of(i)),
+                    e,
+                    "decrypt it without --namespace",
+                )
             })?;
             writer.write(&doc)?;
+            // Decrypted: wiped once written.
+            wipe(vec![doc]);
         }
-        first_line += batch.len();
     }
     writer.finish()?;
     Ok(Exit::Ok)

@@ -70,7 +70,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         find = find.limit(i64::try_from(l).unwrap_or(i64::MAX));
     }
     let mut cursor = find.await?;
-    let mut writer = Writer::create(&a.dest, a.decrypt)?;
+    let mut writer = Writer::create(&a.dest, a.decrypt, None)?;
     let ctx = if a.no_namespace_binding {
         Context::none()
     } else {
@@ -98,7 +98,11 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
                 k.source.prefetch_ids(&referenced(&batch)?).await?;
                 for (i, r) in c.decrypt_many(&batch, &ctx).into_iter().enumerate() {
                     let d = r.map_err(|e| {
-                        document_error(written + i as u64 + 1, e, "use --no-namespace-binding")
+                        document_error(
+                            &format!("document {}", written + i as u64 + 1),
+                            e,
+                            "use --no-namespace-binding",
+                        )
                     })?;
                     writer.write(&d)?;
                 }

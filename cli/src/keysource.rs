@@ -21,7 +21,9 @@ use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{
     KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
 };
-use fieldcrypt::{Error, InMemoryKeyring, Key, KeyId, KeyMaterial, Keyring, Result};
+use fieldcrypt::{
+    Error, InMemoryKeyring, Key, KeyId, KeyMaterial, KeyState, Keyring, Result, RANDOM_NONCE_LIMIT,
+};
 use mongodb::Client;
 
 /// The environment variable holding a keyset (base64 of its JSON).
@@ -62,7 +64,7 @@ impl KeyArgs {
 
     fn master(&self) -> Result<LocalKek> {
         match &self.master_key_file {
-            Some(f) => LocalKek::from_file(f),
+            Some(f) => LocalKek::from_file(f).map_err(|e| in_file(f, e)),
             None => LocalKek::from_env().map_err(|e| match e {
                 Error::Config(_) => Error::Config(format!(
                     "no master key: give --master-key-file or set {MASTER_KEY_ENV}"
@@ -110,22 +112,56 @@ pub(crate) async fn shutdown_clients() {
     }
 }
 
+/// How a command that encrypts may use keys whose random-nonce count cannot be recorded.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct NonceArgs {
+    /// Encrypt with random nonces under keys from FIELDCRYPT_KEYSET or --key-vault-file,
+    /// which cannot record how many encryptions were made: runs then cannot see each
+    /// other's, and a key's 2^32 limit can be exceeded unnoticed. Refused without this flag.
+    #[arg(long)]
+    pub allow_unrecorded_nonces: bool,
+}
+
 /// Keys for reading and writing documents.
 ///
-/// With a keyset file, the random-nonce usage counters of this run's encryptions are added to
-/// the file when the `Keys` is dropped (or earlier, by [`Keys::persist_counters`]): on success
-/// and on every error path alike, so the per-key limits hold across runs.
+/// A keyset file's keys share their budget of random-nonce encryptions
+/// ([`RANDOM_NONCE_LIMIT`]) with every process using the file: before a command lets a batch
+/// of ciphertexts out ([`Keys::reserve_used`]), what the batch used is reserved in the file,
+/// under its lock, with a block to spare, and refused if the stored count would pass the
+/// limit. What is reserved and not used is given back when the `Keys` is dropped (or by
+/// [`Keys::persist_counters`]); a process that dies keeps it reserved (safe: the count only
+/// runs ahead). Keys from read-only sources (`FIELDCRYPT_KEYSET`, `--key-vault-file`) cannot
+/// record their counts: random-nonce encryption under them is refused unless
+/// [`NonceArgs::allow_unrecorded_nonces`].
 pub(crate) struct Keys {
     /// What the engine and the cryptors use.
     pub source: Arc<dyn KeySource>,
     /// The in-memory keyring, when keys came from files or the environment.
     ring: Option<Arc<InMemoryKeyring>>,
-    /// The keyset file to write usage counters back to.
+    /// The keyset file to reserve and record encryptions in.
     keyset_file: Option<PathBuf>,
-    /// Each keyset key's counter as of the last load or persist: what is above it is this
-    /// run's, not yet written back.
-    persisted: Mutex<HashMap<KeyId, u64>>,
+    /// The keyset file's keys: what this process used and reserved of each.
+    budget: Mutex<HashMap<KeyId, Budget>>,
+    /// Keys from read-only sources, with their counters when loaded.
+    unrecorded: HashMap<KeyId, u64>,
+    /// Where the read-only keys came from, for messages.
+    unrecorded_source: &'static str,
+    /// The user accepted random nonces under read-only keys.
+    allow_unrecorded: bool,
 }
+
+/// One keyset key's share of the file's random-nonce count.
+struct Budget {
+    /// The key's counter when loaded: what is above it was used by this process.
+    loaded: u64,
+    /// Encryptions this process added to the file's count (used, or reserved ahead).
+    reserved: u64,
+}
+
+/// The first block reserved ahead of use; later blocks double, up to [`MAX_BLOCK`].
+const MIN_BLOCK: u64 = 4096;
+/// The largest block reserved ahead (what a killed process can waste at most, per key).
+const MAX_BLOCK: u64 = 1 << 24;
 
 impl Drop for Keys {
     fn drop(&mut self) {
@@ -146,20 +182,31 @@ impl Keys {
     pub(crate) async fn open(args: &KeyArgs) -> Result<Keys> {
         if args.keyset.is_some() || args.key_vault_file.is_some() {
             let ring = match &args.keyset {
-                Some(f) => InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?,
+                Some(f) => {
+                    warn_if_loose(f);
+                    InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?
+                }
                 None => InMemoryKeyring::new(),
             };
             // The keyset's own keys, counted from their loaded values (key-vault-file keys are
             // not saved to the keyset).
-            let mut persisted: HashMap<KeyId, u64> = ring
+            let mut budget: HashMap<KeyId, Budget> = ring
                 .keys()
                 .iter()
-                .map(|k| (k.id(), k.encryptions()))
+                .map(|k| {
+                    let b = Budget {
+                        loaded: k.encryptions(),
+                        reserved: 0,
+                    };
+                    (k.id(), b)
+                })
                 .collect();
+            let mut unrecorded = HashMap::new();
             if let Some(f) = &args.key_vault_file {
                 let kek = args.master()?;
                 for key in read_key_vault_file(f, kek).await? {
-                    persisted.remove(&key.id());
+                    budget.remove(&key.id());
+                    unrecorded.insert(key.id(), key.encryptions());
                     ring.insert(key);
                 }
             }
@@ -168,16 +215,27 @@ impl Keys {
                 source: ring.clone(),
                 ring: Some(ring),
                 keyset_file: args.keyset.clone(),
-                persisted: Mutex::new(persisted),
+                budget: Mutex::new(budget),
+                unrecorded,
+                unrecorded_source: "--key-vault-file",
+                allow_unrecorded: false,
             });
         }
         if KeyArgs::keyset_env().is_some() {
             let ring = Arc::new(InMemoryKeyring::from_env(KEYSET_ENV)?);
+            let unrecorded = ring
+                .keys()
+                .iter()
+                .map(|k| (k.id(), k.encryptions()))
+                .collect();
             return Ok(Keys {
                 source: ring.clone(),
                 ring: Some(ring),
                 keyset_file: None,
-                persisted: Mutex::new(HashMap::new()),
+                budget: Mutex::new(HashMap::new()),
+                unrecorded,
+                unrecorded_source: KEYSET_ENV,
+                allow_unrecorded: false,
             });
         }
         let vault = open_vault(args).await?;
@@ -185,63 +243,186 @@ impl Keys {
             source: vault,
             ring: None,
             keyset_file: None,
-            persisted: Mutex::new(HashMap::new()),
+            budget: Mutex::new(HashMap::new()),
+            unrecorded: HashMap::new(),
+            unrecorded_source: "",
+            allow_unrecorded: false,
         })
     }
 
-    /// Adds the random-nonce encryptions made since the last call (or the load) to the keyset
-    /// file's counters, so that the per-key limits hold across runs and across processes that
-    /// use the file at once. The file is re-read and saved under its lock (`<keyset>.lock`),
-    /// so a key rotated meanwhile by another command is kept, and another process's counts
-    /// are added to rather than overwritten. Runs again on drop (a no-op when nothing is new).
+    /// Applies the command's [`NonceArgs`].
+    pub(crate) fn with_nonce_args(mut self, a: &NonceArgs) -> Self {
+        self.allow_unrecorded = a.allow_unrecorded_nonces;
+        self
+    }
+
+    /// Makes sure every random-nonce encryption made so far is recorded where other processes
+    /// see it, before its ciphertexts leave the process: reserves what a keyset file's keys
+    /// used beyond this process's reservation, plus a block ahead, under the file's lock
+    /// (refused if the stored count would pass [`RANDOM_NONCE_LIMIT`], or if the key was
+    /// destroyed or removed meanwhile), and refuses random nonces under read-only keys unless
+    /// allowed. (The key vault reserves its own leases.)
+    pub(crate) fn reserve_used(&self) -> Result<()> {
+        let Some(ring) = &self.ring else {
+            return Ok(());
+        };
+        if !self.allow_unrecorded {
+            for (id, loaded) in &self.unrecorded {
+                if ring.key(id).is_ok_and(|k| k.encryptions() > *loaded) {
+                    return Err(Error::Config(format!(
+                        "key {id} comes from {}, where fieldcrypt cannot record its random-nonce encryptions, so runs cannot see each other's and the key's limit of 2^32 could be passed unnoticed: give --keyset FILE, or --allow-unrecorded-nonces to accept that",
+                        self.unrecorded_source
+                    )));
+                }
+            }
+        }
+        let Some(path) = &self.keyset_file else {
+            return Ok(());
+        };
+        let mut budget = self
+            .budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // (key, encryptions missing from the reservation, block to reserve ahead)
+        let mut wanted: Vec<(KeyId, u64, u64)> = Vec::new();
+        for (id, b) in budget.iter() {
+            let used = ring
+                .key(id)
+                .map_or(0, |k| k.encryptions().saturating_sub(b.loaded));
+            if used > b.reserved {
+                let ahead = b.reserved.clamp(MIN_BLOCK, MAX_BLOCK);
+                wanted.push((*id, used - b.reserved, ahead));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let granted = with_keyset(path, |fresh| {
+            let mut granted = Vec::with_capacity(wanted.len());
+            for (id, missing, ahead) in &wanted {
+                let k = fresh.key(id).map_err(|_| {
+                    Error::Config(format!(
+                        "key {id} was removed from {} while this command ran: its ciphertexts are not written",
+                        path.display()
+                    ))
+                })?;
+                if k.state() == KeyState::Destroyed || k.material().is_err() {
+                    return Err(Error::Config(format!(
+                        "key {id} was destroyed while this command ran: its ciphertexts are not written"
+                    )));
+                }
+                let stored = k.encryptions();
+                let left = RANDOM_NONCE_LIMIT.saturating_sub(stored);
+                if *missing > left {
+                    return Err(Error::Config(format!(
+                        "key {id} ({}): its random-nonce budget is spent ({stored} of 2^32 encryptions recorded in {}, by this and other runs): rotate the key (keys rotate {})",
+                        k.alias(),
+                        path.display(),
+                        k.alias()
+                    )));
+                }
+                let grant = missing.saturating_add(*ahead).min(left);
+                fresh.insert(with_count(&k, stored + grant)?);
+                granted.push((*id, grant));
+            }
+            Ok((granted, true))
+        })?;
+        for (id, grant) in granted {
+            if let Some(b) = budget.get_mut(&id) {
+                b.reserved += grant;
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles the keyset file's counts with what this process really used: adds encryptions
+    /// not reserved yet (commands whose writes are not gated by [`Keys::reserve_used`], and
+    /// failed runs) and gives back what was reserved and not used. The file is re-read and
+    /// saved under its lock (`<keyset>.lock`), so a key rotated meanwhile by another command
+    /// is kept, and other processes' counts are added to rather than overwritten. Runs again
+    /// on drop (a no-op when nothing changed).
     pub(crate) fn persist_counters(&self) -> Result<()> {
         let (Some(ring), Some(path)) = (&self.ring, &self.keyset_file) else {
             return Ok(());
         };
-        let mut persisted = self
-            .persisted
+        let mut budget = self
+            .budget
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut delta: Vec<(KeyId, u64, u64)> = Vec::new();
-        for (id, base) in persisted.iter() {
-            if let Ok(k) = ring.key(id) {
-                let now = k.encryptions();
-                if now > *base {
-                    delta.push((*id, now - *base, now));
-                }
+        // (key, used by this process, reserved by this process)
+        let mut settle: Vec<(KeyId, u64, u64)> = Vec::new();
+        for (id, b) in budget.iter() {
+            let used = ring
+                .key(id)
+                .map_or(b.reserved, |k| k.encryptions().saturating_sub(b.loaded));
+            if used != b.reserved {
+                settle.push((*id, used, b.reserved));
             }
         }
-        if delta.is_empty() {
+        if settle.is_empty() {
             return Ok(());
         }
         with_keyset(path, |fresh| {
             let mut changed = false;
-            for (id, add, _) in &delta {
+            for (id, used, reserved) in &settle {
                 let Ok(k) = fresh.key(id) else {
                     continue; // deleted from the file meanwhile
                 };
-                let Ok(m) = k.material() else {
+                if k.material().is_err() {
                     continue; // destroyed meanwhile: no counter to keep
+                }
+                // Never below what this process used on top of the others' count.
+                let count = if used > reserved {
+                    k.encryptions().saturating_add(used - reserved)
+                } else {
+                    k.encryptions().saturating_sub(reserved - used)
                 };
-                let updated = Key::from_material(
-                    k.id(),
-                    k.alias(),
-                    k.kind(),
-                    k.state(),
-                    KeyMaterial::from_slice(m.expose_secret()),
-                    k.encryptions().saturating_add(*add),
-                )?
-                .with_created(k.created());
-                fresh.insert(updated);
+                fresh.insert(with_count(&k, count)?);
                 changed = true;
             }
             Ok(((), changed))
         })?;
-        for (id, _, now) in delta {
-            persisted.insert(id, now);
+        for (id, used, _) in settle {
+            if let Some(b) = budget.get_mut(&id) {
+                b.reserved = used;
+            }
         }
         Ok(())
     }
+}
+
+/// A copy of key `k` with its random-nonce count set to `count`.
+fn with_count(k: &Key, count: u64) -> Result<Key> {
+    let m = k.material()?;
+    Ok(Key::from_material(
+        k.id(),
+        k.alias(),
+        k.kind(),
+        k.state(),
+        KeyMaterial::from_slice(m.expose_secret()),
+        count,
+    )?
+    .with_created(k.created()))
+}
+
+/// Warns when a keyset file (keys in clear) is readable by its group or others.
+pub(crate) fn warn_if_loose(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                crate::report::warn(&format!(
+                    "{} holds keys in clear and is readable by {} (mode {mode:o}): restrict it (chmod 600, or 640 for a service's group)",
+                    path.display(),
+                    if mode & 0o007 != 0 { "others" } else { "its group" }
+                ));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 /// An exclusive advisory lock on `<keyset>.lock`, held for one load-modify-save of a keyset
@@ -306,9 +487,42 @@ pub(crate) fn change_keyset<T>(
     let fresh = load_keyset(path, may_be_new)?;
     let (out, changed) = change(&fresh)?;
     if changed {
+        let before = std::fs::metadata(path).ok();
         fresh.save(path).map_err(|e| in_file(path, e))?;
+        if let Some(m) = before {
+            keep_mode_and_group(path, &m)?;
+        }
     }
     Ok(out)
+}
+
+/// Gives a rewritten keyset file the mode and group of the file it replaced (the library
+/// writes a new file owner-only): a `0640 owner:service` keyset stays readable by the service.
+fn keep_mode_and_group(path: &Path, before: &std::fs::Metadata) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let f = File::open(path).map_err(|e| in_file(path, Error::Io(e)))?;
+        // Group first: a mode that lets the group read must not apply to the wrong group.
+        if f.metadata().map_err(|e| in_file(path, Error::Io(e)))?.gid() != before.gid()
+            && std::os::unix::fs::fchown(&f, None, Some(before.gid())).is_err()
+        {
+            crate::report::warn(&format!(
+                "{}: could not keep the file's group ({}): it is now the owner's only",
+                path.display(),
+                before.gid()
+            ));
+            return Ok(());
+        }
+        let mode = before.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| in_file(path, Error::Io(e)))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, before);
+    Ok(())
 }
 
 /// Where key management happens.
@@ -349,6 +563,7 @@ impl Store {
     /// exist yet is an empty keyset (created, owner-only, when the key is saved).
     pub(crate) async fn open_keyset_or(args: &KeyArgs, may_be_new: bool) -> Result<Store> {
         if let Some(f) = &args.keyset {
+            warn_if_loose(f);
             return Ok(Store::Keyset {
                 ring: load_keyset(f, may_be_new)?,
                 file: Some(f.clone()),
