@@ -49,7 +49,7 @@ pub(crate) struct AuditArgs {
 pub(crate) async fn run(a: AuditArgs) -> Result<Exit> {
     let schema = Arc::new(load_schema(&a.schema)?);
     let keys = Keys::open(&a.keys).await?;
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let mut options = AuditOptions::default()
         .allow_stale(a.allow_stale)
         .tokens(!a.no_tokens)

@@ -58,7 +58,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     } else {
         None
     };
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let collection = client.database(db).collection::<RawDocumentBuf>(coll);
     let total = collection
         .estimated_document_count()

@@ -51,7 +51,7 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     schema.check_keys(keys.source.as_ref())?;
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = Context::namespace(a.namespace.clone());
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let collection = client.database(db).collection::<RawDocumentBuf>(coll);
     let stop = report::interrupt_flag();
     let mut reader = Reader::open(a.io.input.as_deref())?;

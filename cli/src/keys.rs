@@ -476,12 +476,12 @@ struct RefCount {
 /// Counts, per collection, the documents whose ciphertexts or blind indexes name `id`, and
 /// those that may (a malformed value whose key cannot be read).
 async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<RefCount>> {
-    let uri = a.keys.uri.as_deref().ok_or_else(|| {
+    let uri = a.keys.data_uri().map_err(|_| {
         Error::Config(format!(
             "cannot tell whether documents still reference key {id}: give --uri (and --namespace) to check, or --force"
         ))
     })?;
-    let client = connect(uri).await?;
+    let client = connect(&uri).await?;
     let mut namespaces = a.namespaces.clone();
     if namespaces.is_empty() {
         let skip_db = ["admin", "config", "local"];

@@ -32,10 +32,16 @@ pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
 /// Key and connection options, shared by every command that needs keys or a server.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct KeyArgs {
-    /// The data cluster's connection string.
+    /// The data cluster's connection string. Refused on the command line when it holds a
+    /// password (every user of the machine can read a command line): give such a URI in the
+    /// environment variable MONGODB_URI or with --uri-file.
     #[arg(long, env = "MONGODB_URI", hide_env_values = true)]
     pub uri: Option<String>,
-    /// The key vault's cluster, when not the data cluster.
+    /// Read the data cluster's connection string from this file (its first line), instead of
+    /// --uri / MONGODB_URI.
+    #[arg(long, value_name = "FILE")]
+    pub uri_file: Option<PathBuf>,
+    /// The key vault's cluster, when not the data cluster (no password: see --uri).
     #[arg(long, hide_env_values = true)]
     pub key_vault_uri: Option<String>,
     /// The key vault collection, `database.collection`.
@@ -56,10 +62,27 @@ pub(crate) struct KeyArgs {
 
 impl KeyArgs {
     /// The data cluster's URI.
-    pub(crate) fn data_uri(&self) -> Result<&str> {
-        self.uri
-            .as_deref()
+    pub(crate) fn data_uri(&self) -> Result<String> {
+        self.uri_value()?
             .ok_or_else(|| Error::Config("no server: give --uri or set MONGODB_URI".into()))
+    }
+
+    /// The data cluster's URI, if any: from `--uri-file`, else `--uri` / `MONGODB_URI`.
+    fn uri_value(&self) -> Result<Option<String>> {
+        let Some(f) = &self.uri_file else {
+            return Ok(self.uri.clone());
+        };
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(f).map_err(|e| in_file(f, Error::Io(e)))?,
+        );
+        let uri = text.lines().next().unwrap_or_default().trim();
+        if uri.is_empty() {
+            return Err(Error::Config(format!(
+                "{}: no connection string in the file",
+                f.display()
+            )));
+        }
+        Ok(Some(uri.to_owned()))
     }
 
     fn master(&self) -> Result<LocalKek> {
@@ -74,8 +97,11 @@ impl KeyArgs {
         }
     }
 
-    fn vault_uri(&self) -> Option<&str> {
-        self.key_vault_uri.as_deref().or(self.uri.as_deref())
+    fn vault_uri(&self) -> Result<Option<String>> {
+        match &self.key_vault_uri {
+            Some(u) => Ok(Some(u.clone())),
+            None => self.uri_value(),
+        }
     }
 
     fn keyset_env() -> Option<String> {
@@ -83,6 +109,41 @@ impl KeyArgs {
             .ok()
             .filter(|v| !v.trim().is_empty())
     }
+}
+
+/// Refuses a connection string with a password on the command line (`--uri`,
+/// `--key-vault-uri`, any command): other users of the machine can read it (`ps`,
+/// `/proc/<pid>/cmdline`). The environment and `--uri-file` are the places for one.
+pub(crate) fn refuse_password_in_args() -> Result<()> {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    for (i, a) in args.iter().enumerate() {
+        for flag in ["--uri", "--key-vault-uri"] {
+            let value = if a == flag {
+                args.get(i + 1).map(String::as_str)
+            } else {
+                a.strip_prefix(flag).and_then(|v| v.strip_prefix('='))
+            };
+            if value.is_some_and(has_password) {
+                return Err(Error::Config(format!(
+                    "{flag} holds a password, which every user of this machine can read on the command line: give the connection string in MONGODB_URI or a file (--uri-file FILE)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a MongoDB connection string carries a password (`scheme://user:password@…`).
+fn has_password(uri: &str) -> bool {
+    let Some((_, rest)) = uri.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 /// Every client the command made, shut down by [`shutdown_clients`] before the runtime stops.
@@ -544,7 +605,7 @@ impl Store {
         if args.keyset.is_none()
             && args.key_vault_file.is_none()
             && KeyArgs::keyset_env().is_none()
-            && args.vault_uri().is_some()
+            && args.vault_uri().is_ok_and(|u| u.is_some())
             && args.master().is_err()
         {
             // A throw-away KEK: listing reads metadata only and never unwraps.
@@ -601,7 +662,7 @@ impl Store {
 }
 
 async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
-    if args.vault_uri().is_none() {
+    if args.vault_uri()?.is_none() {
         return Err(Error::Config(
             "no keys: give --keyset FILE, --key-vault-file FILE, FIELDCRYPT_KEYSET, or a key vault (--uri / --key-vault-uri with a master key)"
                 .into(),
@@ -612,9 +673,9 @@ async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
 
 async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>> {
     let uri = args
-        .vault_uri()
+        .vault_uri()?
         .ok_or_else(|| Error::Config("no key vault: give --uri or --key-vault-uri".into()))?;
-    let client = connect(uri).await?;
+    let client = connect(&uri).await?;
     Ok(Arc::new(
         KeyVault::builder(&client, kek)
             .namespace(args.key_vault_namespace.clone())

@@ -69,6 +69,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = keysource::refuse_password_in_args() {
+        report::error(&e);
+        return Exit::Error.code();
+    }
     if cli.verbose {
         tracing_subscriber::fmt()
             .with_max_level(tracing::Level::INFO)

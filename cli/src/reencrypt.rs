@@ -121,7 +121,7 @@ async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<
         },
     };
     let keys = Keys::open(&a.keys).await?;
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let mut targets = Vec::new();
     for ns in &a.namespaces {
         let (db, coll) = split_namespace(ns)?;

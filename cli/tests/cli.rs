@@ -2433,3 +2433,58 @@ async fn import_redacts_duplicate_keys_and_says_how_to_resume() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(stored(&uri, &ns).await.len(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uri_with_a_password_comes_from_a_file_or_the_environment_only() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.people", unique_db_name("cli_uri_file"));
+    // Refused on the command line, whatever the command; the password is not echoed.
+    for args in [
+        vec![
+            "export",
+            "--namespace",
+            "a.b",
+            "--uri",
+            "mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+        vec![
+            "export",
+            "--namespace",
+            "a.b",
+            "--uri=mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+        vec![
+            "keys",
+            "list",
+            "--key-vault-uri",
+            "mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+    ] {
+        let o = run(&d, &args, None, &[]);
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("--uri-file"), "{}", o.stderr);
+        assert!(!o.stderr.contains("s3cret"), "{}", o.stderr);
+    }
+    // From a file it is used.
+    std::fs::write(d.join("uri.txt"), format!("{uri}\n")).unwrap();
+    let o = run(
+        &d,
+        &[
+            "import",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            &ns,
+            "--uri-file",
+            "uri.txt",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(stored(&uri, &ns).await.len(), 2);
+}
