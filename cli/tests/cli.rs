@@ -2488,3 +2488,45 @@ async fn a_uri_with_a_password_comes_from_a_file_or_the_environment_only() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(stored(&uri, &ns).await.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_a_document_too_deep_to_walk_and_goes_on() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let db = unique_db_name("cli_audit_deep");
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let coll = client.database(&db).collection::<Document>("people");
+    let mut deep = doc! { "leaf": 1 };
+    for _ in 0..130 {
+        deep = doc! { "n": deep };
+    }
+    coll.insert_many([
+        doc! { "_id": 1, "deep": deep },
+        doc! { "_id": 2, "ssn": "000-00-0000" },
+    ])
+    .await
+    .unwrap();
+    let o = run(
+        &d,
+        &[
+            "audit",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            &format!("{db}.people"),
+        ],
+        None,
+        &[("MONGODB_URI", uri.as_str())],
+    );
+    assert_eq!(o.code, 3, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("2 document(s)"), "{}", o.stdout);
+    assert!(o.stdout.contains("nested too deep"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("plaintext in encrypted field \"ssn\""),
+        "{}",
+        o.stdout
+    );
+}
