@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use bson::RawDocumentBuf;
 use fieldcrypt::rotation::{Audit, AuditOptions, AuditReport, Target};
-use fieldcrypt::{Context, Result};
+use fieldcrypt::Context;
 use serde_json::json;
 
 use crate::common::{load_schema, split_namespace};
+use crate::error::Result;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{Exit, OutputOpts, Progress};
 

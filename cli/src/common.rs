@@ -6,8 +6,9 @@ use std::path::Path;
 
 use bson::RawDocumentBuf;
 use fieldcrypt::rotation::references;
-use fieldcrypt::{Context, Error, KeyId, Result, Schema};
+use fieldcrypt::{Context, Error, KeyId, Schema};
 
+use crate::error::{CliError, Result};
 use crate::keysource::in_file;
 
 /// Documents per batch (encrypted or decrypted in parallel).
@@ -17,7 +18,7 @@ pub(crate) const BATCH: usize = 1000;
 pub(crate) fn load_schema(path: &Path) -> Result<Schema> {
     Schema::load(path).map_err(|e| match e {
         Error::Schema { path: p, reason } => {
-            Error::Config(format!("{}: field {p:?}: {reason}", path.display()))
+            CliError::Usage(format!("{}: field {p:?}: {reason}", path.display()))
         }
         other => in_file(path, other),
     })
@@ -32,25 +33,25 @@ pub(crate) fn context(namespace: Option<&str>) -> Context {
 pub(crate) fn split_namespace(ns: &str) -> Result<(&str, &str)> {
     ns.split_once('.')
         .filter(|(d, c)| !d.is_empty() && !c.is_empty())
-        .ok_or_else(|| Error::Config(format!("namespace {ns:?} is not \"database.collection\"")))
+        .ok_or_else(|| CliError::Usage(format!("namespace {ns:?} is not \"database.collection\"")))
 }
 
 /// An error decrypting the document at `place` (`line N`, `document N`), with what to do about a binding the ciphertext lacks:
 /// since the core refuses ciphertexts bound more loosely than the context they are read in, a
 /// value written without a namespace does not decrypt with one. `namespace_hint` says how to
 /// read without a namespace in this command.
-pub(crate) fn document_error(place: &str, e: Error, namespace_hint: &str) -> Error {
+pub(crate) fn document_error(place: &str, e: Error, namespace_hint: &str) -> CliError {
     match e {
         Error::UnboundCiphertext {
             path,
             missing: "namespace",
-        } => Error::Config(format!(
+        } => CliError::Usage(format!(
             "{place}: the ciphertext at {path:?} is not bound to a namespace (it was encrypted without one, e.g. by `fieldcrypt encrypt` without --namespace, or moved here from elsewhere) and is refused when a namespace is given; if it was encrypted without one, {namespace_hint}"
         )),
-        Error::UnboundCiphertext { path, missing } => Error::Config(format!(
+        Error::UnboundCiphertext { path, missing } => CliError::Usage(format!(
             "{place}: the ciphertext at {path:?} is not bound to the {missing} its schema requires (written without that binding, or moved here from elsewhere): refused"
         )),
-        other => Error::Config(format!("{place}: {other}")),
+        other => CliError::Usage(format!("{place}: {other}")),
     }
 }
 

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 
-use fieldcrypt::{Cryptor, Result, Schema};
+use fieldcrypt::{Cryptor, Schema};
 
 use crate::common::{context, document_error, load_schema, referenced, BATCH};
+use crate::error::Result;
 use crate::jsonl::{wipe, IoArgs, Reader, Writer};
 use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;

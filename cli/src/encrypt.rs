@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use fieldcrypt::{Cryptor, Error, Result};
+use fieldcrypt::Cryptor;
 
 use crate::common::{context, load_schema, BATCH};
+use crate::error::{CliError, Result};
 use crate::jsonl::{check_size, wipe, IoArgs, Reader, Writer};
 use crate::keysource::{KeyArgs, Keys, NonceArgs};
 use crate::report::Exit;
@@ -50,7 +51,7 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
         let mut sealed = Vec::with_capacity(batch.len());
         for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
             let line = reader.line_of(i);
-            let doc = r.map_err(|e| Error::Config(format!("line {line}: {e}")))?;
+            let doc = r.map_err(|e| CliError::input(line, format!("{e}")))?;
             check_size(&doc, line, "the encrypted document")?;
             sealed.push(doc);
         }

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use bson::{doc, RawDocumentBuf};
-use fieldcrypt::{Context, Cryptor, Result, Schema};
+use fieldcrypt::{Context, Cryptor, Schema};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
 use crate::common::{document_error, load_schema, referenced, split_namespace, BATCH};
+use crate::error::Result;
 use crate::jsonl::{OutArgs, Writer};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};

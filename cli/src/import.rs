@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use bson::RawDocumentBuf;
-use fieldcrypt::{Context, Cryptor, Error, Result};
+use fieldcrypt::{Context, Cryptor};
 use serde_json::json;
 
 use crate::common::{load_schema, split_namespace};
+use crate::error::{CliError, Result};
 use crate::jsonl::{check_size, wipe, InArgs, Reader};
 use crate::keysource::{connect, KeyArgs, Keys, NonceArgs};
 use crate::report::{self, Exit, OutputOpts, Progress};
@@ -41,7 +42,7 @@ pub(crate) struct ImportArgs {
 
 pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     if a.batch == 0 {
-        return Err(Error::Config("--batch must be at least 1".into()));
+        return Err(CliError::Usage("--batch must be at least 1".into()));
     }
     let schema = load_schema(&a.schema)?;
     let (db, coll) = split_namespace(&a.namespace)?;
@@ -91,7 +92,7 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
         for (i, r) in results.into_iter().enumerate() {
             let line = reader.line_of(first + i);
             let doc = r
-                .map_err(|e| Error::Config(format!("line {line}: {e}")))
+                .map_err(|e| CliError::input(line, format!("{e}")))
                 .and_then(|d| check_size(&d, line, "the encrypted document").map(|()| d));
             match doc {
                 Ok(d) => sealed.push(d),
@@ -142,15 +143,12 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
 
 /// An error that stopped an import, saying how many documents of the input are in the
 /// collection (`done`, counting `--skip`) and how to go on without inserting them twice.
-fn stopped(e: Error, done: u64) -> Error {
+fn stopped(e: CliError, done: u64) -> CliError {
     if done == 0 {
         return e; // nothing in the collection from this input
     }
-    let text = match e {
-        Error::Config(m) => m,
-        other => other.to_string(),
-    };
-    Error::Config(format!(
+    let text = e.to_string();
+    CliError::Usage(format!(
         "{text}; the first {done} document(s) of the input are in the collection: fix the input and resume with --skip {done}"
     ))
 }

@@ -11,7 +11,9 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
-use fieldcrypt::{Error, Result};
+use fieldcrypt::Error;
+
+use crate::error::{CliError, Result};
 use zeroize::Zeroize;
 
 /// MongoDB's document size limit: larger documents can be neither stored nor read back.
@@ -66,7 +68,7 @@ impl Reader {
         let lines: Box<dyn BufRead + Send> = match path {
             Some(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
-                File::open(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+                File::open(p).map_err(|e| CliError::file(p, e))?,
             )),
             None => Box::new(BufReader::with_capacity(1 << 20, io::stdin())),
         };
@@ -97,10 +99,7 @@ impl Reader {
             }
             let line = self.line;
             let text = std::str::from_utf8(&self.buf).map_err(|e| {
-                Error::Config(format!(
-                    "line {line}: not UTF-8 (byte {})",
-                    e.valid_up_to() + 1
-                ))
+                CliError::input(line, format!("not UTF-8 (byte {})", e.valid_up_to() + 1))
             })?;
             let text = text.trim();
             if text.is_empty() {
@@ -129,7 +128,7 @@ impl Reader {
                 None => (avail.len(), false),
             };
             if self.buf.len() + take > MAX_LINE + 1 {
-                return Err(Error::Config(format!(
+                return Err(CliError::Usage(format!(
                     "line {}: longer than {} MiB: refused (MongoDB's documents are at most {} MiB)",
                     self.line + 1,
                     MAX_LINE >> 20,
@@ -172,20 +171,19 @@ fn extend_wiping(buf: &mut Vec<u8>, more: &[u8]) {
 pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
     // serde_json and bson errors can quote the input: report the position only.
     let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| Error::Config(format!("line {line}: not JSON (column {})", e.column())))?;
+        .map_err(|e| CliError::input(line, format!("not JSON (column {})", e.column())))?;
     let doc = match Bson::try_from(value) {
         Ok(Bson::Document(d)) => RawDocumentBuf::from_document(&d).map_err(|_| {
-            Error::Config(format!(
-                "line {line}: not a valid BSON document (or over MongoDB's {} MiB limit)",
-                MAX_DOCUMENT >> 20
-            ))
+            CliError::input(
+                line,
+                format!(
+                    "not a valid BSON document (or over MongoDB's {} MiB limit)",
+                    MAX_DOCUMENT >> 20
+                ),
+            )
         })?,
-        Ok(_) => return Err(Error::Config(format!("line {line}: not a JSON object"))),
-        Err(_) => {
-            return Err(Error::Config(format!(
-                "line {line}: not valid Extended JSON"
-            )))
-        }
+        Ok(_) => return Err(CliError::input(line, "not a JSON object")),
+        Err(_) => return Err(CliError::input(line, "not valid Extended JSON")),
     };
     check_size(&doc, line, "the document")?;
     Ok(doc)
@@ -195,10 +193,13 @@ pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
 pub(crate) fn check_size(doc: &RawDocument, line: usize, what: &str) -> Result<()> {
     let n = doc.as_bytes().len();
     if n > MAX_DOCUMENT {
-        return Err(Error::Config(format!(
-            "line {line}: {what} is {n} bytes, over MongoDB's {} MiB document limit: refused",
-            MAX_DOCUMENT >> 20
-        )));
+        return Err(CliError::input(
+            line,
+            format!(
+                "{what} is {n} bytes, over MongoDB's {} MiB document limit: refused",
+                MAX_DOCUMENT >> 20
+            ),
+        ));
     }
     Ok(())
 }
@@ -273,7 +274,7 @@ struct Pending {
 
 impl Pending {
     fn commit(mut self) -> Result<()> {
-        let named = |e: io::Error| Error::Config(format!("{}: {e}", self.target.display()));
+        let named = |e: io::Error| CliError::file(&self.target, e);
         self.sync.sync_all().map_err(named)?;
         if self.replace {
             std::fs::rename(&self.tmp, &self.target).map_err(named)?;
@@ -308,11 +309,8 @@ impl Drop for Pending {
     }
 }
 
-fn exists(path: &Path) -> Error {
-    Error::Config(format!(
-        "{}: the file exists; give --force to overwrite it",
-        path.display()
-    ))
+fn exists(path: &Path) -> CliError {
+    CliError::file(path, "the file exists; give --force to overwrite it")
 }
 
 /// Opens an output file: see [`Writer::create`]. A device or pipe (`/dev/null`, a FIFO)
@@ -323,7 +321,7 @@ fn open_output(
     plaintext: bool,
     input: Option<&InArgs>,
 ) -> Result<(File, Option<Pending>)> {
-    let named = |e: io::Error| Error::Config(format!("{}: {e}", path.display()));
+    let named = |e: io::Error| CliError::file(path, e);
     let existing = match std::fs::symlink_metadata(path) {
         Ok(m) => Some(m),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -344,20 +342,17 @@ fn open_output(
         ));
     };
     if meta.file_type().is_symlink() {
-        return Err(Error::Config(format!(
-            "{}: a symbolic link; fieldcrypt does not write through one (give the path of the file itself)",
-            path.display()
-        )));
+        return Err(CliError::file(path, "a symbolic link; fieldcrypt does not write through one (give the path of the file itself)"));
     }
     if !force {
         return Err(exists(path));
     }
     if let Some(input) = input {
         if same_file(&meta, input) {
-            return Err(Error::Config(format!(
-                "{}: the same file as the input; write to another file (and rename it afterwards)",
-                path.display()
-            )));
+            return Err(CliError::file(
+                path,
+                "the same file as the input; write to another file (and rename it afterwards)",
+            ));
         }
     }
     if !meta.is_file() {

@@ -22,9 +22,11 @@ use fieldcrypt::mongo::{
     KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
 };
 use fieldcrypt::{
-    Error, InMemoryKeyring, Key, KeyId, KeyMaterial, KeyState, Keyring, Result, RANDOM_NONCE_LIMIT,
+    Error, InMemoryKeyring, Key, KeyId, KeyMaterial, KeyState, Keyring, RANDOM_NONCE_LIMIT,
 };
 use mongodb::Client;
+
+use crate::error::{CliError, Result};
 
 /// The environment variable holding a keyset (base64 of its JSON).
 pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
@@ -64,7 +66,7 @@ impl KeyArgs {
     /// The data cluster's URI.
     pub(crate) fn data_uri(&self) -> Result<String> {
         self.uri_value()?
-            .ok_or_else(|| Error::Config("no server: give --uri or set MONGODB_URI".into()))
+            .ok_or_else(|| CliError::Usage("no server: give --uri or set MONGODB_URI".into()))
     }
 
     /// The data cluster's URI, if any: from `--uri-file`, else `--uri` / `MONGODB_URI`.
@@ -77,10 +79,7 @@ impl KeyArgs {
         );
         let uri = text.lines().next().unwrap_or_default().trim();
         if uri.is_empty() {
-            return Err(Error::Config(format!(
-                "{}: no connection string in the file",
-                f.display()
-            )));
+            return Err(CliError::file(f, "no connection string in the file"));
         }
         Ok(Some(uri.to_owned()))
     }
@@ -89,10 +88,10 @@ impl KeyArgs {
         match &self.master_key_file {
             Some(f) => LocalKek::from_file(f).map_err(|e| in_file(f, e)),
             None => LocalKek::from_env().map_err(|e| match e {
-                Error::Config(_) => Error::Config(format!(
+                Error::Config(_) => CliError::Usage(format!(
                     "no master key: give --master-key-file or set {MASTER_KEY_ENV}"
                 )),
-                other => other,
+                other => other.into(),
             }),
         }
     }
@@ -126,7 +125,7 @@ pub(crate) fn refuse_password_in_args() -> Result<()> {
                 a.strip_prefix(flag).and_then(|v| v.strip_prefix('='))
             };
             if value.is_some_and(has_password) {
-                return Err(Error::Config(format!(
+                return Err(CliError::Refused(format!(
                     "{flag} holds a password, which every user of this machine can read on the command line: give the connection string in MONGODB_URI or a file (--uri-file FILE)"
                 )));
             }
@@ -229,10 +228,7 @@ impl Drop for Keys {
         if let Err(e) = self.persist_counters() {
             crate::report::warn(&format!(
                 "could not write the keys' usage counters back to the keyset file: {}",
-                match e {
-                    Error::Config(m) => m,
-                    other => other.to_string(),
-                }
+                e
             ));
         }
     }
@@ -330,7 +326,7 @@ impl Keys {
         if !self.allow_unrecorded {
             for (id, loaded) in &self.unrecorded {
                 if ring.key(id).is_ok_and(|k| k.encryptions() > *loaded) {
-                    return Err(Error::Config(format!(
+                    return Err(CliError::Refused(format!(
                         "key {id} comes from {}, where fieldcrypt cannot record its random-nonce encryptions, so runs cannot see each other's and the key's limit of 2^32 could be passed unnoticed: give --keyset FILE, or --allow-unrecorded-nonces to accept that",
                         self.unrecorded_source
                     )));
@@ -362,20 +358,20 @@ impl Keys {
             let mut granted = Vec::with_capacity(wanted.len());
             for (id, missing, ahead) in &wanted {
                 let k = fresh.key(id).map_err(|_| {
-                    Error::Config(format!(
+                    CliError::Refused(format!(
                         "key {id} was removed from {} while this command ran: its ciphertexts are not written",
                         path.display()
                     ))
                 })?;
                 if k.state() == KeyState::Destroyed || k.material().is_err() {
-                    return Err(Error::Config(format!(
+                    return Err(CliError::Refused(format!(
                         "key {id} was destroyed while this command ran: its ciphertexts are not written"
                     )));
                 }
                 let stored = k.encryptions();
                 let left = RANDOM_NONCE_LIMIT.saturating_sub(stored);
                 if *missing > left {
-                    return Err(Error::Config(format!(
+                    return Err(CliError::Refused(format!(
                         "key {id} ({}): its random-nonce budget is spent ({stored} of 2^32 encryptions recorded in {}, by this and other runs): rotate the key (keys rotate {})",
                         k.alias(),
                         path.display(),
@@ -503,11 +499,8 @@ impl KeysetLock {
         opts.read(true).write(true).create(true).truncate(false);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let file = opts
-            .open(&path)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        file.lock()
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let file = opts.open(&path).map_err(|e| CliError::file(&path, e))?;
+        file.lock().map_err(|e| CliError::file(&path, e))?;
         Ok(KeysetLock { file })
     }
 }
@@ -650,10 +643,10 @@ impl Store {
     pub(crate) fn writable(&self) -> Result<()> {
         match self {
             Store::Keyset { file: Some(_), .. } | Store::Vault(_) => Ok(()),
-            Store::Keyset { file: None, .. } => Err(Error::Config(format!(
+            Store::Keyset { file: None, .. } => Err(CliError::Usage(format!(
                 "the keyset comes from {KEYSET_ENV}, which fieldcrypt cannot change: give --keyset FILE"
             ))),
-            Store::VaultFile(_) => Err(Error::Config(
+            Store::VaultFile(_) => Err(CliError::Usage(
                 "--key-vault-file is read-only: manage keys in the key vault (--uri / --key-vault-uri) or a --keyset file"
                     .into(),
             )),
@@ -663,7 +656,7 @@ impl Store {
 
 async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
     if args.vault_uri()?.is_none() {
-        return Err(Error::Config(
+        return Err(CliError::Usage(
             "no keys: give --keyset FILE, --key-vault-file FILE, FIELDCRYPT_KEYSET, or a key vault (--uri / --key-vault-uri with a master key)"
                 .into(),
         ));
@@ -674,7 +667,7 @@ async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
 async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>> {
     let uri = args
         .vault_uri()?
-        .ok_or_else(|| Error::Config("no key vault: give --uri or --key-vault-uri".into()))?;
+        .ok_or_else(|| CliError::Usage("no key vault: give --uri or --key-vault-uri".into()))?;
     let client = connect(&uri).await?;
     Ok(Arc::new(
         KeyVault::builder(&client, kek)
@@ -684,10 +677,10 @@ async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>
 }
 
 /// Names the file in an error that does not already say where it happened.
-pub(crate) fn in_file(path: &Path, e: Error) -> Error {
+pub(crate) fn in_file(path: &Path, e: Error) -> CliError {
     match e {
-        Error::Io(io) => Error::Config(format!("{}: {io}", path.display())),
-        other => other,
+        Error::Io(io) => CliError::file(path, io),
+        other => other.into(),
     }
 }
 
@@ -731,7 +724,8 @@ async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
                 return Err(Error::KeyFormat(format!(
                     "{} line {line}: not an Extended JSON document",
                     path.display()
-                )))
+                ))
+                .into())
             }
         }
     }
@@ -745,15 +739,14 @@ async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
                 if let Err(Error::KeyFormat(m)) =
                     KeyVault::keys_from_documents(std::slice::from_ref(d), &kek).await
                 {
-                    return Err(Error::KeyFormat(format!(
-                        "{} line {line}: {m}",
-                        path.display()
-                    )));
+                    return Err(
+                        Error::KeyFormat(format!("{} line {line}: {m}", path.display())).into(),
+                    );
                 }
             }
-            Err(Error::KeyFormat(format!("{}: {m}", path.display())))
+            Err(Error::KeyFormat(format!("{}: {m}", path.display())).into())
         }
-        Err(other) => Err(other),
+        Err(other) => Err(other.into()),
     }
 }
 
@@ -777,7 +770,7 @@ impl KekProvider for AnyLocal {
         &self,
         dek: &KeyMaterial,
         associated_data: &[u8],
-    ) -> Result<(Document, Vec<u8>)> {
+    ) -> fieldcrypt::Result<(Document, Vec<u8>)> {
         self.0.wrap_with_ad(dek, associated_data).await
     }
 
@@ -786,7 +779,7 @@ impl KekProvider for AnyLocal {
         master_key: &Document,
         wrapped: &[u8],
         associated_data: &[u8],
-    ) -> Result<KeyMaterial> {
+    ) -> fieldcrypt::Result<KeyMaterial> {
         if !self.can_unwrap(master_key) {
             return Err(Error::KeyFormat(format!(
                 "key is wrapped by KMS provider {:?}, not a local master key",

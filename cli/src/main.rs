@@ -2,15 +2,17 @@
 //! JSON, import and export, re-encryption and migration of live collections, audits, and
 //! collection validators. See `docs/CLI.md`.
 //!
-//! One file per subcommand; `common.rs` (schemas, namespaces, per-document errors),
-//! `keysource.rs` (where keys come from), `jsonl.rs` (Extended JSON lines) and `report.rs`
-//! (progress, summaries, exit codes) are shared. Subcommand files import only from these.
+//! One file per subcommand. Shared: `error.rs` (the CLI's errors), `common.rs` (schemas,
+//! namespaces, per-document errors), `keysource.rs` (where keys come from), `jsonl.rs`
+//! (Extended JSON lines) and `report.rs` (progress, summaries, exit codes). Subcommand files
+//! import only from these.
 
 mod audit;
 mod bench;
 mod common;
 mod decrypt;
 mod encrypt;
+mod error;
 mod export;
 mod import;
 mod jsonl;
@@ -87,7 +89,9 @@ fn main() -> ExitCode {
     match result {
         Ok(exit) => exit.code(),
         // The reader of stdout went away (`| head`): not an error of ours.
-        Err(fieldcrypt::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+        Err(error::CliError::Lib(fieldcrypt::Error::Io(e)))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
             Exit::Ok.code()
         }
         Err(e) => {
@@ -97,7 +101,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_async(command: Command) -> fieldcrypt::Result<Exit> {
+fn run_async(command: Command) -> error::Result<Exit> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

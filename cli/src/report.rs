@@ -42,12 +42,9 @@ impl Exit {
 
 /// Prints an error as one line on stderr. fieldcrypt's errors carry no values or key bytes;
 /// driver errors are flattened to one line.
-pub(crate) fn error(e: &fieldcrypt::Error) {
-    let text = match e {
-        // The CLI's own messages say what is wrong without the "invalid configuration" label.
-        fieldcrypt::Error::Config(m) => m.clone(),
-        other => other.to_string(),
-    };
+pub(crate) fn error(e: &crate::error::CliError) {
+    // Display drops the "invalid configuration" label of the library's messages.
+    let text = e.to_string();
     let text = redact_server_values(&text.replace(['\n', '\r'], " "));
     eprintln!("fieldcrypt: error: {text}");
 }
