@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use bson::RawDocumentBuf;
 use fieldcrypt::rotation::{Audit, AuditOptions, AuditReport, Target};
-use fieldcrypt::{Context, Result};
+use fieldcrypt::Context;
 use serde_json::json;
 
-use crate::encrypt::load_schema;
-use crate::keys::split_namespace;
+use crate::common::{load_schema, split_namespace};
+use crate::error::Result;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{Exit, OutputOpts, Progress};
 
@@ -50,7 +50,7 @@ pub(crate) struct AuditArgs {
 pub(crate) async fn run(a: AuditArgs) -> Result<Exit> {
     let schema = Arc::new(load_schema(&a.schema)?);
     let keys = Keys::open(&a.keys).await?;
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let mut options = AuditOptions::default()
         .allow_stale(a.allow_stale)
         .tokens(!a.no_tokens)

@@ -25,6 +25,8 @@ use fieldcrypt::{Context, Cryptor, Error, Suite};
 use fieldcrypt_testkit::workloads::{self, Format};
 use serde_json::{json, Value};
 
+use crate::error::CliError;
+
 /// Run the benchmark workloads (W1, W2 of docs/BENCHMARKS.md) and print documents/s.
 #[derive(clap::Args, Debug)]
 pub(crate) struct BenchArgs {
@@ -113,8 +115,8 @@ struct RunOpts {
 /// Runs the chosen workload and prints its results.
 ///
 /// # Errors
-/// Invalid options ([`Error::Config`]); any failure of the measured operations themselves.
-pub(crate) fn run(args: &BenchArgs) -> Result<(), Error> {
+/// Invalid options ([`CliError::Usage`]); any failure of the measured operations themselves.
+pub(crate) fn run(args: &BenchArgs) -> Result<(), CliError> {
     if cfg!(debug_assertions) {
         eprintln!(
             "warning: this fieldcrypt was built without optimizations; its numbers mean nothing \
@@ -125,7 +127,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), Error> {
         BenchWorkload::W1 { format, suite, run } => {
             let format = match (format, suite) {
                 (FormatArg::Csfle, Some(_)) => {
-                    return Err(Error::Config(
+                    return Err(CliError::Usage(
                         "--suite applies to --format fieldcrypt only".into(),
                     ))
                 }
@@ -147,7 +149,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), Error> {
         println!(
             "{}",
             serde_json::to_string_pretty(&report.to_json())
-                .map_err(|e| Error::Config(format!("cannot print JSON: {e}")))?
+                .map_err(|e| CliError::Usage(format!("cannot print JSON: {e}")))?
         );
     } else {
         report.print();
@@ -185,7 +187,7 @@ fn non_negative_seconds(s: &str) -> Result<f64, String> {
 // ---- measuring ----
 
 /// One unit of work per call; returns how many documents it processed.
-type Step<'a> = Box<dyn FnMut() -> Result<u64, Error> + 'a>;
+type Step<'a> = Box<dyn FnMut() -> Result<u64, CliError> + 'a>;
 
 /// Something to time: fieldcrypt or a baseline. `make(t)` builds thread `t`'s loop body over
 /// that thread's own copy of the data.
@@ -216,9 +218,9 @@ enum Until {
 }
 
 /// Runs `case` on `threads` threads until `until`; all threads start together.
-fn measure(case: &Case<'_>, threads: usize, until: Until) -> Result<Trial, Error> {
+fn measure(case: &Case<'_>, threads: usize, until: Until) -> Result<Trial, CliError> {
     let barrier = Barrier::new(threads);
-    let results: Vec<Result<f64, Error>> = std::thread::scope(|s| {
+    let results: Vec<Result<f64, CliError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let barrier = &barrier;
@@ -249,7 +251,7 @@ fn measure(case: &Case<'_>, threads: usize, until: Until) -> Result<Trial, Error
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::Config("a benchmark thread panicked".into())))
+                    .unwrap_or_else(|_| Err(CliError::Usage("a benchmark thread panicked".into())))
             })
             .collect()
     });
@@ -260,7 +262,7 @@ fn measure(case: &Case<'_>, threads: usize, until: Until) -> Result<Trial, Error
 
 /// Warms every case up, then runs `trials` rounds of all cases back to back, so that each
 /// round measures fieldcrypt and its baselines under the same load.
-fn run_cases(cases: &[Case<'_>], opts: &RunOpts) -> Result<Vec<Vec<Trial>>, Error> {
+fn run_cases(cases: &[Case<'_>], opts: &RunOpts) -> Result<Vec<Vec<Trial>>, CliError> {
     if opts.warmup > 0.0 {
         for case in cases {
             measure(case, opts.threads.into(), Until::Elapsed(secs(opts.warmup)))?;
@@ -478,7 +480,7 @@ fn machine() -> Value {
 
 // ---- W1 ----
 
-fn w1(format: Format, opts: &RunOpts) -> Result<Report, Error> {
+fn w1(format: Format, opts: &RunOpts) -> Result<Report, CliError> {
     let (cryptor, doc) = workloads::w1_encrypted(format)?;
     check_w1(&cryptor, &doc)?;
     let n = workloads::W1_FIELDS;
@@ -568,10 +570,10 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, Error> {
 }
 
 /// Decrypts the W1 document once and checks it reads back as MongoDB's benchmark says.
-fn check_w1(cryptor: &Cryptor, doc: &RawDocumentBuf) -> Result<(), Error> {
+fn check_w1(cryptor: &Cryptor, doc: &RawDocumentBuf) -> Result<(), CliError> {
     let plain = cryptor.decrypt_raw(doc, &Context::none())?;
     let bad =
-        || Error::Config("W1 self-check failed: the document did not decrypt as expected".into());
+        || CliError::Usage("W1 self-check failed: the document did not decrypt as expected".into());
     let mut count = 0;
     for (i, e) in plain.iter().enumerate() {
         let (k, v) = e.map_err(|_| bad())?;
@@ -605,7 +607,7 @@ struct W2Data {
 
 const W2_FIELDS: [&str; 3] = ["email", "ssn", "profile.phone"];
 
-fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Error> {
+fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, CliError> {
     let (cryptor, raw) = workloads::w2_setup(suite, n)?;
     let ctx = workloads::w2_context();
     let enc: Vec<RawDocumentBuf> = raw
@@ -614,17 +616,19 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
         .collect::<Result<_, _>>()?;
     // Self-check: one document round-trips.
     if cryptor.decrypt_raw(&enc[0], &ctx)?.as_bytes() != raw[0].as_bytes() {
-        return Err(Error::Config("W2 self-check failed: no round trip".into()));
+        return Err(CliError::Usage(
+            "W2 self-check failed: no round trip".into(),
+        ));
     }
     let owned_needed = path != PathArg::Raw;
-    let to_docs = |v: &[RawDocumentBuf]| -> Result<Vec<Document>, Error> {
+    let to_docs = |v: &[RawDocumentBuf]| -> Result<Vec<Document>, CliError> {
         if !owned_needed {
             return Ok(Vec::new());
         }
         v.iter()
             .map(|d| {
                 d.to_document()
-                    .map_err(|e| Error::MalformedBson(e.to_string()))
+                    .map_err(|e| CliError::Lib(Error::MalformedBson(e.to_string())))
             })
             .collect()
     };
@@ -637,11 +641,11 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
     for d in &raw {
         let profile = d
             .get_document("profile")
-            .map_err(|e| Error::MalformedBson(e.to_string()))?;
-        let get = |doc: &bson::RawDocument, k: &str| -> Result<Vec<u8>, Error> {
+            .map_err(|e| CliError::Lib(Error::MalformedBson(e.to_string())))?;
+        let get = |doc: &bson::RawDocument, k: &str| -> Result<Vec<u8>, CliError> {
             doc.get_str(k)
                 .map(bson_string_bytes)
-                .map_err(|e| Error::MalformedBson(e.to_string()))
+                .map_err(|e| CliError::Lib(Error::MalformedBson(e.to_string())))
         };
         let pts = [get(d, "email")?, get(d, "ssn")?, get(profile, "phone")?];
         let v: [(Vec<u8>, Vec<u8>); 3] =
@@ -651,7 +655,8 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Err
             counter += 1;
             s.push(bare.seal(counter, ad, p)?);
         }
-        sealed.push(<[Sealed; 3]>::try_from(s).map_err(|_| Error::Config("three values".into()))?);
+        sealed
+            .push(<[Sealed; 3]>::try_from(s).map_err(|_| CliError::Usage("three values".into()))?);
         values.push(v);
     }
     // Each thread gets its own copy, made before the clock starts.
@@ -888,12 +893,12 @@ fn seal_detached<A: AeadInOut>(
     ad: &[u8],
     pt: &[u8],
     out: &mut Vec<u8>,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     let start = out.len();
     out.extend_from_slice(pt);
     let tag = c
         .encrypt_inout_detached(sized(nonce)?, ad, (&mut out[start..]).into())
-        .map_err(|_| Error::Config("bare AEAD failed to seal".into()))?;
+        .map_err(|_| CliError::Usage("bare AEAD failed to seal".into()))?;
     out.extend_from_slice(&tag);
     Ok(())
 }
@@ -904,21 +909,21 @@ fn open_detached<A: AeadInOut>(
     s: &Sealed,
     ad: &[u8],
     buf: &mut Vec<u8>,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     let (ct, tag) = s
         .body
         .split_at_checked(s.body.len().wrapping_sub(16))
-        .ok_or(Error::Decrypt)?;
+        .ok_or(CliError::Lib(Error::Decrypt))?;
     buf.extend_from_slice(ct);
     c.decrypt_inout_detached(sized(&s.nonce)?, ad, buf.as_mut_slice().into(), sized(tag)?)
-        .map_err(|_| Error::Decrypt)
+        .map_err(|_| CliError::Lib(Error::Decrypt))
 }
 
 /// `b` as the fixed-size array a cipher takes (nonces, IVs and tags here have their suite's
 /// length by construction).
-fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>, Error> {
+fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>, CliError> {
     b.try_into()
-        .map_err(|_| Error::Config("bare AEAD input of the wrong length".into()))
+        .map_err(|_| CliError::Usage("bare AEAD input of the wrong length".into()))
 }
 
 /// The cipher alone, keyed once, with no envelope, BSON or key lookup around it.
@@ -982,7 +987,7 @@ impl Bare {
         (v, len)
     }
 
-    fn seal(&self, n: u64, ad: &[u8], pt: &[u8]) -> Result<Sealed, Error> {
+    fn seal(&self, n: u64, ad: &[u8], pt: &[u8]) -> Result<Sealed, CliError> {
         let mut body = Vec::new();
         self.seal_into(n, ad, pt, &mut body)?;
         let (nonce, len) = self.nonce(n);
@@ -993,8 +998,8 @@ impl Bare {
     }
 
     /// Seals `pt` into `out` (cleared first).
-    fn seal_into(&self, n: u64, ad: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
-        let fail = |_| Error::Config("bare AEAD failed to seal".into());
+    fn seal_into(&self, n: u64, ad: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), CliError> {
+        let fail = |_| CliError::Usage("bare AEAD failed to seal".into());
         out.clear();
         let (nonce_buf, _) = self.nonce(n);
         match self {
@@ -1021,7 +1026,7 @@ impl Bare {
                 out.resize(16 + padded, 0);
                 cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
                     .encrypt_padded::<Pkcs7>(&mut out[16..], pt.len())
-                    .map_err(|_| Error::Config("CBC padding".into()))?;
+                    .map_err(|_| CliError::Usage("CBC padding".into()))?;
                 let mut m = mac.clone();
                 m.update(ad);
                 m.update(&out[..]);
@@ -1034,15 +1039,18 @@ impl Bare {
     }
 
     /// Authenticates and decrypts `s` into `buf` (cleared first).
-    fn open(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), Error> {
+    fn open(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), CliError> {
         buf.clear();
-        let decrypt = |_| Error::Decrypt;
+        let decrypt = |_| CliError::Lib(Error::Decrypt);
         match self {
             Bare::Gcm(c) => open_detached(&**c, s, ad, buf),
             Bare::ChaCha(c) => open_detached(&**c, s, ad, buf),
             Bare::XChaCha(c) => open_detached(&**c, s, ad, buf),
             Bare::Siv(k) => {
-                let (siv, ct) = s.body.split_at_checked(16).ok_or(Error::Decrypt)?;
+                let (siv, ct) = s
+                    .body
+                    .split_at_checked(16)
+                    .ok_or(CliError::Lib(Error::Decrypt))?;
                 buf.extend_from_slice(ct);
                 Aes256Siv::new(k.into())
                     .decrypt_inout_detached([ad], buf.as_mut_slice().into(), sized(siv)?)
@@ -1056,14 +1064,16 @@ impl Bare {
                 let (signed, tag) = s
                     .body
                     .split_at_checked(s.body.len().wrapping_sub(32))
-                    .ok_or(Error::Decrypt)?;
+                    .ok_or(CliError::Lib(Error::Decrypt))?;
                 let mut m = mac.clone();
                 m.update(ad);
                 m.update(signed);
                 m.update(&(ad.len() as u64 * 8).to_be_bytes());
                 // Constant-time comparison of the truncated tag.
                 m.verify_truncated_left(tag).map_err(|_| Error::Decrypt)?;
-                let (iv, ct) = signed.split_at_checked(16).ok_or(Error::Decrypt)?;
+                let (iv, ct) = signed
+                    .split_at_checked(16)
+                    .ok_or(CliError::Lib(Error::Decrypt))?;
                 buf.extend_from_slice(ct);
                 let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
                     .decrypt_padded::<Pkcs7>(buf)

@@ -1,15 +1,14 @@
 //! `fieldcrypt encrypt`: encrypts Extended JSON documents per a schema, offline.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use fieldcrypt::{Context, Cryptor, Error, Result, Schema};
+use fieldcrypt::Cryptor;
 
-use crate::jsonl::{IoArgs, Reader, Writer};
-use crate::keysource::{in_file, KeyArgs, Keys};
+use crate::common::{context, load_schema, BATCH};
+use crate::error::{CliError, Result};
+use crate::jsonl::{check_size, wipe, IoArgs, Reader, Writer};
+use crate::keysource::{KeyArgs, Keys, NonceArgs};
 use crate::report::Exit;
-
-/// Documents per batch (encrypted in parallel).
-pub(crate) const BATCH: usize = 1000;
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct EncryptArgs {
@@ -24,34 +23,24 @@ pub(crate) struct EncryptArgs {
     io: IoArgs,
     #[command(flatten)]
     keys: KeyArgs,
-}
-
-/// Loads a schema file, naming the file in errors.
-pub(crate) fn load_schema(path: &Path) -> Result<Schema> {
-    Schema::load(path).map_err(|e| match e {
-        Error::Schema { path: p, reason } => {
-            Error::Config(format!("{}: field {p:?}: {reason}", path.display()))
-        }
-        other => in_file(path, other),
-    })
-}
-
-/// The context for a namespace option.
-pub(crate) fn context(namespace: Option<&str>) -> Context {
-    namespace.map_or_else(Context::none, Context::namespace)
+    #[command(flatten)]
+    nonces: NonceArgs,
+    /// Print nothing but the documents and errors (this command prints nothing else anyway;
+    /// accepted, as by every command).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     let schema = load_schema(&a.schema)?;
-    let keys = Keys::open(&a.keys).await?;
+    let keys = Keys::open(&a.keys).await?.with_nonce_args(&a.nonces);
     let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = context(a.namespace.as_deref());
     let mut reader = Reader::open(a.io.input.input.as_deref())?;
-    let mut writer = Writer::create(&a.io.output, false)?;
-    let mut first_line = 1;
+    let mut writer = Writer::create(&a.io.output, false, Some(&a.io.input))?;
     loop {
         let batch = reader.batch(BATCH)?;
         if batch.is_empty() {
@@ -59,11 +48,20 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
         }
         // Refreshes a key vault's cache and usage lease (no-op for files).
         keys.source.prefetch_aliases(&aliases).await?;
+        let mut sealed = Vec::with_capacity(batch.len());
         for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
-            let doc = r.map_err(|e| Error::Config(format!("document {}: {e}", first_line + i)))?;
-            writer.write(&doc)?;
+            let line = reader.line_of(i);
+            let doc = r.map_err(|e| CliError::input(line, format!("{e}")))?;
+            check_size(&doc, line, "the encrypted document")?;
+            sealed.push(doc);
         }
-        first_line += batch.len();
+        // The input's plaintext: wiped, not just freed.
+        wipe(batch);
+        // Nothing leaves the process before its random nonces are recorded.
+        keys.reserve_used()?;
+        for doc in &sealed {
+            writer.write(doc)?;
+        }
     }
     writer.finish()?;
     keys.persist_counters()?;

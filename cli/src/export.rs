@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use bson::{doc, RawDocumentBuf};
-use fieldcrypt::{Context, Cryptor, Result, Schema};
+use fieldcrypt::{Context, Cryptor, Schema};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::decrypt::{document_error, referenced};
-use crate::encrypt::load_schema;
+use crate::common::{document_error, load_schema, referenced, split_namespace, BATCH};
+use crate::error::Result;
 use crate::jsonl::{OutArgs, Writer};
-use crate::keys::split_namespace;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -42,8 +41,6 @@ pub(crate) struct ExportArgs {
     out: OutputOpts,
 }
 
-const BATCH: usize = 1000;
-
 pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     let (db, coll) = split_namespace(&a.namespace)?;
     let schema = match &a.schema {
@@ -62,7 +59,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
     } else {
         None
     };
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let collection = client.database(db).collection::<RawDocumentBuf>(coll);
     let total = collection
         .estimated_document_count()
@@ -74,7 +71,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         find = find.limit(i64::try_from(l).unwrap_or(i64::MAX));
     }
     let mut cursor = find.await?;
-    let mut writer = Writer::create(&a.dest, a.decrypt)?;
+    let mut writer = Writer::create(&a.dest, a.decrypt, None)?;
     let ctx = if a.no_namespace_binding {
         Context::none()
     } else {
@@ -102,7 +99,11 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
                 k.source.prefetch_ids(&referenced(&batch)?).await?;
                 for (i, r) in c.decrypt_many(&batch, &ctx).into_iter().enumerate() {
                     let d = r.map_err(|e| {
-                        document_error(written + i as u64 + 1, e, "use --no-namespace-binding")
+                        document_error(
+                            &format!("document {}", written + i as u64 + 1),
+                            e,
+                            "use --no-namespace-binding",
+                        )
                     })?;
                     writer.write(&d)?;
                 }

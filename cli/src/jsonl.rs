@@ -1,13 +1,28 @@
 //! Documents as Extended JSON, one per line, as `mongoexport` writes and `mongoimport` reads
 //! them. Input may be canonical or relaxed; output is canonical, so every BSON type (binary
 //! subtypes included) survives the round trip.
+//!
+//! Nothing is lost on failure: an `--out` file is written under a temporary name beside it
+//! and moved into place only by [`Writer::finish`], so a run that fails leaves the old file
+//! (or none) as it was.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
-use fieldcrypt::{Error, Result};
+use fieldcrypt::Error;
+
+use crate::error::{CliError, Result};
+use zeroize::Zeroize;
+
+/// MongoDB's document size limit: larger documents can be neither stored nor read back.
+pub(crate) const MAX_DOCUMENT: usize = 16 * 1024 * 1024;
+
+/// The longest input line read (twice the document limit: Extended JSON is larger than the
+/// BSON it spells, base64 by a third). Checked before parsing, which takes several times the
+/// line's size in memory.
+pub(crate) const MAX_LINE: usize = 2 * MAX_DOCUMENT;
 
 /// Where documents come from.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -21,10 +36,12 @@ pub(crate) struct InArgs {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct OutArgs {
     /// Write documents to this file instead of stdout. It is created readable by its owner
-    /// only (mode 0600); an existing file is refused unless --force.
+    /// only (mode 0600), and appears only when the command succeeds; an existing file is
+    /// refused unless --force, as are a symbolic link and the --in file itself.
     #[arg(long = "out", value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Overwrite the --out file if it exists (its permissions are kept).
+    /// Replace the --out file if it exists, when the command succeeds (its mode and group are
+    /// kept).
     #[arg(long, requires = "output")]
     pub force: bool,
 }
@@ -38,11 +55,12 @@ pub(crate) struct IoArgs {
     pub output: OutArgs,
 }
 
-/// Reads documents, a batch at a time.
+/// Reads documents, a batch at a time, remembering the line each came from.
 pub(crate) struct Reader {
     lines: Box<dyn BufRead + Send>,
     line: usize,
-    buf: String,
+    buf: Vec<u8>,
+    batch_lines: Vec<usize>,
 }
 
 impl Reader {
@@ -50,14 +68,15 @@ impl Reader {
         let lines: Box<dyn BufRead + Send> = match path {
             Some(p) => Box::new(BufReader::with_capacity(
                 1 << 20,
-                File::open(p).map_err(|e| Error::Config(format!("{}: {e}", p.display())))?,
+                File::open(p).map_err(|e| CliError::file(p, e))?,
             )),
             None => Box::new(BufReader::with_capacity(1 << 20, io::stdin())),
         };
         Ok(Reader {
             lines,
             line: 0,
-            buf: String::new(),
+            buf: Vec::with_capacity(1 << 16),
+            batch_lines: Vec::new(),
         })
     }
 
@@ -65,21 +84,69 @@ impl Reader {
     /// line, never its content.
     pub(crate) fn batch(&mut self, n: usize) -> Result<Vec<RawDocumentBuf>> {
         let mut out = Vec::with_capacity(n);
+        self.batch_lines.clear();
+        let read = self.fill(n, &mut out);
+        // The line may hold plaintext: don't leave it in the buffer.
+        self.buf.zeroize();
+        read?;
+        Ok(out)
+    }
+
+    fn fill(&mut self, n: usize, out: &mut Vec<RawDocumentBuf>) -> Result<()> {
         while out.len() < n {
-            self.buf.clear();
-            if self.lines.read_line(&mut self.buf)? == 0 {
+            if !self.read_line()? {
                 break;
             }
-            self.line += 1;
-            let text = self.buf.trim();
+            let line = self.line;
+            let text = std::str::from_utf8(&self.buf).map_err(|e| {
+                CliError::input(line, format!("not UTF-8 (byte {})", e.valid_up_to() + 1))
+            })?;
+            let text = text.trim();
             if text.is_empty() {
                 continue;
             }
-            out.push(parse_line(text, self.line)?);
+            out.push(parse_line(text, line)?);
+            self.batch_lines.push(line);
         }
-        // The line may hold plaintext: don't leave it in the buffer.
-        zeroize::Zeroize::zeroize(&mut self.buf);
-        Ok(out)
+        Ok(())
+    }
+
+    /// Reads the next line into `buf` (newline included), refusing one over [`MAX_LINE`]
+    /// before it is all in memory. `false` at the end of the input.
+    fn read_line(&mut self) -> Result<bool> {
+        self.buf.clear();
+        loop {
+            let avail = self.lines.fill_buf()?;
+            if avail.is_empty() {
+                if !self.buf.is_empty() {
+                    self.line += 1;
+                }
+                return Ok(!self.buf.is_empty());
+            }
+            let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+                Some(p) => (p + 1, true),
+                None => (avail.len(), false),
+            };
+            if self.buf.len() + take > MAX_LINE + 1 {
+                return Err(CliError::Usage(format!(
+                    "line {}: longer than {} MiB: refused (MongoDB's documents are at most {} MiB)",
+                    self.line + 1,
+                    MAX_LINE >> 20,
+                    MAX_DOCUMENT >> 20
+                )));
+            }
+            extend_wiping(&mut self.buf, &avail[..take]);
+            self.lines.consume(take);
+            if done {
+                self.line += 1;
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The input line of document `i` of the last batch.
+    pub(crate) fn line_of(&self, i: usize) -> usize {
+        self.batch_lines.get(i).copied().unwrap_or(self.line)
     }
 
     /// The number of lines read so far.
@@ -88,41 +155,90 @@ impl Reader {
     }
 }
 
+/// Appends to a buffer that may hold plaintext, wiping the old allocation when it grows
+/// (`Vec`'s own growth would leave a copy in freed memory).
+fn extend_wiping(buf: &mut Vec<u8>, more: &[u8]) {
+    if buf.len() + more.len() > buf.capacity() {
+        let mut bigger = Vec::with_capacity((buf.len() + more.len()).next_power_of_two());
+        bigger.extend_from_slice(buf);
+        buf.zeroize();
+        *buf = bigger;
+    }
+    buf.extend_from_slice(more);
+}
+
 /// One line of Extended JSON to a raw document.
 pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
     // serde_json and bson errors can quote the input: report the position only.
     let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| Error::Config(format!("line {line}: not JSON (column {})", e.column())))?;
-    match Bson::try_from(value) {
-        Ok(Bson::Document(d)) => RawDocumentBuf::from_document(&d)
-            .map_err(|_| Error::Config(format!("line {line}: not a valid BSON document"))),
-        Ok(_) => Err(Error::Config(format!("line {line}: not a JSON object"))),
-        Err(_) => Err(Error::Config(format!(
-            "line {line}: not valid Extended JSON"
-        ))),
+        .map_err(|e| CliError::input(line, format!("not JSON (column {})", e.column())))?;
+    let doc = match Bson::try_from(value) {
+        Ok(Bson::Document(d)) => RawDocumentBuf::from_document(&d).map_err(|_| {
+            CliError::input(
+                line,
+                format!(
+                    "not a valid BSON document (or over MongoDB's {} MiB limit)",
+                    MAX_DOCUMENT >> 20
+                ),
+            )
+        })?,
+        Ok(_) => return Err(CliError::input(line, "not a JSON object")),
+        Err(_) => return Err(CliError::input(line, "not valid Extended JSON")),
+    };
+    check_size(&doc, line, "the document")?;
+    Ok(doc)
+}
+
+/// Refuses a document over MongoDB's 16 MiB limit (`what` it is, from input `line`).
+pub(crate) fn check_size(doc: &RawDocument, line: usize, what: &str) -> Result<()> {
+    let n = doc.as_bytes().len();
+    if n > MAX_DOCUMENT {
+        return Err(CliError::input(
+            line,
+            format!(
+                "{what} is {n} bytes, over MongoDB's {} MiB document limit: refused",
+                MAX_DOCUMENT >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Wipes documents that may hold plaintext instead of only freeing them.
+pub(crate) fn wipe(docs: Vec<RawDocumentBuf>) {
+    for d in docs {
+        d.into_bytes().zeroize();
     }
 }
 
 /// Writes documents as canonical Extended JSON lines.
 pub(crate) struct Writer {
     out: Box<dyn Write + Send>,
+    /// The `--out` file being written under a temporary name, moved into place by `finish`.
+    pending: Option<Pending>,
 }
 
 impl Writer {
-    /// Writes to `out.output`, or stdout. A new file is created with mode 0600 (owner only: the
-    /// output may be plaintext), atomically (`O_EXCL`, so no symlink or file planted there is
-    /// followed); an existing file is an error unless `out.force`, and then it is truncated and
-    /// keeps its permissions (never loosened). `plaintext` says the output holds decrypted
-    /// values: overwriting a file that others can read is then warned about.
-    pub(crate) fn create(out: &OutArgs, plaintext: bool) -> Result<Self> {
-        let w: Box<dyn Write + Send> = match &out.output {
-            Some(p) => Box::new(BufWriter::with_capacity(
-                1 << 20,
-                open_output(p, out.force, plaintext)?,
-            )),
-            None => Box::new(BufWriter::with_capacity(1 << 20, io::stdout())),
+    /// Writes to `out.output`, or stdout. The file is written under a temporary name in the
+    /// same directory, created exclusively with mode 0600 (owner only: the output may be
+    /// plaintext), and takes the place of `out.output` only in [`Writer::finish`]: a command
+    /// that fails leaves what was there. An existing file is an error unless `out.force`, and
+    /// is then replaced keeping its mode (never loosened) and group; a symbolic link is
+    /// refused, and so is the file documents are read from (`input`; `None`: no input).
+    /// `plaintext` says the output holds decrypted values: replacing a file that others can
+    /// read is then warned about.
+    pub(crate) fn create(out: &OutArgs, plaintext: bool, input: Option<&InArgs>) -> Result<Self> {
+        let (w, pending): (Box<dyn Write + Send>, _) = match &out.output {
+            Some(p) => {
+                let (file, pending) = open_output(p, out.force, plaintext, input)?;
+                (Box::new(BufWriter::with_capacity(1 << 20, file)), pending)
+            }
+            None => (
+                Box::new(BufWriter::with_capacity(1 << 20, io::stdout())),
+                None,
+            ),
         };
-        Ok(Writer { out: w })
+        Ok(Writer { out: w, pending })
     }
 
     pub(crate) fn write(&mut self, doc: &RawDocument) -> Result<()> {
@@ -134,48 +250,194 @@ impl Writer {
         Ok(())
     }
 
+    /// Flushes, and moves an `--out` file into place.
     pub(crate) fn finish(mut self) -> Result<()> {
         self.out.flush()?;
+        drop(std::mem::replace(&mut self.out, Box::new(io::sink())));
+        if let Some(p) = self.pending.take() {
+            p.commit()?;
+        }
         Ok(())
     }
 }
 
-/// Opens an output file: see [`Writer::create`].
-pub(crate) fn open_output(path: &Path, force: bool, plaintext: bool) -> Result<File> {
-    let named = |e: io::Error| Error::Config(format!("{}: {e}", path.display()));
-    let mut new = OpenOptions::new();
-    new.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut new, 0o600);
-    match new.open(path) {
-        Ok(f) => return Ok(f),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+/// An output file written under a temporary name; removed on drop unless committed.
+struct Pending {
+    tmp: PathBuf,
+    target: PathBuf,
+    /// The target existed (`--force`): rename over it. Otherwise link, which fails if a file
+    /// appeared there meanwhile.
+    replace: bool,
+    sync: File,
+    committed: bool,
+}
+
+impl Pending {
+    fn commit(mut self) -> Result<()> {
+        let named = |e: io::Error| CliError::file(&self.target, e);
+        self.sync.sync_all().map_err(named)?;
+        if self.replace {
+            std::fs::rename(&self.tmp, &self.target).map_err(named)?;
+        } else {
+            match std::fs::hard_link(&self.tmp, &self.target) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&self.tmp);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    return Err(exists(&self.target));
+                }
+                // A file system without hard links: the name was free a moment ago.
+                Err(_) => std::fs::rename(&self.tmp, &self.target).map_err(named)?,
+            }
+        }
+        self.committed = true;
+        if let Some(dir) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Make the rename durable; not every platform can open a directory.
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn exists(path: &Path) -> CliError {
+    CliError::file(path, "the file exists; give --force to overwrite it")
+}
+
+/// Opens an output file: see [`Writer::create`]. A device or pipe (`/dev/null`, a FIFO)
+/// given with `--force` is written directly: there is nothing to replace.
+fn open_output(
+    path: &Path,
+    force: bool,
+    plaintext: bool,
+    input: Option<&InArgs>,
+) -> Result<(File, Option<Pending>)> {
+    let named = |e: io::Error| CliError::file(path, e);
+    let existing = match std::fs::symlink_metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(named(e)),
+    };
+    let Some(meta) = existing else {
+        let (file, tmp) = create_temp(path, 0o600).map_err(named)?;
+        let sync = file.try_clone().map_err(named)?;
+        return Ok((
+            file,
+            Some(Pending {
+                tmp,
+                target: path.to_owned(),
+                replace: false,
+                sync,
+                committed: false,
+            }),
+        ));
+    };
+    if meta.file_type().is_symlink() {
+        return Err(CliError::file(path, "a symbolic link; fieldcrypt does not write through one (give the path of the file itself)"));
     }
     if !force {
-        return Err(Error::Config(format!(
-            "{}: the file exists; give --force to overwrite it",
-            path.display()
-        )));
+        return Err(exists(path));
     }
-    // An existing file: truncated, its mode left as it is (`mode` applies to new files only).
-    let f = OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .map_err(named)?;
-    #[cfg(unix)]
-    {
-        let mode = std::os::unix::fs::MetadataExt::mode(&f.metadata().map_err(named)?);
-        if plaintext && mode & 0o077 != 0 {
-            crate::report::warn(&format!(
-                "{} is readable by others (mode {:o}) and now holds plaintext: restrict it (chmod 600)",
-                path.display(),
-                mode & 0o777
+    if let Some(input) = input {
+        if same_file(&meta, input) {
+            return Err(CliError::file(
+                path,
+                "the same file as the input; write to another file (and rename it afterwards)",
             ));
         }
     }
+    if !meta.is_file() {
+        let f = OpenOptions::new().write(true).open(path).map_err(named)?;
+        return Ok((f, None));
+    }
+    #[cfg(unix)]
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+    #[cfg(not(unix))]
+    let mode = 0o600;
+    if plaintext && mode & 0o077 != 0 {
+        crate::report::warn(&format!(
+            "{} is readable by others (mode {:o}) and now holds plaintext: restrict it (chmod 600)",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    let (file, tmp) = create_temp(path, mode).map_err(named)?;
+    let sync = file.try_clone().map_err(named)?;
+    let pending = Pending {
+        tmp,
+        target: path.to_owned(),
+        replace: true,
+        sync,
+        committed: false,
+    };
+    #[cfg(unix)]
+    {
+        // The replacement keeps the file's mode and, where we may set it, its group (a
+        // `0640 owner:service` file stays readable by the service).
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(named)?;
+        let _ = std::os::unix::fs::fchown(&file, None, Some(meta.gid()));
+    }
     #[cfg(not(unix))]
     let _ = plaintext;
-    Ok(f)
+    Ok((file, Some(pending)))
+}
+
+/// Creates `.<name>.<unique>.tmp` beside `path`, exclusively (nothing planted there is
+/// followed), with `mode` (owner-only to start with when the mode is looser).
+fn create_temp(path: &Path, mode: u32) -> io::Result<(File, PathBuf)> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("output");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut last = None;
+    for attempt in 0..100u32 {
+        let tmp = path.with_file_name(format!(
+            ".{name}.{}.{nanos:x}{attempt}.tmp",
+            std::process::id()
+        ));
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode & 0o600);
+        #[cfg(not(unix))]
+        let _ = mode;
+        match opts.open(&tmp) {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no temporary name")))
+}
+
+/// Whether the existing output file is the input (`--in`, or what stdin reads).
+fn same_file(out: &std::fs::Metadata, input: &InArgs) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match &input.input {
+            Some(p) => std::fs::metadata(p),
+            None => std::fs::metadata("/dev/stdin"),
+        };
+        meta.is_ok_and(|m| m.dev() == out.dev() && m.ino() == out.ino())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (out, input);
+        false
+    }
 }

@@ -11,10 +11,12 @@ use std::sync::Arc;
 use bson::{doc, RawDocumentBuf};
 use fieldcrypt::mongo::LocalKek;
 use fieldcrypt::rotation::references;
-use fieldcrypt::{Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring, Result};
+use fieldcrypt::{Error, InMemoryKeyring, KeyId, KeyKind, KeyState, Keyring};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
+use crate::common::split_namespace;
+use crate::error::{CliError, Result};
 use crate::keysource::{change_keyset, connect, with_keyset, KeyArgs, Store};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -135,7 +137,7 @@ pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
             out,
         } => {
             let Store::Vault(vault) = Store::open(&keys).await? else {
-                return Err(Error::Config(
+                return Err(CliError::Usage(
                     "rewrap works on the key vault (--uri / --key-vault-uri); a keyset file holds keys in clear"
                         .into(),
                 ));
@@ -176,7 +178,7 @@ async fn create_or_rotate(
                     return Err(exists(alias));
                 }
                 if !create && old.is_none() {
-                    return Err(Error::UnknownAlias(alias.to_owned()));
+                    return Err(Error::UnknownAlias(alias.to_owned()).into());
                 }
                 Ok(((ring.rotate(alias), old.flatten()), true))
             };
@@ -193,7 +195,7 @@ async fn create_or_rotate(
                 return Err(exists(alias));
             }
             if !create && of_alias.is_empty() {
-                return Err(Error::UnknownAlias(alias.to_owned()));
+                return Err(Error::UnknownAlias(alias.to_owned()).into());
             }
             let old = of_alias
                 .iter()
@@ -221,8 +223,8 @@ async fn create_or_rotate(
     Ok(Exit::Ok)
 }
 
-fn exists(alias: &str) -> Error {
-    Error::Config(format!(
+fn exists(alias: &str) -> CliError {
+    CliError::Usage(format!(
         "alias {alias:?} already has keys; use `fieldcrypt keys rotate {alias}` for a new primary"
     ))
 }
@@ -350,7 +352,7 @@ async fn set_state(store: &Store, id: &KeyId, state: KeyState, force: bool) -> R
                 // read (a rotation that made this key the primary, say).
                 if state != KeyState::Active && !force && ring.key(id)?.state() == KeyState::Primary
                 {
-                    return Err(Error::Config(format!(
+                    return Err(CliError::Usage(format!(
                         "key {id} is the primary of its alias: rotate the alias first (`fieldcrypt keys rotate`)"
                     )));
                 }
@@ -362,7 +364,7 @@ async fn set_state(store: &Store, id: &KeyId, state: KeyState, force: bool) -> R
                 None => change(ring).map(|_| ()),
             }
         }
-        Store::Vault(v) => v.set_state(id, state).await,
+        Store::Vault(v) => Ok(v.set_state(id, state).await?),
         Store::VaultFile(_) => unreachable!("refused by writable()"),
     }
 }
@@ -391,7 +393,7 @@ async fn change_state(a: StateArgs, state: KeyState) -> Result<Exit> {
         Store::VaultFile(_) => unreachable!("refused by writable()"),
     };
     if current == KeyState::Primary && !a.force {
-        return Err(Error::Config(format!(
+        return Err(CliError::Usage(format!(
             "key {} is the primary of its alias: rotate the alias first (`fieldcrypt keys rotate`), re-encrypt, then {}",
             a.id,
             if state == KeyState::Destroyed { "destroy it" } else { "disable it" }
@@ -475,12 +477,12 @@ struct RefCount {
 /// Counts, per collection, the documents whose ciphertexts or blind indexes name `id`, and
 /// those that may (a malformed value whose key cannot be read).
 async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<RefCount>> {
-    let uri = a.keys.uri.as_deref().ok_or_else(|| {
-        Error::Config(format!(
+    let uri = a.keys.data_uri().map_err(|_| {
+        CliError::Usage(format!(
             "cannot tell whether documents still reference key {id}: give --uri (and --namespace) to check, or --force"
         ))
     })?;
-    let client = connect(uri).await?;
+    let client = connect(&uri).await?;
     let mut namespaces = a.namespaces.clone();
     if namespaces.is_empty() {
         let skip_db = ["admin", "config", "local"];
@@ -528,7 +530,7 @@ async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<RefCount>> {
                     json!({ "namespace": ns, "referencing": n }),
                 );
                 if stop.load(Ordering::SeqCst) {
-                    return Err(Error::Config("interrupted".into()));
+                    return Err(CliError::Usage("interrupted".into()));
                 }
             }
         }
@@ -540,11 +542,4 @@ async fn count_references(a: &StateArgs, id: &KeyId) -> Result<Vec<RefCount>> {
         });
     }
     Ok(out)
-}
-
-/// `db.collection` → (`db`, `collection`).
-pub(crate) fn split_namespace(ns: &str) -> Result<(&str, &str)> {
-    ns.split_once('.')
-        .filter(|(d, c)| !d.is_empty() && !c.is_empty())
-        .ok_or_else(|| Error::Config(format!("namespace {ns:?} is not \"database.collection\"")))
 }

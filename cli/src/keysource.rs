@@ -21,8 +21,12 @@ use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{
     KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
 };
-use fieldcrypt::{Error, InMemoryKeyring, Key, KeyId, KeyMaterial, Keyring, Result};
+use fieldcrypt::{
+    Error, InMemoryKeyring, Key, KeyId, KeyMaterial, KeyState, Keyring, RANDOM_NONCE_LIMIT,
+};
 use mongodb::Client;
+
+use crate::error::{CliError, Result};
 
 /// The environment variable holding a keyset (base64 of its JSON).
 pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
@@ -30,10 +34,16 @@ pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
 /// Key and connection options, shared by every command that needs keys or a server.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct KeyArgs {
-    /// The data cluster's connection string.
+    /// The data cluster's connection string. Refused on the command line when it holds a
+    /// password (every user of the machine can read a command line): give such a URI in the
+    /// environment variable MONGODB_URI or with --uri-file.
     #[arg(long, env = "MONGODB_URI", hide_env_values = true)]
     pub uri: Option<String>,
-    /// The key vault's cluster, when not the data cluster.
+    /// Read the data cluster's connection string from this file (its first line), instead of
+    /// --uri / MONGODB_URI.
+    #[arg(long, value_name = "FILE")]
+    pub uri_file: Option<PathBuf>,
+    /// The key vault's cluster, when not the data cluster (no password: see --uri).
     #[arg(long, hide_env_values = true)]
     pub key_vault_uri: Option<String>,
     /// The key vault collection, `database.collection`.
@@ -54,26 +64,43 @@ pub(crate) struct KeyArgs {
 
 impl KeyArgs {
     /// The data cluster's URI.
-    pub(crate) fn data_uri(&self) -> Result<&str> {
-        self.uri
-            .as_deref()
-            .ok_or_else(|| Error::Config("no server: give --uri or set MONGODB_URI".into()))
+    pub(crate) fn data_uri(&self) -> Result<String> {
+        self.uri_value()?
+            .ok_or_else(|| CliError::Usage("no server: give --uri or set MONGODB_URI".into()))
+    }
+
+    /// The data cluster's URI, if any: from `--uri-file`, else `--uri` / `MONGODB_URI`.
+    fn uri_value(&self) -> Result<Option<String>> {
+        let Some(f) = &self.uri_file else {
+            return Ok(self.uri.clone());
+        };
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(f).map_err(|e| in_file(f, Error::Io(e)))?,
+        );
+        let uri = text.lines().next().unwrap_or_default().trim();
+        if uri.is_empty() {
+            return Err(CliError::file(f, "no connection string in the file"));
+        }
+        Ok(Some(uri.to_owned()))
     }
 
     fn master(&self) -> Result<LocalKek> {
         match &self.master_key_file {
-            Some(f) => LocalKek::from_file(f),
+            Some(f) => LocalKek::from_file(f).map_err(|e| in_file(f, e)),
             None => LocalKek::from_env().map_err(|e| match e {
-                Error::Config(_) => Error::Config(format!(
+                Error::Config(_) => CliError::Usage(format!(
                     "no master key: give --master-key-file or set {MASTER_KEY_ENV}"
                 )),
-                other => other,
+                other => other.into(),
             }),
         }
     }
 
-    fn vault_uri(&self) -> Option<&str> {
-        self.key_vault_uri.as_deref().or(self.uri.as_deref())
+    fn vault_uri(&self) -> Result<Option<String>> {
+        match &self.key_vault_uri {
+            Some(u) => Ok(Some(u.clone())),
+            None => self.uri_value(),
+        }
     }
 
     fn keyset_env() -> Option<String> {
@@ -81,6 +108,41 @@ impl KeyArgs {
             .ok()
             .filter(|v| !v.trim().is_empty())
     }
+}
+
+/// Refuses a connection string with a password on the command line (`--uri`,
+/// `--key-vault-uri`, any command): other users of the machine can read it (`ps`,
+/// `/proc/<pid>/cmdline`). The environment and `--uri-file` are the places for one.
+pub(crate) fn refuse_password_in_args() -> Result<()> {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    for (i, a) in args.iter().enumerate() {
+        for flag in ["--uri", "--key-vault-uri"] {
+            let value = if a == flag {
+                args.get(i + 1).map(String::as_str)
+            } else {
+                a.strip_prefix(flag).and_then(|v| v.strip_prefix('='))
+            };
+            if value.is_some_and(has_password) {
+                return Err(CliError::Refused(format!(
+                    "{flag} holds a password, which every user of this machine can read on the command line: give the connection string in MONGODB_URI or a file (--uri-file FILE)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a MongoDB connection string carries a password (`scheme://user:password@…`).
+fn has_password(uri: &str) -> bool {
+    let Some((_, rest)) = uri.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'))
 }
 
 /// Every client the command made, shut down by [`shutdown_clients`] before the runtime stops.
@@ -110,32 +172,63 @@ pub(crate) async fn shutdown_clients() {
     }
 }
 
+/// How a command that encrypts may use keys whose random-nonce count cannot be recorded.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct NonceArgs {
+    /// Encrypt with random nonces under keys from FIELDCRYPT_KEYSET or --key-vault-file,
+    /// which cannot record how many encryptions were made: runs then cannot see each
+    /// other's, and a key's 2^32 limit can be exceeded unnoticed. Refused without this flag.
+    #[arg(long)]
+    pub allow_unrecorded_nonces: bool,
+}
+
 /// Keys for reading and writing documents.
 ///
-/// With a keyset file, the random-nonce usage counters of this run's encryptions are added to
-/// the file when the `Keys` is dropped (or earlier, by [`Keys::persist_counters`]): on success
-/// and on every error path alike, so the per-key limits hold across runs.
+/// A keyset file's keys share their budget of random-nonce encryptions
+/// ([`RANDOM_NONCE_LIMIT`]) with every process using the file: before a command lets a batch
+/// of ciphertexts out ([`Keys::reserve_used`]), what the batch used is reserved in the file,
+/// under its lock, with a block to spare, and refused if the stored count would pass the
+/// limit. What is reserved and not used is given back when the `Keys` is dropped (or by
+/// [`Keys::persist_counters`]); a process that dies keeps it reserved (safe: the count only
+/// runs ahead). Keys from read-only sources (`FIELDCRYPT_KEYSET`, `--key-vault-file`) cannot
+/// record their counts: random-nonce encryption under them is refused unless
+/// [`NonceArgs::allow_unrecorded_nonces`].
 pub(crate) struct Keys {
     /// What the engine and the cryptors use.
     pub source: Arc<dyn KeySource>,
     /// The in-memory keyring, when keys came from files or the environment.
     ring: Option<Arc<InMemoryKeyring>>,
-    /// The keyset file to write usage counters back to.
+    /// The keyset file to reserve and record encryptions in.
     keyset_file: Option<PathBuf>,
-    /// Each keyset key's counter as of the last load or persist: what is above it is this
-    /// run's, not yet written back.
-    persisted: Mutex<HashMap<KeyId, u64>>,
+    /// The keyset file's keys: what this process used and reserved of each.
+    budget: Mutex<HashMap<KeyId, Budget>>,
+    /// Keys from read-only sources, with their counters when loaded.
+    unrecorded: HashMap<KeyId, u64>,
+    /// Where the read-only keys came from, for messages.
+    unrecorded_source: &'static str,
+    /// The user accepted random nonces under read-only keys.
+    allow_unrecorded: bool,
 }
+
+/// One keyset key's share of the file's random-nonce count.
+struct Budget {
+    /// The key's counter when loaded: what is above it was used by this process.
+    loaded: u64,
+    /// Encryptions this process added to the file's count (used, or reserved ahead).
+    reserved: u64,
+}
+
+/// The first block reserved ahead of use; later blocks double, up to [`MAX_BLOCK`].
+const MIN_BLOCK: u64 = 4096;
+/// The largest block reserved ahead (what a killed process can waste at most, per key).
+const MAX_BLOCK: u64 = 1 << 24;
 
 impl Drop for Keys {
     fn drop(&mut self) {
         if let Err(e) = self.persist_counters() {
             crate::report::warn(&format!(
                 "could not write the keys' usage counters back to the keyset file: {}",
-                match e {
-                    Error::Config(m) => m,
-                    other => other.to_string(),
-                }
+                e
             ));
         }
     }
@@ -146,20 +239,31 @@ impl Keys {
     pub(crate) async fn open(args: &KeyArgs) -> Result<Keys> {
         if args.keyset.is_some() || args.key_vault_file.is_some() {
             let ring = match &args.keyset {
-                Some(f) => InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?,
+                Some(f) => {
+                    warn_if_loose(f);
+                    InMemoryKeyring::load(f).map_err(|e| in_file(f, e))?
+                }
                 None => InMemoryKeyring::new(),
             };
             // The keyset's own keys, counted from their loaded values (key-vault-file keys are
             // not saved to the keyset).
-            let mut persisted: HashMap<KeyId, u64> = ring
+            let mut budget: HashMap<KeyId, Budget> = ring
                 .keys()
                 .iter()
-                .map(|k| (k.id(), k.encryptions()))
+                .map(|k| {
+                    let b = Budget {
+                        loaded: k.encryptions(),
+                        reserved: 0,
+                    };
+                    (k.id(), b)
+                })
                 .collect();
+            let mut unrecorded = HashMap::new();
             if let Some(f) = &args.key_vault_file {
                 let kek = args.master()?;
                 for key in read_key_vault_file(f, kek).await? {
-                    persisted.remove(&key.id());
+                    budget.remove(&key.id());
+                    unrecorded.insert(key.id(), key.encryptions());
                     ring.insert(key);
                 }
             }
@@ -168,16 +272,27 @@ impl Keys {
                 source: ring.clone(),
                 ring: Some(ring),
                 keyset_file: args.keyset.clone(),
-                persisted: Mutex::new(persisted),
+                budget: Mutex::new(budget),
+                unrecorded,
+                unrecorded_source: "--key-vault-file",
+                allow_unrecorded: false,
             });
         }
         if KeyArgs::keyset_env().is_some() {
             let ring = Arc::new(InMemoryKeyring::from_env(KEYSET_ENV)?);
+            let unrecorded = ring
+                .keys()
+                .iter()
+                .map(|k| (k.id(), k.encryptions()))
+                .collect();
             return Ok(Keys {
                 source: ring.clone(),
                 ring: Some(ring),
                 keyset_file: None,
-                persisted: Mutex::new(HashMap::new()),
+                budget: Mutex::new(HashMap::new()),
+                unrecorded,
+                unrecorded_source: KEYSET_ENV,
+                allow_unrecorded: false,
             });
         }
         let vault = open_vault(args).await?;
@@ -185,63 +300,186 @@ impl Keys {
             source: vault,
             ring: None,
             keyset_file: None,
-            persisted: Mutex::new(HashMap::new()),
+            budget: Mutex::new(HashMap::new()),
+            unrecorded: HashMap::new(),
+            unrecorded_source: "",
+            allow_unrecorded: false,
         })
     }
 
-    /// Adds the random-nonce encryptions made since the last call (or the load) to the keyset
-    /// file's counters, so that the per-key limits hold across runs and across processes that
-    /// use the file at once. The file is re-read and saved under its lock (`<keyset>.lock`),
-    /// so a key rotated meanwhile by another command is kept, and another process's counts
-    /// are added to rather than overwritten. Runs again on drop (a no-op when nothing is new).
+    /// Applies the command's [`NonceArgs`].
+    pub(crate) fn with_nonce_args(mut self, a: &NonceArgs) -> Self {
+        self.allow_unrecorded = a.allow_unrecorded_nonces;
+        self
+    }
+
+    /// Makes sure every random-nonce encryption made so far is recorded where other processes
+    /// see it, before its ciphertexts leave the process: reserves what a keyset file's keys
+    /// used beyond this process's reservation, plus a block ahead, under the file's lock
+    /// (refused if the stored count would pass [`RANDOM_NONCE_LIMIT`], or if the key was
+    /// destroyed or removed meanwhile), and refuses random nonces under read-only keys unless
+    /// allowed. (The key vault reserves its own leases.)
+    pub(crate) fn reserve_used(&self) -> Result<()> {
+        let Some(ring) = &self.ring else {
+            return Ok(());
+        };
+        if !self.allow_unrecorded {
+            for (id, loaded) in &self.unrecorded {
+                if ring.key(id).is_ok_and(|k| k.encryptions() > *loaded) {
+                    return Err(CliError::Refused(format!(
+                        "key {id} comes from {}, where fieldcrypt cannot record its random-nonce encryptions, so runs cannot see each other's and the key's limit of 2^32 could be passed unnoticed: give --keyset FILE, or --allow-unrecorded-nonces to accept that",
+                        self.unrecorded_source
+                    )));
+                }
+            }
+        }
+        let Some(path) = &self.keyset_file else {
+            return Ok(());
+        };
+        let mut budget = self
+            .budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // (key, encryptions missing from the reservation, block to reserve ahead)
+        let mut wanted: Vec<(KeyId, u64, u64)> = Vec::new();
+        for (id, b) in budget.iter() {
+            let used = ring
+                .key(id)
+                .map_or(0, |k| k.encryptions().saturating_sub(b.loaded));
+            if used > b.reserved {
+                let ahead = b.reserved.clamp(MIN_BLOCK, MAX_BLOCK);
+                wanted.push((*id, used - b.reserved, ahead));
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let granted = with_keyset(path, |fresh| {
+            let mut granted = Vec::with_capacity(wanted.len());
+            for (id, missing, ahead) in &wanted {
+                let k = fresh.key(id).map_err(|_| {
+                    CliError::Refused(format!(
+                        "key {id} was removed from {} while this command ran: its ciphertexts are not written",
+                        path.display()
+                    ))
+                })?;
+                if k.state() == KeyState::Destroyed || k.material().is_err() {
+                    return Err(CliError::Refused(format!(
+                        "key {id} was destroyed while this command ran: its ciphertexts are not written"
+                    )));
+                }
+                let stored = k.encryptions();
+                let left = RANDOM_NONCE_LIMIT.saturating_sub(stored);
+                if *missing > left {
+                    return Err(CliError::Refused(format!(
+                        "key {id} ({}): its random-nonce budget is spent ({stored} of 2^32 encryptions recorded in {}, by this and other runs): rotate the key (keys rotate {})",
+                        k.alias(),
+                        path.display(),
+                        k.alias()
+                    )));
+                }
+                let grant = missing.saturating_add(*ahead).min(left);
+                fresh.insert(with_count(&k, stored + grant)?);
+                granted.push((*id, grant));
+            }
+            Ok((granted, true))
+        })?;
+        for (id, grant) in granted {
+            if let Some(b) = budget.get_mut(&id) {
+                b.reserved += grant;
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles the keyset file's counts with what this process really used: adds encryptions
+    /// not reserved yet (commands whose writes are not gated by [`Keys::reserve_used`], and
+    /// failed runs) and gives back what was reserved and not used. The file is re-read and
+    /// saved under its lock (`<keyset>.lock`), so a key rotated meanwhile by another command
+    /// is kept, and other processes' counts are added to rather than overwritten. Runs again
+    /// on drop (a no-op when nothing changed).
     pub(crate) fn persist_counters(&self) -> Result<()> {
         let (Some(ring), Some(path)) = (&self.ring, &self.keyset_file) else {
             return Ok(());
         };
-        let mut persisted = self
-            .persisted
+        let mut budget = self
+            .budget
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut delta: Vec<(KeyId, u64, u64)> = Vec::new();
-        for (id, base) in persisted.iter() {
-            if let Ok(k) = ring.key(id) {
-                let now = k.encryptions();
-                if now > *base {
-                    delta.push((*id, now - *base, now));
-                }
+        // (key, used by this process, reserved by this process)
+        let mut settle: Vec<(KeyId, u64, u64)> = Vec::new();
+        for (id, b) in budget.iter() {
+            let used = ring
+                .key(id)
+                .map_or(b.reserved, |k| k.encryptions().saturating_sub(b.loaded));
+            if used != b.reserved {
+                settle.push((*id, used, b.reserved));
             }
         }
-        if delta.is_empty() {
+        if settle.is_empty() {
             return Ok(());
         }
         with_keyset(path, |fresh| {
             let mut changed = false;
-            for (id, add, _) in &delta {
+            for (id, used, reserved) in &settle {
                 let Ok(k) = fresh.key(id) else {
                     continue; // deleted from the file meanwhile
                 };
-                let Ok(m) = k.material() else {
+                if k.material().is_err() {
                     continue; // destroyed meanwhile: no counter to keep
+                }
+                // Never below what this process used on top of the others' count.
+                let count = if used > reserved {
+                    k.encryptions().saturating_add(used - reserved)
+                } else {
+                    k.encryptions().saturating_sub(reserved - used)
                 };
-                let updated = Key::from_material(
-                    k.id(),
-                    k.alias(),
-                    k.kind(),
-                    k.state(),
-                    KeyMaterial::from_slice(m.expose_secret()),
-                    k.encryptions().saturating_add(*add),
-                )?
-                .with_created(k.created());
-                fresh.insert(updated);
+                fresh.insert(with_count(&k, count)?);
                 changed = true;
             }
             Ok(((), changed))
         })?;
-        for (id, _, now) in delta {
-            persisted.insert(id, now);
+        for (id, used, _) in settle {
+            if let Some(b) = budget.get_mut(&id) {
+                b.reserved = used;
+            }
         }
         Ok(())
     }
+}
+
+/// A copy of key `k` with its random-nonce count set to `count`.
+fn with_count(k: &Key, count: u64) -> Result<Key> {
+    let m = k.material()?;
+    Ok(Key::from_material(
+        k.id(),
+        k.alias(),
+        k.kind(),
+        k.state(),
+        KeyMaterial::from_slice(m.expose_secret()),
+        count,
+    )?
+    .with_created(k.created()))
+}
+
+/// Warns when a keyset file (keys in clear) is readable by its group or others.
+pub(crate) fn warn_if_loose(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                crate::report::warn(&format!(
+                    "{} holds keys in clear and is readable by {} (mode {mode:o}): restrict it (chmod 600, or 640 for a service's group)",
+                    path.display(),
+                    if mode & 0o007 != 0 { "others" } else { "its group" }
+                ));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
 }
 
 /// An exclusive advisory lock on `<keyset>.lock`, held for one load-modify-save of a keyset
@@ -261,11 +499,8 @@ impl KeysetLock {
         opts.read(true).write(true).create(true).truncate(false);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let file = opts
-            .open(&path)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        file.lock()
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let file = opts.open(&path).map_err(|e| CliError::file(&path, e))?;
+        file.lock().map_err(|e| CliError::file(&path, e))?;
         Ok(KeysetLock { file })
     }
 }
@@ -306,9 +541,42 @@ pub(crate) fn change_keyset<T>(
     let fresh = load_keyset(path, may_be_new)?;
     let (out, changed) = change(&fresh)?;
     if changed {
+        let before = std::fs::metadata(path).ok();
         fresh.save(path).map_err(|e| in_file(path, e))?;
+        if let Some(m) = before {
+            keep_mode_and_group(path, &m)?;
+        }
     }
     Ok(out)
+}
+
+/// Gives a rewritten keyset file the mode and group of the file it replaced (the library
+/// writes a new file owner-only): a `0640 owner:service` keyset stays readable by the service.
+fn keep_mode_and_group(path: &Path, before: &std::fs::Metadata) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let f = File::open(path).map_err(|e| in_file(path, Error::Io(e)))?;
+        // Group first: a mode that lets the group read must not apply to the wrong group.
+        if f.metadata().map_err(|e| in_file(path, Error::Io(e)))?.gid() != before.gid()
+            && std::os::unix::fs::fchown(&f, None, Some(before.gid())).is_err()
+        {
+            crate::report::warn(&format!(
+                "{}: could not keep the file's group ({}): it is now the owner's only",
+                path.display(),
+                before.gid()
+            ));
+            return Ok(());
+        }
+        let mode = before.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .map_err(|e| in_file(path, Error::Io(e)))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, before);
+    Ok(())
 }
 
 /// Where key management happens.
@@ -330,7 +598,7 @@ impl Store {
         if args.keyset.is_none()
             && args.key_vault_file.is_none()
             && KeyArgs::keyset_env().is_none()
-            && args.vault_uri().is_some()
+            && args.vault_uri().is_ok_and(|u| u.is_some())
             && args.master().is_err()
         {
             // A throw-away KEK: listing reads metadata only and never unwraps.
@@ -349,6 +617,7 @@ impl Store {
     /// exist yet is an empty keyset (created, owner-only, when the key is saved).
     pub(crate) async fn open_keyset_or(args: &KeyArgs, may_be_new: bool) -> Result<Store> {
         if let Some(f) = &args.keyset {
+            warn_if_loose(f);
             return Ok(Store::Keyset {
                 ring: load_keyset(f, may_be_new)?,
                 file: Some(f.clone()),
@@ -374,10 +643,10 @@ impl Store {
     pub(crate) fn writable(&self) -> Result<()> {
         match self {
             Store::Keyset { file: Some(_), .. } | Store::Vault(_) => Ok(()),
-            Store::Keyset { file: None, .. } => Err(Error::Config(format!(
+            Store::Keyset { file: None, .. } => Err(CliError::Usage(format!(
                 "the keyset comes from {KEYSET_ENV}, which fieldcrypt cannot change: give --keyset FILE"
             ))),
-            Store::VaultFile(_) => Err(Error::Config(
+            Store::VaultFile(_) => Err(CliError::Usage(
                 "--key-vault-file is read-only: manage keys in the key vault (--uri / --key-vault-uri) or a --keyset file"
                     .into(),
             )),
@@ -386,8 +655,8 @@ impl Store {
 }
 
 async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
-    if args.vault_uri().is_none() {
-        return Err(Error::Config(
+    if args.vault_uri()?.is_none() {
+        return Err(CliError::Usage(
             "no keys: give --keyset FILE, --key-vault-file FILE, FIELDCRYPT_KEYSET, or a key vault (--uri / --key-vault-uri with a master key)"
                 .into(),
         ));
@@ -397,9 +666,9 @@ async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
 
 async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>> {
     let uri = args
-        .vault_uri()
-        .ok_or_else(|| Error::Config("no key vault: give --uri or --key-vault-uri".into()))?;
-    let client = connect(uri).await?;
+        .vault_uri()?
+        .ok_or_else(|| CliError::Usage("no key vault: give --uri or --key-vault-uri".into()))?;
+    let client = connect(&uri).await?;
     Ok(Arc::new(
         KeyVault::builder(&client, kek)
             .namespace(args.key_vault_namespace.clone())
@@ -408,10 +677,10 @@ async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>
 }
 
 /// Names the file in an error that does not already say where it happened.
-pub(crate) fn in_file(path: &Path, e: Error) -> Error {
+pub(crate) fn in_file(path: &Path, e: Error) -> CliError {
     match e {
-        Error::Io(io) => Error::Config(format!("{}: {io}", path.display())),
-        other => other,
+        Error::Io(io) => CliError::file(path, io),
+        other => other.into(),
     }
 }
 
@@ -455,7 +724,8 @@ async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
                 return Err(Error::KeyFormat(format!(
                     "{} line {line}: not an Extended JSON document",
                     path.display()
-                )))
+                ))
+                .into())
             }
         }
     }
@@ -469,15 +739,14 @@ async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
                 if let Err(Error::KeyFormat(m)) =
                     KeyVault::keys_from_documents(std::slice::from_ref(d), &kek).await
                 {
-                    return Err(Error::KeyFormat(format!(
-                        "{} line {line}: {m}",
-                        path.display()
-                    )));
+                    return Err(
+                        Error::KeyFormat(format!("{} line {line}: {m}", path.display())).into(),
+                    );
                 }
             }
-            Err(Error::KeyFormat(format!("{}: {m}", path.display())))
+            Err(Error::KeyFormat(format!("{}: {m}", path.display())).into())
         }
-        Err(other) => Err(other),
+        Err(other) => Err(other.into()),
     }
 }
 
@@ -501,7 +770,7 @@ impl KekProvider for AnyLocal {
         &self,
         dek: &KeyMaterial,
         associated_data: &[u8],
-    ) -> Result<(Document, Vec<u8>)> {
+    ) -> fieldcrypt::Result<(Document, Vec<u8>)> {
         self.0.wrap_with_ad(dek, associated_data).await
     }
 
@@ -510,7 +779,7 @@ impl KekProvider for AnyLocal {
         master_key: &Document,
         wrapped: &[u8],
         associated_data: &[u8],
-    ) -> Result<KeyMaterial> {
+    ) -> fieldcrypt::Result<KeyMaterial> {
         if !self.can_unwrap(master_key) {
             return Err(Error::KeyFormat(format!(
                 "key is wrapped by KMS provider {:?}, not a local master key",

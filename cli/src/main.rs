@@ -2,13 +2,17 @@
 //! JSON, import and export, re-encryption and migration of live collections, audits, and
 //! collection validators. See `docs/CLI.md`.
 //!
-//! One file per subcommand; `keysource.rs` (where keys come from), `jsonl.rs` (Extended JSON
-//! lines) and `report.rs` (progress, summaries, exit codes) are shared.
+//! One file per subcommand. Shared: `error.rs` (the CLI's errors), `common.rs` (schemas,
+//! namespaces, per-document errors), `keysource.rs` (where keys come from), `jsonl.rs`
+//! (Extended JSON lines) and `report.rs` (progress, summaries, exit codes). Subcommand files
+//! import only from these.
 
 mod audit;
 mod bench;
+mod common;
 mod decrypt;
 mod encrypt;
+mod error;
 mod export;
 mod import;
 mod jsonl;
@@ -67,6 +71,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = keysource::refuse_password_in_args() {
+        report::error(&e);
+        return Exit::Error.code();
+    }
     if cli.verbose {
         tracing_subscriber::fmt()
             .with_max_level(tracing::Level::INFO)
@@ -81,7 +89,9 @@ fn main() -> ExitCode {
     match result {
         Ok(exit) => exit.code(),
         // The reader of stdout went away (`| head`): not an error of ours.
-        Err(fieldcrypt::Error::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+        Err(error::CliError::Lib(fieldcrypt::Error::Io(e)))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
             Exit::Ok.code()
         }
         Err(e) => {
@@ -91,7 +101,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_async(command: Command) -> fieldcrypt::Result<Exit> {
+fn run_async(command: Command) -> error::Result<Exit> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

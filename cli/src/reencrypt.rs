@@ -9,11 +9,11 @@ use bson::{Bson, RawDocumentBuf};
 use fieldcrypt::rotation::{
     Flow, Partition, Phase, Report, RotationOptions, Rotator, Stats, Target, TargetReport,
 };
-use fieldcrypt::{Context, Error, Result};
+use fieldcrypt::Context;
 use serde_json::json;
 
-use crate::encrypt::load_schema;
-use crate::keys::split_namespace;
+use crate::common::{load_schema, split_namespace};
+use crate::error::{CliError, Result};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -104,8 +104,8 @@ pub(crate) async fn run_migrate(a: MigrateArgs) -> Result<Exit> {
 
 fn ext_json(flag: &str, text: &str) -> Result<Bson> {
     let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|_| Error::Config(format!("{flag}: not JSON")))?;
-    Bson::try_from(v).map_err(|_| Error::Config(format!("{flag}: not valid Extended JSON")))
+        serde_json::from_str(text).map_err(|_| CliError::Usage(format!("{flag}: not JSON")))?;
+    Bson::try_from(v).map_err(|_| CliError::Usage(format!("{flag}: not valid Extended JSON")))
 }
 
 async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<Exit> {
@@ -122,7 +122,7 @@ async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<
         },
     };
     let keys = Keys::open(&a.keys).await?;
-    let client = connect(a.keys.data_uri()?).await?;
+    let client = connect(&a.keys.data_uri()?).await?;
     let mut targets = Vec::new();
     for ns in &a.namespaces {
         let (db, coll) = split_namespace(ns)?;

@@ -4,10 +4,9 @@
 use std::path::PathBuf;
 
 use fieldcrypt::mongo::{apply_validator, validator};
-use fieldcrypt::{Error, Result};
 
-use crate::encrypt::load_schema;
-use crate::keys::split_namespace;
+use crate::common::{load_schema, split_namespace};
+use crate::error::{CliError, Result};
 use crate::keysource::connect;
 use crate::report::Exit;
 
@@ -36,7 +35,7 @@ pub(crate) async fn run(a: ValidatorArgs) -> Result<Exit> {
         let uri = a
             .uri
             .as_deref()
-            .ok_or_else(|| Error::Config("no server: give --uri or set MONGODB_URI".into()))?;
+            .ok_or_else(|| CliError::Usage("no server: give --uri or set MONGODB_URI".into()))?;
         let client = connect(uri).await?;
         apply_validator(&client.database(db), coll, &schema).await?;
         eprintln!("validator set on {ns}");
@@ -44,7 +43,7 @@ pub(crate) async fn run(a: ValidatorArgs) -> Result<Exit> {
         let json = bson::Bson::Document(v).into_relaxed_extjson();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json).map_err(|e| Error::Config(e.to_string()))?
+            serde_json::to_string_pretty(&json).map_err(|e| CliError::Usage(e.to_string()))?
         );
     }
     Ok(Exit::Ok)

@@ -1948,3 +1948,585 @@ fn bench_w4_rotates_a_collection_and_reports_copy_ratios_and_peak_memory() {
         "{names:?}"
     );
 }
+
+// Issue #12: the CLI's data safety.
+
+fn decrypt_to(d: &Path, input: &str, out: &str, extra: &[&str]) -> Out {
+    let mut args = vec![
+        "decrypt",
+        "--keyset",
+        "keys.json",
+        "--in",
+        input,
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    run(d, &args, None, &[])
+}
+
+/// Names in `d` that start with a dot: temporary files left behind.
+fn leftovers(d: &Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+#[test]
+fn out_file_is_replaced_only_on_success_and_never_is_the_input_or_a_symlink() {
+    let dir = workdir();
+    let d = dir.path();
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "sealed.jsonl",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let sealed = std::fs::read_to_string(d.join("sealed.jsonl")).unwrap();
+
+    // (1) A run that fails on line 2 leaves the old file as it was…
+    std::fs::write(d.join("old.jsonl"), "keep me\n").unwrap();
+    std::fs::write(
+        d.join("bad.jsonl"),
+        format!("{}\n{{not json\n", sealed.lines().next().unwrap()),
+    )
+    .unwrap();
+    let o = decrypt_to(d, "bad.jsonl", "old.jsonl", &["--force"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("line 2"), "{}", o.stderr);
+    assert_eq!(
+        std::fs::read_to_string(d.join("old.jsonl")).unwrap(),
+        "keep me\n"
+    );
+    // …and a new file does not appear at all (7: no partial plaintext).
+    let o = decrypt_to(d, "bad.jsonl", "new.jsonl", &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(!d.join("new.jsonl").exists());
+
+    // (1) --out the same file as --in (or as stdin) is refused; the ciphertexts stay.
+    let o = decrypt_to(d, "sealed.jsonl", "sealed.jsonl", &["--force"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("the same file as the input"),
+        "{}",
+        o.stderr
+    );
+    std::fs::hard_link(d.join("sealed.jsonl"), d.join("alias.jsonl")).unwrap();
+    let o = decrypt_to(d, "sealed.jsonl", "alias.jsonl", &["--force"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let stdin_is_file = Command::new(BIN)
+        .current_dir(d)
+        .args([
+            "decrypt",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "sealed.jsonl",
+            "--force",
+        ])
+        .env_remove("FIELDCRYPT_KEYSET")
+        .stdin(std::fs::File::open(d.join("sealed.jsonl")).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(stdin_is_file.status.code(), Some(1));
+    assert_eq!(
+        std::fs::read_to_string(d.join("sealed.jsonl")).unwrap(),
+        sealed
+    );
+
+    // (4) --force does not write through a symlink.
+    std::fs::write(d.join("target.jsonl"), "keep me\n").unwrap();
+    std::os::unix::fs::symlink(d.join("target.jsonl"), d.join("link.jsonl")).unwrap();
+    let o = decrypt_to(d, "sealed.jsonl", "link.jsonl", &["--force"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("symbolic link"), "{}", o.stderr);
+    assert_eq!(
+        std::fs::read_to_string(d.join("target.jsonl")).unwrap(),
+        "keep me\n"
+    );
+
+    // A successful --force replaces the file; no temporary file is left anywhere.
+    let o = decrypt_to(d, "sealed.jsonl", "old.jsonl", &["--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        lines_as_docs(&std::fs::read_to_string(d.join("old.jsonl")).unwrap()).len(),
+        2
+    );
+    assert_eq!(leftovers(d), Vec::<String>::new());
+}
+
+#[test]
+fn documents_over_mongodbs_16_mib_limit_are_refused_naming_the_line() {
+    let dir = workdir();
+    let d = dir.path();
+    // Just under 16 MiB of BSON in, over it once `ssn` is encrypted.
+    let limit = 16 * 1024 * 1024;
+    let big = "x".repeat(limit - 24 - 16);
+    let input = format!("{{\"_id\": 0}}\n\n{{\"_id\": 1, \"ssn\": \"{big}\"}}\n");
+    let raw = RawDocumentBuf::from_document(&doc! { "_id": 1, "ssn": big.as_str() }).unwrap();
+    assert!(raw.as_bytes().len() <= limit);
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "big.jsonl",
+        ],
+        Some(&input),
+        &[],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("line 3") && o.stderr.contains("16 MiB"),
+        "{}",
+        o.stderr
+    );
+    assert!(!d.join("big.jsonl").exists());
+    // A line far over the limit is refused before it is parsed.
+    let huge = format!("{{\"_id\": 1, \"n\": \"{}\"}}\n", "y".repeat(40 << 20));
+    // From a file: the command stops reading at the limit.
+    std::fs::write(d.join("huge.jsonl"), huge).unwrap();
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--in",
+            "huge.jsonl",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("line 1: longer than 32 MiB"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// Writes `n` into the `encryptions` field of every key of `keys.json`.
+fn set_count(d: &Path, n: u64) {
+    let path = d.join("keys.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let keys = v["keys"].as_array_mut().unwrap();
+    for k in keys {
+        k["encryptions"] = n.into();
+    }
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn concurrent_runs_never_pass_a_keyset_keys_nonce_budget() {
+    let dir = workdir();
+    let d = dir.path();
+    generate(&d.join("people.jsonl"), 1500);
+    let encrypt = || {
+        Command::new(BIN)
+            .current_dir(d)
+            .args([
+                "encrypt",
+                "--schema",
+                "schema.toml",
+                "--keyset",
+                "keys.json",
+                "--in",
+                "people.jsonl",
+            ])
+            .env_remove("FIELDCRYPT_KEYSET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (c0, _) = counted(d, "pii");
+    assert!(encrypt().wait_with_output().unwrap().status.success());
+    let per_run = counted(d, "pii").0 - c0;
+    // Budget for one and a half runs; three run at once.
+    let limit = fieldcrypt::RANDOM_NONCE_LIMIT;
+    let start = limit - per_run * 3 / 2;
+    set_count(d, start);
+    let runs: Vec<_> = (0..3).map(|_| encrypt()).collect();
+    let outs: Vec<_> = runs
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let ok = outs.iter().filter(|o| o.status.success()).count() as u64;
+    assert!(
+        ok <= 1,
+        "{ok} runs made more encryptions than the budget holds"
+    );
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("random-nonce budget is spent"), "{e}");
+    }
+    // What was written fits the budget; the file counts it (and the refused runs' unwritten
+    // encryptions too: the count only errs high).
+    assert!(ok * per_run <= limit - start);
+    let (c, _) = counted(d, "pii");
+    assert!(c >= start + ok * per_run, "{c}");
+}
+
+#[test]
+fn read_only_key_sources_refuse_random_nonces_unless_allowed() {
+    let dir = workdir();
+    let d = dir.path();
+    let keyset = std::fs::read(d.join("keys.json")).unwrap();
+    let b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(keyset)
+    };
+    let env = [("FIELDCRYPT_KEYSET", b64.as_str())];
+    let o = run(
+        d,
+        &["encrypt", "--schema", "schema.toml"],
+        Some(PEOPLE),
+        &env,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("--allow-unrecorded-nonces"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(o.stdout, "");
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--allow-unrecorded-nonces",
+        ],
+        Some(PEOPLE),
+        &env,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(lines_as_docs(&o.stdout).len(), 2);
+}
+
+#[test]
+fn keyset_files_keep_their_mode_and_loose_ones_are_warned_about() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = workdir();
+    let d = dir.path();
+    let path = d.join("keys.json");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let gid = std::fs::metadata(&path).unwrap().gid();
+    let o = run(
+        d,
+        &["keys", "rotate", "pii", "--keyset", "keys.json"],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("readable by its group"), "{}", o.stderr);
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o640);
+    assert_eq!(m.gid(), gid);
+    // A data command's counter write-back keeps it too.
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("readable by its group"), "{}", o.stderr);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+}
+
+#[test]
+fn encrypt_fails_when_its_key_is_destroyed_while_it_runs() {
+    let dir = workdir();
+    let d = dir.path();
+    let old = InMemoryKeyring::load(d.join("keys.json"))
+        .unwrap()
+        .primary("pii")
+        .unwrap()
+        .id();
+    let mut child = Command::new(BIN)
+        .current_dir(d)
+        .args([
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "sealed.jsonl",
+        ])
+        .env_remove("FIELDCRYPT_KEYSET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(PEOPLE.as_bytes()).unwrap();
+    // The run has loaded its keys; the key is retired and destroyed meanwhile.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for args in [
+        vec!["keys", "rotate", "pii", "--keyset", "keys.json"],
+        vec![
+            "keys",
+            "destroy",
+            &old.to_string(),
+            "--keyset",
+            "keys.json",
+            "--force",
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| &**s).collect();
+        let o = run(d, &args, None, &[]);
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+    }
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("destroyed while this command ran"), "{e}");
+    assert!(!d.join("sealed.jsonl").exists());
+}
+
+#[test]
+fn errors_name_the_input_line_and_every_command_takes_quiet() {
+    let dir = workdir();
+    let d = dir.path();
+    let enc = |input: &[u8]| {
+        let mut c = Command::new(BIN)
+            .current_dir(d)
+            .args([
+                "encrypt",
+                "--schema",
+                "schema.toml",
+                "--keyset",
+                "keys.json",
+                "-q",
+            ])
+            .env_remove("FIELDCRYPT_KEYSET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input).unwrap();
+        let o = c.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // Invalid UTF-8 on line 3.
+    let (code, e) = enc(b"{\"_id\": 1}\n{\"_id\": 2}\n{\"_id\": \"\xff\"}\n");
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("line 3: not UTF-8"), "{e}");
+    // Blank lines count: the failing document is on line 4 (the second document).
+    let (code, e) = enc(b"{\"_id\": 1}\n\n\n{\"_id\": 2, \"profile.email\": \"x@example.com\"}\n");
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("line 4:"), "{e}");
+    assert!(!e.contains("x@example.com"), "{e}");
+    // A missing master key file is named.
+    let o = run(
+        d,
+        &[
+            "decrypt",
+            "--key-vault-file",
+            "keys.json",
+            "--master-key-file",
+            "no-such.key",
+        ],
+        Some(""),
+        &[],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("no-such.key"), "{}", o.stderr);
+    // (10) -q/--quiet on encrypt and decrypt.
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--quiet",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = run(
+        d,
+        &["decrypt", "--keyset", "keys.json", "-q"],
+        Some(&o.stdout),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(lines_as_docs(&o.stdout).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_redacts_duplicate_keys_and_says_how_to_resume() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.people", unique_db_name("cli_import_resume"));
+    let env = [("MONGODB_URI", uri.as_str())];
+    let import = |input: &str, extra: &[&str]| {
+        let mut args = vec![
+            "import",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            &ns,
+            "--batch",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        run(&d, &args, Some(input), &env)
+    };
+    let o = import("{\"_id\": \"alice@example.com\"}\n", &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    // Three documents in, then Alice again: the fourth fails.
+    let input = "{\"_id\": \"a1\"}\n{\"_id\": \"a2\"}\n\n{\"_id\": \"a3\"}\n{\"_id\": \"alice@example.com\"}\n{\"_id\": \"a5\"}\n";
+    let o = import(input, &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(
+        !o.stderr.contains("alice"),
+        "a value in the error: {}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("resume with --skip 3"), "{}", o.stderr);
+    // Resuming past the duplicate inserts the rest, and nothing twice.
+    let o = import(input, &["--skip", "4"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(stored(&uri, &ns).await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uri_with_a_password_comes_from_a_file_or_the_environment_only() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.people", unique_db_name("cli_uri_file"));
+    // Refused on the command line, whatever the command; the password is not echoed.
+    for args in [
+        vec![
+            "export",
+            "--namespace",
+            "a.b",
+            "--uri",
+            "mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+        vec![
+            "export",
+            "--namespace",
+            "a.b",
+            "--uri=mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+        vec![
+            "keys",
+            "list",
+            "--key-vault-uri",
+            "mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+    ] {
+        let o = run(&d, &args, None, &[]);
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("--uri-file"), "{}", o.stderr);
+        assert!(!o.stderr.contains("s3cret"), "{}", o.stderr);
+    }
+    // From a file it is used.
+    std::fs::write(d.join("uri.txt"), format!("{uri}\n")).unwrap();
+    let o = run(
+        &d,
+        &[
+            "import",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            &ns,
+            "--uri-file",
+            "uri.txt",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(stored(&uri, &ns).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_a_document_too_deep_to_walk_and_goes_on() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let db = unique_db_name("cli_audit_deep");
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let coll = client.database(&db).collection::<Document>("people");
+    let mut deep = doc! { "leaf": 1 };
+    for _ in 0..130 {
+        deep = doc! { "n": deep };
+    }
+    coll.insert_many([
+        doc! { "_id": 1, "deep": deep },
+        doc! { "_id": 2, "ssn": "000-00-0000" },
+    ])
+    .await
+    .unwrap();
+    let o = run(
+        &d,
+        &[
+            "audit",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--namespace",
+            &format!("{db}.people"),
+        ],
+        None,
+        &[("MONGODB_URI", uri.as_str())],
+    );
+    assert_eq!(o.code, 3, "{}{}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("2 document(s)"), "{}", o.stdout);
+    assert!(o.stdout.contains("nested too deep"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("plaintext in encrypted field \"ssn\""),
+        "{}",
+        o.stdout
+    );
+}

@@ -31,6 +31,10 @@ use crate::rawbson::{self, ty};
 use crate::schema::Schema;
 use crate::suite::Suite;
 
+/// The path reported for a document that cannot be walked at all (nested deeper than the
+/// core walks, or malformed BSON).
+const UNREADABLE: &str = "(the whole document: nested too deep or malformed)";
+
 /// Options of an audit.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -429,7 +433,17 @@ impl Audit {
             for d in batch.drain(..) {
                 rep.documents += 1;
                 let id = || id_text(&d);
-                let scan: Scan = insp.scan(&d)?;
+                let scan: Scan = match insp.scan(&d) {
+                    Ok(s) => s,
+                    // One unreadable document (nested too deep, bad BSON) is a finding, not
+                    // the end of the report.
+                    Err(crate::Error::MalformedBson(_)) => {
+                        rep.unreadable += 1;
+                        malformed.entry(UNREADABLE.to_owned()).or_default().hit(&id);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if scan.is_current() && scan.malformed.is_empty() {
                     rep.current += 1;
                 }

@@ -35,6 +35,7 @@ use mongodb::{Collection, Database};
 use serde_json::{json, Value};
 
 use super::{machine, stats, Stats};
+use crate::error::CliError;
 
 /// Options of `fieldcrypt bench w4`.
 #[derive(clap::Args, Debug)]
@@ -84,7 +85,7 @@ impl Pass {
 /// # Errors
 /// No server to be had; any failed database operation; a rotation that did not rewrite every
 /// document.
-pub(super) fn run(args: &W4Args) -> Result<(), Error> {
+pub(super) fn run(args: &W4Args) -> Result<(), CliError> {
     // Started before the runtime (it blocks); stopped when dropped at the end.
     let local;
     let uri = match &args.uri {
@@ -117,7 +118,7 @@ pub(super) fn run(args: &W4Args) -> Result<(), Error> {
         println!(
             "{}",
             serde_json::to_string_pretty(&report)
-                .map_err(|e| Error::Config(format!("cannot print JSON: {e}")))?
+                .map_err(|e| CliError::Usage(format!("cannot print JSON: {e}")))?
         );
     } else {
         print(args, &results);
@@ -125,7 +126,7 @@ pub(super) fn run(args: &W4Args) -> Result<(), Error> {
     Ok(())
 }
 
-async fn measure_all(uri: &str, args: &W4Args) -> Result<Vec<Value>, Error> {
+async fn measure_all(uri: &str, args: &W4Args) -> Result<Vec<Value>, CliError> {
     let client = mongodb::Client::with_uri_str(uri).await?;
     let db = client.database(&unique_db_name("fieldcrypt_bench_w4"));
     let out = measure_sizes(&db, args).await;
@@ -136,7 +137,7 @@ async fn measure_all(uri: &str, args: &W4Args) -> Result<Vec<Value>, Error> {
     Ok(out)
 }
 
-async fn measure_sizes(db: &Database, args: &W4Args) -> Result<Vec<Value>, Error> {
+async fn measure_sizes(db: &Database, args: &W4Args) -> Result<Vec<Value>, CliError> {
     let keys = Arc::new(InMemoryKeyring::new());
     keys.generate("pii");
     let schema = Arc::new(workloads::w2_schema(args.suite)?);
@@ -276,7 +277,7 @@ async fn load(
     db: &Database,
     cryptor: &Cryptor,
     n: u32,
-) -> Result<Collection<RawDocumentBuf>, Error> {
+) -> Result<Collection<RawDocumentBuf>, CliError> {
     let coll = db.collection::<RawDocumentBuf>("users");
     coll.drop().await?;
     let ctx = workloads::w2_context();
@@ -296,7 +297,9 @@ async fn load(
     Ok(coll)
 }
 
-async fn timed<F: std::future::Future<Output = Result<(), Error>>>(f: F) -> Result<Pass, Error> {
+async fn timed<F: std::future::Future<Output = Result<(), CliError>>>(
+    f: F,
+) -> Result<Pass, CliError> {
     let measured = reset_peak_memory();
     let start_rss_kib = status_kib("VmRSS");
     let start = Instant::now();
@@ -315,10 +318,10 @@ async fn scan<F, Fut>(
     src: &Collection<RawDocumentBuf>,
     batch: usize,
     mut each: F,
-) -> Result<u64, Error>
+) -> Result<u64, CliError>
 where
     F: FnMut(Vec<RawDocumentBuf>) -> Fut,
-    Fut: std::future::Future<Output = Result<(), Error>>,
+    Fut: std::future::Future<Output = Result<(), CliError>>,
 {
     let mut cursor = src
         .find(doc! {})
@@ -346,7 +349,7 @@ async fn copy(
     src: &Collection<RawDocumentBuf>,
     batch: usize,
     n: u32,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     let dst = db.collection::<RawDocumentBuf>("users_copy");
     dst.drop().await?;
     let seen = scan(src, batch, |docs| {
@@ -361,7 +364,7 @@ async fn copy(
 }
 
 /// After the timed copy: every document arrived; the copy goes.
-async fn check_copy(db: &Database, n: u32) -> Result<(), Error> {
+async fn check_copy(db: &Database, n: u32) -> Result<(), CliError> {
     let dst = db.collection::<RawDocumentBuf>("users_copy");
     let copied = dst.count_documents(doc! {}).await?;
     dst.drop().await?;
@@ -369,23 +372,23 @@ async fn check_copy(db: &Database, n: u32) -> Result<(), Error> {
 }
 
 /// Field `key` of a W4 document, owned.
-fn get(doc: &RawDocument, key: &str) -> Result<Bson, Error> {
+fn get(doc: &RawDocument, key: &str) -> Result<Bson, CliError> {
     let v = doc
         .get(key)?
-        .ok_or_else(|| Error::Config(format!("W4 document without `{key}`")))?;
+        .ok_or_else(|| CliError::Usage(format!("W4 document without `{key}`")))?;
     Ok(v.to_raw_bson().try_into()?)
 }
 
 /// The three encrypted values of a W2 document, as the filter and `$set` of the rotation name
 /// them.
-fn encrypted_values(d: &RawDocument) -> Result<[Bson; 3], Error> {
+fn encrypted_values(d: &RawDocument) -> Result<[Bson; 3], CliError> {
     Ok([
         get(d, "email")?,
         get(d, "ssn")?,
         get(
             d.get("profile")?
                 .and_then(|p| p.as_document())
-                .ok_or_else(|| Error::Config("W4 document without `profile`".into()))?,
+                .ok_or_else(|| CliError::Usage("W4 document without `profile`".into()))?,
             "phone",
         )?,
     ])
@@ -396,7 +399,7 @@ async fn rewrite(
     src: &Collection<RawDocumentBuf>,
     batch: usize,
     n: u32,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     let name = src.name().to_owned();
     let seen = scan(src, batch, |docs| {
         let name = name.clone();
@@ -421,7 +424,7 @@ async fn rewrite(
                 .await?;
             let matched = reply.get_i32("n").unwrap_or(-1);
             if usize::try_from(matched).ok() != Some(expected) {
-                return Err(Error::Config(format!(
+                return Err(CliError::Usage(format!(
                     "W4 rewrite: {matched} of {expected} updates matched"
                 )));
             }
@@ -439,7 +442,7 @@ async fn rotate(
     src: &Collection<RawDocumentBuf>,
     batch: u32,
     n: u32,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     keys.rotate("pii");
     let rotator = Rotator::new(keys.clone())
         .options(RotationOptions::default().batch_size(batch.try_into().unwrap_or(usize::MAX)))
@@ -452,7 +455,7 @@ async fn rotate(
         .await?;
     let s = report.stats();
     if s.failed != 0 || s.conflicts != 0 {
-        return Err(Error::Config(format!(
+        return Err(CliError::Usage(format!(
             "W4 rotation: {} failed, {} conflicts",
             s.failed, s.conflicts
         )));
@@ -460,11 +463,11 @@ async fn rotate(
     check_count("rotate (documents rewritten)", s.rewritten, n)
 }
 
-fn check_count(what: &str, got: u64, want: u32) -> Result<(), Error> {
+fn check_count(what: &str, got: u64, want: u32) -> Result<(), CliError> {
     if got == u64::from(want) {
         Ok(())
     } else {
-        Err(Error::Config(format!(
+        Err(CliError::Usage(format!(
             "W4 {what}: {got} documents, expected {want}"
         )))
     }
