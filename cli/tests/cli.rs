@@ -1781,11 +1781,13 @@ fn positive(v: &serde_json::Value) -> bool {
 #[test]
 fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
     let dir = workdir();
+    // An odd number of trials: the median is one trial, so the ratio of median times is the
+    // ratio of median rates (with two, the medians are means and differ).
     let fixed = [
         "--documents",
         "3",
         "--trials",
-        "2",
+        "3",
         "--warmup",
         "0",
         "--json",
@@ -1802,7 +1804,7 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
     for kind in ["fieldcrypt", "baseline"] {
         let row = rows.iter().find(|r| r["kind"] == kind).unwrap();
         assert!(positive(&row["documents_per_second"]["median"]), "{row}");
-        assert_eq!(row["trials"].as_array().unwrap().len(), 2);
+        assert_eq!(row["trials"].as_array().unwrap().len(), 3);
     }
     let ratios = w1["ratios"].as_object().unwrap();
     assert!(
@@ -1816,8 +1818,14 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
             .unwrap()
     };
     let ratio = ratios["decrypt_raw_over_bare_aead"].as_f64().unwrap();
-    let want = rate("baseline") / rate("fieldcrypt");
-    assert!((ratio / want - 1.0).abs() < 0.01, "{ratio} vs {want}");
+    // The printed rates are rounded to 0.1 document/s, which in a debug build on a busy
+    // machine (a few documents/s) is more than a percent: bound the ratio by that rounding.
+    let (b, f) = (rate("baseline"), rate("fieldcrypt"));
+    let (lo, hi) = ((b - 0.05) / (f + 0.05), (b + 0.05) / (f - 0.05));
+    assert!(
+        ratio >= lo * 0.999 && ratio <= hi * 1.001,
+        "{ratio} vs {b}/{f}"
+    );
 
     // Every suite, fieldcrypt and its bare baseline (each seals and opens the document's
     // values; a failed open is an error, not a number).
