@@ -17,11 +17,11 @@ use zeroize::Zeroizing;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
 use crate::csfle;
-use crate::envelope::{self, Binding, Envelope, RawValue, SealParams, ENVELOPE_SUBTYPE};
+use crate::envelope::{self, Binding, Envelope, SealParams, ENVELOPE_SUBTYPE};
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId};
 use crate::keyring::Keyring;
-use crate::rawbson::{self, ty, Element};
+use crate::rawbson::{self, ty, Element, RawValue};
 use crate::schema::{FieldRule, Node, Schema};
 
 /// The BSON Binary subtype MongoDB uses for its own encrypted values (CSFLE / Queryable
