@@ -2,8 +2,9 @@
 //! the keyring, and which need work. Shared by the rotation engine and the audit.
 //!
 //! Two walks over the raw bytes, nothing decrypted:
-//! - along the schema (the core's schema walk, `schema/walk.rs`): each encrypted field's value (ciphertext under which key and suite, with
-//!   which bindings; or plaintext; or a CSFLE value) and each blind index (under which key);
+//! - along the schema (the core's schema walk, `schema/walk.rs`): each encrypted field's value
+//!   (ciphertext under which key and suite, with which bindings; or plaintext; or a CSFLE
+//!   value) and each blind index (under which key);
 //! - over the whole document: every ciphertext anywhere, to find ones the schema does not know
 //!   (the engine never rewrites a document it could not re-encrypt completely).
 

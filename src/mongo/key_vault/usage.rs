@@ -7,9 +7,9 @@
 //! process reserves a block (a lease) with `$inc` before it encrypts, in
 //! `KeySource::prefetch_aliases`, and renews it once less than half of the last block is left:
 //! at the next prefetch, or at once, in the background, when a synchronous lookup of the
-//! alias's primary sees the counter cross that point (see `LeaseCell::renewal_due` in `lease.rs`). So the
-//! stored count runs ahead of real use. A lease is refused when it would take the stored count
-//! past the limit; the key is then worn out in this process too.
+//! alias's primary sees the counter cross that point (see `LeaseCell::renewal_due` in
+//! `lease.rs`). So the stored count runs ahead of real use. A lease is refused when it would
+//! take the stored count past the limit; the key is then worn out in this process too.
 //!
 //! Leases start at `MIN_LEASE` and double with each renewal up to the vault's configured
 //! maximum, so a process that encrypts little wastes little when it exits (its unused lease is
