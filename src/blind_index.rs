@@ -12,9 +12,9 @@
 
 use hmac::Mac;
 
-use crate::envelope::RawValue;
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId};
+use crate::rawbson::RawValue;
 
 /// The BSON Binary subtype of a blind index.
 pub const BLIND_INDEX_SUBTYPE: u8 = 0x8E;

@@ -17,7 +17,7 @@ use zeroize::Zeroize;
 
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId};
-use crate::rawbson;
+use crate::rawbson::{self, RawValue};
 use crate::suite::Suite;
 
 /// The BSON Binary subtype of a fieldcrypt envelope (user-defined range). Never 6, which
@@ -37,25 +37,6 @@ pub(crate) mod flags {
     pub const OWNER: u8 = 0x04;
     pub const PADDED: u8 = 0x08;
     pub const ALL: u8 = NAMESPACE | ID | OWNER | PADDED;
-}
-
-/// A BSON value as its element type and its own bytes (no type byte, no name).
-#[derive(Clone, Copy)]
-pub(crate) struct RawValue<'a> {
-    pub ty: u8,
-    pub bytes: &'a [u8],
-}
-
-impl core::fmt::Debug for RawValue<'_> {
-    /// Prints the type and length only: the bytes may be plaintext.
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(
-            f,
-            "RawValue {{ ty: {:#04x}, len: {} }}",
-            self.ty,
-            self.bytes.len()
-        )
-    }
 }
 
 /// Where a ciphertext lives; all of it goes into the associated data, so a ciphertext moved

@@ -7,7 +7,7 @@
 //! - No message carries plaintext or key bytes. Variants name key ids, aliases, field paths and
 //!   operators — never values.
 
-use crate::key::KeyId;
+use crate::key::id::KeyId;
 
 /// Result alias used throughout fieldcrypt.
 pub type Result<T, E = Error> = core::result::Result<T, E>;

@@ -3,18 +3,28 @@
 //! A [`Key`] is an immutable snapshot of a key's metadata (id, alias, state) plus a shared handle
 //! to its secret. Changing a key's state makes a new snapshot that shares the same secret, so the
 //! expanded cipher states and the encryption counter survive a demotion from primary to active.
+//!
+//! Imports point down only:
+//!
+//! ```text
+//!  key ──▶ key/secret (KeySecret) ──▶ suite, csfle ──▶ suite/material (KeyMaterial, a leaf)
+//!   │                                   └─ csfle ──▶ key/id
+//!   └──▶ key/id (KeyId) ◀── error
+//! ```
 
-mod id;
-mod material;
+// `id` is a leaf that the layers below keys (errors, CSFLE payloads) import directly, so
+// nothing under this module points back up at it.
+pub(crate) mod id;
+mod secret;
 
 use core::fmt;
 use std::sync::Arc;
 
 pub use id::KeyId;
-pub use material::KeyMaterial;
-pub(crate) use material::KeySecret;
+pub(crate) use secret::KeySecret;
 
 use crate::error::{Error, Result};
+pub use crate::suite::KeyMaterial;
 
 /// Length of a fieldcrypt root key, in bytes. Suite keys are derived from it with HKDF.
 pub const FIELDCRYPT_KEY_LEN: usize = 32;

@@ -5,8 +5,26 @@
 use bson::RawDocument;
 use zeroize::Zeroizing;
 
-use crate::envelope::RawValue;
 use crate::error::{Error, Result};
+
+/// A BSON value as its element type and its own bytes (no type byte, no name).
+#[derive(Clone, Copy)]
+pub(crate) struct RawValue<'a> {
+    pub ty: u8,
+    pub bytes: &'a [u8],
+}
+
+impl core::fmt::Debug for RawValue<'_> {
+    /// Prints the type and length only: the bytes may be plaintext.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "RawValue {{ ty: {:#04x}, len: {} }}",
+            self.ty,
+            self.bytes.len()
+        )
+    }
+}
 
 /// BSON element type bytes used here.
 pub(crate) mod ty {

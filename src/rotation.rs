@@ -15,6 +15,12 @@
 //!    ──▶ conflicts re-read and retried ──▶ checkpoint {last _id, totals} ──▶ progress callback
 //! ```
 //!
+//! Where each step lives: `rotation/pass.rs` is one pass over one target (its state and its
+//! steps, in order); `scan.rs` the `_id` scan, `partition.rs` the partition filters,
+//! `inspect.rs` the look at one stored document (through the core's schema walk,
+//! `schema/walk.rs`), `cas.rs` the compare-and-set update, `checkpoint.rs` the checkpoints;
+//! deciding and writing one batch stay here.
+//!
 //! - **Concurrency-safe.** The update's filter pins `_id` and the old value of every path it
 //!   changes, and it `$set`s only those paths; an application write that lands between the read
 //!   and the write makes it match nothing, so that write is never lost. Such documents are
@@ -59,11 +65,12 @@ mod cas;
 mod checkpoint;
 mod inspect;
 mod partition;
+mod pass;
 mod scan;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bson::{doc, Bson, Document, RawArrayBuf, RawDocument, RawDocumentBuf};
 use futures_util::TryStreamExt;
@@ -78,10 +85,9 @@ pub use partition::Partition;
 use self::cas::Change;
 use self::checkpoint::{Checkpoint, Store};
 use self::inspect::{Inspector, Primaries};
-use self::scan::{Batch, Scanner};
+use self::pass::Pass;
 use crate::error::{Error, Result};
 use crate::key::KeyId;
-use crate::keyring::Keyring;
 use crate::mongo::KeySource;
 use crate::rawbson;
 use crate::schema::Schema;
@@ -595,218 +601,15 @@ impl Rotator {
         self.options.check()?;
         let mut report = Report::default();
         for target in targets {
-            let (t, stopped) = self.run_target(target, &mut progress).await?;
+            let pass = Pass::start(self, target, &mut progress).await?;
+            let (t, flow) = pass.run().await?;
             report.targets.push(t);
-            if stopped {
+            if flow == Flow::Stop {
                 report.stopped = true;
                 break;
             }
         }
         Ok(report)
-    }
-
-    #[allow(clippy::too_many_lines)] // one loop, read top to bottom; splitting it hides the order
-    async fn run_target<F>(&self, target: &Target, progress: &mut F) -> Result<(TargetReport, bool)>
-    where
-        F: FnMut(&Progress<'_>) -> Flow + Send,
-    {
-        let o = &self.options;
-        let ns = target.namespace();
-        let label = o.partition.label();
-        let store = self.store(target);
-        let key = Store::key(&o.job, &ns, &label);
-        let keyring: Arc<dyn Keyring> = self.keys.clone();
-        let cryptor = Cryptor::with_shared(keyring.clone(), target.schema.clone());
-
-        let aliases: Vec<String> = target
-            .schema
-            .aliases()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        self.keys.prefetch_aliases(&aliases).await?;
-        let mut primaries = Primaries::resolve(&target.schema, keyring.as_ref())?;
-
-        let started = Instant::now();
-        let mut rep = TargetReport {
-            namespace: ns.clone(),
-            partition: label.clone(),
-            stats: Stats::default(),
-            totals: Stats::default(),
-            complete: false,
-            unresolved: 0,
-            resumed: false,
-            restarted: false,
-            failures: Vec::new(),
-            elapsed: Duration::ZERO,
-        };
-        let mut cp = Checkpoint {
-            primaries: primaries.sorted(),
-            started: Some(bson::DateTime::now()),
-            ..Checkpoint::default()
-        };
-        if o.resume {
-            if let Some(saved) = store.load(&key).await? {
-                if saved.primaries == cp.primaries {
-                    rep.resumed = true;
-                    cp = saved;
-                } else {
-                    rep.restarted = true;
-                }
-            }
-        }
-        let base = cp.totals;
-        rep.totals = base;
-        let estimated_total = match &o.partition {
-            Partition::Range { .. } => None,
-            p => {
-                let n = target.collection.estimated_document_count().await?;
-                Some(n / u64::try_from(p.spread()).unwrap_or(1).max(1))
-            }
-        };
-
-        macro_rules! report {
-            ($phase:expr) => {{
-                rep.unresolved = cp.failed_ids.len() as u64 + cp.unrecorded;
-                rep.elapsed = started.elapsed();
-                rep.totals = base;
-                rep.totals.add(&rep.stats);
-                let p = Progress {
-                    namespace: &ns,
-                    partition: &label,
-                    phase: $phase,
-                    stats: rep.stats,
-                    totals: rep.totals,
-                    estimated_total,
-                    elapsed: rep.elapsed,
-                };
-                progress(&p) == Flow::Stop
-            }};
-        }
-
-        if report!(Phase::Started) {
-            return Ok((rep, true));
-        }
-        if cp.done {
-            rep.complete = true;
-            let stop = report!(Phase::Finished);
-            return Ok((rep, stop));
-        }
-        // Documents that failed earlier in this pass are retried first: they are the front
-        // `retry` entries of `cp.failed_ids`; this run's failures are appended behind them, so
-        // the checkpoint always holds every failure not yet resolved.
-        let mut retry = cp.failed_ids.len();
-
-        let decide = Decide {
-            migrate_plaintext: o.migrate_plaintext,
-            migrate_csfle: o.migrate_csfle,
-        };
-        let mut scanner = Scanner::new(
-            target.collection.clone(),
-            o.partition.clone(),
-            cp.last_id.clone(),
-            o.batch_size,
-        );
-        loop {
-            // A key vault's cache expires and its usage leases run out: refresh per batch. If an
-            // alias got a new primary meanwhile, what was done so far is stale: start over.
-            self.keys.prefetch_aliases(&aliases).await?;
-            let now = Primaries::resolve(&target.schema, keyring.as_ref())?;
-            if now.sorted() != primaries.sorted() {
-                tracing::info!(namespace = %ns, "a primary key changed during the run; starting over");
-                primaries = now;
-                cp.primaries = primaries.sorted();
-                cp.last_id = None;
-                // Every document is visited again, failed ones included.
-                cp.failed_ids.clear();
-                cp.unrecorded = 0;
-                retry = 0;
-                rep.restarted = true;
-                scanner = Scanner::new(
-                    target.collection.clone(),
-                    o.partition.clone(),
-                    None,
-                    o.batch_size,
-                );
-            }
-            // 1. The next batch: documents to retry, then those after the checkpoint, in `_id`
-            //    order.
-            let (docs, last_id) = if retry > 0 {
-                let n = retry.min(o.batch_size);
-                let docs = fetch(&target.collection, &cp.failed_ids[..n]).await?;
-                (docs, Err(n))
-            } else {
-                let Some(Batch { docs, last_id }) = scanner.next_batch().await? else {
-                    break;
-                };
-                (docs, Ok(last_id))
-            };
-            rep.stats.scanned += docs.len() as u64;
-            if report!(Phase::BatchRead) {
-                return Ok((rep, true));
-            }
-
-            // 2. Inspect, re-encrypt, write; retry conflicts.
-            let work = Work {
-                target,
-                cryptor: &cryptor,
-                primaries: &primaries,
-                aliases: &aliases,
-                decide,
-            };
-            let mut failed = Vec::new();
-            self.process(&work, docs, &mut rep, &mut failed).await?;
-            match last_id {
-                Ok(id) => cp.last_id = Some(id),
-                Err(retried) => {
-                    cp.failed_ids.drain(..retried);
-                    retry -= retried;
-                }
-            }
-            record_failures(&mut cp, failed)?;
-            if report!(Phase::BatchWritten) {
-                return Ok((rep, true));
-            }
-
-            // 3. Checkpoint.
-            cp.totals = base;
-            cp.totals.add(&rep.stats);
-            if !o.dry_run {
-                store.save(&key, &o.job, &ns, &label, &cp).await?;
-            }
-            if report!(Phase::Checkpointed) {
-                return Ok((rep, true));
-            }
-            if retry == 0 && scanner.exhausted() {
-                break;
-            }
-            if let Some(rate) = o.rate_limit {
-                let want = Duration::from_secs_f64(lossy(rep.stats.scanned) / rate);
-                let spent = started.elapsed();
-                if want > spent {
-                    tokio::time::sleep(want - spent).await;
-                }
-            }
-        }
-        // The pass is over. It is done only if nothing failed; otherwise the failed documents
-        // stay in the checkpoint for the next run to retry, or, if there were too many to
-        // remember, the next run scans the partition again.
-        let unresolved = cp.failed_ids.len() as u64 + cp.unrecorded;
-        rep.complete = unresolved == 0;
-        cp.done = rep.complete;
-        if cp.unrecorded > 0 {
-            cp.last_id = None;
-            cp.failed_ids.clear();
-            cp.unrecorded = 0;
-        }
-        cp.totals = base;
-        cp.totals.add(&rep.stats);
-        if !o.dry_run {
-            store.save(&key, &o.job, &ns, &label, &cp).await?;
-        }
-        let stop = report!(Phase::Finished);
-        rep.unresolved = unresolved;
-        Ok((rep, stop))
     }
 
     /// Decides, re-encrypts and writes one batch, retrying conflicts; updates `rep` and adds

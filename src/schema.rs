@@ -5,6 +5,12 @@
 //! `addresses.street` means the `street` of every document in `addresses`. A trailing `$[]`
 //! (MongoDB's all-elements operator) encrypts each element of an array separately, so that
 //! `$push` can add encrypted elements; without it an array field is encrypted as one value.
+//!
+//! The rules compile into a path tree ([`Node`]); `schema/walk.rs` walks a raw document along
+//! it, once for every user: the core's encryption, the rotation inspector, a write's check of
+//! dotted names.
+
+pub(crate) mod walk;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -7,6 +7,8 @@
 //! Each suite gets its own subkey, derived from the 32-byte root key with HKDF-SHA-256 and a
 //! suite-specific label, so one root key never feeds two algorithms directly.
 
+mod material;
+
 use core::fmt;
 use std::sync::OnceLock;
 
@@ -21,8 +23,9 @@ use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+pub use material::KeyMaterial;
+
 use crate::error::{Error, Result};
-use crate::key::KeyMaterial;
 
 /// Encryptions allowed per key for suites with random 96-bit nonces (AES-256-GCM,
 /// ChaCha20-Poly1305): 2^32, NIST SP 800-38D §8.3's bound for randomly generated IVs, which

@@ -7,6 +7,12 @@
 //!
 //! Encryption needs the schema (which fields, how); decryption needs only the keyring: it finds
 //! every envelope anywhere in a document and looks its key up by the id in its header.
+//!
+//! ```text
+//!  encrypt: schema::walk (the one schema walk) ──▶ Sealer: copy, seal at a rule, refuse dotted
+//!           names that spell encrypted paths, drop stale blind indexes ──▶ out
+//!  decrypt: every element ──▶ envelope / CSFLE value? ──▶ Keyring::key(id) ──▶ open ──▶ out
+//! ```
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -17,19 +23,21 @@ use zeroize::Zeroizing;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
 use crate::csfle;
-use crate::envelope::{self, Binding, Envelope, RawValue, SealParams, ENVELOPE_SUBTYPE};
+use crate::envelope::{self, Binding, Envelope, SealParams, ENVELOPE_SUBTYPE};
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId};
 use crate::keyring::Keyring;
-use crate::rawbson::{self, ty, Element};
+use crate::rawbson::{self, ty, Element, RawValue};
+use crate::schema::walk::{self, Visitor};
 use crate::schema::{FieldRule, Node, Schema};
 
 /// The BSON Binary subtype MongoDB uses for its own encrypted values (CSFLE / Queryable
 /// Encryption).
 pub const CSFLE_SUBTYPE: u8 = 6;
 
-/// The deepest nesting fieldcrypt walks (MongoDB's own limit is 100 levels).
-pub(crate) const MAX_DEPTH: u32 = 128;
+/// The deepest nesting fieldcrypt walks (defined beside the schema walk).
+#[cfg(feature = "mongodb")]
+pub(crate) use crate::schema::walk::MAX_DEPTH;
 
 /// Batches at least this large are split across threads by the `*_many` methods.
 pub const PARALLEL_THRESHOLD: usize = 64;
@@ -177,7 +185,7 @@ impl Cryptor {
             rawbson::put_key(out, ty::OBJECT_ID, "_id");
             out.extend_from_slice(&generated_id);
         }
-        w.encrypt_fields(doc, self.schema.tree(), out)?;
+        w.encrypt_fields(doc, out)?;
         rawbson::end_doc(out, at)
     }
 
@@ -443,11 +451,7 @@ impl Cryptor {
 }
 
 fn collect_keys(doc: &RawDocument, ids: &mut Vec<KeyId>, depth: u32) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(Error::MalformedBson(format!(
-            "documents nested deeper than {MAX_DEPTH} levels"
-        )));
-    }
+    walk::check_depth(depth)?;
     for e in rawbson::elements(doc) {
         let e = e?;
         match (e.ty, e.binary()) {
@@ -603,15 +607,6 @@ impl<'c> Walker<'c> {
         }
     }
 
-    fn push(&mut self, key: &str) -> usize {
-        let len = self.path.len();
-        if len > 0 {
-            self.path.push('.');
-        }
-        self.path.push_str(key);
-        len
-    }
-
     /// The index in `self.primaries` of `alias`'s primary key.
     fn primary(&mut self, alias: &str) -> Result<usize> {
         if let Some(i) = self.primaries.iter().position(|p| p.key.alias() == alias) {
@@ -658,112 +653,18 @@ impl<'c> Walker<'c> {
 
     // ---- encryption ----
 
-    /// Writes the elements of `doc` (not its length/terminator), encrypting per `node`.
-    fn encrypt_fields(
-        &mut self,
-        doc: &'c RawDocument,
-        node: &Node,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
-        self.enter()?;
-        let regenerated = self.regenerated_indexes(doc, node)?;
-        let mut next_child = 0;
-        for e in rawbson::elements(doc) {
-            let e = e?;
-            if regenerated.contains(&e.key) {
-                continue; // replaced by a freshly computed index below
-            }
-            let Some(child) = node.child_after(e.key, &mut next_child) else {
-                if let Some(dot) = e.key.find('.') {
-                    if node.child(&e.key[..dot]).is_some() {
-                        // MongoDB stores `{"a.b": v}` under the literal name "a.b"; left
-                        // alone, `v` would be stored in clear although `a.b` is encrypted.
-                        return Err(Error::schema(
-                            e.key,
-                            "a dotted field name spells a path the schema encrypts; use nested documents",
-                        ));
-                    }
-                }
-                out.extend_from_slice(e.raw);
-                continue;
-            };
-            let mark = self.push(e.key);
-            if let Some(ri) = child.rule {
-                self.encrypt_field(ri, e, out)?;
-            } else if e.ty == ty::DOCUMENT {
-                rawbson::put_key(out, ty::DOCUMENT, e.key);
-                let at = rawbson::begin_len(out);
-                self.encrypt_fields(e.document()?, child, out)?;
-                rawbson::end_doc(out, at)?;
-            } else if e.ty == ty::ARRAY {
-                rawbson::put_key(out, ty::ARRAY, e.key);
-                self.encrypt_through_array(e.document()?, child, out)?;
-            } else {
-                out.extend_from_slice(e.raw);
-            }
-            self.path.truncate(mark);
-        }
-        self.depth -= 1;
-        Ok(())
-    }
-
-    /// Paths go through arrays, nested ones included (as MongoDB's own path semantics): the
-    /// same schema node applies to every embedded document at any array depth.
-    fn encrypt_through_array(
-        &mut self,
-        array: &'c RawDocument,
-        node: &Node,
-        out: &mut Vec<u8>,
-    ) -> Result<()> {
-        self.enter()?;
-        let at = rawbson::begin_len(out);
-        for item in rawbson::elements(array) {
-            let item = item?;
-            match item.ty {
-                ty::DOCUMENT => {
-                    rawbson::put_key(out, ty::DOCUMENT, item.key);
-                    let at2 = rawbson::begin_len(out);
-                    self.encrypt_fields(item.document()?, node, out)?;
-                    rawbson::end_doc(out, at2)?;
-                }
-                ty::ARRAY => {
-                    rawbson::put_key(out, ty::ARRAY, item.key);
-                    self.encrypt_through_array(item.document()?, node, out)?;
-                }
-                _ => out.extend_from_slice(item.raw),
-            }
-        }
-        self.depth -= 1;
-        rawbson::end_doc(out, at)
+    /// Writes the elements of `doc` (not its length/terminator), encrypting what the schema
+    /// reaches per its rules: the schema walk, with [`Sealer`] saying what happens at a match.
+    fn encrypt_fields(&mut self, doc: &'c RawDocument, out: &mut Vec<u8>) -> Result<()> {
+        let schema: &'c Schema = &self.cryptor.schema;
+        // The top document is level 1, as `enter` counts for decryption.
+        walk::walk(&mut Sealer { w: self, out }, schema, doc, schema.tree(), 1)
     }
 
     /// Counts one level of nesting, refusing documents nested deeper than MongoDB allows.
     fn enter(&mut self) -> Result<()> {
         self.depth += 1;
-        if self.depth > MAX_DEPTH {
-            return Err(Error::MalformedBson(format!(
-                "documents nested deeper than {MAX_DEPTH} levels"
-            )));
-        }
-        Ok(())
-    }
-
-    /// Names of blind-index fields in `doc` that will be recomputed (their source field is
-    /// present in clear), so the stale copies are dropped.
-    fn regenerated_indexes(&self, doc: &RawDocument, node: &Node) -> Result<Vec<&'c str>> {
-        let schema: &'c Schema = &self.cryptor.schema;
-        let mut names = Vec::new();
-        for (key, child) in &node.children {
-            let Some(name) = child.rule.and_then(|i| schema.blind_index_name_of(i)) else {
-                continue;
-            };
-            if let Some(src) = rawbson::find(doc, key)? {
-                if !is_encrypted(&src) {
-                    names.push(name);
-                }
-            }
-        }
-        Ok(names)
+        walk::check_depth(self.depth)
     }
 
     fn encrypt_field(&mut self, ri: usize, e: Element<'c>, out: &mut Vec<u8>) -> Result<()> {
@@ -854,7 +755,7 @@ impl<'c> Walker<'c> {
                     let mark = if is_array {
                         self.path.len()
                     } else {
-                        self.push(e.key)
+                        walk::push(&mut self.path, e.key)
                     };
                     rawbson::put_key(out, e.ty, e.key);
                     self.decrypt_doc(e.document()?, e.ty == ty::ARRAY, out)?;
@@ -864,7 +765,7 @@ impl<'c> Walker<'c> {
                     let mark = if is_array {
                         self.path.len()
                     } else {
-                        self.push(e.key)
+                        walk::push(&mut self.path, e.key)
                     };
                     self.open(e.key, payload, out)?;
                     self.path.truncate(mark);
@@ -928,6 +829,72 @@ impl Drop for Walker<'_> {
         };
         // Not during thread teardown, when the thread-local may already be gone.
         let _ = SCRATCH.try_with(|c| c.set(Some(scratch)));
+    }
+}
+
+/// The encryption side of the schema walk: copies every element it is shown into `out`,
+/// sealing those at a rule's path and dropping blind indexes that are recomputed.
+struct Sealer<'w, 'c> {
+    w: &'w mut Walker<'c>,
+    out: &'w mut Vec<u8>,
+}
+
+impl<'c> Visitor<'c, 'c> for Sealer<'_, 'c> {
+    /// Names of the blind-index fields of one document that are recomputed (their source field
+    /// is present in clear): the stale copies are dropped.
+    type Level = Vec<&'c str>;
+
+    fn path(&mut self) -> &mut String {
+        &mut self.w.path
+    }
+
+    fn blind_index(
+        &mut self,
+        level: &mut Self::Level,
+        doc: &'c RawDocument,
+        source: &str,
+        _rule: usize,
+        name: &'c str,
+    ) -> Result<()> {
+        if let Some(src) = rawbson::find(doc, source)? {
+            if !is_encrypted(&src) {
+                level.push(name);
+            }
+        }
+        Ok(())
+    }
+
+    fn skip(&self, level: &Self::Level, e: &Element<'c>) -> bool {
+        level.contains(&e.key) // replaced by a freshly computed index
+    }
+
+    fn rule(&mut self, rule: usize, e: Element<'c>) -> Result<()> {
+        self.w.encrypt_field(rule, e, self.out)
+    }
+
+    fn dotted(&mut self, node: &'c Node, dot: usize, e: Element<'c>) -> Result<()> {
+        if node.child(&e.key[..dot]).is_some() {
+            // Left alone, the value would be stored in clear although the path is encrypted.
+            return Err(Error::schema(
+                e.key,
+                "a dotted field name spells a path the schema encrypts; use nested documents",
+            ));
+        }
+        self.other(e)
+    }
+
+    fn other(&mut self, e: Element<'c>) -> Result<()> {
+        self.out.extend_from_slice(e.raw);
+        Ok(())
+    }
+
+    fn open(&mut self, e: &Element<'c>) -> Result<usize> {
+        rawbson::put_key(self.out, e.ty, e.key);
+        Ok(rawbson::begin_len(self.out))
+    }
+
+    fn close(&mut self, at: usize) -> Result<()> {
+        rawbson::end_doc(self.out, at)
     }
 }
 

@@ -25,7 +25,7 @@ use super::kms::{zeroed_key, LocalMasterKey};
 use super::payload;
 use super::CsfleAlgorithm;
 use crate::error::{Error, Result};
-use crate::key::KeyId;
+use crate::key::id::KeyId;
 
 /// An unwrapped CSFLE data key: its id, its alternate names and its 96 bytes of material,
 /// ready to encrypt and decrypt FLE1 values (BSON binary subtype 6).

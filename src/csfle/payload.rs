@@ -22,7 +22,7 @@ use super::aead::{CsfleKey, MIN_SEALED_LEN};
 use super::CsfleAlgorithm;
 use crate::error::{Error, Result};
 // One structural check of decrypted values for both formats.
-use crate::key::KeyId;
+use crate::key::id::KeyId;
 pub(crate) use crate::rawbson::{
     decode_value as value_from_bytes, encode_value as value_to_bytes, value_is_well_formed,
 };

@@ -10,13 +10,17 @@
 //! Layout of the files:
 //! - `key_vault/document.rs`: the key document (MongoDB's layout plus `fieldcrypt`), the
 //!   associated data that binds a wrapped key to its document, primary election.
+//! - `key_vault/lease.rs`: a key's usage lease in memory (no I/O), shared by its cache entries.
 //! - `key_vault/cache.rs`: the cache of unwrapped keys and its counters.
-//! - `key_vault/usage.rs`: usage leases for random-nonce suites.
+//! - `key_vault/usage.rs`: usage leases for random-nonce suites: the reservations in the vault.
+//!
+//! Imports point one way: `usage → cache → lease`.
 //!
 //! See `docs/KEY_VAULT.md` for the document layout, the concurrency design and operations.
 
 mod cache;
 mod document;
+mod lease;
 mod usage;
 
 use core::fmt;
@@ -37,7 +41,7 @@ use self::document::{
     alias_filter, elect, status_of, NewKey, StoredKey, ALIAS, FIELDCRYPT, GENERATION, ID,
     KEY_ALT_NAMES, KEY_MATERIAL, MASTER_KEY, STATE, STATUS, UPDATE_DATE,
 };
-use self::usage::LeaseCell;
+use self::lease::LeaseCell;
 use super::kek::KekProvider;
 use super::KeySource;
 use crate::csfle::CsfleKeyDocument;

@@ -2,8 +2,9 @@
 //! the keyring, and which need work. Shared by the rotation engine and the audit.
 //!
 //! Two walks over the raw bytes, nothing decrypted:
-//! - along the schema: each encrypted field's value (ciphertext under which key and suite, with
-//!   which bindings; or plaintext; or a CSFLE value) and each blind index (under which key);
+//! - along the schema (the core's schema walk, `schema/walk.rs`): each encrypted field's value
+//!   (ciphertext under which key and suite, with which bindings; or plaintext; or a CSFLE
+//!   value) and each blind index (under which key);
 //! - over the whole document: every ciphertext anywhere, to find ones the schema does not know
 //!   (the engine never rewrites a document it could not re-encrypt completely).
 
@@ -13,13 +14,14 @@ use bson::RawDocument;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
 use crate::envelope::{flags, Envelope, ENVELOPE_SUBTYPE};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::key::KeyId;
 use crate::keyring::Keyring;
 use crate::rawbson::{self, ty, Element};
+use crate::schema::walk::{self, check_depth, push, Visitor, MAX_DEPTH};
 use crate::schema::{Encryption, FieldRule, Node, Schema};
 use crate::suite::Suite;
-use crate::transform::{Context, CSFLE_SUBTYPE, MAX_DEPTH};
+use crate::transform::{Context, CSFLE_SUBTYPE};
 
 /// The current primary key of each alias, looked up once per batch.
 #[derive(Debug, Default, Clone)]
@@ -165,8 +167,13 @@ pub(crate) struct Inspector<'a> {
 impl<'a> Inspector<'a> {
     /// The schema walk: fills the need flags and the plaintext paths.
     pub(crate) fn scan_schema(&self, doc: &RawDocument, out: &mut Scan) -> Result<()> {
-        let mut path = String::new();
-        self.walk(doc, self.schema.tree(), &mut path, out, 0)
+        let mut v = SchemaScan {
+            insp: self,
+            path: String::new(),
+            out,
+        };
+        // Levels counted from 0, as `scan_all` counts them.
+        walk::walk(&mut v, self.schema, doc, self.schema.tree(), 0)
     }
 
     /// The whole-document walk: every ciphertext, and whether the schema manages it.
@@ -183,83 +190,36 @@ impl<'a> Inspector<'a> {
         Ok(s)
     }
 
-    fn walk(
+    /// A blind index the schema puts beside `source` in `doc`: stale when it is not under the
+    /// alias's primary key (or not an index at all), missing when the source holds a
+    /// ciphertext and no index sits beside it.
+    fn blind_index(
         &self,
         doc: &RawDocument,
-        node: &Node,
-        path: &mut String,
+        source: &str,
+        rule: usize,
+        name: &str,
         out: &mut Scan,
-        depth: u32,
     ) -> Result<()> {
-        check_depth(depth)?;
-        for e in rawbson::elements(doc) {
-            let e = e?;
-            let Some(child) = node.child(e.key) else {
-                self.literal_dots(&e, path, out);
-                continue;
-            };
-            let mark = push(path, e.key);
-            if let Some(ri) = child.rule {
-                self.field(&self.schema.rules()[ri], e, path, out)?;
-            } else if e.ty == ty::DOCUMENT {
-                self.walk(e.document()?, child, path, out, depth + 1)?;
-            } else if e.ty == ty::ARRAY {
-                self.walk_array(e.document()?, child, path, out, depth + 1)?;
-            }
-            path.truncate(mark);
-        }
-        // Blind indexes sit next to their source field.
-        let rules = self.schema.rules();
-        for (key, child) in &node.children {
-            let Some(i) = child.rule else {
-                continue;
-            };
-            let (Some(bi), Some(name)) = (
-                &rules[i].field.blind_index,
-                self.schema.blind_index_name_of(i),
-            ) else {
-                continue;
-            };
-            match rawbson::find(doc, name)? {
-                Some(ix) => match ix.binary() {
-                    Some((BLIND_INDEX_SUBTYPE, p)) => match blind_index::key_id(p) {
-                        Ok(id) if self.primaries.is_primary(&bi.key, id) => {}
-                        Ok(_) => out.stale_index = true,
-                        Err(_) => out.stale_index = true,
-                    },
-                    // Not an index at all: recomputing it is the fix.
-                    _ => out.stale_index = true,
+        let Some(bi) = &self.schema.rules()[rule].field.blind_index else {
+            return Ok(());
+        };
+        match rawbson::find(doc, name)? {
+            Some(ix) => match ix.binary() {
+                Some((BLIND_INDEX_SUBTYPE, p)) => match blind_index::key_id(p) {
+                    Ok(id) if self.primaries.is_primary(&bi.key, id) => {}
+                    Ok(_) => out.stale_index = true,
+                    Err(_) => out.stale_index = true,
                 },
-                None => {
-                    if let Some(src) = rawbson::find(doc, key)? {
-                        if is_ciphertext(&src) {
-                            out.missing_index = true;
-                        }
+                // Not an index at all: recomputing it is the fix.
+                _ => out.stale_index = true,
+            },
+            None => {
+                if let Some(src) = rawbson::find(doc, source)? {
+                    if is_ciphertext(&src) {
+                        out.missing_index = true;
                     }
                 }
-            }
-        }
-        Ok(())
-    }
-
-    /// Paths go through arrays, nested ones included, as MongoDB's path semantics and the
-    /// core's encryption do: the same schema node applies to every embedded document at any
-    /// array depth (`{a: [[{b: …}]]}` holds `a.b`).
-    fn walk_array(
-        &self,
-        array: &RawDocument,
-        node: &Node,
-        path: &mut String,
-        out: &mut Scan,
-        depth: u32,
-    ) -> Result<()> {
-        check_depth(depth)?;
-        for item in rawbson::elements(array) {
-            let item = item?;
-            match item.ty {
-                ty::DOCUMENT => self.walk(item.document()?, node, path, out, depth + 1)?,
-                ty::ARRAY => self.walk_array(item.document()?, node, path, out, depth + 1)?,
-                _ => {}
             }
         }
         Ok(())
@@ -432,14 +392,41 @@ enum Each {
     WholeField,
 }
 
-/// Refuses documents nested deeper than the core walks (MongoDB allows 100 levels).
-fn check_depth(depth: u32) -> Result<()> {
-    if depth > MAX_DEPTH {
-        return Err(Error::MalformedBson(format!(
-            "documents nested deeper than {MAX_DEPTH} levels"
-        )));
+/// The inspector's side of the schema walk: looks at each value the schema reaches, and at
+/// dotted names that spell encrypted paths.
+struct SchemaScan<'i, 'a> {
+    insp: &'i Inspector<'a>,
+    path: String,
+    out: &'i mut Scan,
+}
+
+impl<'d, 'a> Visitor<'d, 'a> for SchemaScan<'_, 'a> {
+    type Level = ();
+
+    fn path(&mut self) -> &mut String {
+        &mut self.path
     }
-    Ok(())
+
+    fn blind_index(
+        &mut self,
+        _: &mut (),
+        doc: &'d RawDocument,
+        source: &str,
+        rule: usize,
+        name: &'a str,
+    ) -> Result<()> {
+        self.insp.blind_index(doc, source, rule, name, self.out)
+    }
+
+    fn rule(&mut self, rule: usize, e: Element<'d>) -> Result<()> {
+        let rule = &self.insp.schema.rules()[rule];
+        self.insp.field(rule, e, &self.path, self.out)
+    }
+
+    fn dotted(&mut self, _: &'a Node, _: usize, e: Element<'d>) -> Result<()> {
+        self.insp.literal_dots(&e, &self.path, self.out);
+        Ok(())
+    }
 }
 
 /// Whether one path is the other or lies inside it.
@@ -447,15 +434,6 @@ fn overlaps(a: &str, b: &str) -> bool {
     let inside =
         |x: &str, y: &str| x == y || (x.starts_with(y) && x.as_bytes().get(y.len()) == Some(&b'.'));
     inside(a, b) || inside(b, a)
-}
-
-fn push(path: &mut String, key: &str) -> usize {
-    let len = path.len();
-    if len > 0 {
-        path.push('.');
-    }
-    path.push_str(key);
-    len
 }
 
 /// Whether an element is a ciphertext (fieldcrypt envelope or CSFLE value).

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::usage::LeaseCell;
+use super::lease::LeaseCell;
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId, KeyState};
 

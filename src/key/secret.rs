@@ -1,73 +1,11 @@
-//! Secret key material and the per-key state built from it.
+//! The per-key state built from a key's material: cipher states and the usage counter.
 
-use core::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use rand::RngCore;
-use secrecy::{ExposeSecret, SecretSlice};
-
 use super::{KeyKind, CSFLE_KEY_LEN};
 use crate::csfle::CsfleKey;
-use crate::suite::SuiteKeys;
-
-/// Secret key bytes. Lives only inside a [`SecretSlice`], is wiped on drop, and prints as
-/// `[REDACTED]`. Read it with [`KeyMaterial::expose_secret`], so every read is greppable.
-pub struct KeyMaterial(SecretSlice<u8>);
-
-impl KeyMaterial {
-    /// `len` fresh bytes from the operating system's CSPRNG, written straight into the secret
-    /// buffer.
-    #[must_use]
-    pub fn generate(len: usize) -> Self {
-        let mut v = vec![0u8; len];
-        rand::rngs::OsRng.fill_bytes(&mut v);
-        KeyMaterial(SecretSlice::from(v))
-    }
-
-    /// Takes ownership of `bytes` (they are wiped when the material drops).
-    #[must_use]
-    pub fn from_vec(bytes: Vec<u8>) -> Self {
-        KeyMaterial(SecretSlice::from(bytes))
-    }
-
-    /// Copies `bytes` into a new secret buffer. The caller remains responsible for wiping its
-    /// own copy.
-    #[must_use]
-    pub fn from_slice(bytes: &[u8]) -> Self {
-        KeyMaterial(SecretSlice::from(bytes.to_vec()))
-    }
-
-    /// The secret bytes.
-    #[must_use]
-    pub fn expose_secret(&self) -> &[u8] {
-        self.0.expose_secret()
-    }
-
-    /// Length in bytes.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.0.expose_secret().len()
-    }
-
-    /// Whether the material is empty (never true for a usable key).
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-impl Clone for KeyMaterial {
-    fn clone(&self) -> Self {
-        KeyMaterial::from_slice(self.expose_secret())
-    }
-}
-
-impl fmt::Debug for KeyMaterial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("KeyMaterial([REDACTED])")
-    }
-}
+use crate::suite::{KeyMaterial, SuiteKeys};
 
 /// A key's secret plus everything expanded from it: the cipher states of each suite (built
 /// once, on first use, and wiped on drop by the RustCrypto types), and the counter of
