@@ -35,10 +35,6 @@ use crate::schema::{FieldRule, Node, Schema};
 /// Encryption).
 pub const CSFLE_SUBTYPE: u8 = 6;
 
-/// The deepest nesting fieldcrypt walks (defined beside the schema walk).
-#[cfg(feature = "mongodb")]
-pub(crate) use crate::schema::walk::MAX_DEPTH;
-
 /// Batches at least this large are split across threads by the `*_many` methods.
 pub const PARALLEL_THRESHOLD: usize = 64;
 

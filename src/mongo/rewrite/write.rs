@@ -3,15 +3,16 @@
 //! alongside) and their operators checked; update pipelines may not touch encrypted fields or
 //! the owner field at all.
 
-use bson::{doc, Bson, Document, RawBson, RawBsonRef, RawDocument, RawDocumentBuf};
+use bson::{doc, Bson, Document, RawBson, RawDocument, RawDocumentBuf};
 
 use super::filter::{is_logical, Base, Conjunction};
 use super::{
     equality_in, is_flag, is_inside, is_operator_doc, refuse, sibling, Kind, QueryRewriter, State,
 };
 use crate::error::{CommandError, Error, Result};
+use crate::rawbson::Element;
+use crate::schema::walk::{self, Visitor};
 use crate::schema::{FieldRule, Node};
-use crate::transform::MAX_DEPTH;
 
 /// An encrypted update value (none for an index-only field) and the blind index to write
 /// next to it (its path and value).
@@ -591,58 +592,12 @@ impl<'a> QueryRewriter<'a> {
     /// collection layer reports them like its other refusals, naming the field. Only levels
     /// that can contain encrypted fields are walked, through arrays at any depth.
     fn check_literal_dots(&self, doc: &RawDocument, node: &Node, prefix: &str) -> Result<()> {
-        self.dots_at(doc, node, prefix, 0)
-    }
-
-    fn dots_at(&self, doc: &RawDocument, node: &Node, prefix: &str, depth: u32) -> Result<()> {
-        for e in doc {
-            let (k, v) = e?;
-            let path = if prefix.is_empty() {
-                k.to_owned()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            if let Some((first, _)) = k.split_once('.') {
-                let field = match self.classify_normalized(&path).rule() {
-                    Some(rule) => rule.normalized.clone(),
-                    None if node.child(first).is_some() => path,
-                    None => continue,
-                };
-                return Err(refuse(
-                    "write",
-                    field,
-                    "a field name containing '.' is stored as that literal name, outside the encrypted path; write nested documents",
-                ));
-            }
-            let Some(child) = node.child(k) else {
-                continue;
-            };
-            if child.rule.is_some() {
-                continue;
-            }
-            self.dots_in(v, child, &path, depth + 1)?;
-        }
-        Ok(())
-    }
-
-    /// [`QueryRewriter::check_literal_dots`] for a value at `path`: a document, or the documents
-    /// of an array (arrays of arrays included), refusing nesting deeper than the engine does.
-    fn dots_in(&self, v: RawBsonRef<'_>, node: &Node, path: &str, depth: u32) -> Result<()> {
-        if depth > MAX_DEPTH {
-            return Err(Error::MalformedBson(format!(
-                "documents nested deeper than {MAX_DEPTH} levels"
-            )));
-        }
-        match v {
-            RawBsonRef::Document(d) => self.dots_at(d, node, path, depth),
-            RawBsonRef::Array(items) => {
-                for item in items {
-                    self.dots_in(item?, node, path, depth + 1)?;
-                }
-                Ok(())
-            }
-            _ => Ok(()),
-        }
+        let mut dots = LiteralDots {
+            rewriter: *self,
+            path: prefix.to_owned(),
+        };
+        // The top document is level 0 (its nested levels count up to MAX_DEPTH).
+        walk::walk(&mut dots, self.schema(), doc, node, 0)
     }
 
     /// The document with the scope's owner added; `None` when nothing needs adding.
@@ -664,6 +619,40 @@ impl<'a> QueryRewriter<'a> {
                 Ok(Some(bound))
             }
         }
+    }
+}
+
+/// The write pre-check's side of the schema walk: refuses the first dotted field name at a
+/// level that holds encrypted fields, naming the field.
+struct LiteralDots<'a> {
+    rewriter: QueryRewriter<'a>,
+    path: String,
+}
+
+impl<'d, 's> Visitor<'d, 's> for LiteralDots<'_> {
+    type Level = ();
+
+    fn path(&mut self) -> &mut String {
+        &mut self.path
+    }
+
+    fn rule(&mut self, _: usize, _: Element<'d>) -> Result<()> {
+        Ok(()) // an encrypted field: the engine seals it whole
+    }
+
+    fn dotted(&mut self, node: &'s Node, dot: usize, e: Element<'d>) -> Result<()> {
+        let mut path = self.path.clone();
+        walk::push(&mut path, e.key);
+        let field = match self.rewriter.classify_normalized(&path).rule() {
+            Some(rule) => rule.normalized.clone(),
+            None if node.child(&e.key[..dot]).is_some() => path,
+            None => return Ok(()),
+        };
+        Err(refuse(
+            "write",
+            field,
+            "a field name containing '.' is stored as that literal name, outside the encrypted path; write nested documents",
+        ))
     }
 }
 
