@@ -37,8 +37,7 @@ pub(crate) fn compute_into(
         });
     }
     let mut mac = secret.suites().blind_index(secret.material()).clone();
-    let path_len =
-        u32::try_from(path.len()).map_err(|_| Error::Config("field path too long".into()))?;
+    let path_len = u32::try_from(path.len()).map_err(|_| Error::TooLong("field path"))?;
     mac.update(&path_len.to_le_bytes());
     mac.update(path.as_bytes());
     mac.update(&[value.ty]);

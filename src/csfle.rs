@@ -24,7 +24,7 @@ mod payload;
 use core::fmt;
 use core::str::FromStr;
 
-use crate::error::Error;
+use crate::error::{ArgumentError, Error};
 
 pub use keys::{CsfleDataKey, CsfleKeyDocument, CsfleKeySet};
 pub use kms::LocalMasterKey;
@@ -91,7 +91,7 @@ impl FromStr for CsfleAlgorithm {
         [CsfleAlgorithm::Deterministic, CsfleAlgorithm::Random]
             .into_iter()
             .find(|a| a.name() == s)
-            .ok_or_else(|| Error::Config(format!("unknown CSFLE algorithm {s:?}")))
+            .ok_or_else(|| Error::from(ArgumentError::UnknownCsfleAlgorithm(s.to_owned())))
     }
 }
 

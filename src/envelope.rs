@@ -112,7 +112,7 @@ impl Binding<'_> {
 }
 
 fn put_bytes(ad: &mut Vec<u8>, b: &[u8]) -> Result<()> {
-    let len = u32::try_from(b.len()).map_err(|_| Error::Config("binding value too long".into()))?;
+    let len = u32::try_from(b.len()).map_err(|_| Error::TooLong("binding value"))?;
     ad.extend_from_slice(&len.to_le_bytes());
     ad.extend_from_slice(b);
     Ok(())

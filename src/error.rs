@@ -1,6 +1,9 @@
 //! The error type.
 //!
-//! One `#[non_exhaustive]` enum a caller can match. Two rules hold for every variant:
+//! One `#[non_exhaustive]` enum a caller can match, with typed sub-enums where one area has
+//! several ways to fail (as rustls's `CertificateError`): [`ArgumentError`] for refused
+//! arguments and names, [`CommandError`] for malformed queries, updates and pipelines,
+//! `KeyVaultError` for a key vault fieldcrypt cannot work with. Two rules hold for every variant:
 //!
 //! - Failed authentication is a single opaque variant, [`Error::Decrypt`]: it never says which
 //!   byte, which check or how much of the plaintext was recovered.
@@ -114,10 +117,6 @@ pub enum Error {
     /// A keyset file, key document or master key is malformed. Never includes key bytes.
     #[error("invalid key data: {0}")]
     KeyFormat(String),
-
-    /// Invalid configuration or argument.
-    #[error("invalid configuration: {0}")]
-    Config(String),
 
     /// An argument, option, name or identifier that fieldcrypt refuses. Names what was refused,
     /// never a secret.

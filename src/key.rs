@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub use id::KeyId;
 pub(crate) use secret::KeySecret;
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 pub use crate::suite::KeyMaterial;
 
 /// Length of a fieldcrypt root key, in bytes. Suite keys are derived from it with HKDF.
@@ -301,5 +301,30 @@ impl fmt::Debug for Key {
             .field("kind", &self.kind)
             .field("state", &self.state)
             .finish_non_exhaustive()
+    }
+}
+
+// Parsing a key id can fail, and the error type names key ids: these live here, above both
+// `key/id.rs` and `error.rs`, so that neither imports the other back.
+impl KeyId {
+    /// Reads an id from a slice that must be exactly 16 bytes long.
+    ///
+    /// # Errors
+    /// [`Error::MalformedCiphertext`] when the slice is not 16 bytes.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self> {
+        <[u8; 16]>::try_from(bytes)
+            .map(KeyId::from_bytes)
+            .map_err(|_| Error::MalformedCiphertext("key id is not 16 bytes"))
+    }
+}
+
+impl core::str::FromStr for KeyId {
+    type Err = Error;
+
+    /// Parses the canonical `8-4-4-4-12` hex form.
+    fn from_str(s: &str) -> Result<Self> {
+        bson::Uuid::parse_str(s)
+            .map(KeyId::from)
+            .map_err(|_| Error::from(ArgumentError::NotAUuid(s.to_owned())))
     }
 }

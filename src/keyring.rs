@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 use crate::key::{Key, KeyId, KeyKind, KeyMaterial, KeyState};
 
 /// Where keys come from. Implemented by [`InMemoryKeyring`] and by the MongoDB key vault.
@@ -200,11 +200,11 @@ impl InMemoryKeyring {
     /// Loads a keyset from an environment variable holding the keyset JSON in base64.
     ///
     /// # Errors
-    /// [`Error::Config`] when the variable is unset, [`Error::KeyFormat`] when malformed.
+    /// [`Error::InvalidArgument`] when the variable is unset, [`Error::KeyFormat`] when malformed.
     pub fn from_env(var: &str) -> Result<Self> {
         let b64 = Zeroizing::new(
             std::env::var(var)
-                .map_err(|_| Error::Config(format!("environment variable {var} is not set")))?,
+                .map_err(|_| Error::from(ArgumentError::MissingEnvVar(var.to_owned())))?,
         );
         let json = Zeroizing::new(
             B64.decode(b64.trim())

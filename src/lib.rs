@@ -50,7 +50,9 @@
 //! # Ok::<(), fieldcrypt::Error>(())
 //! ```
 //!
-//! See `SECURITY.md` for the threat model and `docs/FORMAT.md` for the ciphertext format.
+//! See `SECURITY.md` for the threat model, `docs/FORMAT.md` for the ciphertext format and
+//! `docs/ARCHITECTURE.md` for the layout of the code (this crate, the CLI in `cli/`, the test
+//! kit in `testkit/`).
 #![forbid(unsafe_code)]
 #![deny(missing_docs, rustdoc::broken_intra_doc_links)]
 

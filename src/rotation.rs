@@ -86,7 +86,7 @@ use self::cas::Change;
 use self::checkpoint::{Checkpoint, Store};
 use self::inspect::{Inspector, Primaries};
 use self::pass::Pass;
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 use crate::key::KeyId;
 use crate::mongo::KeySource;
 use crate::rawbson;
@@ -249,17 +249,13 @@ impl RotationOptions {
 
     fn check(&self) -> Result<()> {
         if self.batch_size == 0 || self.batch_size > 100_000 {
-            return Err(Error::Config(
-                "batch size must be between 1 and 100000".into(),
-            ));
+            return Err(Error::from(ArgumentError::BatchSize));
         }
         if self.rate_limit.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-            return Err(Error::Config("rate limit must be a positive number".into()));
+            return Err(Error::from(ArgumentError::RateLimit));
         }
         if self.job.is_empty() || self.job.contains('|') {
-            return Err(Error::Config(
-                "job name must be non-empty, without '|'".into(),
-            ));
+            return Err(Error::from(ArgumentError::JobName));
         }
         Ok(())
     }
@@ -592,7 +588,7 @@ impl Rotator {
     /// listed in [`TargetReport::failures`].
     ///
     /// # Errors
-    /// [`Error::Config`] for invalid options; key errors when a schema alias has no primary key;
+    /// [`Error::InvalidArgument`] for invalid options; key errors when a schema alias has no primary key;
     /// MongoDB errors (the run stops there; resume it later).
     pub async fn run<F>(&self, targets: &[Target], mut progress: F) -> Result<Report>
     where
@@ -652,7 +648,7 @@ impl Rotator {
                     decide_all(&cryptor, &primaries, &ctx, decide, docs)
                 })
                 .await
-                .map_err(|e| Error::Config(format!("re-encryption task failed: {e}")))??
+                .map_err(|_| Error::TaskFailed("a re-encryption"))??
             };
             let mut plans = Vec::new();
             for (id, outcome) in outcomes {

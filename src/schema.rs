@@ -15,7 +15,7 @@ pub(crate) mod walk;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 use crate::keyring::Keyring;
 use crate::suite::Suite;
 
@@ -581,16 +581,15 @@ impl Schema {
     /// Loads a schema from a `.toml` or `.json` file (docs/SCHEMA.md).
     ///
     /// # Errors
-    /// [`Error::Io`], or [`Error::Schema`] / [`Error::Config`] for invalid content.
+    /// [`Error::Io`], or [`Error::Schema`] / [`Error::SchemaSyntax`] for invalid content, [`Error::InvalidArgument`] for another file extension.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)?;
         match path.extension().and_then(|e| e.to_str()) {
             Some("json") => Self::from_json_str(&text),
             Some("toml") => Self::from_toml_str(&text),
-            _ => Err(Error::Config(format!(
-                "schema file {} must end in .toml or .json",
-                path.display()
+            _ => Err(Error::from(ArgumentError::SchemaFileName(
+                path.display().to_string(),
             ))),
         }
     }
@@ -598,20 +597,24 @@ impl Schema {
     /// Parses a TOML schema.
     ///
     /// # Errors
-    /// [`Error::Config`] for syntax, [`Error::Schema`] for invalid rules.
+    /// [`Error::SchemaSyntax`] for syntax, [`Error::Schema`] for invalid rules.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let file: SchemaFile = toml::from_str(text)
-            .map_err(|e| Error::Config(format!("schema TOML: {}", e.message())))?;
+        let file: SchemaFile = toml::from_str(text).map_err(|e| Error::SchemaSyntax {
+            format: "TOML",
+            message: e.message().to_owned(),
+        })?;
         file.into_schema()
     }
 
     /// Parses a JSON schema.
     ///
     /// # Errors
-    /// [`Error::Config`] for syntax, [`Error::Schema`] for invalid rules.
+    /// [`Error::SchemaSyntax`] for syntax, [`Error::Schema`] for invalid rules.
     pub fn from_json_str(text: &str) -> Result<Self> {
-        let file: SchemaFile =
-            serde_json::from_str(text).map_err(|e| Error::Config(format!("schema JSON: {e}")))?;
+        let file: SchemaFile = serde_json::from_str(text).map_err(|e| Error::SchemaSyntax {
+            format: "JSON",
+            message: e.to_string(),
+        })?;
         file.into_schema()
     }
 

@@ -25,7 +25,7 @@ use zeroize::Zeroizing;
 
 pub use material::KeyMaterial;
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 
 /// Encryptions allowed per key for suites with random 96-bit nonces (AES-256-GCM,
 /// ChaCha20-Poly1305): 2^32, NIST SP 800-38D §8.3's bound for randomly generated IVs, which
@@ -155,12 +155,7 @@ impl core::str::FromStr for Suite {
         Suite::ALL
             .into_iter()
             .find(|suite| suite.name().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "unknown suite {s:?} (expected one of AES-256-GCM, ChaCha20-Poly1305, \
-                     XChaCha20-Poly1305, AES-256-SIV-deterministic)"
-                ))
-            })
+            .ok_or_else(|| Error::from(ArgumentError::UnknownSuite(s.to_owned())))
     }
 }
 
@@ -237,7 +232,7 @@ impl SuiteKeys {
         tag: &mut [u8],
     ) -> Result<()> {
         // The aead crates fail only on inputs beyond their length limits (~64 GiB).
-        let too_long = |_| Error::Config("value too long to encrypt".into());
+        let too_long = |_| Error::TooLong("value");
         match suite {
             Suite::Aes256Gcm => {
                 rand::thread_rng().fill_bytes(nonce);

@@ -18,8 +18,8 @@ use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document};
 use fieldcrypt::mongo::{tenant_alias, KekProvider, KeySource, KeyVault, LocalKek};
 use fieldcrypt::{
-    Context, Cryptor, CsfleKeyDocument, Error, Field, KeyId, KeyKind, KeyMaterial, KeyState,
-    Keyring, LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
+    ArgumentError, Context, Cryptor, CsfleKeyDocument, Error, Field, KeyId, KeyKind, KeyMaterial,
+    KeyState, KeyVaultError, Keyring, LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
 };
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
@@ -253,7 +253,10 @@ async fn create_rotate_promote_disable_destroy() {
     assert!(
         matches!(v.set_state(&unknown, KeyState::Active).await, Err(Error::UnknownKey(id)) if id == unknown)
     );
-    assert!(matches!(v.create_key("").await, Err(Error::Config(_))));
+    assert!(matches!(
+        v.create_key("").await,
+        Err(Error::InvalidArgument(ArgumentError::KeyAlias(_)))
+    ));
 
     let list = v.list().await.unwrap();
     let states: Vec<_> = list.iter().map(|k| (k.id, k.state, k.version)).collect();
@@ -954,7 +957,7 @@ async fn csfle_key_documents_from_libmongocrypt_load() {
     stored.unwrap_with(kek.master_key()).unwrap();
     assert!(matches!(
         v2.import_csfle_key(&foreign_doc, &foreign).await,
-        Err(Error::Config(_))
+        Err(Error::KeyVault(KeyVaultError::AlreadyPresent(_)))
     ));
     assert!(matches!(
         v2.import_csfle_key(&foreign_doc, &LocalKek::generate())
@@ -991,7 +994,7 @@ async fn fail_unwrap_without_the_right_kek() {
         KeyVault::builder(&client, kek.clone())
             .namespace("nodot")
             .build(),
-        Err(Error::Config(_))
+        Err(Error::InvalidArgument(ArgumentError::KeyVaultNamespace(_)))
     ));
 }
 
@@ -1005,7 +1008,7 @@ fn local_kek_from_env_and_file() {
     assert_eq!(kek.provider(), "local");
     assert!(matches!(
         LocalKek::from_env_var("FIELDCRYPT_TEST_KV_UNSET"),
-        Err(Error::Config(_))
+        Err(Error::InvalidArgument(ArgumentError::MissingEnvVar(_)))
     ));
     std::env::set_var("FIELDCRYPT_TEST_KV_BAD", "c2VjcmV0");
     let e = LocalKek::from_env_var("FIELDCRYPT_TEST_KV_BAD").unwrap_err();

@@ -55,8 +55,13 @@ impl CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            // The library's configuration messages say what is wrong without their label.
-            CliError::Lib(fieldcrypt::Error::Config(m)) => f.write_str(m),
+            // The library's refusals of arguments and schema files say what is wrong without
+            // their "invalid configuration" label.
+            CliError::Lib(fieldcrypt::Error::InvalidArgument(a)) => write!(f, "{a}"),
+            CliError::Lib(fieldcrypt::Error::InvalidCommand(c)) => write!(f, "{c}"),
+            CliError::Lib(fieldcrypt::Error::SchemaSyntax { format, message }) => {
+                write!(f, "schema {format}: {message}")
+            }
             CliError::Lib(e) => write!(f, "{e}"),
             CliError::File { path, reason } => write!(f, "{}: {reason}", path.display()),
             CliError::Input { line, reason } => write!(f, "line {line}: {reason}"),

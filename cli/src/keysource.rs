@@ -22,7 +22,8 @@ use fieldcrypt::mongo::{
     KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
 };
 use fieldcrypt::{
-    Error, InMemoryKeyring, Key, KeyId, KeyMaterial, KeyState, Keyring, RANDOM_NONCE_LIMIT,
+    ArgumentError, Error, InMemoryKeyring, Key, KeyId, KeyMaterial, KeyState, Keyring,
+    RANDOM_NONCE_LIMIT,
 };
 use mongodb::Client;
 
@@ -88,9 +89,9 @@ impl KeyArgs {
         match &self.master_key_file {
             Some(f) => LocalKek::from_file(f).map_err(|e| in_file(f, e)),
             None => LocalKek::from_env().map_err(|e| match e {
-                Error::Config(_) => CliError::Usage(format!(
-                    "no master key: give --master-key-file or set {MASTER_KEY_ENV}"
-                )),
+                Error::InvalidArgument(ArgumentError::MissingEnvVar(_)) => CliError::Usage(
+                    format!("no master key: give --master-key-file or set {MASTER_KEY_ENV}"),
+                ),
                 other => other.into(),
             }),
         }

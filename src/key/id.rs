@@ -1,11 +1,11 @@
 //! Key identifiers: 16-byte UUIDs, as MongoDB uses for data keys.
+//!
+//! A leaf: the error type names key ids, so the parsing that can fail (`from_slice`,
+//! `FromStr`) lives in `key.rs`, above both.
 
 use core::fmt;
-use core::str::FromStr;
 
 use rand::RngCore;
-
-use crate::error::Error;
 
 /// The id of a data key: a 16-byte UUID (version 4 when fieldcrypt makes it), written into
 /// every ciphertext so that readers find the key without a schema.
@@ -33,16 +33,6 @@ impl KeyId {
     #[must_use]
     pub const fn as_bytes(&self) -> &[u8; 16] {
         &self.0
-    }
-
-    /// Reads an id from a slice that must be exactly 16 bytes long.
-    ///
-    /// # Errors
-    /// [`Error::MalformedCiphertext`] when the slice is not 16 bytes.
-    pub fn from_slice(bytes: &[u8]) -> Result<Self, Error> {
-        <[u8; 16]>::try_from(bytes)
-            .map(KeyId)
-            .map_err(|_| Error::MalformedCiphertext("key id is not 16 bytes"))
     }
 
     /// The id as a BSON UUID.
@@ -76,17 +66,6 @@ impl fmt::Display for KeyId {
 impl fmt::Debug for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "KeyId({self})")
-    }
-}
-
-impl FromStr for KeyId {
-    type Err = Error;
-
-    /// Parses the canonical `8-4-4-4-12` hex form.
-    fn from_str(s: &str) -> Result<Self, Error> {
-        bson::Uuid::parse_str(s)
-            .map(KeyId::from)
-            .map_err(|_| Error::Config(format!("not a UUID: {s:?}")))
     }
 }
 

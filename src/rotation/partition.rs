@@ -13,7 +13,7 @@ use bson::spec::ElementType;
 use bson::{doc, Bson, Document};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{ArgumentError, Error, Result};
 
 /// Which share of a collection one worker processes.
 ///
@@ -51,12 +51,13 @@ impl Partition {
     /// The hash partition `index` of `count` (0-based).
     ///
     /// # Errors
-    /// [`Error::Config`] unless `index < count`.
+    /// [`Error::InvalidArgument`] unless `index < count`.
     pub fn hash(index: u32, count: u32) -> Result<Self> {
         if count == 0 || index >= count {
-            return Err(Error::Config(format!(
-                "partition {index}/{count}: the index must be below the count (0-based)"
-            )));
+            return Err(Error::from(ArgumentError::PartitionOutOfRange {
+                index,
+                count,
+            }));
         }
         Ok(if count == 1 {
             Partition::All
@@ -146,7 +147,7 @@ impl FromStr for Partition {
         if s == "all" {
             return Ok(Partition::All);
         }
-        let bad = || Error::Config(format!("partition {s:?}: expected i/N, e.g. 0/4"));
+        let bad = || Error::from(ArgumentError::PartitionSyntax(s.to_owned()));
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let i: u32 = i.trim().parse().map_err(|_| bad())?;
         let n: u32 = n.trim().parse().map_err(|_| bad())?;
