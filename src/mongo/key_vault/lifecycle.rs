@@ -19,9 +19,10 @@ impl KeyVault {
         self.ensure_indexes().await?;
         match self.insert_key(alias, false).await? {
             Some(id) => Ok(id),
+            // Only a first-key-only insert gives way to another creator; this one retries.
             None => Err(Error::from(KeyVaultError::LostRaces {
                 what: format!("create a key for {alias:?}"),
-                attempts: 1,
+                attempts: MAX_ATTEMPTS,
             })),
         }
     }
