@@ -59,6 +59,41 @@ macro_rules! into_future {
     };
 }
 
+/// Declares an action that returns no cursor: its struct (the collection, the action's own
+/// fields, the driver options, the session), a `new` taking the collection and the fields in
+/// order, the `with_options` and `session` setters, and `IntoFuture` (awaiting runs `run`).
+macro_rules! action {
+    (
+        $(#[$doc:meta])*
+        $action:ident { $($field:ident: $ty:ty),* $(,)? }
+        options $options:ty => $output:ty $(where T: $($bound:tt)+)?
+    ) => {
+        $(#[$doc])*
+        #[must_use = "actions do nothing unless awaited"]
+        pub struct $action<'a, T> {
+            coll: &'a EncryptedCollection<T>,
+            $($field: $ty,)*
+            options: Option<$options>,
+            session: Option<&'a mut ::mongodb::ClientSession>,
+        }
+
+        impl<'a, T> $action<'a, T> {
+            fn new(coll: &'a EncryptedCollection<T>, $($field: $ty),*) -> Self {
+                Self {
+                    coll,
+                    $($field,)*
+                    options: None,
+                    session: None,
+                }
+            }
+        }
+
+        options_and_session!($action, $options);
+
+        into_future!($action -> $output $(where T: $($bound)+)?);
+    };
+}
+
 /// The [`FindChecks`](prepare::FindChecks) of `Option<FindOptions>` or
 /// `Option<FindOneOptions>`, borrowed; with `no_bounds`, of the find-and-modify options,
 /// which have no `min`/`max`.

@@ -2,7 +2,6 @@
 
 use bson::Document;
 use mongodb::options::CountOptions;
-use mongodb::ClientSession;
 
 use crate::error::Result;
 use crate::mongo::collection::EncryptedCollection;
@@ -12,27 +11,17 @@ impl<T> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<u64>`.
     pub fn count_documents(&self, filter: Document) -> CountDocuments<'_, T> {
-        CountDocuments {
-            coll: self,
-            filter,
-            options: None,
-            session: None,
-        }
+        CountDocuments::new(self, filter)
     }
 }
 
-/// Counts documents. Construct with [`EncryptedCollection::count_documents`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct CountDocuments<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    options: Option<CountOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Counts documents. Construct with [`EncryptedCollection::count_documents`].
+    CountDocuments {
+        filter: Document,
+    }
+    options CountOptions => u64
 }
-
-options_and_session!(CountDocuments, CountOptions);
-
-into_future!(CountDocuments -> u64);
 
 impl<'a, T: 'a> CountDocuments<'a, T> {
     async fn run(self) -> Result<u64> {

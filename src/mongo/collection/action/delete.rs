@@ -3,7 +3,6 @@
 use bson::Document;
 use mongodb::options::DeleteOptions;
 use mongodb::results::DeleteResult;
-use mongodb::ClientSession;
 
 use crate::error::Result;
 use crate::mongo::collection::EncryptedCollection;
@@ -13,13 +12,7 @@ impl<T> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<DeleteResult>`.
     pub fn delete_one(&self, filter: Document) -> Delete<'_, T> {
-        Delete {
-            coll: self,
-            filter,
-            many: false,
-            options: None,
-            session: None,
-        }
+        Delete::new(self, filter, false)
     }
 
     /// Deletes every matching document.
@@ -33,20 +26,15 @@ impl<T> EncryptedCollection<T> {
     }
 }
 
-/// Deletes one or many documents. Construct with [`EncryptedCollection::delete_one`] or
-/// [`EncryptedCollection::delete_many`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct Delete<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    many: bool,
-    options: Option<DeleteOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Deletes one or many documents. Construct with [`EncryptedCollection::delete_one`] or
+    /// [`EncryptedCollection::delete_many`].
+    Delete {
+        filter: Document,
+        many: bool,
+    }
+    options DeleteOptions => DeleteResult
 }
-
-options_and_session!(Delete, DeleteOptions);
-
-into_future!(Delete -> DeleteResult);
 
 impl<'a, T: 'a> Delete<'a, T> {
     async fn run(self) -> Result<DeleteResult> {

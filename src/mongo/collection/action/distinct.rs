@@ -3,7 +3,6 @@
 
 use bson::{Bson, Document};
 use mongodb::options::DistinctOptions;
-use mongodb::ClientSession;
 
 use crate::error::Result;
 use crate::mongo::collection::EncryptedCollection;
@@ -16,29 +15,18 @@ impl<T> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<Vec<Bson>>`.
     pub fn distinct(&self, field: impl Into<String>, filter: Document) -> Distinct<'_, T> {
-        Distinct {
-            coll: self,
-            field: field.into(),
-            filter,
-            options: None,
-            session: None,
-        }
+        Distinct::new(self, field.into(), filter)
     }
 }
 
-/// Lists distinct values. Construct with [`EncryptedCollection::distinct`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct Distinct<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    field: String,
-    filter: Document,
-    options: Option<DistinctOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Lists distinct values. Construct with [`EncryptedCollection::distinct`].
+    Distinct {
+        field: String,
+        filter: Document,
+    }
+    options DistinctOptions => Vec<Bson>
 }
-
-options_and_session!(Distinct, DistinctOptions);
-
-into_future!(Distinct -> Vec<Bson>);
 
 impl<'a, T: 'a> Distinct<'a, T> {
     async fn run(self) -> Result<Vec<Bson>> {

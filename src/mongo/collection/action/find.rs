@@ -30,12 +30,7 @@ impl<T> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<Option<T>>`.
     pub fn find_one(&self, filter: Document) -> FindOne<'_, T> {
-        FindOne {
-            coll: self,
-            filter,
-            options: None,
-            session: None,
-        }
+        FindOne::new(self, filter)
     }
 }
 
@@ -122,18 +117,13 @@ where
     }
 }
 
-/// Finds one document. Construct with [`EncryptedCollection::find_one`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct FindOne<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    options: Option<FindOneOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Finds one document. Construct with [`EncryptedCollection::find_one`].
+    FindOne {
+        filter: Document,
+    }
+    options FindOneOptions => Option<T> where T: DeserializeOwned + 'static
 }
-
-options_and_session!(FindOne, FindOneOptions);
-
-into_future!(FindOne -> Option<T> where T: DeserializeOwned + 'static);
 
 impl<'a, T: DeserializeOwned + 'static> FindOne<'a, T> {
     async fn run(self) -> Result<Option<T>> {

@@ -7,7 +7,6 @@ use bson::{Document, RawDocumentBuf};
 use mongodb::options::{
     FindOneAndDeleteOptions, FindOneAndReplaceOptions, FindOneAndUpdateOptions, UpdateModifications,
 };
-use mongodb::ClientSession;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -25,13 +24,7 @@ impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
         filter: Document,
         replacement: impl Borrow<T>,
     ) -> FindOneAndReplace<'_, T> {
-        FindOneAndReplace {
-            coll: self,
-            filter,
-            replacement: to_raw(replacement.borrow()),
-            options: None,
-            session: None,
-        }
+        FindOneAndReplace::new(self, filter, to_raw(replacement.borrow()))
     }
 }
 
@@ -44,42 +37,26 @@ impl<T> EncryptedCollection<T> {
         filter: Document,
         update: impl Into<UpdateModifications>,
     ) -> FindOneAndUpdate<'_, T> {
-        FindOneAndUpdate {
-            coll: self,
-            filter,
-            update: update.into(),
-            options: None,
-            session: None,
-        }
+        FindOneAndUpdate::new(self, filter, update.into())
     }
 
     /// Deletes one matching document and returns it, decrypted.
     ///
     /// `await` returns `Result<Option<T>>`.
     pub fn find_one_and_delete(&self, filter: Document) -> FindOneAndDelete<'_, T> {
-        FindOneAndDelete {
-            coll: self,
-            filter,
-            options: None,
-            session: None,
-        }
+        FindOneAndDelete::new(self, filter)
     }
 }
 
-/// Updates one document and returns it. Construct with
-/// [`EncryptedCollection::find_one_and_update`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct FindOneAndUpdate<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    update: UpdateModifications,
-    options: Option<FindOneAndUpdateOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Updates one document and returns it. Construct with
+    /// [`EncryptedCollection::find_one_and_update`].
+    FindOneAndUpdate {
+        filter: Document,
+        update: UpdateModifications,
+    }
+    options FindOneAndUpdateOptions => Option<T> where T: DeserializeOwned + 'static
 }
-
-options_and_session!(FindOneAndUpdate, FindOneAndUpdateOptions);
-
-into_future!(FindOneAndUpdate -> Option<T> where T: DeserializeOwned + 'static);
 
 impl<'a, T: DeserializeOwned + 'static> FindOneAndUpdate<'a, T> {
     async fn run(self) -> Result<Option<T>> {
@@ -104,20 +81,15 @@ impl<'a, T: DeserializeOwned + 'static> FindOneAndUpdate<'a, T> {
     }
 }
 
-/// Replaces one document and returns it. Construct with
-/// [`EncryptedCollection::find_one_and_replace`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct FindOneAndReplace<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    replacement: Result<RawDocumentBuf>,
-    options: Option<FindOneAndReplaceOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Replaces one document and returns it. Construct with
+    /// [`EncryptedCollection::find_one_and_replace`].
+    FindOneAndReplace {
+        filter: Document,
+        replacement: Result<RawDocumentBuf>,
+    }
+    options FindOneAndReplaceOptions => Option<T> where T: DeserializeOwned + 'static
 }
-
-options_and_session!(FindOneAndReplace, FindOneAndReplaceOptions);
-
-into_future!(FindOneAndReplace -> Option<T> where T: DeserializeOwned + 'static);
 
 impl<'a, T: DeserializeOwned + 'static> FindOneAndReplace<'a, T> {
     async fn run(self) -> Result<Option<T>> {
@@ -138,19 +110,14 @@ impl<'a, T: DeserializeOwned + 'static> FindOneAndReplace<'a, T> {
     }
 }
 
-/// Deletes one document and returns it. Construct with
-/// [`EncryptedCollection::find_one_and_delete`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct FindOneAndDelete<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    options: Option<FindOneAndDeleteOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Deletes one document and returns it. Construct with
+    /// [`EncryptedCollection::find_one_and_delete`].
+    FindOneAndDelete {
+        filter: Document,
+    }
+    options FindOneAndDeleteOptions => Option<T> where T: DeserializeOwned + 'static
 }
-
-options_and_session!(FindOneAndDelete, FindOneAndDeleteOptions);
-
-into_future!(FindOneAndDelete -> Option<T> where T: DeserializeOwned + 'static);
 
 impl<'a, T: DeserializeOwned + 'static> FindOneAndDelete<'a, T> {
     async fn run(self) -> Result<Option<T>> {

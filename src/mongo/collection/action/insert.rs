@@ -6,7 +6,6 @@ use std::borrow::Borrow;
 use bson::RawDocumentBuf;
 use mongodb::options::{InsertManyOptions, InsertOneOptions};
 use mongodb::results::{InsertManyResult, InsertOneResult};
-use mongodb::ClientSession;
 use serde::Serialize;
 
 use crate::error::Result;
@@ -17,12 +16,7 @@ impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<InsertOneResult>`.
     pub fn insert_one(&self, doc: impl Borrow<T>) -> InsertOne<'_, T> {
-        InsertOne {
-            coll: self,
-            doc: to_raw(doc.borrow()),
-            options: None,
-            session: None,
-        }
+        InsertOne::new(self, to_raw(doc.borrow()))
     }
 
     /// Encrypts (in parallel for large batches) and inserts documents; the driver sends them
@@ -30,27 +24,17 @@ impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<InsertManyResult>`.
     pub fn insert_many(&self, docs: impl IntoIterator<Item = impl Borrow<T>>) -> InsertMany<'_, T> {
-        InsertMany {
-            coll: self,
-            docs: docs.into_iter().map(|d| to_raw(d.borrow())).collect(),
-            options: None,
-            session: None,
-        }
+        InsertMany::new(self, docs.into_iter().map(|d| to_raw(d.borrow())).collect())
     }
 }
 
-/// Inserts one document. Construct with [`EncryptedCollection::insert_one`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct InsertOne<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    doc: Result<RawDocumentBuf>,
-    options: Option<InsertOneOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Inserts one document. Construct with [`EncryptedCollection::insert_one`].
+    InsertOne {
+        doc: Result<RawDocumentBuf>,
+    }
+    options InsertOneOptions => InsertOneResult
 }
-
-options_and_session!(InsertOne, InsertOneOptions);
-
-into_future!(InsertOne -> InsertOneResult);
 
 impl<'a, T: 'a> InsertOne<'a, T> {
     async fn run(self) -> Result<InsertOneResult> {
@@ -62,18 +46,13 @@ impl<'a, T: 'a> InsertOne<'a, T> {
     }
 }
 
-/// Inserts documents. Construct with [`EncryptedCollection::insert_many`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct InsertMany<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    docs: Result<Vec<RawDocumentBuf>>,
-    options: Option<InsertManyOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Inserts documents. Construct with [`EncryptedCollection::insert_many`].
+    InsertMany {
+        docs: Result<Vec<RawDocumentBuf>>,
+    }
+    options InsertManyOptions => InsertManyResult
 }
-
-options_and_session!(InsertMany, InsertManyOptions);
-
-into_future!(InsertMany -> InsertManyResult);
 
 impl<'a, T: 'a> InsertMany<'a, T> {
     async fn run(self) -> Result<InsertManyResult> {

@@ -6,7 +6,6 @@ use std::borrow::Borrow;
 use bson::{Document, RawDocumentBuf};
 use mongodb::options::ReplaceOptions;
 use mongodb::results::UpdateResult;
-use mongodb::ClientSession;
 use serde::Serialize;
 
 use crate::error::Result;
@@ -18,29 +17,18 @@ impl<T: Serialize + Send + Sync + 'static> EncryptedCollection<T> {
     ///
     /// `await` returns `Result<UpdateResult>`.
     pub fn replace_one(&self, filter: Document, replacement: impl Borrow<T>) -> ReplaceOne<'_, T> {
-        ReplaceOne {
-            coll: self,
-            filter,
-            replacement: to_raw(replacement.borrow()),
-            options: None,
-            session: None,
-        }
+        ReplaceOne::new(self, filter, to_raw(replacement.borrow()))
     }
 }
 
-/// Replaces one document. Construct with [`EncryptedCollection::replace_one`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct ReplaceOne<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    replacement: Result<RawDocumentBuf>,
-    options: Option<ReplaceOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Replaces one document. Construct with [`EncryptedCollection::replace_one`].
+    ReplaceOne {
+        filter: Document,
+        replacement: Result<RawDocumentBuf>,
+    }
+    options ReplaceOptions => UpdateResult
 }
-
-options_and_session!(ReplaceOne, ReplaceOptions);
-
-into_future!(ReplaceOne -> UpdateResult);
 
 impl<'a, T: 'a> ReplaceOne<'a, T> {
     async fn run(self) -> Result<UpdateResult> {

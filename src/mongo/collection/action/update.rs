@@ -4,7 +4,6 @@
 use bson::Document;
 use mongodb::options::{UpdateModifications, UpdateOptions};
 use mongodb::results::UpdateResult;
-use mongodb::ClientSession;
 
 use crate::error::Result;
 use crate::mongo::collection::EncryptedCollection;
@@ -18,14 +17,7 @@ impl<T> EncryptedCollection<T> {
         filter: Document,
         update: impl Into<UpdateModifications>,
     ) -> Update<'_, T> {
-        Update {
-            coll: self,
-            filter,
-            update: update.into(),
-            many: false,
-            options: None,
-            session: None,
-        }
+        Update::new(self, filter, update.into(), false)
     }
 
     /// Updates every matching document: values written to encrypted fields are encrypted.
@@ -43,21 +35,16 @@ impl<T> EncryptedCollection<T> {
     }
 }
 
-/// Updates one or many documents. Construct with [`EncryptedCollection::update_one`] or
-/// [`EncryptedCollection::update_many`].
-#[must_use = "actions do nothing unless awaited"]
-pub struct Update<'a, T> {
-    coll: &'a EncryptedCollection<T>,
-    filter: Document,
-    update: UpdateModifications,
-    many: bool,
-    options: Option<UpdateOptions>,
-    session: Option<&'a mut ClientSession>,
+action! {
+    /// Updates one or many documents. Construct with [`EncryptedCollection::update_one`] or
+    /// [`EncryptedCollection::update_many`].
+    Update {
+        filter: Document,
+        update: UpdateModifications,
+        many: bool,
+    }
+    options UpdateOptions => UpdateResult
 }
-
-options_and_session!(Update, UpdateOptions);
-
-into_future!(Update -> UpdateResult);
 
 impl<'a, T: 'a> Update<'a, T> {
     async fn run(self) -> Result<UpdateResult> {
