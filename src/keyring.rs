@@ -41,29 +41,24 @@ pub trait Keyring: Send + Sync {
     fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>>;
 }
 
-impl<K: Keyring + ?Sized> Keyring for Arc<K> {
-    fn key(&self, id: &KeyId) -> Result<Arc<Key>> {
-        (**self).key(id)
-    }
-    fn primary(&self, alias: &str) -> Result<Arc<Key>> {
-        (**self).primary(alias)
-    }
-    fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {
-        (**self).readable_keys(alias)
-    }
+/// A keyring behind a pointer is that keyring.
+macro_rules! forward_keyring {
+    ($($ptr:ty),*) => {$(
+        impl<K: Keyring + ?Sized> Keyring for $ptr {
+            fn key(&self, id: &KeyId) -> Result<Arc<Key>> {
+                (**self).key(id)
+            }
+            fn primary(&self, alias: &str) -> Result<Arc<Key>> {
+                (**self).primary(alias)
+            }
+            fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {
+                (**self).readable_keys(alias)
+            }
+        }
+    )*};
 }
 
-impl<K: Keyring + ?Sized> Keyring for &K {
-    fn key(&self, id: &KeyId) -> Result<Arc<Key>> {
-        (**self).key(id)
-    }
-    fn primary(&self, alias: &str) -> Result<Arc<Key>> {
-        (**self).primary(alias)
-    }
-    fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {
-        (**self).readable_keys(alias)
-    }
-}
+forward_keyring!(Arc<K>, &K);
 
 #[derive(Default)]
 struct Inner {

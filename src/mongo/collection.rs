@@ -86,17 +86,7 @@ pub struct EncryptedCollection<T> {
 
 impl<T> Clone for EncryptedCollection<T> {
     fn clone(&self) -> Self {
-        EncryptedCollection {
-            coll: self.coll.clone(),
-            keys: self.keys.clone(),
-            schema: self.schema.clone(),
-            cryptor: self.cryptor.clone(),
-            ctx: self.ctx.clone(),
-            owner: self.owner.clone(),
-            tenant_keys: self.tenant_keys,
-            aliases: self.aliases.clone(),
-            _type: PhantomData,
-        }
+        self.clone_with_type()
     }
 }
 

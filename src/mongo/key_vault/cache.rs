@@ -191,9 +191,13 @@ impl KeyCache {
         }
     }
 
-    pub(super) fn primary(&self, alias: &str) -> Result<Arc<Key>> {
-        let now = Instant::now();
-        let inner = self.read();
+    /// The fresh entry of `alias` with at least one key; a miss otherwise.
+    fn alias_entry<'i>(
+        &self,
+        inner: &'i Inner,
+        alias: &str,
+        now: Instant,
+    ) -> Result<&'i AliasEntry> {
         let Some(a) = inner
             .aliases
             .get(alias)
@@ -205,6 +209,13 @@ impl KeyCache {
         if a.keys.is_empty() {
             return Err(Error::UnknownAlias(alias.to_owned()));
         }
+        Ok(a)
+    }
+
+    pub(super) fn primary(&self, alias: &str) -> Result<Arc<Key>> {
+        let now = Instant::now();
+        let inner = self.read();
+        let a = self.alias_entry(&inner, alias, now)?;
         let Some(id) = a.primary else {
             return Err(Error::NoPrimaryKey(alias.to_owned()));
         };
@@ -233,17 +244,7 @@ impl KeyCache {
     pub(super) fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {
         let now = Instant::now();
         let inner = self.read();
-        let Some(a) = inner
-            .aliases
-            .get(alias)
-            .filter(|a| self.fresh(a.loaded, now))
-        else {
-            self.count_misses(1);
-            return Err(Error::UnknownAlias(alias.to_owned()));
-        };
-        if a.keys.is_empty() {
-            return Err(Error::UnknownAlias(alias.to_owned()));
-        }
+        let a = self.alias_entry(&inner, alias, now)?;
         // All or nothing: an equality query over a shorter list would silently match fewer
         // documents. (The alias entry is no fresher than its keys, so this is a key reloaded
         // alone and found gone, or one dropped for capacity: the next prefetch reloads.)
