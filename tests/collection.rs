@@ -13,6 +13,7 @@ use fieldcrypt::{
     BlindIndex, Error, Field, InMemoryKeyring, Schema, BLIND_INDEX_SUBTYPE, ENVELOPE_SUBTYPE,
 };
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::{keyring_with, stored};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::event::command::CommandEvent;
@@ -79,11 +80,7 @@ fn schema() -> Schema {
 }
 
 fn keyring() -> Arc<InMemoryKeyring> {
-    let ring = Arc::new(InMemoryKeyring::new());
-    for alias in ["pii", "det", "idx"] {
-        ring.generate(alias);
-    }
-    ring
+    keyring_with(&["pii", "det", "idx"])
 }
 
 /// Command names sent by a client, recorded by the driver's command monitoring.
@@ -152,12 +149,7 @@ async fn typed_and_raw_round_trips_and_rewritten_queries() {
         .unwrap();
 
     // Stored: ciphertext envelopes and a blind index; plain fields in clear.
-    let stored = db
-        .collection::<Document>("patients")
-        .find_one(doc! { "_id": 2 })
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = stored::<Document>(&db, "patients", doc! { "_id": 2 }).await;
     for f in ["name", "email", "ssn", "code"] {
         assert_eq!(subtype(stored.get(f)), Some(ENVELOPE_SUBTYPE), "{f}");
     }
@@ -364,12 +356,7 @@ async fn updates_encrypt_what_they_write() {
     coll.update_one(doc! { "_id": 2 }, doc! { "$unset": { "name": "" } })
         .await
         .unwrap();
-    let stored = db
-        .collection::<Document>("patients")
-        .find_one(doc! { "_id": 2 })
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = stored::<Document>(&db, "patients", doc! { "_id": 2 }).await;
     assert!(!stored.contains_key("name") && !stored.contains_key("name_bidx"));
 
     let after = coll

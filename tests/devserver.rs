@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer, DevServerKind};
+use fieldcrypt_testkit::fixtures::stored;
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::Client;
 
@@ -63,12 +64,7 @@ async fn binary_subtypes_round_trip() {
     }
 
     // The same, byte for byte, through the raw API.
-    let raw = db
-        .collection::<RawDocumentBuf>("c")
-        .find_one(doc! { "_id": 1 })
-        .await
-        .unwrap()
-        .unwrap();
+    let raw = stored::<RawDocumentBuf>(&db, "c", doc! { "_id": 1 }).await;
     let u = raw.get_binary("u").unwrap();
     assert_eq!(u8::from(u.subtype), 0x8F);
     assert_eq!(u.bytes, &user[..]);

@@ -18,8 +18,9 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use base64::Engine as _;
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use fieldcrypt::mongo::EncryptedCollection;
-use fieldcrypt::{BlindIndex, Field, InMemoryKeyring, Schema, Suite};
+use fieldcrypt::{BlindIndex, Field, Schema, Suite};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::{keyring_with, stored};
 use futures_util::TryStreamExt;
 use mongodb::event::command::CommandEvent;
 use mongodb::event::EventHandler;
@@ -342,10 +343,7 @@ async fn no_plaintext_or_key_material_in_any_command_reply_or_log() {
     let client = Client::with_options(options).unwrap();
     let db = client.database(&unique_db_name("no_leak"));
 
-    let ring = Arc::new(InMemoryKeyring::new());
-    for alias in ["pii", "det", "idx"] {
-        ring.generate(alias);
-    }
+    let ring = keyring_with(&["pii", "det", "idx"]);
     let acme = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring.clone(),
@@ -561,12 +559,7 @@ async fn no_plaintext_or_key_material_in_any_command_reply_or_log() {
     }
     let hay = Haystack::new(&traffic.parts);
     // The recording holds the documents: a stored ciphertext is in it.
-    let stored = db
-        .collection::<Document>("people")
-        .find_one(doc! { "_id": 50 })
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = stored::<Document>(&db, "people", doc! { "_id": 50 }).await;
     let Some(Bson::Binary(ct)) = stored.get("ssn") else {
         panic!("ssn is not stored encrypted: {stored:?}")
     };

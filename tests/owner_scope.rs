@@ -12,6 +12,7 @@ use fieldcrypt::{
     ArgumentError, BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema,
 };
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::keyring_with;
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::event::command::CommandEvent;
 use mongodb::event::EventHandler;
@@ -67,10 +68,7 @@ async fn ids_of(cursor: fieldcrypt::mongo::EncryptedCursor<'_, Document>) -> Vec
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_handle_never_reaches_another_owners_documents() {
     let (db, sent) = db("owner_scope").await;
-    let ring = Arc::new(InMemoryKeyring::new());
-    for a in ["det", "pii", "idx"] {
-        ring.generate(a);
-    }
+    let ring = keyring_with(&["det", "pii", "idx"]);
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring.clone(),
@@ -208,10 +206,7 @@ async fn a_scoped_handle_never_reaches_another_owners_documents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_a_ciphertext_copied_from_another_owner_does_not_decrypt() {
     let (db, _) = db("owner_copy").await;
-    let ring = Arc::new(InMemoryKeyring::new());
-    for a in ["det", "pii", "idx"] {
-        ring.generate(a);
-    }
+    let ring = keyring_with(&["det", "pii", "idx"]);
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring.clone(),
@@ -271,10 +266,7 @@ async fn fail_a_ciphertext_copied_from_another_owner_does_not_decrypt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unscoped_handles_bind_the_owner_from_the_filter() {
     let (db, _) = db("owner_unscoped").await;
-    let ring = Arc::new(InMemoryKeyring::new());
-    for a in ["det", "pii", "idx"] {
-        ring.generate(a);
-    }
+    let ring = keyring_with(&["det", "pii", "idx"]);
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring.clone(),
@@ -466,10 +458,7 @@ async fn per_tenant_keys_crypto_shred_one_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_update_pipelines_cannot_write_plaintext_or_move_a_document_to_another_owner() {
     let (db, sent) = db("owner_pipeline").await;
-    let ring = Arc::new(InMemoryKeyring::new());
-    for a in ["det", "pii", "idx"] {
-        ring.generate(a);
-    }
+    let ring = keyring_with(&["det", "pii", "idx"]);
     let all = EncryptedCollection::<Document>::new(
         db.collection::<Document>("people"),
         ring.clone(),
