@@ -37,6 +37,7 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
+    keys.watch_aliases(&aliases);
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = context(a.namespace.as_deref());
     let mut reader = Reader::open(a.io.input.input.as_deref())?;
@@ -63,6 +64,9 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
             writer.write(doc)?;
         }
     }
+    // The last batch may have been written while a key was destroyed: the --out file then
+    // never appears. (A destroy after this check still fails the run, in persist_counters.)
+    keys.check_not_destroyed()?;
     writer.finish()?;
     keys.persist_counters()?;
     Ok(Exit::Ok)

@@ -50,6 +50,7 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
+    keys.watch_aliases(&aliases);
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = Context::namespace(a.namespace.clone());
     let client = connect(&a.keys.data_uri()?).await?;

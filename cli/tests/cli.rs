@@ -2538,3 +2538,92 @@ async fn audit_reports_a_document_too_deep_to_walk_and_goes_on() {
         o.stdout
     );
 }
+
+/// Runs `encrypt` under `schema` on stdin, one batch (1,000 documents) and then one more
+/// document; between the two, once the first batch's output is out, rotates `pii` and
+/// destroys the key the run encrypts under. Returns the exit code and stderr.
+fn destroy_between_batches(d: &Path, schema: &str, field: &str) -> (Option<i32>, String) {
+    let old = InMemoryKeyring::load(d.join("keys.json"))
+        .unwrap()
+        .primary("pii")
+        .unwrap()
+        .id();
+    let mut child = Command::new(BIN)
+        .current_dir(d)
+        .args(["encrypt", "--schema", schema, "--keyset", "keys.json"])
+        .env_remove("FIELDCRYPT_KEYSET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Output past the writer's 1 MiB buffer: the first line out means the first batch was
+    // checked and is being written.
+    let value = "v".repeat(2000);
+    let doc = |i: usize| format!("{{\"_id\": {i}, \"{field}\": \"{value}\"}}\n");
+    let first: String = (0..1000).map(doc).collect();
+    let feeder = std::thread::spawn(move || {
+        stdin.write_all(first.as_bytes()).unwrap();
+        stdin
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        let mut seen = false;
+        for line in BufReader::new(stdout).lines() {
+            if line.is_err() {
+                break;
+            }
+            if !seen {
+                seen = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the first batch was written");
+    for args in [
+        vec!["keys", "rotate", "pii", "--keyset", "keys.json"],
+        vec![
+            "keys",
+            "destroy",
+            &old.to_string(),
+            "--keyset",
+            "keys.json",
+            "--force",
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| &**s).collect();
+        let o = run(d, &args, None, &[]);
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+    }
+    let mut stdin = feeder.join().unwrap();
+    stdin.write_all(doc(1000).as_bytes()).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_key_destroyed_between_batches_fails_the_run_random_or_deterministic() {
+    for (schema, field) in [("det.toml", "email"), ("schema.toml", "ssn")] {
+        let dir = workdir();
+        let d = dir.path();
+        std::fs::write(
+            d.join("det.toml"),
+            "[fields.email]\nkey = \"pii\"\ndeterministic = true\n",
+        )
+        .unwrap();
+        let (code, e) = destroy_between_batches(d, schema, field);
+        assert_eq!(code, Some(1), "{schema}: {e}");
+        assert!(
+            e.contains("destroyed while this command ran"),
+            "{schema}: {e}"
+        );
+    }
+}
