@@ -24,6 +24,15 @@ pub(crate) const MAX_DOCUMENT: usize = 16 * 1024 * 1024;
 /// line's size in memory.
 pub(crate) const MAX_LINE: usize = 2 * MAX_DOCUMENT;
 
+/// The most JSON values (fields, array elements, scalars) one input line may hold. The line's
+/// bytes are bounded by [`MAX_LINE`], but a line becomes a JSON tree, a BSON tree, a raw
+/// document and, on output, those again, each costing per value far more than the value's
+/// text (`[0,0,…]`: 2 bytes a value in, several hundred bytes in memory). Counted before
+/// anything is built, so memory is bounded by this count and the line's length: a line of
+/// `MAX_VALUES` small numbers peaks near 330 MB (debug build), where a 32 MiB line of them took
+/// over 3 GB. Documents under MongoDB's 16 MiB rarely hold half a million values.
+pub(crate) const MAX_VALUES: usize = 1 << 19;
+
 /// Where documents come from.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct InArgs {
@@ -169,6 +178,15 @@ fn extend_wiping(buf: &mut Vec<u8>, more: &[u8]) {
 
 /// One line of Extended JSON to a raw document.
 pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
+    if count_values(text) > MAX_VALUES {
+        return Err(CliError::input(
+            line,
+            format!(
+                "more than {MAX_VALUES} values (fields and array elements): refused before parsing, to bound memory (documents of MongoDB's {} MiB rarely hold so many)",
+                MAX_DOCUMENT >> 20
+            ),
+        ));
+    }
     // serde_json and bson errors can quote the input: report the position only.
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| CliError::input(line, format!("not JSON (column {})", e.column())))?;
@@ -187,6 +205,89 @@ pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
     };
     check_size(&doc, line, "the document")?;
     Ok(doc)
+}
+
+/// The number of JSON values in `text`, counting no further than past [`MAX_VALUES`], without
+/// building them (memory: the nesting depth). Malformed JSON counts what came before the
+/// error; the full parse then reports it.
+fn count_values(text: &str) -> usize {
+    let mut n = 0;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let _ = serde::de::DeserializeSeed::deserialize(Count(&mut n), &mut de);
+    n
+}
+
+/// Counts values as serde sees them, failing past [`MAX_VALUES`].
+struct Count<'a>(&'a mut usize);
+
+impl Count<'_> {
+    fn bump<E: serde::de::Error>(&mut self) -> std::result::Result<(), E> {
+        *self.0 += 1;
+        if *self.0 > MAX_VALUES {
+            return Err(E::custom("too many values"));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Count<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Count<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E: serde::de::Error>(mut self, _: bool) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, _: i64) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, _: u64) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, _: f64) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, _: &str) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_unit<E: serde::de::Error>(mut self) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        mut self,
+        mut seq: A,
+    ) -> std::result::Result<(), A::Error> {
+        self.bump()?;
+        while seq.next_element_seed(Count(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        mut self,
+        mut map: A,
+    ) -> std::result::Result<(), A::Error> {
+        self.bump()?;
+        while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            map.next_value_seed(Count(&mut *self.0))?;
+        }
+        Ok(())
+    }
 }
 
 /// Refuses a document over MongoDB's 16 MiB limit (`what` it is, from input `line`).

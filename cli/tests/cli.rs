@@ -2627,3 +2627,36 @@ fn a_key_destroyed_between_batches_fails_the_run_random_or_deterministic() {
         );
     }
 }
+
+#[test]
+fn a_line_of_many_small_values_is_refused_before_it_takes_gigabytes() {
+    let dir = workdir();
+    let d = dir.path();
+    // Just under the 32 MiB line limit, 16 million values: as parsed trees and BSON this
+    // took over 3 GB before the 16 MiB check.
+    let n = (32 << 20) / 2 - 16;
+    let mut line = String::with_capacity(2 * n + 16);
+    line.push_str("{\"_id\": 0}\n{\"a\":[");
+    for _ in 0..n {
+        line.push_str("0,");
+    }
+    line.push_str("0]}\n");
+    std::fs::write(d.join("many.jsonl"), line).unwrap();
+    // Under a 2 GB address-space limit: the old path could not allocate its way to the check.
+    let o = Command::new("sh")
+        .current_dir(d)
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 2097152 && exec '{BIN}' encrypt --schema schema.toml --keyset keys.json --in many.jsonl --out many.out"
+        ))
+        .env_remove("FIELDCRYPT_KEYSET")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("line 2: ") && e.contains("values") && e.contains("16 MiB"),
+        "{e}"
+    );
+    assert!(!d.join("many.out").exists());
+}
