@@ -482,12 +482,25 @@ fn open_output(
     };
     #[cfg(unix)]
     {
-        // The replacement keeps the file's mode and, where we may set it, its group (a
-        // `0640 owner:service` file stays readable by the service).
+        // The replacement keeps the file's mode and group (a `0640 owner:service` file stays
+        // readable by the service) and, run as root, its owner.
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mine = file.metadata().map_err(named)?;
+        let uid = (mine.uid() == 0 && meta.uid() != 0).then_some(meta.uid());
+        let mut mode = mode;
+        // Owner and group first: the old mode must not apply to the caller's group.
+        if (uid.is_some() || mine.gid() != meta.gid())
+            && std::os::unix::fs::fchown(&file, uid, Some(meta.gid())).is_err()
+        {
+            mode &= !0o077;
+            crate::report::warn(&format!(
+                "{}: could not keep the file's group ({}): it is now readable by its owner only",
+                path.display(),
+                meta.gid()
+            ));
+        }
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(named)?;
-        let _ = std::os::unix::fs::fchown(&file, None, Some(meta.gid()));
     }
     #[cfg(not(unix))]
     let _ = plaintext;

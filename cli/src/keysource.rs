@@ -675,14 +675,18 @@ pub(crate) fn change_keyset<T>(
 
 /// Gives a rewritten keyset file the mode and group of the file it replaced (the library
 /// writes a new file owner-only): a `0640 owner:service` keyset stays readable by the service.
+/// Run as root, the owner is kept too.
 fn keep_mode_and_group(path: &Path, before: &std::fs::Metadata) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let f = File::open(path).map_err(|e| in_file(path, Error::Io(e)))?;
+        let now = f.metadata().map_err(|e| in_file(path, Error::Io(e)))?;
+        // Run as root, the owner too: a service's keyset must not become root's.
+        let uid = (now.uid() == 0 && before.uid() != 0).then_some(before.uid());
         // Group first: a mode that lets the group read must not apply to the wrong group.
-        if f.metadata().map_err(|e| in_file(path, Error::Io(e)))?.gid() != before.gid()
-            && std::os::unix::fs::fchown(&f, None, Some(before.gid())).is_err()
+        if (uid.is_some() || now.gid() != before.gid())
+            && std::os::unix::fs::fchown(&f, uid, Some(before.gid())).is_err()
         {
             crate::report::warn(&format!(
                 "{}: could not keep the file's group ({}): it is now the owner's only",

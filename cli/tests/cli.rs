@@ -2660,3 +2660,51 @@ fn a_line_of_many_small_values_is_refused_before_it_takes_gigabytes() {
     );
     assert!(!d.join("many.out").exists());
 }
+
+#[test]
+fn run_as_root_replaced_files_keep_their_owner_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = workdir();
+    let d = dir.path();
+    if std::fs::metadata(d).unwrap().uid() != 0 {
+        return; // only root can give a file to another user
+    }
+    let give = |name: &str| {
+        let p = d.join(name);
+        std::os::unix::fs::chown(&p, Some(12345), Some(54321)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    };
+    let owned = |name: &str| {
+        let m = std::fs::metadata(d.join(name)).unwrap();
+        (m.uid(), m.gid(), m.permissions().mode() & 0o777)
+    };
+    give("keys.json");
+    let o = run(
+        d,
+        &["keys", "rotate", "pii", "--keyset", "keys.json"],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(owned("keys.json"), (12345, 54321, 0o640));
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "sealed.jsonl",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    std::fs::write(d.join("plain.jsonl"), "old\n").unwrap();
+    give("plain.jsonl");
+    let o = decrypt_to(d, "sealed.jsonl", "plain.jsonl", &["--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(owned("plain.jsonl"), (12345, 54321, 0o640));
+}
