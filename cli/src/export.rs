@@ -125,7 +125,17 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
             break;
         }
     }
-    writer.finish()?;
+    match (&a.dest.output, interrupted) {
+        // A partial export never takes the place of the file (or of its absence).
+        (Some(p), true) => {
+            writer.discard();
+            report::warn(&format!(
+                "interrupted: the partial export was discarded and {} left as it was; run the command again to export",
+                p.display()
+            ));
+        }
+        _ => writer.finish()?,
+    }
     progress.finish();
     if a.out.json {
         let summary = json!({ "event": "summary", "namespace": a.namespace, "written": written, "decrypted": a.decrypt, "complete": !interrupted });

@@ -351,6 +351,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Drops what was written: an `--out` file's temporary file is removed, and the file it
+    /// was to replace (or its absence) is left as it was.
+    pub(crate) fn discard(self) {
+        drop(self);
+    }
+
     /// Flushes, and moves an `--out` file into place.
     pub(crate) fn finish(mut self) -> Result<()> {
         self.out.flush()?;
@@ -374,6 +380,18 @@ struct Pending {
 }
 
 impl Pending {
+    /// A pending output file, removed if Ctrl-C ends the process.
+    fn new(tmp: PathBuf, target: &Path, replace: bool, sync: File) -> Pending {
+        crate::cleanup::register(&tmp);
+        Pending {
+            tmp,
+            target: target.to_owned(),
+            replace,
+            sync,
+            committed: false,
+        }
+    }
+
     fn commit(mut self) -> Result<()> {
         let named = |e: io::Error| CliError::file(&self.target, e);
         self.sync.sync_all().map_err(named)?;
@@ -407,6 +425,7 @@ impl Drop for Pending {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+        crate::cleanup::unregister(&self.tmp);
     }
 }
 
@@ -431,16 +450,7 @@ fn open_output(
     let Some(meta) = existing else {
         let (file, tmp) = create_temp(path, 0o600).map_err(named)?;
         let sync = file.try_clone().map_err(named)?;
-        return Ok((
-            file,
-            Some(Pending {
-                tmp,
-                target: path.to_owned(),
-                replace: false,
-                sync,
-                committed: false,
-            }),
-        ));
+        return Ok((file, Some(Pending::new(tmp, path, false, sync))));
     };
     if meta.file_type().is_symlink() {
         return Err(CliError::file(path, "a symbolic link; fieldcrypt does not write through one (give the path of the file itself)"));
@@ -473,13 +483,7 @@ fn open_output(
     }
     let (file, tmp) = create_temp(path, mode).map_err(named)?;
     let sync = file.try_clone().map_err(named)?;
-    let pending = Pending {
-        tmp,
-        target: path.to_owned(),
-        replace: true,
-        sync,
-        committed: false,
-    };
+    let pending = Pending::new(tmp, path, true, sync);
     #[cfg(unix)]
     {
         // The replacement keeps the file's mode and group (a `0640 owner:service` file stays

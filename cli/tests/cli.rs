@@ -2708,3 +2708,110 @@ fn run_as_root_replaced_files_keep_their_owner_group_and_mode() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(owned("plain.jsonl"), (12345, 54321, 0o640));
 }
+
+/// Sends SIGINT (Ctrl-C) to a child process.
+fn interrupt(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Waits until `d` holds a temporary output file.
+fn wait_for_temp_file(d: &Path) {
+    for _ in 0..3000 {
+        if !leftovers(d).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("no temporary file appeared");
+}
+
+#[test]
+fn ctrl_c_removes_the_temporary_output_file() {
+    for command in ["encrypt", "decrypt"] {
+        let dir = workdir();
+        let d = dir.path();
+        let mut args = vec!["--keyset", "keys.json", "--out", "out.jsonl"];
+        if command == "encrypt" {
+            args.extend(["--schema", "schema.toml"]);
+        }
+        let mut child = Command::new(BIN)
+            .current_dir(d)
+            .arg(command)
+            .args(&args)
+            .env_remove("FIELDCRYPT_KEYSET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The input stays open: the command waits for more, its output under a temporary name.
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"{\"_id\": 1}\n").unwrap();
+        wait_for_temp_file(d);
+        interrupt(&child);
+        let o = child.wait_with_output().unwrap();
+        drop(stdin);
+        assert_eq!(
+            o.status.code(),
+            Some(130),
+            "{command}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(leftovers(d), Vec::<String>::new(), "{command}");
+        assert!(!d.join("out.jsonl").exists(), "{command}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_export_never_replaces_the_out_file() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.many", unique_db_name("cli_export_interrupt"));
+    let (db, coll) = ns.split_once('.').unwrap();
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let pad = "p".repeat(1000);
+    let docs: Vec<Document> = (0..50_000)
+        .map(|i| doc! { "_id": i, "pad": pad.as_str() })
+        .collect();
+    client
+        .database(db)
+        .collection::<Document>(coll)
+        .insert_many(docs)
+        .await
+        .unwrap();
+    std::fs::write(d.join("old.jsonl"), "the old export\n").unwrap();
+    let child = Command::new(BIN)
+        .current_dir(&d)
+        .args([
+            "export",
+            "--namespace",
+            &ns,
+            "--out",
+            "old.jsonl",
+            "--force",
+        ])
+        .env("MONGODB_URI", &uri)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_temp_file(&d);
+    interrupt(&child);
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    let kept = std::fs::read_to_string(d.join("old.jsonl")).unwrap();
+    assert!(
+        kept == "the old export\n",
+        "replaced by {} bytes: {e}",
+        kept.len()
+    );
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(e.contains("partial export was discarded"), "{e}");
+    assert_eq!(leftovers(&d), Vec::<String>::new());
+}
