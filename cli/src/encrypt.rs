@@ -49,15 +49,16 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
         }
         // Refreshes a key vault's cache and usage lease (no-op for files).
         keys.source.prefetch_aliases(&aliases).await?;
-        let mut sealed = Vec::with_capacity(batch.len());
-        for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
+        let results = cryptor.encrypt_many(&batch, &ctx);
+        // The input's plaintext: wiped, not just freed (before any error returns).
+        wipe(batch);
+        let mut sealed = Vec::with_capacity(results.len());
+        for (i, r) in results.into_iter().enumerate() {
             let line = reader.line_of(i);
             let doc = r.map_err(|e| CliError::input(line, format!("{e}")))?;
             check_size(&doc, line, "the encrypted document")?;
             sealed.push(doc);
         }
-        // The input's plaintext: wiped, not just freed.
-        wipe(batch);
         // Nothing leaves the process before its random nonces are recorded.
         keys.reserve_used()?;
         for doc in &sealed {

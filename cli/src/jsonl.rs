@@ -305,6 +305,11 @@ pub(crate) fn check_size(doc: &RawDocument, line: usize, what: &str) -> Result<(
     Ok(())
 }
 
+/// Wipes the documents left in decryption results, once one failed: they hold plaintext.
+pub(crate) fn wipe_results<E>(rest: impl Iterator<Item = std::result::Result<RawDocumentBuf, E>>) {
+    wipe(rest.filter_map(std::result::Result::ok).collect());
+}
+
 /// Wipes documents that may hold plaintext instead of only freeing them.
 pub(crate) fn wipe(docs: Vec<RawDocumentBuf>) {
     for d in docs {
@@ -405,19 +410,58 @@ impl Pending {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     return Err(exists(&self.target));
                 }
-                // A file system without hard links: the name was free a moment ago.
-                Err(_) => std::fs::rename(&self.tmp, &self.target).map_err(named)?,
+                // A file system without hard links: a rename would replace a file created
+                // there meanwhile, so copy into a new file instead (not atomic for readers,
+                // but never over someone else's file).
+                Err(_) => {
+                    copy_to_new(&self.tmp, &self.target)?;
+                    let _ = std::fs::remove_file(&self.tmp);
+                }
             }
         }
         self.committed = true;
-        if let Some(dir) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Make the rename durable; not every platform can open a directory.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        // Make the new name durable; not every platform can open a directory.
+        let dir = match self.target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
         }
         Ok(())
     }
+}
+
+/// Copies `tmp` into `target`, which must not exist (created exclusively, with `tmp`'s mode);
+/// a failed copy removes what it created.
+fn copy_to_new(tmp: &Path, target: &Path) -> Result<()> {
+    let named = |e: io::Error| CliError::file(target, e);
+    let mut from = File::open(tmp).map_err(named)?;
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = from.metadata().map_err(named)?.permissions().mode();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode & 0o600);
+    }
+    let mut to = match opts.open(target) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists(target)),
+        Err(e) => return Err(named(e)),
+    };
+    let copied = io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
+    #[cfg(unix)]
+    let copied = copied.and_then(|()| {
+        let m = from.metadata()?;
+        to.set_permissions(m.permissions())
+    });
+    if let Err(e) = copied {
+        drop(to);
+        let _ = std::fs::remove_file(target);
+        return Err(named(e));
+    }
+    Ok(())
 }
 
 impl Drop for Pending {
@@ -455,9 +499,7 @@ fn open_output(
     if meta.file_type().is_symlink() {
         return Err(CliError::file(path, "a symbolic link; fieldcrypt does not write through one (give the path of the file itself)"));
     }
-    if !force {
-        return Err(exists(path));
-    }
+    // Before the --force advice, which would not help.
     if let Some(input) = input {
         if same_file(&meta, input) {
             return Err(CliError::file(
@@ -465,6 +507,9 @@ fn open_output(
                 "the same file as the input; write to another file (and rename it afterwards)",
             ));
         }
+    }
+    if !force {
+        return Err(exists(path));
     }
     if !meta.is_file() {
         let f = OpenOptions::new().write(true).open(path).map_err(named)?;

@@ -2815,3 +2815,37 @@ async fn an_interrupted_export_never_replaces_the_out_file() {
     assert!(e.contains("partial export was discarded"), "{e}");
     assert_eq!(leftovers(&d), Vec::<String>::new());
 }
+
+#[test]
+fn out_same_as_in_is_named_as_such_even_without_force() {
+    let dir = workdir();
+    let d = dir.path();
+    std::fs::write(d.join("people.jsonl"), PEOPLE).unwrap();
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--in",
+            "people.jsonl",
+            "--out",
+            "people.jsonl",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    // Not "give --force", which would not help.
+    assert!(
+        o.stderr.contains("the same file as the input"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("people.jsonl")).unwrap(),
+        PEOPLE
+    );
+}
