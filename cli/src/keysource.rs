@@ -31,6 +31,9 @@ use crate::error::{CliError, Result};
 /// The environment variable holding a keyset (base64 of its JSON).
 pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
 
+/// The environment variable holding the key vault's connection string (`--key-vault-uri`).
+pub(crate) const KEY_VAULT_URI_ENV: &str = "FIELDCRYPT_KEY_VAULT_URI";
+
 /// Key and connection options, shared by every command that needs keys or a server.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct KeyArgs {
@@ -43,9 +46,15 @@ pub(crate) struct KeyArgs {
     /// --uri / MONGODB_URI.
     #[arg(long, value_name = "FILE")]
     pub uri_file: Option<PathBuf>,
-    /// The key vault's cluster, when not the data cluster (no password: see --uri).
-    #[arg(long, hide_env_values = true)]
+    /// The key vault's cluster, when not the data cluster. Refused on the command line when it
+    /// holds a password: give such a URI in the environment variable FIELDCRYPT_KEY_VAULT_URI
+    /// or with --key-vault-uri-file.
+    #[arg(long, env = KEY_VAULT_URI_ENV, hide_env_values = true)]
     pub key_vault_uri: Option<String>,
+    /// Read the key vault's connection string from this file (its first line), instead of
+    /// --key-vault-uri / FIELDCRYPT_KEY_VAULT_URI.
+    #[arg(long, value_name = "FILE")]
+    pub key_vault_uri_file: Option<PathBuf>,
     /// The key vault collection, `database.collection`.
     #[arg(long, default_value = DEFAULT_KEY_VAULT_NAMESPACE)]
     pub key_vault_namespace: String,
@@ -71,17 +80,10 @@ impl KeyArgs {
 
     /// The data cluster's URI, if any: from `--uri-file`, else `--uri` / `MONGODB_URI`.
     fn uri_value(&self) -> Result<Option<String>> {
-        let Some(f) = &self.uri_file else {
-            return Ok(self.uri.clone());
-        };
-        let text = zeroize::Zeroizing::new(
-            std::fs::read_to_string(f).map_err(|e| in_file(f, Error::Io(e)))?,
-        );
-        let uri = text.lines().next().unwrap_or_default().trim();
-        if uri.is_empty() {
-            return Err(CliError::file(f, "no connection string in the file"));
+        match &self.uri_file {
+            Some(f) => uri_from_file(f).map(Some),
+            None => Ok(self.uri.clone()),
         }
-        Ok(Some(uri.to_owned()))
     }
 
     fn master(&self) -> Result<LocalKek> {
@@ -97,6 +99,9 @@ impl KeyArgs {
     }
 
     fn vault_uri(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.key_vault_uri_file {
+            return uri_from_file(f).map(Some);
+        }
         match &self.key_vault_uri {
             Some(u) => Ok(Some(u.clone())),
             None => self.uri_value(),
@@ -110,9 +115,21 @@ impl KeyArgs {
     }
 }
 
+/// A connection string from the first line of a file.
+fn uri_from_file(f: &Path) -> Result<String> {
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(f).map_err(|e| in_file(f, Error::Io(e)))?);
+    let uri = text.lines().next().unwrap_or_default().trim();
+    if uri.is_empty() {
+        return Err(CliError::file(f, "no connection string in the file"));
+    }
+    Ok(uri.to_owned())
+}
+
 /// Refuses a connection string with a password on the command line (`--uri`,
 /// `--key-vault-uri`, any command): other users of the machine can read it (`ps`,
-/// `/proc/<pid>/cmdline`). The environment and `--uri-file` are the places for one.
+/// `/proc/<pid>/cmdline`). The environment and `--uri-file` / `--key-vault-uri-file` are the
+/// places for one.
 pub(crate) fn refuse_password_in_args() -> Result<()> {
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
@@ -126,7 +143,7 @@ pub(crate) fn refuse_password_in_args() -> Result<()> {
             };
             if value.is_some_and(has_password) {
                 return Err(CliError::Refused(format!(
-                    "{flag} holds a password, which every user of this machine can read on the command line: give the connection string in MONGODB_URI or a file (--uri-file FILE)"
+                    "{flag} holds a password, which every user of this machine can read on the command line: give connection strings in the environment (MONGODB_URI, {KEY_VAULT_URI_ENV}) or in files (--uri-file FILE, --key-vault-uri-file FILE)"
                 )));
             }
         }

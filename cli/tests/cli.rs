@@ -2495,6 +2495,45 @@ async fn a_uri_with_a_password_comes_from_a_file_or_the_environment_only() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(stored(&uri, &ns).await.len(), 2);
+    // The key vault's too, from a file or its environment variable; the message names them.
+    let o = run(
+        &d,
+        &[
+            "keys",
+            "list",
+            "--key-vault-uri",
+            "mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+        None,
+        &[],
+    );
+    assert!(
+        o.stderr.contains("--key-vault-uri-file") && o.stderr.contains("FIELDCRYPT_KEY_VAULT_URI"),
+        "{}",
+        o.stderr
+    );
+    let master = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 96]);
+    let vault_ns = format!("{}.datakeys", unique_db_name("cli_vault_uri"));
+    let create = |how: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["keys", "create", "pii", "--key-vault-namespace", &vault_ns];
+        args.extend_from_slice(how);
+        let mut env = env.to_vec();
+        env.push(("FIELDCRYPT_MASTER_KEY", &master));
+        run(&d, &args, None, &env)
+    };
+    let o = create(&["--key-vault-uri-file", "uri.txt"], &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = run(
+        &d,
+        &["keys", "list", "--key-vault-namespace", &vault_ns, "--json"],
+        None,
+        &[("FIELDCRYPT_KEY_VAULT_URI", &uri)],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("pii"), "{}", o.stdout);
+    // Nothing given: no key vault.
+    let o = create(&[], &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
