@@ -102,13 +102,23 @@ pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
 /// Handles Ctrl-C for the whole run, from before the command starts: the first sets the
 /// command's [`interrupt_flag`], if it has one, so that it stops after the current batch;
 /// otherwise, and at the second, the process ends with exit code 130 after removing its
-/// temporary output files (which may hold plaintext).
+/// temporary output files (which may hold plaintext). `SIGTERM` removes them too, and ends
+/// the process at once with 143 (128 + 15, as the signal would).
 ///
 /// # Errors
 /// When the signal handler cannot be installed.
 pub(crate) fn handle_interrupts() -> std::io::Result<()> {
     #[cfg(unix)]
     let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            if term.recv().await.is_some() {
+                crate::cleanup::remove_all_and_exit(143);
+            }
+        });
+    }
     tokio::spawn(async move {
         loop {
             #[cfg(unix)]

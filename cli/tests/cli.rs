@@ -2750,8 +2750,13 @@ fn run_as_root_replaced_files_keep_their_owner_group_and_mode() {
 
 /// Sends SIGINT (Ctrl-C) to a child process.
 fn interrupt(child: &std::process::Child) {
+    signal(child, "-INT");
+}
+
+/// Sends a signal (`-INT`, `-TERM`) to a child process.
+fn signal(child: &std::process::Child, which: &str) {
     let ok = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([which, &child.id().to_string()])
         .status()
         .unwrap()
         .success();
@@ -2770,8 +2775,12 @@ fn wait_for_temp_file(d: &Path) {
 }
 
 #[test]
-fn ctrl_c_removes_the_temporary_output_file() {
-    for command in ["encrypt", "decrypt"] {
+fn ctrl_c_and_sigterm_remove_the_temporary_output_file() {
+    for (command, which, code) in [
+        ("encrypt", "-INT", 130),
+        ("decrypt", "-INT", 130),
+        ("decrypt", "-TERM", 143),
+    ] {
         let dir = workdir();
         let d = dir.path();
         let mut args = vec!["--keyset", "keys.json", "--out", "out.jsonl"];
@@ -2792,12 +2801,12 @@ fn ctrl_c_removes_the_temporary_output_file() {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(b"{\"_id\": 1}\n").unwrap();
         wait_for_temp_file(d);
-        interrupt(&child);
+        signal(&child, which);
         let o = child.wait_with_output().unwrap();
         drop(stdin);
         assert_eq!(
             o.status.code(),
-            Some(130),
+            Some(code),
             "{command}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
