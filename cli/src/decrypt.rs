@@ -7,7 +7,7 @@ use fieldcrypt::{Cryptor, Schema};
 
 use crate::common::{context, document_error, load_schema, referenced, BATCH};
 use crate::error::Result;
-use crate::jsonl::{wipe, IoArgs, Reader, Writer};
+use crate::jsonl::{wipe, wipe_results, IoArgs, Reader, Writer};
 use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;
 
@@ -51,17 +51,27 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
             break;
         }
         keys.source.prefetch_ids(&referenced(&batch)?).await?;
-        for (i, r) in cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate() {
-            let doc = r.map_err(|e| {
-                document_error(
-                    &format!("line {}", reader.line_of(i)),
-                    e,
-                    "decrypt it without --namespace",
-                )
-            })?;
-            writer.write(&doc)?;
-            // Decrypted: wiped once written.
-            wipe(vec![doc]);
+        let mut results = cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate();
+        while let Some((i, r)) = results.next() {
+            let written = r
+                .map_err(|e| {
+                    document_error(
+                        &format!("line {}", reader.line_of(i)),
+                        e,
+                        "decrypt it without --namespace",
+                    )
+                })
+                .and_then(|doc| {
+                    let w = writer.write(&doc);
+                    // Decrypted: wiped once written.
+                    wipe(vec![doc]);
+                    w
+                });
+            if let Err(e) = written {
+                // The batch's other plaintexts, not just freed.
+                wipe_results(results.map(|(_, r)| r));
+                return Err(e);
+            }
         }
     }
     writer.finish()?;

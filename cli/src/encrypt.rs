@@ -37,6 +37,7 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
+    keys.watch_aliases(&aliases);
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = context(a.namespace.as_deref());
     let mut reader = Reader::open(a.io.input.input.as_deref())?;
@@ -48,21 +49,25 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
         }
         // Refreshes a key vault's cache and usage lease (no-op for files).
         keys.source.prefetch_aliases(&aliases).await?;
-        let mut sealed = Vec::with_capacity(batch.len());
-        for (i, r) in cryptor.encrypt_many(&batch, &ctx).into_iter().enumerate() {
+        let results = cryptor.encrypt_many(&batch, &ctx);
+        // The input's plaintext: wiped, not just freed (before any error returns).
+        wipe(batch);
+        let mut sealed = Vec::with_capacity(results.len());
+        for (i, r) in results.into_iter().enumerate() {
             let line = reader.line_of(i);
             let doc = r.map_err(|e| CliError::input(line, format!("{e}")))?;
             check_size(&doc, line, "the encrypted document")?;
             sealed.push(doc);
         }
-        // The input's plaintext: wiped, not just freed.
-        wipe(batch);
         // Nothing leaves the process before its random nonces are recorded.
         keys.reserve_used()?;
         for doc in &sealed {
             writer.write(doc)?;
         }
     }
+    // The last batch may have been written while a key was destroyed: the --out file then
+    // never appears. (A destroy after this check still fails the run, in persist_counters.)
+    keys.check_not_destroyed()?;
     writer.finish()?;
     keys.persist_counters()?;
     Ok(Exit::Ok)

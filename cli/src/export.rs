@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::common::{document_error, load_schema, referenced, split_namespace, BATCH};
 use crate::error::Result;
-use crate::jsonl::{OutArgs, Writer};
+use crate::jsonl::{wipe, wipe_results, OutArgs, Writer};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -97,15 +97,27 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         match (&cryptor, &keys) {
             (Some(c), Some(k)) => {
                 k.source.prefetch_ids(&referenced(&batch)?).await?;
-                for (i, r) in c.decrypt_many(&batch, &ctx).into_iter().enumerate() {
-                    let d = r.map_err(|e| {
-                        document_error(
-                            &format!("document {}", written + i as u64 + 1),
-                            e,
-                            "use --no-namespace-binding",
-                        )
-                    })?;
-                    writer.write(&d)?;
+                let mut results = c.decrypt_many(&batch, &ctx).into_iter().enumerate();
+                while let Some((i, r)) = results.next() {
+                    let out = r
+                        .map_err(|e| {
+                            document_error(
+                                &format!("document {}", written + i as u64 + 1),
+                                e,
+                                "use --no-namespace-binding",
+                            )
+                        })
+                        .and_then(|d| {
+                            let w = writer.write(&d);
+                            // Decrypted: wiped once written.
+                            wipe(vec![d]);
+                            w
+                        });
+                    if let Err(e) = out {
+                        // The batch's other plaintexts, not just freed.
+                        wipe_results(results.map(|(_, r)| r));
+                        return Err(e);
+                    }
                 }
             }
             _ => {
@@ -125,7 +137,17 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
             break;
         }
     }
-    writer.finish()?;
+    match (&a.dest.output, interrupted) {
+        // A partial export never takes the place of the file (or of its absence).
+        (Some(p), true) => {
+            writer.discard();
+            report::warn(&format!(
+                "interrupted: the partial export was discarded and {} left as it was; run the command again to export",
+                p.display()
+            ));
+        }
+        _ => writer.finish()?,
+    }
     progress.finish();
     if a.out.json {
         let summary = json!({ "event": "summary", "namespace": a.namespace, "written": written, "decrypted": a.decrypt, "complete": !interrupted });

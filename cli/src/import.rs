@@ -50,6 +50,7 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
     keys.source.prefetch_aliases(&aliases).await?;
     schema.check_keys(keys.source.as_ref())?;
+    keys.watch_aliases(&aliases);
     let cryptor = Cryptor::new(keys.source.clone(), schema);
     let ctx = Context::namespace(a.namespace.clone());
     let client = connect(&a.keys.data_uri()?).await?;
@@ -103,16 +104,11 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
         keys.reserve_used()
             .map_err(|e| stopped(e, a.skip + inserted))?;
         if let Err(e) = collection.insert_many(sealed).await {
-            // Ordered inserts stop at the first failure: what came before it is in.
-            let partial = match e.kind.as_ref() {
-                mongodb::error::ErrorKind::InsertMany(m) => m
-                    .write_errors
-                    .as_deref()
-                    .and_then(|w| w.iter().map(|w| w.index).min())
-                    .map_or(0, |i| i as u64),
-                _ => 0,
-            };
-            return Err(stopped(e.into(), a.skip + inserted + partial));
+            let done = a.skip + inserted;
+            return Err(match inserted_before(&e) {
+                Some(partial) => stopped(e.into(), done + partial),
+                None => stopped_uncertain(e.into(), done, n),
+            });
         }
         inserted += n;
         progress.update(inserted, None, "inserted", json!({ "inserted": inserted }));
@@ -141,6 +137,32 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     Ok(Exit::Ok)
 }
 
+/// How many documents of a failed ordered `insert_many` are in the collection, when the
+/// error says: the index of its first write error (the driver numbers them across the
+/// batches it splits the call into, and an ordered insert stops at the first). `None` for
+/// any other error — a write-concern error, a network error, an error after the driver sent
+/// part of the documents — where some, all or none of them may be in.
+fn inserted_before(e: &mongodb::error::Error) -> Option<u64> {
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
+            .write_errors
+            .as_deref()
+            .and_then(|w| w.iter().map(|w| w.index).min())
+            .map(|i| i as u64),
+        _ => None,
+    }
+}
+
+/// An error that stopped an import in the middle of inserting `batch` documents, after the
+/// first `done` of the input (counting `--skip`): how many of the batch are in is not known.
+fn stopped_uncertain(e: CliError, done: u64, batch: u64) -> CliError {
+    let text = e.to_string();
+    let most = done + batch;
+    CliError::Usage(format!(
+        "{text}; at least the first {done} and at most the first {most} document(s) of the input are in the collection (the server did not say how many of the last {batch}): documents with an `_id` can be resumed safely with --skip {done} (those already in are refused as duplicates; resume past them with the --skip that error prints); documents without one would be inserted twice, so check the collection first"
+    ))
+}
+
 /// An error that stopped an import, saying how many documents of the input are in the
 /// collection (`done`, counting `--skip`) and how to go on without inserting them twice.
 fn stopped(e: CliError, done: u64) -> CliError {
@@ -151,4 +173,48 @@ fn stopped(e: CliError, done: u64) -> CliError {
     CliError::Usage(format!(
         "{text}; the first {done} document(s) of the input are in the collection: fix the input and resume with --skip {done}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_uncertain_count_gives_both_bounds_and_no_plain_resume_point() {
+        let m = stopped_uncertain(CliError::Usage("write concern error".into()), 3000, 1000)
+            .to_string();
+        assert!(m.starts_with("write concern error; at least the first 3000 and at most the first 4000 document(s)"), "{m}");
+        assert!(
+            m.contains("with an `_id` can be resumed safely with --skip 3000"),
+            "{m}"
+        );
+        assert!(m.contains("without one would be inserted twice"), "{m}");
+        assert!(!m.contains("resume with --skip"), "{m}");
+        // Nothing in before the batch: still says the batch may be.
+        let m = stopped_uncertain(CliError::Usage("network".into()), 0, 2).to_string();
+        assert!(
+            m.contains("at least the first 0 and at most the first 2"),
+            "{m}"
+        );
+    }
+
+    fn insert_many_error(fields: bson::Document) -> mongodb::error::Error {
+        let e: mongodb::error::InsertManyError = bson::from_document(fields).unwrap();
+        mongodb::error::ErrorKind::InsertMany(e).into()
+    }
+
+    #[test]
+    fn only_write_errors_without_a_write_concern_error_give_an_exact_count() {
+        let dup = bson::doc! { "index": 1500_i64, "code": 11000, "errmsg": "E11000" };
+        let e = insert_many_error(bson::doc! { "writeErrors": [dup.clone()] });
+        assert_eq!(inserted_before(&e), Some(1500));
+        let wc = bson::doc! { "code": 64, "errmsg": "waiting for replication timed out" };
+        let e =
+            insert_many_error(bson::doc! { "writeErrors": [dup], "writeConcernError": wc.clone() });
+        assert_eq!(inserted_before(&e), None);
+        let e = insert_many_error(bson::doc! { "writeConcernError": wc });
+        assert_eq!(inserted_before(&e), None);
+        let e = mongodb::error::Error::custom("a network error");
+        assert_eq!(inserted_before(&e), None);
+    }
 }

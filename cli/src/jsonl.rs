@@ -24,6 +24,15 @@ pub(crate) const MAX_DOCUMENT: usize = 16 * 1024 * 1024;
 /// line's size in memory.
 pub(crate) const MAX_LINE: usize = 2 * MAX_DOCUMENT;
 
+/// The most JSON values (fields, array elements, scalars) one input line may hold. The line's
+/// bytes are bounded by [`MAX_LINE`], but a line becomes a JSON tree, a BSON tree, a raw
+/// document and, on output, those again, each costing per value far more than the value's
+/// text (`[0,0,…]`: 2 bytes a value in, several hundred bytes in memory). Counted before
+/// anything is built, so memory is bounded by this count and the line's length: a line of
+/// `MAX_VALUES` small numbers peaks near 330 MB (debug build), where a 32 MiB line of them took
+/// over 3 GB. Documents under MongoDB's 16 MiB rarely hold half a million values.
+pub(crate) const MAX_VALUES: usize = 1 << 19;
+
 /// Where documents come from.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct InArgs {
@@ -169,6 +178,15 @@ fn extend_wiping(buf: &mut Vec<u8>, more: &[u8]) {
 
 /// One line of Extended JSON to a raw document.
 pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
+    if count_values(text) > MAX_VALUES {
+        return Err(CliError::input(
+            line,
+            format!(
+                "more than {MAX_VALUES} values (fields and array elements): refused before parsing, to bound memory (documents of MongoDB's {} MiB rarely hold so many)",
+                MAX_DOCUMENT >> 20
+            ),
+        ));
+    }
     // serde_json and bson errors can quote the input: report the position only.
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| CliError::input(line, format!("not JSON (column {})", e.column())))?;
@@ -189,6 +207,89 @@ pub(crate) fn parse_line(text: &str, line: usize) -> Result<RawDocumentBuf> {
     Ok(doc)
 }
 
+/// The number of JSON values in `text`, counting no further than past [`MAX_VALUES`], without
+/// building them (memory: the nesting depth). Malformed JSON counts what came before the
+/// error; the full parse then reports it.
+fn count_values(text: &str) -> usize {
+    let mut n = 0;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let _ = serde::de::DeserializeSeed::deserialize(Count(&mut n), &mut de);
+    n
+}
+
+/// Counts values as serde sees them, failing past [`MAX_VALUES`].
+struct Count<'a>(&'a mut usize);
+
+impl Count<'_> {
+    fn bump<E: serde::de::Error>(&mut self) -> std::result::Result<(), E> {
+        *self.0 += 1;
+        if *self.0 > MAX_VALUES {
+            return Err(E::custom("too many values"));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Count<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Count<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E: serde::de::Error>(mut self, _: bool) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, _: i64) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, _: u64) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, _: f64) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, _: &str) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_unit<E: serde::de::Error>(mut self) -> std::result::Result<(), E> {
+        self.bump()
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        mut self,
+        mut seq: A,
+    ) -> std::result::Result<(), A::Error> {
+        self.bump()?;
+        while seq.next_element_seed(Count(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        mut self,
+        mut map: A,
+    ) -> std::result::Result<(), A::Error> {
+        self.bump()?;
+        while map.next_key::<serde::de::IgnoredAny>()?.is_some() {
+            map.next_value_seed(Count(&mut *self.0))?;
+        }
+        Ok(())
+    }
+}
+
 /// Refuses a document over MongoDB's 16 MiB limit (`what` it is, from input `line`).
 pub(crate) fn check_size(doc: &RawDocument, line: usize, what: &str) -> Result<()> {
     let n = doc.as_bytes().len();
@@ -202,6 +303,11 @@ pub(crate) fn check_size(doc: &RawDocument, line: usize, what: &str) -> Result<(
         ));
     }
     Ok(())
+}
+
+/// Wipes the documents left in decryption results, once one failed: they hold plaintext.
+pub(crate) fn wipe_results<E>(rest: impl Iterator<Item = std::result::Result<RawDocumentBuf, E>>) {
+    wipe(rest.filter_map(std::result::Result::ok).collect());
 }
 
 /// Wipes documents that may hold plaintext instead of only freeing them.
@@ -250,6 +356,12 @@ impl Writer {
         Ok(())
     }
 
+    /// Drops what was written: an `--out` file's temporary file is removed, and the file it
+    /// was to replace (or its absence) is left as it was.
+    pub(crate) fn discard(self) {
+        drop(self);
+    }
+
     /// Flushes, and moves an `--out` file into place.
     pub(crate) fn finish(mut self) -> Result<()> {
         self.out.flush()?;
@@ -273,6 +385,18 @@ struct Pending {
 }
 
 impl Pending {
+    /// A pending output file, removed if Ctrl-C ends the process.
+    fn new(tmp: PathBuf, target: &Path, replace: bool, sync: File) -> Pending {
+        crate::cleanup::register(&tmp);
+        Pending {
+            tmp,
+            target: target.to_owned(),
+            replace,
+            sync,
+            committed: false,
+        }
+    }
+
     fn commit(mut self) -> Result<()> {
         let named = |e: io::Error| CliError::file(&self.target, e);
         self.sync.sync_all().map_err(named)?;
@@ -286,19 +410,58 @@ impl Pending {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     return Err(exists(&self.target));
                 }
-                // A file system without hard links: the name was free a moment ago.
-                Err(_) => std::fs::rename(&self.tmp, &self.target).map_err(named)?,
+                // A file system without hard links: a rename would replace a file created
+                // there meanwhile, so copy into a new file instead (not atomic for readers,
+                // but never over someone else's file).
+                Err(_) => {
+                    copy_to_new(&self.tmp, &self.target)?;
+                    let _ = std::fs::remove_file(&self.tmp);
+                }
             }
         }
         self.committed = true;
-        if let Some(dir) = self.target.parent().filter(|d| !d.as_os_str().is_empty()) {
-            // Make the rename durable; not every platform can open a directory.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        // Make the new name durable; not every platform can open a directory.
+        let dir = match self.target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
         }
         Ok(())
     }
+}
+
+/// Copies `tmp` into `target`, which must not exist (created exclusively, with `tmp`'s mode);
+/// a failed copy removes what it created.
+fn copy_to_new(tmp: &Path, target: &Path) -> Result<()> {
+    let named = |e: io::Error| CliError::file(target, e);
+    let mut from = File::open(tmp).map_err(named)?;
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = from.metadata().map_err(named)?.permissions().mode();
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode & 0o600);
+    }
+    let mut to = match opts.open(target) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists(target)),
+        Err(e) => return Err(named(e)),
+    };
+    let copied = io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
+    #[cfg(unix)]
+    let copied = copied.and_then(|()| {
+        let m = from.metadata()?;
+        to.set_permissions(m.permissions())
+    });
+    if let Err(e) = copied {
+        drop(to);
+        let _ = std::fs::remove_file(target);
+        return Err(named(e));
+    }
+    Ok(())
 }
 
 impl Drop for Pending {
@@ -306,6 +469,7 @@ impl Drop for Pending {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
+        crate::cleanup::unregister(&self.tmp);
     }
 }
 
@@ -330,23 +494,12 @@ fn open_output(
     let Some(meta) = existing else {
         let (file, tmp) = create_temp(path, 0o600).map_err(named)?;
         let sync = file.try_clone().map_err(named)?;
-        return Ok((
-            file,
-            Some(Pending {
-                tmp,
-                target: path.to_owned(),
-                replace: false,
-                sync,
-                committed: false,
-            }),
-        ));
+        return Ok((file, Some(Pending::new(tmp, path, false, sync))));
     };
     if meta.file_type().is_symlink() {
         return Err(CliError::file(path, "a symbolic link; fieldcrypt does not write through one (give the path of the file itself)"));
     }
-    if !force {
-        return Err(exists(path));
-    }
+    // Before the --force advice, which would not help.
     if let Some(input) = input {
         if same_file(&meta, input) {
             return Err(CliError::file(
@@ -354,6 +507,9 @@ fn open_output(
                 "the same file as the input; write to another file (and rename it afterwards)",
             ));
         }
+    }
+    if !force {
+        return Err(exists(path));
     }
     if !meta.is_file() {
         let f = OpenOptions::new().write(true).open(path).map_err(named)?;
@@ -372,21 +528,28 @@ fn open_output(
     }
     let (file, tmp) = create_temp(path, mode).map_err(named)?;
     let sync = file.try_clone().map_err(named)?;
-    let pending = Pending {
-        tmp,
-        target: path.to_owned(),
-        replace: true,
-        sync,
-        committed: false,
-    };
+    let pending = Pending::new(tmp, path, true, sync);
     #[cfg(unix)]
     {
-        // The replacement keeps the file's mode and, where we may set it, its group (a
-        // `0640 owner:service` file stays readable by the service).
+        // The replacement keeps the file's mode and group (a `0640 owner:service` file stays
+        // readable by the service) and, run as root, its owner.
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let mine = file.metadata().map_err(named)?;
+        let uid = (mine.uid() == 0 && meta.uid() != 0).then_some(meta.uid());
+        let mut mode = mode;
+        // Owner and group first: the old mode must not apply to the caller's group.
+        if (uid.is_some() || mine.gid() != meta.gid())
+            && std::os::unix::fs::fchown(&file, uid, Some(meta.gid())).is_err()
+        {
+            mode &= !0o077;
+            crate::report::warn(&format!(
+                "{}: could not keep the file's group ({}): it is now readable by its owner only",
+                path.display(),
+                meta.gid()
+            ));
+        }
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(named)?;
-        let _ = std::os::unix::fs::fchown(&file, None, Some(meta.gid()));
     }
     #[cfg(not(unix))]
     let _ = plaintext;

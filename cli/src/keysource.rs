@@ -32,6 +32,9 @@ use crate::error::{CliError, Result};
 /// The environment variable holding a keyset (base64 of its JSON).
 pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
 
+/// The environment variable holding the key vault's connection string (`--key-vault-uri`).
+pub(crate) const KEY_VAULT_URI_ENV: &str = "FIELDCRYPT_KEY_VAULT_URI";
+
 /// Key and connection options, shared by every command that needs keys or a server.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub(crate) struct KeyArgs {
@@ -44,9 +47,15 @@ pub(crate) struct KeyArgs {
     /// --uri / MONGODB_URI.
     #[arg(long, value_name = "FILE")]
     pub uri_file: Option<PathBuf>,
-    /// The key vault's cluster, when not the data cluster (no password: see --uri).
-    #[arg(long, hide_env_values = true)]
+    /// The key vault's cluster, when not the data cluster. Refused on the command line when it
+    /// holds a password: give such a URI in the environment variable FIELDCRYPT_KEY_VAULT_URI
+    /// or with --key-vault-uri-file.
+    #[arg(long, env = KEY_VAULT_URI_ENV, hide_env_values = true)]
     pub key_vault_uri: Option<String>,
+    /// Read the key vault's connection string from this file (its first line), instead of
+    /// --key-vault-uri / FIELDCRYPT_KEY_VAULT_URI.
+    #[arg(long, value_name = "FILE")]
+    pub key_vault_uri_file: Option<PathBuf>,
     /// The key vault collection, `database.collection`.
     #[arg(long, default_value = DEFAULT_KEY_VAULT_NAMESPACE)]
     pub key_vault_namespace: String,
@@ -72,17 +81,10 @@ impl KeyArgs {
 
     /// The data cluster's URI, if any: from `--uri-file`, else `--uri` / `MONGODB_URI`.
     fn uri_value(&self) -> Result<Option<String>> {
-        let Some(f) = &self.uri_file else {
-            return Ok(self.uri.clone());
-        };
-        let text = zeroize::Zeroizing::new(
-            std::fs::read_to_string(f).map_err(|e| in_file(f, Error::Io(e)))?,
-        );
-        let uri = text.lines().next().unwrap_or_default().trim();
-        if uri.is_empty() {
-            return Err(CliError::file(f, "no connection string in the file"));
+        match &self.uri_file {
+            Some(f) => uri_from_file(f).map(Some),
+            None => Ok(self.uri.clone()),
         }
-        Ok(Some(uri.to_owned()))
     }
 
     fn master(&self) -> Result<LocalKek> {
@@ -98,6 +100,9 @@ impl KeyArgs {
     }
 
     fn vault_uri(&self) -> Result<Option<String>> {
+        if let Some(f) = &self.key_vault_uri_file {
+            return uri_from_file(f).map(Some);
+        }
         match &self.key_vault_uri {
             Some(u) => Ok(Some(u.clone())),
             None => self.uri_value(),
@@ -111,9 +116,21 @@ impl KeyArgs {
     }
 }
 
+/// A connection string from the first line of a file.
+fn uri_from_file(f: &Path) -> Result<String> {
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(f).map_err(|e| in_file(f, Error::Io(e)))?);
+    let uri = text.lines().next().unwrap_or_default().trim();
+    if uri.is_empty() {
+        return Err(CliError::file(f, "no connection string in the file"));
+    }
+    Ok(uri.to_owned())
+}
+
 /// Refuses a connection string with a password on the command line (`--uri`,
 /// `--key-vault-uri`, any command): other users of the machine can read it (`ps`,
-/// `/proc/<pid>/cmdline`). The environment and `--uri-file` are the places for one.
+/// `/proc/<pid>/cmdline`). The environment and `--uri-file` / `--key-vault-uri-file` are the
+/// places for one.
 pub(crate) fn refuse_password_in_args() -> Result<()> {
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
@@ -127,7 +144,7 @@ pub(crate) fn refuse_password_in_args() -> Result<()> {
             };
             if value.is_some_and(has_password) {
                 return Err(CliError::Refused(format!(
-                    "{flag} holds a password, which every user of this machine can read on the command line: give the connection string in MONGODB_URI or a file (--uri-file FILE)"
+                    "{flag} holds a password, which every user of this machine can read on the command line: give connection strings in the environment (MONGODB_URI, {KEY_VAULT_URI_ENV}) or in files (--uri-file FILE, --key-vault-uri-file FILE)"
                 )));
             }
         }
@@ -209,6 +226,40 @@ pub(crate) struct Keys {
     unrecorded_source: &'static str,
     /// The user accepted random nonces under read-only keys.
     allow_unrecorded: bool,
+    /// The keyset file's keys this command encrypts under, checked before each batch leaves.
+    watch: Mutex<Watch>,
+}
+
+/// The keyset keys a command encrypts under (random, deterministic or blind index alike), and
+/// the keyset file as last checked, so that an unchanged file is not read again.
+#[derive(Default)]
+struct Watch {
+    ids: Vec<KeyId>,
+    seen: Option<Stamp>,
+}
+
+/// What tells a keyset file's versions apart: saves replace the file (a new inode), and any
+/// change moves its length or modification time.
+#[derive(PartialEq, Eq, Clone, Copy)]
+struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        let m = std::fs::metadata(path).ok()?;
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Stamp {
+            len: m.len(),
+            modified: m.modified().ok(),
+            inode,
+        })
+    }
 }
 
 /// One keyset key's share of the file's random-nonce count.
@@ -226,7 +277,8 @@ const MAX_BLOCK: u64 = 1 << 24;
 
 impl Drop for Keys {
     fn drop(&mut self) {
-        if let Err(e) = self.persist_counters() {
+        // A destroyed key was reported by the command itself (or is not its concern).
+        if let Err(e) = self.settle_counters() {
             crate::report::warn(&format!(
                 "could not write the keys' usage counters back to the keyset file: {}",
                 e
@@ -277,6 +329,7 @@ impl Keys {
                 unrecorded,
                 unrecorded_source: "--key-vault-file",
                 allow_unrecorded: false,
+                watch: Mutex::default(),
             });
         }
         if KeyArgs::keyset_env().is_some() {
@@ -294,6 +347,7 @@ impl Keys {
                 unrecorded,
                 unrecorded_source: KEYSET_ENV,
                 allow_unrecorded: false,
+                watch: Mutex::default(),
             });
         }
         let vault = open_vault(args).await?;
@@ -305,6 +359,7 @@ impl Keys {
             unrecorded: HashMap::new(),
             unrecorded_source: "",
             allow_unrecorded: false,
+            watch: Mutex::default(),
         })
     }
 
@@ -314,13 +369,77 @@ impl Keys {
         self
     }
 
+    /// Names the keyset file's keys the command encrypts under: the primary keys of the
+    /// schema's `aliases`, as loaded. [`Keys::reserve_used`] and [`Keys::check_not_destroyed`]
+    /// then refuse to let ciphertexts out once one of them is destroyed or removed from the
+    /// file, whatever its mode (deterministic and blind-index keys use no nonces, so no
+    /// reservation would ever notice them).
+    pub(crate) fn watch_aliases(&self, aliases: &[String]) {
+        let Some(ring) = &self.ring else {
+            return;
+        };
+        let budget = self
+            .budget
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ids: Vec<KeyId> = aliases
+            .iter()
+            .filter_map(|a| ring.primary(a).ok())
+            .map(|k| k.id())
+            .filter(|id| budget.contains_key(id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut w = self
+            .watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Not stamped: the first check reads the file (it may have changed since it was loaded).
+        *w = Watch { ids, seen: None };
+    }
+
+    /// Refuses when a key named by [`Keys::watch_aliases`] was destroyed or removed from the
+    /// keyset file since the command loaded it. Reads the file (under its lock) only when it
+    /// changed since the last check.
+    pub(crate) fn check_not_destroyed(&self) -> Result<()> {
+        let Some(path) = &self.keyset_file else {
+            return Ok(());
+        };
+        let mut w = self
+            .watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if w.ids.is_empty() {
+            return Ok(());
+        }
+        let _lock = KeysetLock::acquire(path)?;
+        // Stamped under the lock: no save can come between the stamp and the read.
+        let now = Stamp::of(path);
+        if now.is_some() && now == w.seen {
+            return Ok(());
+        }
+        let fresh = load_keyset(path, false)?;
+        for id in &w.ids {
+            check_alive(&fresh, id, path)?;
+        }
+        w.seen = now;
+        Ok(())
+    }
+
     /// Makes sure every random-nonce encryption made so far is recorded where other processes
     /// see it, before its ciphertexts leave the process: reserves what a keyset file's keys
     /// used beyond this process's reservation, plus a block ahead, under the file's lock
     /// (refused if the stored count would pass [`RANDOM_NONCE_LIMIT`], or if the key was
-    /// destroyed or removed meanwhile), and refuses random nonces under read-only keys unless
-    /// allowed. (The key vault reserves its own leases.)
+    /// destroyed or removed meanwhile), refuses random nonces under read-only keys unless
+    /// allowed, and checks that no key the command encrypts under was destroyed
+    /// ([`Keys::check_not_destroyed`]). (The key vault reserves its own leases.)
     pub(crate) fn reserve_used(&self) -> Result<()> {
+        self.reserve_random()?;
+        self.check_not_destroyed()
+    }
+
+    /// The nonce part of [`Keys::reserve_used`].
+    fn reserve_random(&self) -> Result<()> {
         let Some(ring) = &self.ring else {
             return Ok(());
         };
@@ -358,17 +477,7 @@ impl Keys {
         let granted = with_keyset(path, |fresh| {
             let mut granted = Vec::with_capacity(wanted.len());
             for (id, missing, ahead) in &wanted {
-                let k = fresh.key(id).map_err(|_| {
-                    CliError::Refused(format!(
-                        "key {id} was removed from {} while this command ran: its ciphertexts are not written",
-                        path.display()
-                    ))
-                })?;
-                if k.state() == KeyState::Destroyed || k.material().is_err() {
-                    return Err(CliError::Refused(format!(
-                        "key {id} was destroyed while this command ran: its ciphertexts are not written"
-                    )));
-                }
+                let k = check_alive(fresh, id, path)?;
                 let stored = k.encryptions();
                 let left = RANDOM_NONCE_LIMIT.saturating_sub(stored);
                 if *missing > left {
@@ -399,9 +508,17 @@ impl Keys {
     /// saved under its lock (`<keyset>.lock`), so a key rotated meanwhile by another command
     /// is kept, and other processes' counts are added to rather than overwritten. Runs again
     /// on drop (a no-op when nothing changed).
+    ///
+    /// Refused when a key this process encrypted under was destroyed or removed meanwhile
+    /// (after the other keys' counts are saved).
     pub(crate) fn persist_counters(&self) -> Result<()> {
+        self.settle_counters()?.map_or(Ok(()), Err)
+    }
+
+    /// [`Keys::persist_counters`], returning the refusal for a destroyed key instead.
+    fn settle_counters(&self) -> Result<Option<CliError>> {
         let (Some(ring), Some(path)) = (&self.ring, &self.keyset_file) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut budget = self
             .budget
@@ -418,17 +535,23 @@ impl Keys {
             }
         }
         if settle.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
+        let mut lost = None;
         with_keyset(path, |fresh| {
             let mut changed = false;
             for (id, used, reserved) in &settle {
-                let Ok(k) = fresh.key(id) else {
-                    continue; // deleted from the file meanwhile
+                // Destroyed or deleted meanwhile: no counter to keep, but what this process
+                // encrypted under it cannot be decrypted.
+                let k = match check_alive(fresh, id, path) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        if *used > 0 && lost.is_none() {
+                            lost = Some(e);
+                        }
+                        continue;
+                    }
                 };
-                if k.material().is_err() {
-                    continue; // destroyed meanwhile: no counter to keep
-                }
                 // Never below what this process used on top of the others' count.
                 let count = if used > reserved {
                     k.encryptions().saturating_add(used - reserved)
@@ -445,8 +568,25 @@ impl Keys {
                 b.reserved = used;
             }
         }
-        Ok(())
+        Ok(lost)
     }
+}
+
+/// Key `id` of the keyset file just read, refused when it was destroyed or removed from the
+/// file while the command ran.
+fn check_alive(fresh: &InMemoryKeyring, id: &KeyId, path: &Path) -> Result<Arc<Key>> {
+    let k = fresh.key(id).map_err(|_| {
+        CliError::Refused(format!(
+            "key {id} was removed from {} while this command ran: its ciphertexts are not written",
+            path.display()
+        ))
+    })?;
+    if k.state() == KeyState::Destroyed || k.material().is_err() {
+        return Err(CliError::Refused(format!(
+            "key {id} was destroyed while this command ran: its ciphertexts are not written"
+        )));
+    }
+    Ok(k)
 }
 
 /// A copy of key `k` with its random-nonce count set to `count`.
@@ -553,14 +693,18 @@ pub(crate) fn change_keyset<T>(
 
 /// Gives a rewritten keyset file the mode and group of the file it replaced (the library
 /// writes a new file owner-only): a `0640 owner:service` keyset stays readable by the service.
+/// Run as root, the owner is kept too.
 fn keep_mode_and_group(path: &Path, before: &std::fs::Metadata) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let f = File::open(path).map_err(|e| in_file(path, Error::Io(e)))?;
+        let now = f.metadata().map_err(|e| in_file(path, Error::Io(e)))?;
+        // Run as root, the owner too: a service's keyset must not become root's.
+        let uid = (now.uid() == 0 && before.uid() != 0).then_some(before.uid());
         // Group first: a mode that lets the group read must not apply to the wrong group.
-        if f.metadata().map_err(|e| in_file(path, Error::Io(e)))?.gid() != before.gid()
-            && std::os::unix::fs::fchown(&f, None, Some(before.gid())).is_err()
+        if (uid.is_some() || now.gid() != before.gid())
+            && std::os::unix::fs::fchown(&f, uid, Some(before.gid())).is_err()
         {
             crate::report::warn(&format!(
                 "{}: could not keep the file's group ({}): it is now the owner's only",

@@ -9,6 +9,7 @@
 
 mod audit;
 mod bench;
+mod cleanup;
 mod common;
 mod decrypt;
 mod encrypt;
@@ -106,6 +107,7 @@ fn run_async(command: Command) -> error::Result<Exit> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        report::handle_interrupts()?;
         let result = match command {
             Command::Keys(c) => keys::run(c).await,
             Command::Encrypt(a) => encrypt::run(a).await,

@@ -4,7 +4,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -89,20 +89,60 @@ pub(crate) fn warn(text: &str) {
     eprintln!("fieldcrypt: warning: {text}");
 }
 
+/// The flag of a command that stops cleanly on Ctrl-C ([`interrupt_flag`]), if it has one.
+static GRACEFUL: Mutex<Option<Arc<AtomicBool>>> = Mutex::new(None);
+
 /// Set by Ctrl-C; long loops check it between batches and stop cleanly.
 pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
+    *GRACEFUL.lock().unwrap_or_else(PoisonError::into_inner) = Some(flag.clone());
+    flag
+}
+
+/// Handles Ctrl-C for the whole run, from before the command starts: the first sets the
+/// command's [`interrupt_flag`], if it has one, so that it stops after the current batch;
+/// otherwise, and at the second, the process ends with exit code 130 after removing its
+/// temporary output files (which may hold plaintext). `SIGTERM` removes them too, and ends
+/// the process at once with 143 (128 + 15, as the signal would).
+///
+/// # Errors
+/// When the signal handler cannot be installed.
+pub(crate) fn handle_interrupts() -> std::io::Result<()> {
+    #[cfg(unix)]
+    let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            if term.recv().await.is_some() {
+                crate::cleanup::remove_all_and_exit(143);
+            }
+        });
+    }
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            f.store(true, Ordering::SeqCst);
-            eprintln!("\nfieldcrypt: stopping after the current batch (Ctrl-C again to abort)");
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+        loop {
+            #[cfg(unix)]
+            let got = signal.recv().await.is_some();
+            #[cfg(not(unix))]
+            let got = tokio::signal::ctrl_c().await.is_ok();
+            if !got {
+                return;
+            }
+            let flag = GRACEFUL
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            match flag {
+                Some(f) if !f.swap(true, Ordering::SeqCst) => {
+                    eprintln!(
+                        "\nfieldcrypt: stopping after the current batch (Ctrl-C again to abort)"
+                    );
+                }
+                _ => crate::cleanup::remove_all_and_exit(130),
             }
         }
     });
-    flag
+    Ok(())
 }
 
 /// Output options shared by the long-running commands.

@@ -2495,6 +2495,45 @@ async fn a_uri_with_a_password_comes_from_a_file_or_the_environment_only() {
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(stored(&uri, &ns).await.len(), 2);
+    // The key vault's too, from a file or its environment variable; the message names them.
+    let o = run(
+        &d,
+        &[
+            "keys",
+            "list",
+            "--key-vault-uri",
+            "mongodb://u:s3cret@127.0.0.1:1/",
+        ],
+        None,
+        &[],
+    );
+    assert!(
+        o.stderr.contains("--key-vault-uri-file") && o.stderr.contains("FIELDCRYPT_KEY_VAULT_URI"),
+        "{}",
+        o.stderr
+    );
+    let master = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 96]);
+    let vault_ns = format!("{}.datakeys", unique_db_name("cli_vault_uri"));
+    let create = |how: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["keys", "create", "pii", "--key-vault-namespace", &vault_ns];
+        args.extend_from_slice(how);
+        let mut env = env.to_vec();
+        env.push(("FIELDCRYPT_MASTER_KEY", &master));
+        run(&d, &args, None, &env)
+    };
+    let o = create(&["--key-vault-uri-file", "uri.txt"], &[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = run(
+        &d,
+        &["keys", "list", "--key-vault-namespace", &vault_ns, "--json"],
+        None,
+        &[("FIELDCRYPT_KEY_VAULT_URI", &uri)],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("pii"), "{}", o.stdout);
+    // Nothing given: no key vault.
+    let o = create(&[], &[]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2536,5 +2575,325 @@ async fn audit_reports_a_document_too_deep_to_walk_and_goes_on() {
         o.stdout.contains("plaintext in encrypted field \"ssn\""),
         "{}",
         o.stdout
+    );
+}
+
+/// Runs `encrypt` under `schema` on stdin, one batch (1,000 documents) and then one more
+/// document; between the two, once the first batch's output is out, rotates `pii` and
+/// destroys the key the run encrypts under. Returns the exit code and stderr.
+fn destroy_between_batches(d: &Path, schema: &str, field: &str) -> (Option<i32>, String) {
+    let old = InMemoryKeyring::load(d.join("keys.json"))
+        .unwrap()
+        .primary("pii")
+        .unwrap()
+        .id();
+    let mut child = Command::new(BIN)
+        .current_dir(d)
+        .args(["encrypt", "--schema", schema, "--keyset", "keys.json"])
+        .env_remove("FIELDCRYPT_KEYSET")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    // Output past the writer's 1 MiB buffer: the first line out means the first batch was
+    // checked and is being written.
+    let value = "v".repeat(2000);
+    let doc = |i: usize| format!("{{\"_id\": {i}, \"{field}\": \"{value}\"}}\n");
+    let first: String = (0..1000).map(doc).collect();
+    let feeder = std::thread::spawn(move || {
+        stdin.write_all(first.as_bytes()).unwrap();
+        stdin
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        let mut seen = false;
+        for line in BufReader::new(stdout).lines() {
+            if line.is_err() {
+                break;
+            }
+            if !seen {
+                seen = true;
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the first batch was written");
+    for args in [
+        vec!["keys", "rotate", "pii", "--keyset", "keys.json"],
+        vec![
+            "keys",
+            "destroy",
+            &old.to_string(),
+            "--keyset",
+            "keys.json",
+            "--force",
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(|s| &**s).collect();
+        let o = run(d, &args, None, &[]);
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+    }
+    let mut stdin = feeder.join().unwrap();
+    stdin.write_all(doc(1000).as_bytes()).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    drain.join().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_key_destroyed_between_batches_fails_the_run_random_or_deterministic() {
+    for (schema, field) in [("det.toml", "email"), ("schema.toml", "ssn")] {
+        let dir = workdir();
+        let d = dir.path();
+        std::fs::write(
+            d.join("det.toml"),
+            "[fields.email]\nkey = \"pii\"\ndeterministic = true\n",
+        )
+        .unwrap();
+        let (code, e) = destroy_between_batches(d, schema, field);
+        assert_eq!(code, Some(1), "{schema}: {e}");
+        assert!(
+            e.contains("destroyed while this command ran"),
+            "{schema}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_line_of_many_small_values_is_refused_before_it_takes_gigabytes() {
+    let dir = workdir();
+    let d = dir.path();
+    // Just under the 32 MiB line limit, 16 million values: as parsed trees and BSON this
+    // took over 3 GB before the 16 MiB check.
+    let n = (32 << 20) / 2 - 16;
+    let mut line = String::with_capacity(2 * n + 16);
+    line.push_str("{\"_id\": 0}\n{\"a\":[");
+    for _ in 0..n {
+        line.push_str("0,");
+    }
+    line.push_str("0]}\n");
+    std::fs::write(d.join("many.jsonl"), line).unwrap();
+    // Under a 2 GB address-space limit: the old path could not allocate its way to the check.
+    let o = Command::new("sh")
+        .current_dir(d)
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 2097152 && exec '{BIN}' encrypt --schema schema.toml --keyset keys.json --in many.jsonl --out many.out"
+        ))
+        .env_remove("FIELDCRYPT_KEYSET")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("line 2: ") && e.contains("values") && e.contains("16 MiB"),
+        "{e}"
+    );
+    assert!(!d.join("many.out").exists());
+}
+
+#[test]
+fn run_as_root_replaced_files_keep_their_owner_group_and_mode() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = workdir();
+    let d = dir.path();
+    if std::fs::metadata(d).unwrap().uid() != 0 {
+        return; // only root can give a file to another user
+    }
+    let give = |name: &str| {
+        let p = d.join(name);
+        std::os::unix::fs::chown(&p, Some(12345), Some(54321)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    };
+    let owned = |name: &str| {
+        let m = std::fs::metadata(d.join(name)).unwrap();
+        (m.uid(), m.gid(), m.permissions().mode() & 0o777)
+    };
+    give("keys.json");
+    let o = run(
+        d,
+        &["keys", "rotate", "pii", "--keyset", "keys.json"],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(owned("keys.json"), (12345, 54321, 0o640));
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--out",
+            "sealed.jsonl",
+        ],
+        Some(PEOPLE),
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    std::fs::write(d.join("plain.jsonl"), "old\n").unwrap();
+    give("plain.jsonl");
+    let o = decrypt_to(d, "sealed.jsonl", "plain.jsonl", &["--force"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(owned("plain.jsonl"), (12345, 54321, 0o640));
+}
+
+/// Sends SIGINT (Ctrl-C) to a child process.
+fn interrupt(child: &std::process::Child) {
+    signal(child, "-INT");
+}
+
+/// Sends a signal (`-INT`, `-TERM`) to a child process.
+fn signal(child: &std::process::Child, which: &str) {
+    let ok = Command::new("kill")
+        .args([which, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Waits until `d` holds a temporary output file.
+fn wait_for_temp_file(d: &Path) {
+    for _ in 0..3000 {
+        if !leftovers(d).is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("no temporary file appeared");
+}
+
+#[test]
+fn ctrl_c_and_sigterm_remove_the_temporary_output_file() {
+    for (command, which, code) in [
+        ("encrypt", "-INT", 130),
+        ("decrypt", "-INT", 130),
+        ("decrypt", "-TERM", 143),
+    ] {
+        let dir = workdir();
+        let d = dir.path();
+        let mut args = vec!["--keyset", "keys.json", "--out", "out.jsonl"];
+        if command == "encrypt" {
+            args.extend(["--schema", "schema.toml"]);
+        }
+        let mut child = Command::new(BIN)
+            .current_dir(d)
+            .arg(command)
+            .args(&args)
+            .env_remove("FIELDCRYPT_KEYSET")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The input stays open: the command waits for more, its output under a temporary name.
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"{\"_id\": 1}\n").unwrap();
+        wait_for_temp_file(d);
+        signal(&child, which);
+        let o = child.wait_with_output().unwrap();
+        drop(stdin);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "{command}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(leftovers(d), Vec::<String>::new(), "{command}");
+        assert!(!d.join("out.jsonl").exists(), "{command}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_export_never_replaces_the_out_file() {
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.many", unique_db_name("cli_export_interrupt"));
+    let (db, coll) = ns.split_once('.').unwrap();
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let pad = "p".repeat(1000);
+    let docs: Vec<Document> = (0..50_000)
+        .map(|i| doc! { "_id": i, "pad": pad.as_str() })
+        .collect();
+    client
+        .database(db)
+        .collection::<Document>(coll)
+        .insert_many(docs)
+        .await
+        .unwrap();
+    std::fs::write(d.join("old.jsonl"), "the old export\n").unwrap();
+    let child = Command::new(BIN)
+        .current_dir(&d)
+        .args([
+            "export",
+            "--namespace",
+            &ns,
+            "--out",
+            "old.jsonl",
+            "--force",
+        ])
+        .env("MONGODB_URI", &uri)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_temp_file(&d);
+    interrupt(&child);
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    let kept = std::fs::read_to_string(d.join("old.jsonl")).unwrap();
+    assert!(
+        kept == "the old export\n",
+        "replaced by {} bytes: {e}",
+        kept.len()
+    );
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    assert!(e.contains("partial export was discarded"), "{e}");
+    assert_eq!(leftovers(&d), Vec::<String>::new());
+}
+
+#[test]
+fn out_same_as_in_is_named_as_such_even_without_force() {
+    let dir = workdir();
+    let d = dir.path();
+    std::fs::write(d.join("people.jsonl"), PEOPLE).unwrap();
+    let o = run(
+        d,
+        &[
+            "encrypt",
+            "--schema",
+            "schema.toml",
+            "--keyset",
+            "keys.json",
+            "--in",
+            "people.jsonl",
+            "--out",
+            "people.jsonl",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    // Not "give --force", which would not help.
+    assert!(
+        o.stderr.contains("the same file as the input"),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("people.jsonl")).unwrap(),
+        PEOPLE
     );
 }
