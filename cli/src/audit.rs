@@ -4,12 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bson::RawDocumentBuf;
-use fieldcrypt::rotation::{Audit, AuditOptions, AuditReport, Target};
-use fieldcrypt::Context;
+use fieldcrypt::rotation::{Audit, AuditOptions, AuditReport};
 use serde_json::json;
 
-use crate::common::{load_schema, split_namespace};
+use crate::common::{load_schema, raw_collection, target};
 use crate::error::Result;
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{Exit, OutputOpts, Progress};
@@ -59,12 +57,8 @@ pub(crate) async fn run(a: AuditArgs) -> Result<Exit> {
     let audit = Audit::new(keys.source.clone()).options(options);
     let mut reports = Vec::new();
     for ns in &a.namespaces {
-        let (db, coll) = split_namespace(ns)?;
-        let c = client.database(db).collection::<RawDocumentBuf>(coll);
-        let mut target = Target::new(&c, schema.clone());
-        if a.no_namespace_binding {
-            target = target.context(Context::none());
-        }
+        let c = raw_collection(&client, ns)?;
+        let target = target(&c, &schema, a.no_namespace_binding);
         let total = c
             .estimated_document_count()
             .await

@@ -5,11 +5,13 @@
 use std::path::Path;
 
 use bson::RawDocumentBuf;
-use fieldcrypt::rotation::references;
-use fieldcrypt::{Context, Error, KeyId, Schema};
+use fieldcrypt::rotation::{references, Target};
+use fieldcrypt::{Context, Cryptor, Error, KeyId, Schema};
+use mongodb::{Client, Collection};
 
 use crate::error::{CliError, Result};
-use crate::keysource::in_file;
+use crate::jsonl::{wipe, wipe_results, Writer};
+use crate::keysource::{in_file, KeyArgs, Keys, NonceArgs};
 
 /// Documents per batch (encrypted or decrypted in parallel).
 pub(crate) const BATCH: usize = 1000;
@@ -36,6 +38,44 @@ pub(crate) fn split_namespace(ns: &str) -> Result<(&str, &str)> {
         .ok_or_else(|| CliError::Usage(format!("namespace {ns:?} is not \"database.collection\"")))
 }
 
+/// The collection `db.collection` of `client`, as raw documents.
+pub(crate) fn raw_collection(client: &Client, ns: &str) -> Result<Collection<RawDocumentBuf>> {
+    let (db, coll) = split_namespace(ns)?;
+    Ok(client.database(db).collection::<RawDocumentBuf>(coll))
+}
+
+/// A rotation or audit target for `c`; with `no_namespace_binding`, values are read and
+/// written without binding them to the namespace.
+pub(crate) fn target(
+    c: &Collection<RawDocumentBuf>,
+    schema: &std::sync::Arc<Schema>,
+    no_namespace_binding: bool,
+) -> Target {
+    let t = Target::new(c, schema.clone());
+    if no_namespace_binding {
+        t.context(Context::none())
+    } else {
+        t
+    }
+}
+
+/// The keys an encrypting command uses: opened, with its nonce options, every alias of the
+/// schema loaded and checked, and watched for keys destroyed while it runs; the cryptor; and
+/// the aliases (prefetched again before each batch).
+pub(crate) async fn encrypting(
+    keys: &KeyArgs,
+    nonces: &NonceArgs,
+    schema: Schema,
+) -> Result<(Keys, Cryptor, Vec<String>)> {
+    let keys = Keys::open(keys).await?.with_nonce_args(nonces);
+    let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
+    keys.source.prefetch_aliases(&aliases).await?;
+    schema.check_keys(keys.source.as_ref())?;
+    keys.watch_aliases(&aliases);
+    let cryptor = Cryptor::new(keys.source.clone(), schema);
+    Ok((keys, cryptor, aliases))
+}
+
 /// An error decrypting the document at `place` (`line N`, `document N`), with what to do about a binding the ciphertext lacks:
 /// since the core refuses ciphertexts bound more loosely than the context they are read in, a
 /// value written without a namespace does not decrypt with one. `namespace_hint` says how to
@@ -53,6 +93,32 @@ pub(crate) fn document_error(place: &str, e: Error, namespace_hint: &str) -> Cli
         )),
         other => CliError::Usage(format!("{place}: {other}")),
     }
+}
+
+/// Writes a batch's decrypted documents in order, wiping each once written. At the first
+/// failure (a document that does not decrypt, named by `place(i)`, or a write error) the rest of
+/// the batch's plaintexts are wiped too, not just freed.
+pub(crate) fn write_decrypted(
+    writer: &mut Writer,
+    results: Vec<fieldcrypt::Result<RawDocumentBuf>>,
+    place: impl Fn(usize) -> String,
+    namespace_hint: &str,
+) -> Result<()> {
+    let mut results = results.into_iter().enumerate();
+    while let Some((i, r)) = results.next() {
+        let written = r
+            .map_err(|e| document_error(&place(i), e, namespace_hint))
+            .and_then(|doc| {
+                let w = writer.write(&doc);
+                wipe(vec![doc]);
+                w
+            });
+        if let Err(e) = written {
+            wipe_results(results.map(|(_, r)| r));
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Key ids referenced by a batch, for key-vault prefetching. Read leniently: a malformed value

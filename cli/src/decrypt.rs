@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use fieldcrypt::{Cryptor, Schema};
 
-use crate::common::{context, document_error, load_schema, referenced, BATCH};
+use crate::common::{context, load_schema, referenced, write_decrypted, BATCH};
 use crate::error::Result;
-use crate::jsonl::{wipe, wipe_results, IoArgs, Reader, Writer};
+use crate::jsonl::{IoArgs, Reader, Writer};
 use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;
 
@@ -51,28 +51,12 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
             break;
         }
         keys.source.prefetch_ids(&referenced(&batch)?).await?;
-        let mut results = cryptor.decrypt_many(&batch, &ctx).into_iter().enumerate();
-        while let Some((i, r)) = results.next() {
-            let written = r
-                .map_err(|e| {
-                    document_error(
-                        &format!("line {}", reader.line_of(i)),
-                        e,
-                        "decrypt it without --namespace",
-                    )
-                })
-                .and_then(|doc| {
-                    let w = writer.write(&doc);
-                    // Decrypted: wiped once written.
-                    wipe(vec![doc]);
-                    w
-                });
-            if let Err(e) = written {
-                // The batch's other plaintexts, not just freed.
-                wipe_results(results.map(|(_, r)| r));
-                return Err(e);
-            }
-        }
+        write_decrypted(
+            &mut writer,
+            cryptor.decrypt_many(&batch, &ctx),
+            |i| format!("line {}", reader.line_of(i)),
+            "decrypt it without --namespace",
+        )?;
     }
     writer.finish()?;
     Ok(Exit::Ok)

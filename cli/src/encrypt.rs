@@ -2,12 +2,10 @@
 
 use std::path::PathBuf;
 
-use fieldcrypt::Cryptor;
-
-use crate::common::{context, load_schema, BATCH};
+use crate::common::{context, encrypting, load_schema, BATCH};
 use crate::error::{CliError, Result};
 use crate::jsonl::{check_size, wipe, IoArgs, Reader, Writer};
-use crate::keysource::{KeyArgs, Keys, NonceArgs};
+use crate::keysource::{KeyArgs, NonceArgs};
 use crate::report::Exit;
 
 #[derive(clap::Args, Debug)]
@@ -33,12 +31,7 @@ pub(crate) struct EncryptArgs {
 
 pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     let schema = load_schema(&a.schema)?;
-    let keys = Keys::open(&a.keys).await?.with_nonce_args(&a.nonces);
-    let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
-    keys.source.prefetch_aliases(&aliases).await?;
-    schema.check_keys(keys.source.as_ref())?;
-    keys.watch_aliases(&aliases);
-    let cryptor = Cryptor::new(keys.source.clone(), schema);
+    let (keys, cryptor, aliases) = encrypting(&a.keys, &a.nonces, schema).await?;
     let ctx = context(a.namespace.as_deref());
     let mut reader = Reader::open(a.io.input.input.as_deref())?;
     let mut writer = Writer::create(&a.io.output, false, Some(&a.io.input))?;

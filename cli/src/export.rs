@@ -9,9 +9,9 @@ use fieldcrypt::{Context, Cryptor, Schema};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::common::{document_error, load_schema, referenced, split_namespace, BATCH};
+use crate::common::{load_schema, referenced, split_namespace, write_decrypted, BATCH};
 use crate::error::Result;
-use crate::jsonl::{wipe, wipe_results, OutArgs, Writer};
+use crate::jsonl::{OutArgs, Writer};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
@@ -97,28 +97,12 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         match (&cryptor, &keys) {
             (Some(c), Some(k)) => {
                 k.source.prefetch_ids(&referenced(&batch)?).await?;
-                let mut results = c.decrypt_many(&batch, &ctx).into_iter().enumerate();
-                while let Some((i, r)) = results.next() {
-                    let out = r
-                        .map_err(|e| {
-                            document_error(
-                                &format!("document {}", written + i as u64 + 1),
-                                e,
-                                "use --no-namespace-binding",
-                            )
-                        })
-                        .and_then(|d| {
-                            let w = writer.write(&d);
-                            // Decrypted: wiped once written.
-                            wipe(vec![d]);
-                            w
-                        });
-                    if let Err(e) = out {
-                        // The batch's other plaintexts, not just freed.
-                        wipe_results(results.map(|(_, r)| r));
-                        return Err(e);
-                    }
-                }
+                write_decrypted(
+                    &mut writer,
+                    c.decrypt_many(&batch, &ctx),
+                    |i| format!("document {}", written + i as u64 + 1),
+                    "use --no-namespace-binding",
+                )?;
             }
             _ => {
                 for d in &batch {

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use bson::RawDocumentBuf;
-use fieldcrypt::{Context, Cryptor};
+use fieldcrypt::Context;
 use serde_json::json;
 
-use crate::common::{load_schema, split_namespace};
+use crate::common::{encrypting, load_schema, split_namespace};
 use crate::error::{CliError, Result};
 use crate::jsonl::{check_size, wipe, InArgs, Reader};
-use crate::keysource::{connect, KeyArgs, Keys, NonceArgs};
+use crate::keysource::{connect, KeyArgs, NonceArgs};
 use crate::report::{self, Exit, OutputOpts, Progress};
 
 #[derive(clap::Args, Debug)]
@@ -46,12 +46,7 @@ pub(crate) async fn run(a: ImportArgs) -> Result<Exit> {
     }
     let schema = load_schema(&a.schema)?;
     let (db, coll) = split_namespace(&a.namespace)?;
-    let keys = Keys::open(&a.keys).await?.with_nonce_args(&a.nonces);
-    let aliases: Vec<String> = schema.aliases().into_iter().map(str::to_owned).collect();
-    keys.source.prefetch_aliases(&aliases).await?;
-    schema.check_keys(keys.source.as_ref())?;
-    keys.watch_aliases(&aliases);
-    let cryptor = Cryptor::new(keys.source.clone(), schema);
+    let (keys, cryptor, aliases) = encrypting(&a.keys, &a.nonces, schema).await?;
     let ctx = Context::namespace(a.namespace.clone());
     let client = connect(&a.keys.data_uri()?).await?;
     let collection = client.database(db).collection::<RawDocumentBuf>(coll);

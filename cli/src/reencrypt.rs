@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bson::{Bson, RawDocumentBuf};
+use bson::Bson;
 use fieldcrypt::rotation::{
-    Flow, Partition, Phase, Report, RotationOptions, Rotator, Stats, Target, TargetReport,
+    Flow, Partition, Phase, Report, RotationOptions, Rotator, Stats, TargetReport,
 };
-use fieldcrypt::Context;
 use serde_json::json;
 
-use crate::common::{load_schema, split_namespace};
+use crate::common::{load_schema, raw_collection, split_namespace, target};
 use crate::error::{CliError, Result};
 use crate::keysource::{connect, KeyArgs, Keys};
 use crate::report::{self, Exit, OutputOpts, Progress};
@@ -125,13 +124,8 @@ async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<
     let client = connect(&a.keys.data_uri()?).await?;
     let mut targets = Vec::new();
     for ns in &a.namespaces {
-        let (db, coll) = split_namespace(ns)?;
-        let c = client.database(db).collection::<RawDocumentBuf>(coll);
-        let mut t = Target::new(&c, schema.clone());
-        if a.no_namespace_binding {
-            t = t.context(Context::none());
-        }
-        targets.push(t);
+        let c = raw_collection(&client, ns)?;
+        targets.push(target(&c, &schema, a.no_namespace_binding));
     }
     let (cdb, ccoll) = split_namespace(&a.checkpoint_namespace)?;
     let options = RotationOptions::default()
