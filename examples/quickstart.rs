@@ -141,23 +141,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .insert_many(users())
         .await?;
 
-    // Query by a deterministic field: the filter is encrypted before it is sent.
-    let found = users_coll
-        .find_one(doc! { "email": "grace@example.com" })
-        .await?;
-    println!(
-        "\nfind_one({{email: \"grace@example.com\"}}) -> {:?}",
-        found.map(|u| u.name)
-    );
-
-    // Query by a secret that is stored only as a blind index.
-    let by_token = users_coll
-        .find_one(doc! { "api_token": "tok_live_0b3e5d7f9a1c" })
-        .await?;
-    println!(
-        "find_one({{api_token: \"tok_live_…\"}}) -> {:?}",
-        by_token.map(|u| u.name)
-    );
+    // Query by a deterministic field (the filter is encrypted before it is sent), and by a
+    // secret that is stored only as a blind index.
+    println!();
+    for (filter, shown) in [
+        (
+            doc! { "email": "grace@example.com" },
+            r#"{email: "grace@example.com"}"#,
+        ),
+        (
+            doc! { "api_token": "tok_live_0b3e5d7f9a1c" },
+            r#"{api_token: "tok_live_…"}"#,
+        ),
+    ] {
+        let found = users_coll.find_one(filter).await?;
+        println!("find_one({shown}) -> {:?}", found.map(|u| u.name));
+    }
 
     // What cannot work on ciphertext is refused before anything is sent.
     match users_coll.find(doc! { "ssn": { "$regex": "^123" } }).await {

@@ -258,20 +258,21 @@ impl Key {
 
     /// The secret for decryption: the single place where state rules for reading are enforced.
     pub(crate) fn for_decrypt(&self) -> Result<&KeySecret> {
-        match self.state {
-            KeyState::Primary | KeyState::Active => {}
-            KeyState::Disabled => return Err(Error::KeyDisabled(self.id)),
-            KeyState::Destroyed => return Err(Error::KeyDestroyed(self.id)),
-        }
-        self.secret
-            .as_deref()
-            .ok_or_else(|| Error::KeyDestroyed(self.id))
+        self.secret_for(false)
     }
 
     /// The secret for encryption: only a primary key encrypts.
     pub(crate) fn for_encrypt(&self) -> Result<&KeySecret> {
+        self.secret_for(true)
+    }
+
+    /// The one place the key states are enforced: primary keys encrypt and decrypt, active
+    /// keys only decrypt, disabled and destroyed keys do neither.
+    #[inline]
+    fn secret_for(&self, encrypt: bool) -> Result<&KeySecret> {
         match self.state {
             KeyState::Primary => {}
+            KeyState::Active if !encrypt => {}
             KeyState::Active => {
                 return Err(Error::KeyMisuse {
                     id: self.id,

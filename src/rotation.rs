@@ -60,6 +60,22 @@
 //! # Ok(()) }
 //! ```
 
+/// Builder setters for plain option fields: `name(value)` sets `name`, documented as such.
+macro_rules! setters {
+    ($options:ident { $($field:ident: $ty:ty),* $(,)? }) => {
+        impl $options {
+            $(
+                #[doc = concat!("Sets [`", stringify!($options), "::", stringify!($field), "`].")]
+                #[must_use]
+                pub fn $field(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
 mod audit;
 mod cas;
 mod checkpoint;
@@ -191,6 +207,17 @@ impl Default for RotationOptions {
     }
 }
 
+setters!(RotationOptions {
+    batch_size: usize,
+    partition: Partition,
+    resume: bool,
+    dry_run: bool,
+    rate_limit: Option<f64>,
+    migrate_plaintext: bool,
+    migrate_csfle: bool,
+    max_retries: u32,
+});
+
 impl RotationOptions {
     /// Sets [`RotationOptions::job`].
     #[must_use]
@@ -198,55 +225,6 @@ impl RotationOptions {
         self.job = job.into();
         self
     }
-    /// Sets [`RotationOptions::batch_size`].
-    #[must_use]
-    pub fn batch_size(mut self, n: usize) -> Self {
-        self.batch_size = n;
-        self
-    }
-    /// Sets [`RotationOptions::partition`].
-    #[must_use]
-    pub fn partition(mut self, p: Partition) -> Self {
-        self.partition = p;
-        self
-    }
-    /// Sets [`RotationOptions::resume`].
-    #[must_use]
-    pub fn resume(mut self, yes: bool) -> Self {
-        self.resume = yes;
-        self
-    }
-    /// Sets [`RotationOptions::dry_run`].
-    #[must_use]
-    pub fn dry_run(mut self, yes: bool) -> Self {
-        self.dry_run = yes;
-        self
-    }
-    /// Sets [`RotationOptions::rate_limit`].
-    #[must_use]
-    pub fn rate_limit(mut self, docs_per_second: Option<f64>) -> Self {
-        self.rate_limit = docs_per_second;
-        self
-    }
-    /// Sets [`RotationOptions::migrate_plaintext`].
-    #[must_use]
-    pub fn migrate_plaintext(mut self, yes: bool) -> Self {
-        self.migrate_plaintext = yes;
-        self
-    }
-    /// Sets [`RotationOptions::migrate_csfle`].
-    #[must_use]
-    pub fn migrate_csfle(mut self, yes: bool) -> Self {
-        self.migrate_csfle = yes;
-        self
-    }
-    /// Sets [`RotationOptions::max_retries`].
-    #[must_use]
-    pub fn max_retries(mut self, n: u32) -> Self {
-        self.max_retries = n;
-        self
-    }
-
     fn check(&self) -> Result<()> {
         if self.batch_size == 0 || self.batch_size > 100_000 {
             return Err(Error::from(ArgumentError::BatchSize));

@@ -233,23 +233,21 @@ def python_w2(kind: str, opts) -> dict:
     c = FieldCipher(kind)
     plain = [bson.encode(w2_user(i)) for i in range(opts.w2_docs)]
 
-    def encrypt_doc(raw: bytes) -> bytes:
+    def each_field(raw: bytes, op) -> bytes:
+        """`op(path, value)` applied to every W2 field of the document."""
         d = bson.decode(raw)
         for path in W2_FIELDS:
             parent = d
             for p in path[:-1]:
                 parent = parent[p]
-            parent[path[-1]] = c.encrypt(".".join(path).encode(), parent[path[-1]])
+            parent[path[-1]] = op(".".join(path).encode(), parent[path[-1]])
         return bson.encode(d)
 
+    def encrypt_doc(raw: bytes) -> bytes:
+        return each_field(raw, c.encrypt)
+
     def decrypt_doc(raw: bytes) -> bytes:
-        d = bson.decode(raw)
-        for path in W2_FIELDS:
-            parent = d
-            for p in path[:-1]:
-                parent = parent[p]
-            parent[path[-1]] = c.decrypt(".".join(path).encode(), parent[path[-1]])
-        return bson.encode(d)
+        return each_field(raw, c.decrypt)
 
     enc = [encrypt_doc(d) for d in plain]
     assert decrypt_doc(enc[0]) == plain[0], "W2 round trip"

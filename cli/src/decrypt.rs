@@ -7,7 +7,7 @@ use fieldcrypt::{Cryptor, Schema};
 
 use crate::common::{context, load_schema, referenced, write_decrypted, BATCH};
 use crate::error::Result;
-use crate::jsonl::{IoArgs, Reader, Writer};
+use crate::jsonl::IoArgs;
 use crate::keysource::{KeyArgs, Keys};
 use crate::report::Exit;
 
@@ -43,8 +43,7 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         ctx = ctx.with_owner_field(f.clone());
     }
     let cryptor = Cryptor::new(keys.source.clone(), schema);
-    let mut reader = Reader::open(a.io.input.input.as_deref())?;
-    let mut writer = Writer::create(&a.io.output, true, Some(&a.io.input))?;
+    let (mut reader, mut writer) = a.io.open(true)?;
     loop {
         let batch = reader.batch(BATCH)?;
         if batch.is_empty() {

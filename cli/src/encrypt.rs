@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::common::{context, encrypting, load_schema, BATCH};
 use crate::error::{CliError, Result};
-use crate::jsonl::{check_size, wipe, IoArgs, Reader, Writer};
+use crate::jsonl::{check_size, wipe, IoArgs};
 use crate::keysource::{KeyArgs, NonceArgs};
 use crate::report::Exit;
 
@@ -33,8 +33,7 @@ pub(crate) async fn run(a: EncryptArgs) -> Result<Exit> {
     let schema = load_schema(&a.schema)?;
     let (keys, cryptor, aliases) = encrypting(&a.keys, &a.nonces, schema).await?;
     let ctx = context(a.namespace.as_deref());
-    let mut reader = Reader::open(a.io.input.input.as_deref())?;
-    let mut writer = Writer::create(&a.io.output, false, Some(&a.io.input))?;
+    let (mut reader, mut writer) = a.io.open(false)?;
     loop {
         let batch = reader.batch(BATCH)?;
         if batch.is_empty() {

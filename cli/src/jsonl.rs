@@ -64,6 +64,16 @@ pub(crate) struct IoArgs {
     pub output: OutArgs,
 }
 
+impl IoArgs {
+    /// The reader of `--in` and the writer of `--out` (refusing an `--out` that is the input);
+    /// `plaintext` when what is written is decrypted.
+    pub(crate) fn open(&self, plaintext: bool) -> Result<(Reader, Writer)> {
+        let reader = Reader::open(self.input.input.as_deref())?;
+        let writer = Writer::create(&self.output, plaintext, Some(&self.input))?;
+        Ok((reader, writer))
+    }
+}
+
 /// Reads documents, a batch at a time, remembering the line each came from.
 pub(crate) struct Reader {
     lines: Box<dyn BufRead + Send>,

@@ -419,16 +419,7 @@ impl KeyVault {
     }
 
     async fn create_indexes(&self) -> Result<()> {
-        let alt_names = IndexModel::builder()
-            .keys(doc! { KEY_ALT_NAMES: 1 })
-            .options(
-                IndexOptions::builder()
-                    .name(ALT_NAMES_INDEX.to_owned())
-                    .unique(true)
-                    .partial_filter_expression(doc! { KEY_ALT_NAMES: { "$exists": true } })
-                    .build(),
-            )
-            .build();
+        let alt_names = unique_where_set(doc! { KEY_ALT_NAMES: 1 }, ALT_NAMES_INDEX, KEY_ALT_NAMES);
         if let Err(e) = self.coll.create_index(alt_names).await {
             if !matches!(
                 command_code(&e),
@@ -454,16 +445,11 @@ impl KeyVault {
                 }));
             }
         }
-        let generations = IndexModel::builder()
-            .keys(doc! { ALIAS: 1, GENERATION: 1 })
-            .options(
-                IndexOptions::builder()
-                    .name(GENERATION_INDEX.to_owned())
-                    .unique(true)
-                    .partial_filter_expression(doc! { GENERATION: { "$exists": true } })
-                    .build(),
-            )
-            .build();
+        let generations = unique_where_set(
+            doc! { ALIAS: 1, GENERATION: 1 },
+            GENERATION_INDEX,
+            GENERATION,
+        );
         self.coll.create_index(generations).await?;
         Ok(())
     }
@@ -668,25 +654,30 @@ impl Keyring for KeyVault {
     }
 }
 
+impl KeyVault {
+    /// `items` without duplicates, and those of them `due` for a (re)load; the others are
+    /// counted as cache hits, the due ones as misses.
+    fn due<T: Ord + Clone>(&self, items: &[T], due: impl Fn(&T) -> bool) -> (Vec<T>, Vec<T>) {
+        let mut items = items.to_vec();
+        items.sort_unstable();
+        items.dedup();
+        let due: Vec<T> = items.iter().filter(|i| due(i)).cloned().collect();
+        self.cache.count_hits(items.len() - due.len());
+        self.cache.count_misses(due.len());
+        (items, due)
+    }
+}
+
 #[async_trait::async_trait]
 impl KeySource for KeyVault {
     /// Fetches and unwraps the keys with these ids that are not cached, or were loaded more
     /// than half a TTL ago.
     async fn prefetch_ids(&self, ids: &[KeyId]) -> Result<()> {
         let now = Instant::now();
-        let mut ids = ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        let due: Vec<KeyId> = ids
-            .iter()
-            .copied()
-            .filter(|id| self.cache.key_due(id, now))
-            .collect();
-        self.cache.count_hits(ids.len() - due.len());
+        let (_, due) = self.due(ids, |id| self.cache.key_due(id, now));
         if due.is_empty() {
             return Ok(());
         }
-        self.cache.count_misses(due.len());
         let filter: Vec<Bson> = due.iter().map(|id| Bson::Binary(id.to_binary())).collect();
         let mut stored = self.find(doc! { ID: { "$in": filter } }).await?;
         self.cache.count_loads(stored.len());
@@ -715,16 +706,7 @@ impl KeySource for KeyVault {
     /// a TTL ago), and makes sure this process holds a usage lease for each alias's primary.
     async fn prefetch_aliases(&self, aliases: &[String]) -> Result<()> {
         let now = Instant::now();
-        let mut aliases = aliases.to_vec();
-        aliases.sort_unstable();
-        aliases.dedup();
-        let due: Vec<String> = aliases
-            .iter()
-            .filter(|a| self.cache.alias_due(a, now))
-            .cloned()
-            .collect();
-        self.cache.count_hits(aliases.len() - due.len());
-        self.cache.count_misses(due.len());
+        let (aliases, due) = self.due(aliases, |a| self.cache.alias_due(a, now));
         if !due.is_empty() {
             self.load_aliases(&due).await?;
         }
@@ -771,6 +753,20 @@ fn next_generation(highest: i64, alias: &str) -> Result<i64> {
              written by something other than fieldcrypt)"
         ))
     })
+}
+
+/// A unique index named `name` on `keys`, over the documents where `field` is set.
+fn unique_where_set(keys: Document, name: &str, field: &str) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(true)
+                .partial_filter_expression(doc! { field: { "$exists": true } })
+                .build(),
+        )
+        .build()
 }
 
 fn check_alias(alias: &str) -> Result<()> {

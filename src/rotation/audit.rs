@@ -65,26 +65,11 @@ impl Default for AuditOptions {
     }
 }
 
-impl AuditOptions {
-    /// Sets [`AuditOptions::limit`].
-    #[must_use]
-    pub fn limit(mut self, n: Option<u64>) -> Self {
-        self.limit = n;
-        self
-    }
-    /// Sets [`AuditOptions::allow_stale`].
-    #[must_use]
-    pub fn allow_stale(mut self, yes: bool) -> Self {
-        self.allow_stale = yes;
-        self
-    }
-    /// Sets [`AuditOptions::tokens`].
-    #[must_use]
-    pub fn tokens(mut self, yes: bool) -> Self {
-        self.tokens = yes;
-        self
-    }
-}
+setters!(AuditOptions {
+    limit: Option<u64>,
+    allow_stale: bool,
+    tokens: bool,
+});
 
 /// What kind of secret a string looks like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
