@@ -258,21 +258,22 @@ impl Key {
 
     /// The secret for decryption: the single place where state rules for reading are enforced.
     pub(crate) fn for_decrypt(&self) -> Result<&KeySecret> {
-        self.secret_for(false)
+        self.secret_for::<false>()
     }
 
     /// The secret for encryption: only a primary key encrypts.
     pub(crate) fn for_encrypt(&self) -> Result<&KeySecret> {
-        self.secret_for(true)
+        self.secret_for::<true>()
     }
 
     /// The one place the key states are enforced: primary keys encrypt and decrypt, active
-    /// keys only decrypt, disabled and destroyed keys do neither.
+    /// keys only decrypt, disabled and destroyed keys do neither. (`ENCRYPT` is a constant so
+    /// that each caller compiles to its own check, as the two were before.)
     #[inline]
-    fn secret_for(&self, encrypt: bool) -> Result<&KeySecret> {
+    fn secret_for<const ENCRYPT: bool>(&self) -> Result<&KeySecret> {
         match self.state {
             KeyState::Primary => {}
-            KeyState::Active if !encrypt => {}
+            KeyState::Active if !ENCRYPT => {}
             KeyState::Active => {
                 return Err(Error::KeyMisuse {
                     id: self.id,
