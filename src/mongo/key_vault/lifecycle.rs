@@ -36,7 +36,7 @@ impl KeyVault {
     }
 
     /// The primary key of `alias`, creating the alias's first key if it has none (e.g. a
-    /// tenant's own key, [`tenant_alias`](super::tenant_alias)`("pii", tenant)`, on the
+    /// tenant's own key, [`tenant_alias`](crate::mongo::tenant_alias)`("pii", tenant)`, on the
     /// tenant's first write).
     /// Concurrent callers in any process end up with the same key.
     ///
