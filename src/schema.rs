@@ -389,7 +389,8 @@ fn overlap_error(a: &str, b: &str, at: &str) -> Error {
     }
 }
 
-fn overlaps(a: &str, b: &str) -> bool {
+/// Whether one path is the other or lies inside it.
+pub(crate) fn overlaps(a: &str, b: &str) -> bool {
     let inside =
         |x: &str, y: &str| x == y || (x.starts_with(y) && x.as_bytes().get(y.len()) == Some(&b'.'));
     inside(a, b) || inside(b, a)

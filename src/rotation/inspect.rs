@@ -19,7 +19,7 @@ use crate::key::KeyId;
 use crate::keyring::Keyring;
 use crate::rawbson::{self, ty, Element};
 use crate::schema::walk::{self, check_depth, push, Visitor, MAX_DEPTH};
-use crate::schema::{Encryption, FieldRule, Node, Schema};
+use crate::schema::{overlaps, Encryption, FieldRule, Node, Schema};
 use crate::suite::Suite;
 use crate::transform::{Context, CSFLE_SUBTYPE};
 
@@ -232,9 +232,6 @@ impl<'a> Inspector<'a> {
     /// ciphertext; re-encryption cannot fix it (the core refuses the name), so the document
     /// fails with the core's reason.
     fn literal_dots(&self, e: &Element<'_>, path: &str, out: &mut Scan) {
-        if !e.key.contains('.') {
-            return;
-        }
         let full = if path.is_empty() {
             e.key.to_owned()
         } else {
@@ -427,13 +424,6 @@ impl<'d, 'a> Visitor<'d, 'a> for SchemaScan<'_, 'a> {
         self.insp.literal_dots(&e, &self.path, self.out);
         Ok(())
     }
-}
-
-/// Whether one path is the other or lies inside it.
-fn overlaps(a: &str, b: &str) -> bool {
-    let inside =
-        |x: &str, y: &str| x == y || (x.starts_with(y) && x.as_bytes().get(y.len()) == Some(&b'.'));
-    inside(a, b) || inside(b, a)
 }
 
 /// Whether an element is a ciphertext (fieldcrypt envelope or CSFLE value).

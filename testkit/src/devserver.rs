@@ -810,7 +810,8 @@ fn is_executable(path: &Path) -> bool {
 fn message_of(e: &Error) -> String {
     match e {
         Error::Unavailable(m) => m.clone(),
-        other => other.to_string(),
+        // Without Display's "dev server: " prefix: the message is wrapped in Unavailable again.
+        Error::Io(e) => format!("I/O error: {e}"),
     }
 }
 

@@ -49,24 +49,8 @@ impl<'a> QueryRewriter<'a> {
             for (path, value) in fields {
                 self.update_field(op, path, value, id.as_ref(), owner.as_ref(), &mut rewritten)?;
             }
-            let target = match out.get_mut(op) {
-                Some(Bson::Document(d)) => d,
-                _ => {
-                    out.insert(op.clone(), Document::new());
-                    match out.get_mut(op) {
-                        Some(Bson::Document(d)) => d,
-                        _ => {
-                            return Err(Error::from(CommandError::Operand {
-                                operator: op.clone(),
-                                expected: "a document",
-                            }))
-                        }
-                    }
-                }
-            };
-            for (k, v) in rewritten {
-                target.insert(k, v);
-            }
+            // Each operator appears once in `update`: its rewritten fields go in whole.
+            out.insert(op.clone(), rewritten.into_iter().collect::<Document>());
         }
         Ok(out)
     }
