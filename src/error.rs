@@ -164,12 +164,11 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 
-    /// An error from the MongoDB driver. Its message keeps the error's kind, code and server
-    /// message but drops the details a server may attach (a validation failure's `errInfo`
-    /// quotes the rejected document); the driver's own error is kept as the source.
+    /// An error from the MongoDB driver, shown (Display and Debug alike) without the details
+    /// a server may attach; see [`MongoError`].
     #[cfg(feature = "mongodb")]
-    #[error("MongoDB error: {}", redacted_mongo(.0))]
-    Mongo(#[source] Box<mongodb::error::Error>),
+    #[error("MongoDB error: {0}")]
+    Mongo(MongoError),
 }
 
 /// What [`Error::InvalidArgument`] refused.
@@ -383,16 +382,50 @@ fn server_message(message: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// A MongoDB driver error that prints only what cannot quote a document: its kind, code and
+/// server message, without the details a server may attach (a validation failure's `errInfo`
+/// quotes the rejected document, a duplicate-key error the indexed values). The driver's
+/// own `Debug` and `Display` print those, so this type is not an error source and prints
+/// the redacted text in `Debug` too; [`MongoError::inner`] gives the driver's error to code
+/// that inspects it (codes, labels) and is responsible for not printing it.
+#[cfg(feature = "mongodb")]
+pub struct MongoError(Box<mongodb::error::Error>);
+
+#[cfg(feature = "mongodb")]
+impl MongoError {
+    /// The driver's error. Its `Debug` and `Display` can quote document values.
+    #[must_use]
+    pub fn inner(&self) -> &mongodb::error::Error {
+        &self.0
+    }
+}
+
+#[cfg(feature = "mongodb")]
+impl core::fmt::Display for MongoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&redacted_mongo(&self.0))
+    }
+}
+
+#[cfg(feature = "mongodb")]
+impl core::fmt::Debug for MongoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_tuple("MongoError")
+            .field(&format_args!("{}", redacted_mongo(&self.0)))
+            .finish()
+    }
+}
+
 #[cfg(feature = "mongodb")]
 impl From<Box<mongodb::error::Error>> for Error {
     fn from(e: Box<mongodb::error::Error>) -> Self {
-        Error::Mongo(e)
+        Error::Mongo(MongoError(e))
     }
 }
 
 #[cfg(feature = "mongodb")]
 impl From<mongodb::error::Error> for Error {
     fn from(e: mongodb::error::Error) -> Self {
-        Error::Mongo(Box::new(e))
+        Error::Mongo(MongoError(Box::new(e)))
     }
 }

@@ -74,9 +74,9 @@ mod transform;
 pub use blind_index::BLIND_INDEX_SUBTYPE;
 pub use csfle::{CsfleAlgorithm, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, LocalMasterKey};
 pub use envelope::{ENVELOPE_SUBTYPE, FORMAT_VERSION};
-#[cfg(feature = "mongodb")]
-pub use error::KeyVaultError;
 pub use error::{ArgumentError, CommandError, Error, Result};
+#[cfg(feature = "mongodb")]
+pub use error::{KeyVaultError, MongoError};
 pub use key::{Key, KeyId, KeyKind, KeyMaterial, KeyState, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
 pub use keyring::{InMemoryKeyring, Keyring};
 pub use schema::{BlindIndex, Encryption, Field, FieldRule, Schema, SchemaBuilder};

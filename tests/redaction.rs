@@ -168,6 +168,13 @@ async fn driver_errors_lose_the_details_that_quote_documents() {
     let shown = ours.to_string();
     assert!(shown.contains("121"), "{shown}");
     assert!(!shown.contains(plaintext), "{shown}");
+    // Debug (what `unwrap` and `main` print) and the error chain are redacted too.
+    let debug = format!("{ours:?}");
+    assert!(
+        debug.contains("121") && !debug.contains(plaintext),
+        "{debug}"
+    );
+    assert!(std::error::Error::source(&ours).is_none());
     db.drop().await.unwrap();
 }
 
@@ -188,10 +195,13 @@ async fn duplicate_key_errors_do_not_quote_the_indexed_values() {
     for err in [single, bulk] {
         // The server's message ends with `dup key: { _id: "alice…" }`.
         assert!(format!("{err}").contains(id), "no value to redact: {err}");
-        let shown = Error::from(err).to_string();
+        let ours = Error::from(err);
+        let shown = ours.to_string();
         assert!(shown.contains("11000"), "{shown}");
         assert!(shown.contains("dup key: { [REDACTED] }"), "{shown}");
         assert!(!shown.contains(id), "{shown}");
+        let debug = format!("{ours:?}");
+        assert!(!debug.contains(id), "{debug}");
     }
     db.drop().await.unwrap();
 }
