@@ -22,6 +22,13 @@ pub(crate) fn unregister(path: &Path) {
     files().retain(|p| p != path);
 }
 
+/// Holds off [`remove_all_and_exit`] while the guard lives: for writes whose temporary file
+/// this module does not know (the library's keyset save writes every key to one, then renames
+/// it), so that an interrupt cannot end the process half-way and leave that copy behind.
+pub(crate) fn hold() -> MutexGuard<'static, Vec<PathBuf>> {
+    files()
+}
+
 /// Removes every registered temporary file and ends the process with `code`. The list stays
 /// locked until the process is gone, so no file is registered (or committed) in between.
 pub(crate) fn remove_all_and_exit(code: i32) -> ! {

@@ -540,30 +540,38 @@ fn open_output(
     let sync = file.try_clone().map_err(named)?;
     let pending = Pending::new(tmp, path, true, sync);
     #[cfg(unix)]
-    {
-        // The replacement keeps the file's mode and group (a `0640 owner:service` file stays
-        // readable by the service) and, run as root, its owner.
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let mine = file.metadata().map_err(named)?;
-        let uid = (mine.uid() == 0 && meta.uid() != 0).then_some(meta.uid());
-        let mut mode = mode;
-        // Owner and group first: the old mode must not apply to the caller's group.
-        if (uid.is_some() || mine.gid() != meta.gid())
-            && std::os::unix::fs::fchown(&file, uid, Some(meta.gid())).is_err()
-        {
-            mode &= !0o077;
-            crate::report::warn(&format!(
-                "{}: could not keep the file's group ({}): it is now readable by its owner only",
-                path.display(),
-                meta.gid()
-            ));
-        }
-        file.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(named)?;
-    }
+    keep_owner_group_mode(&file, path, &meta, mode).map_err(named)?;
     #[cfg(not(unix))]
     let _ = plaintext;
     Ok((file, Some(pending)))
+}
+
+/// Gives `file`, the replacement of `path`, the mode and group of the file it replaces
+/// (`before`; a `0640 owner:service` file stays readable by the service) and, run as root,
+/// its owner. Owner and group first: `mode` must not apply to the caller's group; if they
+/// cannot be kept, the file is left readable by its owner only, with a warning.
+#[cfg(unix)]
+pub(crate) fn keep_owner_group_mode(
+    file: &File,
+    path: &Path,
+    before: &std::fs::Metadata,
+    mode: u32,
+) -> io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mine = file.metadata()?;
+    let uid = (mine.uid() == 0 && before.uid() != 0).then_some(before.uid());
+    let mut mode = mode;
+    if (uid.is_some() || mine.gid() != before.gid())
+        && std::os::unix::fs::fchown(file, uid, Some(before.gid())).is_err()
+    {
+        mode &= !0o077;
+        crate::report::warn(&format!(
+            "{}: could not keep the file's group ({}): it is now readable by its owner only",
+            path.display(),
+            before.gid()
+        ));
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 /// Creates `.<name>.<unique>.tmp` beside `path`, exclusively (nothing planted there is

@@ -683,6 +683,8 @@ pub(crate) fn change_keyset<T>(
     let (out, changed) = change(&fresh)?;
     if changed {
         let before = std::fs::metadata(path).ok();
+        // Ctrl-C waits for the save: its temporary file holds every key.
+        let _hold = crate::cleanup::hold();
         fresh.save(path).map_err(|e| in_file(path, e))?;
         if let Some(m) = before {
             keep_mode_and_group(path, &m)?;
@@ -697,27 +699,11 @@ pub(crate) fn change_keyset<T>(
 fn keep_mode_and_group(path: &Path, before: &std::fs::Metadata) -> Result<()> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         let f = File::open(path).map_err(|e| in_file(path, Error::Io(e)))?;
-        let now = f.metadata().map_err(|e| in_file(path, Error::Io(e)))?;
-        // Run as root, the owner too: a service's keyset must not become root's.
-        let uid = (now.uid() == 0 && before.uid() != 0).then_some(before.uid());
-        // Group first: a mode that lets the group read must not apply to the wrong group.
-        if (uid.is_some() || now.gid() != before.gid())
-            && std::os::unix::fs::fchown(&f, uid, Some(before.gid())).is_err()
-        {
-            crate::report::warn(&format!(
-                "{}: could not keep the file's group ({}): it is now the owner's only",
-                path.display(),
-                before.gid()
-            ));
-            return Ok(());
-        }
         let mode = before.permissions().mode() & 0o777;
-        if mode != 0o600 {
-            f.set_permissions(std::fs::Permissions::from_mode(mode))
-                .map_err(|e| in_file(path, Error::Io(e)))?;
-        }
+        crate::jsonl::keep_owner_group_mode(&f, path, before, mode)
+            .map_err(|e| in_file(path, Error::Io(e)))?;
     }
     #[cfg(not(unix))]
     let _ = (path, before);

@@ -40,48 +40,13 @@ impl Exit {
     }
 }
 
-/// Prints an error as one line on stderr. fieldcrypt's errors carry no values or key bytes;
-/// driver errors are flattened to one line.
+/// Prints an error as one line on stderr. fieldcrypt's errors carry no values or key bytes
+/// (the library's driver errors drop what a server quotes of documents, duplicate keys
+/// included); driver errors are flattened to one line.
 pub(crate) fn error(e: &crate::error::CliError) {
     // Display drops the "invalid configuration" label of the library's messages.
-    let text = e.to_string();
-    let text = redact_server_values(&text.replace(['\n', '\r'], " "));
+    let text = e.to_string().replace(['\n', '\r'], " ");
     eprintln!("fieldcrypt: error: {text}");
-}
-
-/// Drops the values a server's message quotes: a duplicate-key error (E11000) ends with
-/// `dup key: { field: "value" }`, which would put a (possibly plaintext) value on stderr.
-fn redact_server_values(text: &str) -> String {
-    const MARK: &str = "dup key: {";
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(MARK) {
-        out.push_str(&rest[..at + MARK.len()]);
-        out.push_str(" [REDACTED] }");
-        // Skip to the brace that closes the key, minding quoted strings.
-        let tail = &rest[at + MARK.len()..];
-        let (mut depth, mut quoted, mut escaped) = (1u32, false, false);
-        let mut end = tail.len();
-        for (i, c) in tail.char_indices() {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' if quoted => escaped = true,
-                '"' => quoted = !quoted,
-                '{' if !quoted => depth += 1,
-                '}' if !quoted => {
-                    depth -= 1;
-                    if depth == 0 {
-                        end = i + 1;
-                        break;
-                    }
-                }
-                _ => {}
-            }
-        }
-        rest = &tail[end..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// A warning line on stderr.
