@@ -28,6 +28,7 @@ use fieldcrypt::{
 use mongodb::Client;
 
 use crate::error::{CliError, Result};
+use crate::uri::ConnectionString;
 
 /// The environment variable holding a keyset (base64 of its JSON).
 pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
@@ -42,7 +43,7 @@ pub(crate) struct KeyArgs {
     /// password (every user of the machine can read a command line): give such a URI in the
     /// environment variable MONGODB_URI or with --uri-file.
     #[arg(long, env = "MONGODB_URI", hide_env_values = true)]
-    pub uri: Option<String>,
+    pub uri: Option<ConnectionString>,
     /// Read the data cluster's connection string from this file (its first line), instead of
     /// --uri / MONGODB_URI.
     #[arg(long, value_name = "FILE")]
@@ -51,7 +52,7 @@ pub(crate) struct KeyArgs {
     /// holds a password: give such a URI in the environment variable FIELDCRYPT_KEY_VAULT_URI
     /// or with --key-vault-uri-file.
     #[arg(long, env = KEY_VAULT_URI_ENV, hide_env_values = true)]
-    pub key_vault_uri: Option<String>,
+    pub key_vault_uri: Option<ConnectionString>,
     /// Read the key vault's connection string from this file (its first line), instead of
     /// --key-vault-uri / FIELDCRYPT_KEY_VAULT_URI.
     #[arg(long, value_name = "FILE")]
@@ -83,7 +84,7 @@ impl KeyArgs {
     fn uri_value(&self) -> Result<Option<String>> {
         match &self.uri_file {
             Some(f) => uri_from_file(f).map(Some),
-            None => Ok(self.uri.clone()),
+            None => Ok(self.uri.as_ref().map(|u| u.expose().to_owned())),
         }
     }
 
@@ -104,7 +105,7 @@ impl KeyArgs {
             return uri_from_file(f).map(Some);
         }
         match &self.key_vault_uri {
-            Some(u) => Ok(Some(u.clone())),
+            Some(u) => Ok(Some(u.expose().to_owned())),
             None => self.uri_value(),
         }
     }

@@ -21,6 +21,7 @@ mod keys;
 mod keysource;
 mod reencrypt;
 mod report;
+mod uri;
 mod validator;
 
 use std::process::ExitCode;

@@ -23,7 +23,7 @@ pub(crate) struct ValidatorArgs {
     namespace: Option<String>,
     /// The cluster, for --apply.
     #[arg(long, env = "MONGODB_URI", hide_env_values = true)]
-    uri: Option<String>,
+    uri: Option<crate::uri::ConnectionString>,
 }
 
 pub(crate) async fn run(a: ValidatorArgs) -> Result<Exit> {
@@ -34,7 +34,8 @@ pub(crate) async fn run(a: ValidatorArgs) -> Result<Exit> {
         let (db, coll) = split_namespace(ns)?;
         let uri = a
             .uri
-            .as_deref()
+            .as_ref()
+            .map(crate::uri::ConnectionString::expose)
             .ok_or_else(|| CliError::Usage("no server: give --uri or set MONGODB_URI".into()))?;
         let client = connect(uri).await?;
         apply_validator(&client.database(db), coll, &schema).await?;

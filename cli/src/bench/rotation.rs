@@ -43,7 +43,7 @@ pub(super) struct W4Args {
     /// The server to run against (a scratch database is created and dropped). Default:
     /// `MONGODB_URI`, else a local server started for the run (as the tests do).
     #[arg(long)]
-    uri: Option<String>,
+    uri: Option<crate::uri::ConnectionString>,
     /// Collection sizes to measure, comma-separated. With one batch size for all, the peak
     /// memory should not follow the collection size.
     #[arg(long, value_delimiter = ',', default_values_t = [2_000u32, 8_000],
@@ -89,7 +89,7 @@ pub(super) fn run(args: &W4Args) -> Result<(), CliError> {
     // Started before the runtime (it blocks); stopped when dropped at the end.
     let local;
     let uri = match &args.uri {
-        Some(u) => u.clone(),
+        Some(u) => u.expose().to_owned(),
         None => {
             local =
                 DevServer::start().map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
