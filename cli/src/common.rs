@@ -123,12 +123,12 @@ pub(crate) fn write_decrypted(
 
 /// Key ids referenced by a batch, for key-vault prefetching. Read leniently: a malformed value
 /// is reported by decryption, naming its document.
-pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Result<Vec<KeyId>> {
+pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Vec<KeyId> {
     let mut ids = Vec::new();
     for d in batch {
         ids.extend(references(d).keys);
     }
     ids.sort_unstable();
     ids.dedup();
-    Ok(ids)
+    ids
 }

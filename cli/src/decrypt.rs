@@ -49,7 +49,7 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         if batch.is_empty() {
             break;
         }
-        keys.source.prefetch_ids(&referenced(&batch)?).await?;
+        keys.source.prefetch_ids(&referenced(&batch)).await?;
         write_decrypted(
             &mut writer,
             cryptor.decrypt_many(&batch, &ctx),

@@ -96,7 +96,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         }
         match (&cryptor, &keys) {
             (Some(c), Some(k)) => {
-                k.source.prefetch_ids(&referenced(&batch)?).await?;
+                k.source.prefetch_ids(&referenced(&batch)).await?;
                 write_decrypted(
                     &mut writer,
                     c.decrypt_many(&batch, &ctx),
