@@ -338,7 +338,8 @@ mod tests {
                 let mut tag = vec![0u8; suite.tag_len()];
                 keys.seal(suite, &root, b"ad", &mut nonce, &mut buf, &mut tag)
                     .unwrap();
-                if len > 0 {
+                // A 1-byte ciphertext equals its plaintext once in 256 runs; 15 bytes, never.
+                if len >= 15 {
                     assert_ne!(buf, pt, "{suite}");
                 }
                 let mut bad = buf.clone();
