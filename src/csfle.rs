@@ -33,7 +33,9 @@ pub use kms::LocalMasterKey;
 #[allow(unused_imports)] // re-exported for the transform, which may not use all of them yet
 pub(crate) use aead::CsfleKey;
 #[allow(unused_imports)] // as above
-pub(crate) use payload::{check_type, decrypt_into, encrypt, parse_payload, CsflePayload};
+pub(crate) use payload::{
+    check_type, decrypt_into, encrypt, parse_payload, type_name, CsflePayload,
+};
 
 /// The two FLE1 encryption algorithms.
 ///

@@ -64,6 +64,7 @@ mod key;
 mod keyring;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
+mod qe;
 mod rawbson;
 #[cfg(feature = "mongodb")]
 pub mod rotation;
@@ -79,6 +80,7 @@ pub use error::{ArgumentError, CommandError, Error, Result};
 pub use error::{KeyVaultError, MongoError};
 pub use key::{Key, KeyId, KeyKind, KeyMaterial, KeyState, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
 pub use keyring::{InMemoryKeyring, Keyring};
+pub use qe::{QeValueKind, SAFE_CONTENT_FIELD};
 pub use schema::{BlindIndex, Encryption, Field, FieldRule, Schema, SchemaBuilder};
 pub use suite::{Suite, RANDOM_NONCE_LIMIT};
 pub use transform::{Context, Cryptor, CSFLE_SUBTYPE, PARALLEL_THRESHOLD};

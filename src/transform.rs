@@ -11,7 +11,7 @@
 //! ```text
 //!  encrypt: schema::walk (the one schema walk) ──▶ Sealer: copy, seal at a rule, refuse dotted
 //!           names that spell encrypted paths, drop stale blind indexes ──▶ out
-//!  decrypt: every element ──▶ envelope / CSFLE value? ──▶ Keyring::key(id) ──▶ open ──▶ out
+//!  decrypt: every element ──▶ envelope / CSFLE / QE value? ──▶ Keyring::key(id) ──▶ open ──▶ out
 //! ```
 
 use std::cell::Cell;
@@ -27,6 +27,7 @@ use crate::envelope::{self, Binding, Envelope, SealParams, ENVELOPE_SUBTYPE};
 use crate::error::{Error, Result};
 use crate::key::{Key, KeyId};
 use crate::keyring::Keyring;
+use crate::qe::{self, QeValueKind, SAFE_CONTENT_FIELD};
 use crate::rawbson::{self, ty, Element, RawValue};
 use crate::schema::walk::{self, Visitor};
 use crate::schema::{FieldRule, Node, Schema};
@@ -47,6 +48,11 @@ pub struct Context {
     /// The owner field, for decrypting owner-bound values without the schema (encryption takes
     /// it from the schema).
     pub owner_field: Option<String>,
+    /// Whether decryption keeps a top-level `__safeContent__` field (the tags a MongoDB
+    /// Queryable Encryption collection keeps for its indexed fields). Off by default: the
+    /// decrypted document is the application's document, as a QE driver shows it minus the
+    /// server's bookkeeping.
+    pub keep_safe_content: bool,
 }
 
 impl Context {
@@ -61,8 +67,16 @@ impl Context {
     pub fn namespace(namespace: impl Into<String>) -> Self {
         Context {
             namespace: Some(namespace.into()),
-            owner_field: None,
+            ..Context::default()
         }
+    }
+
+    /// Sets whether decryption keeps a top-level `__safeContent__` field
+    /// ([`Context::keep_safe_content`]).
+    #[must_use]
+    pub fn with_safe_content(mut self, keep: bool) -> Self {
+        self.keep_safe_content = keep;
+        self
     }
 
     /// Sets the owner field used to find the owner value when decrypting.
@@ -359,7 +373,8 @@ impl Cryptor {
     }
 
     /// Decrypts one value found at `path` (a schema path; `$[]` segments may be given or
-    /// left out): a fieldcrypt envelope or a MongoDB CSFLE value, directly, without building a
+    /// left out): a fieldcrypt envelope, a MongoDB CSFLE value or a stored Queryable Encryption
+    /// value (any of the four forms), directly, without building a
     /// document. Any other binary is returned as it is, as a document walk would leave it.
     /// `id` and `owner` are the document's `_id` and owner, needed when the value is bound to
     /// them.
@@ -411,6 +426,11 @@ impl Cryptor {
                 csfle::decrypt_into(cipher, &p, &mut plain)?;
                 rawbson::decode_value(p.bson_type, &plain)
             }
+            CSFLE_SUBTYPE if QeValueKind::of(bytes).is_some() => {
+                let mut plain = Zeroizing::new(Vec::new());
+                let t = open_qe(&*self.keyring, &mut None, bytes, &mut plain)?;
+                rawbson::decode_value(t, &plain)
+            }
             _ => Ok(Bson::Binary(value.clone())),
         }
     }
@@ -454,7 +474,11 @@ fn collect_keys(doc: &RawDocument, ids: &mut Vec<KeyId>, depth: u32) -> Result<(
             (ty::DOCUMENT | ty::ARRAY, _) => collect_keys(e.document()?, ids, depth + 1)?,
             (_, Some((ENVELOPE_SUBTYPE, p))) => ids.push(Envelope::parse(p)?.key_id),
             (_, Some((BLIND_INDEX_SUBTYPE, p))) => ids.push(blind_index::key_id(p)?),
-            (_, Some((CSFLE_SUBTYPE, p))) if p.len() >= 17 && matches!(p[0], 1 | 2) => {
+            // FLE1 values and QE values (for indexed ones `S_KeyId`, as libmongocrypt collects:
+            // `K_KeyId` is inside the server layer, and usually the same key).
+            (_, Some((CSFLE_SUBTYPE, p)))
+                if p.len() >= 17 && (matches!(p[0], 1 | 2) || QeValueKind::of(p).is_some()) =>
+            {
                 ids.push(KeyId::from_slice(&p[1..17])?);
             }
             _ => {}
@@ -747,6 +771,12 @@ impl<'c> Walker<'c> {
         for e in rawbson::elements(doc) {
             let e = e?;
             match (e.ty, e.binary()) {
+                // The QE server's tags: not part of the application's document.
+                (ty::ARRAY, _)
+                    if self.depth == 1
+                        && !is_array
+                        && e.key == SAFE_CONTENT_FIELD
+                        && !self.ctx.keep_safe_content => {}
                 (ty::DOCUMENT | ty::ARRAY, _) => {
                     let mark = if is_array {
                         self.path.len()
@@ -770,6 +800,18 @@ impl<'c> Walker<'c> {
                 // other subtype-6 values are MongoDB's own business and pass through.
                 (_, Some((CSFLE_SUBTYPE, payload))) if matches!(payload.first(), Some(1 | 2)) => {
                     self.open_csfle(e.key, payload, out)?;
+                }
+                // Stored Queryable Encryption values (blob subtypes 14 to 17).
+                (_, Some((CSFLE_SUBTYPE, payload))) if QeValueKind::of(payload).is_some() => {
+                    let type_at = out.len();
+                    rawbson::put_key(out, 0, e.key);
+                    match open_qe(&*self.cryptor.keyring, &mut self.last_key, payload, out) {
+                        Ok(t) => out[type_at] = t,
+                        Err(err) => {
+                            out.truncate(type_at);
+                            return Err(err);
+                        }
+                    }
                 }
                 _ => out.extend_from_slice(e.raw),
             }
@@ -904,6 +946,36 @@ impl Walker<'_> {
         rawbson::put_key(out, p.bson_type, name);
         csfle::decrypt_into(cipher, &p, out).inspect_err(|_| out.truncate(type_at))
     }
+}
+
+/// Decrypts a stored QE value (`payload`, the subtype-6 bytes) with keys from `keyring`,
+/// appending the value's bytes to `out` and returning its BSON type. `last` caches the last key
+/// used, as the walk does for envelopes.
+fn open_qe(
+    keyring: &dyn Keyring,
+    last: &mut Option<Arc<Key>>,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<u8> {
+    let p = qe::parse_payload(payload)?;
+    let lookup = |id: KeyId| match last.as_ref().filter(|k| k.id() == id) {
+        Some(k) => Ok(k.clone()),
+        None => {
+            let k = keyring.key(&id)?;
+            *last = Some(k.clone());
+            Ok(k)
+        }
+    };
+    qe::decrypt_into(&p, lookup, |k| qe_cipher(k), out)?;
+    Ok(p.bson_type)
+}
+
+/// The QE cipher state of `key`, for decryption (a readable 96-byte CSFLE/QE data key).
+fn qe_cipher(key: &Key) -> Result<&qe::QeKey> {
+    key.for_decrypt()?.qe().ok_or(Error::KeyMisuse {
+        id: key.id(),
+        reason: "not a 96-byte MongoDB (CSFLE/Queryable Encryption) data key",
+    })
 }
 
 /// The CSFLE cipher state of `key`, for decryption (a readable 96-byte CSFLE data key).

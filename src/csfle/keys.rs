@@ -26,9 +26,11 @@ use super::payload;
 use super::CsfleAlgorithm;
 use crate::error::{Error, Result};
 use crate::key::id::KeyId;
+use crate::qe::{self, QeKey, QeValueKind};
 
 /// An unwrapped CSFLE data key: its id, its alternate names and its 96 bytes of material,
-/// ready to encrypt and decrypt FLE1 values (BSON binary subtype 6).
+/// ready to encrypt and decrypt FLE1 values (BSON binary subtype 6) and Queryable Encryption
+/// values (the same key-vault keys serve both, as in MongoDB).
 ///
 /// Get one from a key document ([`CsfleKeyDocument::unwrap_with`]) or make a new one
 /// ([`CsfleDataKey::generate`], then [`CsfleDataKey::to_key_document`] to store it).
@@ -37,6 +39,7 @@ pub struct CsfleDataKey {
     alt_names: Vec<String>,
     material: SecretBox<[u8; KEY_LEN]>,
     key: CsfleKey,
+    qe: QeKey,
 }
 
 impl CsfleDataKey {
@@ -61,11 +64,13 @@ impl CsfleDataKey {
     ) -> Result<Self> {
         check_unique_alt_names(id, &alt_names)?;
         let key = CsfleKey::new(material.expose_secret());
+        let qe = QeKey::new(material.expose_secret());
         Ok(CsfleDataKey {
             id,
             alt_names,
             material,
             key,
+            qe,
         })
     }
 
@@ -114,12 +119,36 @@ impl CsfleDataKey {
         })
     }
 
-    /// Decrypts one FLE1 ciphertext (a subtype-6 binary) made with this key.
+    /// Encrypts one BSON value as a Queryable Encryption unindexed value
+    /// (FLE2UnindexedEncryptedValueV2, blob subtype 16), as libmongocrypt's explicit encryption
+    /// with `Algorithm.UNINDEXED` does: what a QE application stores in a field its
+    /// `encryptedFields` lists without `queries`. Random IV: two encryptions differ.
+    ///
+    /// # Errors
+    /// [`Error::UnsupportedType`] for null, undefined, minKey, maxKey and binData subtype 6,
+    /// which libmongocrypt refuses too.
+    pub fn encrypt_qe_unindexed(&self, value: &Bson) -> Result<Binary> {
+        let (bson_type, bytes) = payload::value_to_bytes(value)?;
+        let mut out = Vec::new();
+        qe::encrypt_unindexed(&self.qe, self.id, bson_type, &bytes, &mut out)?;
+        Ok(Binary {
+            subtype: BinarySubtype::Encrypted,
+            bytes: out,
+        })
+    }
+
+    /// Decrypts one FLE1 ciphertext or stored Queryable Encryption value (a subtype-6 binary)
+    /// made with this key (for an indexed QE value: both its keys are this one).
     ///
     /// # Errors
     /// [`Error::UnknownKey`] when the ciphertext names another key, [`Error::Decrypt`] when it
-    /// does not authenticate, [`Error::MalformedCiphertext`] when it is not an FLE1 ciphertext.
+    /// does not authenticate, [`Error::MalformedCiphertext`] when it is neither format.
     pub fn decrypt_value(&self, ciphertext: &Binary) -> Result<Bson> {
+        if let Some(p) = parse_qe_binary(ciphertext)? {
+            return decrypt_qe(&p, |id| {
+                (id == self.id).then_some(self).ok_or(Error::UnknownKey(id))
+            });
+        }
         let payload = parse_binary(ciphertext)?;
         if payload.key_id != self.id {
             return Err(Error::UnknownKey(payload.key_id));
@@ -483,12 +512,16 @@ impl CsfleKeySet {
         self.keys.values()
     }
 
-    /// Decrypts one FLE1 ciphertext with the key it names.
+    /// Decrypts one FLE1 ciphertext or stored Queryable Encryption value with the keys it names
+    /// (an indexed QE value names two: `S_KeyId` outside, `K_KeyId` inside).
     ///
     /// # Errors
-    /// [`Error::UnknownKey`] when the set lacks that key, otherwise as
+    /// [`Error::UnknownKey`] when the set lacks a key, otherwise as
     /// [`CsfleDataKey::decrypt_value`].
     pub fn decrypt_value(&self, ciphertext: &Binary) -> Result<Bson> {
+        if let Some(p) = parse_qe_binary(ciphertext)? {
+            return decrypt_qe(&p, |id| self.keys.get(&id).ok_or(Error::UnknownKey(id)));
+        }
         let payload = parse_binary(ciphertext)?;
         let key = self
             .keys
@@ -497,10 +530,10 @@ impl CsfleKeySet {
         decrypt_payload(&key.key, &payload)
     }
 
-    /// Returns `doc` with every FLE1 ciphertext, at any depth (in sub-documents and arrays),
-    /// replaced by its plaintext — what libmongocrypt's automatic decryption does for FLE1.
-    /// Other binaries, including subtype-6 values that are not FLE1 ciphertexts (Queryable
-    /// Encryption's), are left as they are.
+    /// Returns `doc` with every FLE1 ciphertext and stored Queryable Encryption value, at any
+    /// depth (in sub-documents and arrays), replaced by its plaintext — what libmongocrypt's
+    /// automatic decryption does. Other binaries, including other subtype-6 payloads (QE insert
+    /// and find payloads), and `__safeContent__` are left as they are.
     ///
     /// # Errors
     /// The first error of [`Self::decrypt_value`]; nothing is returned partially decrypted.
@@ -518,7 +551,7 @@ impl CsfleKeySet {
 
     fn decrypt_bson(&self, value: &Bson) -> Result<Bson> {
         Ok(match value {
-            Bson::Binary(b) if is_fle1_ciphertext(b) => self.decrypt_value(b)?,
+            Bson::Binary(b) if is_fle1_ciphertext(b) || is_qe_value(b) => self.decrypt_value(b)?,
             Bson::Document(d) => Bson::Document(self.decrypt_document(d)?),
             Bson::Array(a) => Bson::Array(
                 a.iter()
@@ -540,6 +573,28 @@ impl fmt::Debug for CsfleKeySet {
 
 fn is_fle1_ciphertext(b: &Binary) -> bool {
     b.subtype == BinarySubtype::Encrypted && matches!(b.bytes.first(), Some(1 | 2))
+}
+
+fn is_qe_value(b: &Binary) -> bool {
+    b.subtype == BinarySubtype::Encrypted && QeValueKind::of(&b.bytes).is_some()
+}
+
+/// The parsed QE value, if `ciphertext` is one (subtype 6, blob subtype 14 to 17).
+fn parse_qe_binary(ciphertext: &Binary) -> Result<Option<qe::QePayload<'_>>> {
+    if is_qe_value(ciphertext) {
+        qe::parse_payload(&ciphertext.bytes).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn decrypt_qe<'k>(
+    p: &qe::QePayload<'_>,
+    key: impl FnMut(KeyId) -> Result<&'k CsfleDataKey>,
+) -> Result<Bson> {
+    let mut plain = zeroize::Zeroizing::new(Vec::new());
+    qe::decrypt_into(p, key, |k| Ok(&k.qe), &mut plain)?;
+    payload::value_from_bytes(p.bson_type, &plain)
 }
 
 fn parse_binary(ciphertext: &Binary) -> Result<payload::CsflePayload<'_>> {

@@ -5,6 +5,7 @@ use std::sync::OnceLock;
 
 use super::{KeyKind, CSFLE_KEY_LEN};
 use crate::csfle::CsfleKey;
+use crate::qe::QeKey;
 use crate::suite::{KeyMaterial, SuiteKeys};
 
 /// A key's secret plus everything expanded from it: the cipher states of each suite (built
@@ -20,6 +21,7 @@ pub(crate) struct KeySecret {
     exhausted: AtomicBool,
     suites: SuiteKeys,
     csfle: OnceLock<Option<CsfleKey>>,
+    qe: OnceLock<Option<QeKey>>,
 }
 
 impl KeySecret {
@@ -31,6 +33,7 @@ impl KeySecret {
             exhausted: AtomicBool::new(false),
             suites: SuiteKeys::default(),
             csfle: OnceLock::new(),
+            qe: OnceLock::new(),
         }
     }
 
@@ -52,6 +55,17 @@ impl KeySecret {
             .get_or_init(|| {
                 let bytes: &[u8; CSFLE_KEY_LEN] = self.material.expose_secret().try_into().ok()?;
                 (self.kind == KeyKind::Csfle).then(|| CsfleKey::new(bytes))
+            })
+            .as_ref()
+    }
+
+    /// The precomputed Queryable Encryption cipher state of the same 96-byte key (MongoDB uses
+    /// one data key for both formats); `None` for other kinds.
+    pub(crate) fn qe(&self) -> Option<&QeKey> {
+        self.qe
+            .get_or_init(|| {
+                let bytes: &[u8; CSFLE_KEY_LEN] = self.material.expose_secret().try_into().ok()?;
+                (self.kind == KeyKind::Csfle).then(|| QeKey::new(bytes))
             })
             .as_ref()
     }
