@@ -183,6 +183,12 @@ pub struct RotationOptions {
     /// must be in the keyring as [`KeyKind::Csfle`](crate::KeyKind::Csfle) keys). Default
     /// `false`: such documents are counted as skipped.
     pub migrate_csfle: bool,
+    /// Re-encrypt MongoDB Queryable Encryption values (all four stored forms) in schema fields
+    /// with fieldcrypt, and remove the top-level `__safeContent__` (their keys must be in the
+    /// keyring as [`KeyKind::Csfle`](crate::KeyKind::Csfle) keys: the same 96-byte key-vault
+    /// keys). Default `false`: such documents are counted as skipped, and `__safeContent__`
+    /// is left alone.
+    pub migrate_qe: bool,
     /// How many times a document that keeps changing under the engine is re-read and retried
     /// before it is counted as failed. Default 10.
     pub max_retries: u32,
@@ -201,6 +207,7 @@ impl Default for RotationOptions {
             rate_limit: None,
             migrate_plaintext: false,
             migrate_csfle: false,
+            migrate_qe: false,
             max_retries: 10,
             max_failures_listed: 100,
         }
@@ -215,6 +222,7 @@ setters!(RotationOptions {
     rate_limit: Option<f64>,
     migrate_plaintext: bool,
     migrate_csfle: bool,
+    migrate_qe: bool,
     max_retries: u32,
 });
 
@@ -255,7 +263,8 @@ pub struct Stats {
     /// Documents that could not be processed (see [`TargetReport::failures`]).
     pub failed: u64,
     /// Documents that need work this run was not asked to do (plaintext or CSFLE values
-    /// without [`RotationOptions::migrate_plaintext`] / [`RotationOptions::migrate_csfle`]).
+    /// without [`RotationOptions::migrate_plaintext`] / [`RotationOptions::migrate_csfle`] /
+    /// [`RotationOptions::migrate_qe`]).
     pub skipped: u64,
 }
 
@@ -504,6 +513,7 @@ struct Work<'a> {
 struct Decide {
     migrate_plaintext: bool,
     migrate_csfle: bool,
+    migrate_qe: bool,
 }
 
 impl Rotator {
@@ -782,12 +792,16 @@ fn plan(
     if let Some(p) = scan.malformed.first() {
         return Ok(Outcome::Fail(format!("malformed ciphertext at {p:?}")));
     }
-    if scan.is_current() {
+    // QE's `__safeContent__` goes only when migrating from QE.
+    let drop_safe_content = decide.migrate_qe && scan.safe_content;
+    if scan.is_current() && !drop_safe_content {
         return Ok(Outcome::Current);
     }
     let wanted = scan.needs_reencryption()
         || (decide.migrate_plaintext && !scan.plaintext.is_empty())
-        || (decide.migrate_csfle && scan.csfle);
+        || (decide.migrate_csfle && scan.csfle)
+        || (decide.migrate_qe && scan.qe)
+        || drop_safe_content;
     if !wanted {
         return Ok(Outcome::Skip);
     }
@@ -797,12 +811,17 @@ fn plan(
             "a ciphertext at {p:?} is not in the schema; add the field to the schema to re-encrypt this document"
         )));
     }
-    // The plaintext document lives only here; wipe it when done.
-    let plain = Zeroizing::new(cryptor.decrypt_raw(doc, ctx)?.into_bytes());
+    // The plaintext document lives only here; wipe it when done. Decryption drops
+    // `__safeContent__` unless kept.
+    let read_ctx = ctx.clone().with_safe_content(!decide.migrate_qe);
+    let plain = Zeroizing::new(cryptor.decrypt_raw(doc, &read_ctx)?.into_bytes());
     let plain = RawDocument::from_bytes(&plain)?;
     let new = cryptor.encrypt_raw(plain, ctx)?;
     let after = insp.scan(&new)?;
-    if !after.is_current() || after.unmanaged().is_some() {
+    if !after.is_current()
+        || after.unmanaged().is_some()
+        || (decide.migrate_qe && after.safe_content)
+    {
         return Ok(Outcome::Fail(format!(
             "cannot be brought up to date: after re-encryption it still has {}",
             after.describe()

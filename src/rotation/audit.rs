@@ -247,6 +247,8 @@ pub struct KeyUsage {
     pub envelopes: u64,
     /// CSFLE values under it.
     pub csfle: u64,
+    /// Queryable Encryption values naming it in their header (indexed values: as `S_KeyId`).
+    pub qe: u64,
     /// Blind indexes computed with it.
     pub blind_indexes: u64,
     /// Documents referencing it.
@@ -273,6 +275,11 @@ pub struct AuditReport {
     pub suites: BTreeMap<String, u64>,
     /// CSFLE values in schema fields (to migrate).
     pub csfle_values: u64,
+    /// Queryable Encryption values in schema fields (to migrate), by kind (`unindexed`,
+    /// `equality`, `range`, `text`).
+    pub qe_values: BTreeMap<String, u64>,
+    /// Documents with a top-level `__safeContent__` (QE's tags; removed by a QE migration).
+    pub safe_content_documents: u64,
     /// Documents holding a malformed ciphertext or blind index: its key cannot be read, so
     /// such a document may reference any key.
     pub unreadable: u64,
@@ -330,6 +337,7 @@ impl Tally {
 struct KeyTally {
     envelopes: u64,
     csfle: u64,
+    qe: u64,
     blind: u64,
     documents: u64,
     suites: BTreeMap<String, u64>,
@@ -442,6 +450,9 @@ impl Audit {
                 if !scan.malformed.is_empty() {
                     rep.unreadable += 1;
                 }
+                if scan.safe_content {
+                    rep.safe_content_documents += 1;
+                }
                 for p in distinct(&scan.malformed) {
                     malformed.entry(p.to_owned()).or_default().hit(&id);
                 }
@@ -467,6 +478,14 @@ impl Audit {
                             }
                             (key, None)
                         }
+                        FoundKind::Qe { kind, key } => {
+                            if f.managed {
+                                *rep.qe_values
+                                    .entry(kind.short_name().to_owned())
+                                    .or_default() += 1;
+                            }
+                            (Some(key), None)
+                        }
                         FoundKind::BlindIndex { key } => (Some(key), None),
                     };
                     let Some(key) = key else { continue };
@@ -477,6 +496,7 @@ impl Audit {
                             *t.suites.entry(s.name().to_owned()).or_default() += 1;
                         }
                         (FoundKind::Csfle { .. }, _) => t.csfle += 1,
+                        (FoundKind::Qe { .. }, _) => t.qe += 1,
                         _ => t.blind += 1,
                     }
                     if t.example.is_none() {
@@ -520,7 +540,7 @@ impl Audit {
         for (_, _, kid) in key_ids {
             let Some(t) = keys.remove(&kid) else { continue };
             let example_id = t.example.clone().unwrap_or_default();
-            let values = t.envelopes + t.csfle + t.blind;
+            let values = t.envelopes + t.csfle + t.qe + t.blind;
             let (alias, state, encryptions) = match keyring.key(&kid) {
                 Ok(k) => (
                     Some(k.alias().to_owned()),
@@ -573,6 +593,7 @@ impl Audit {
                 state,
                 envelopes: t.envelopes,
                 csfle: t.csfle,
+                qe: t.qe,
                 blind_indexes: t.blind,
                 documents: t.documents,
                 suites: t.suites,

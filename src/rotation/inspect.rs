@@ -17,6 +17,7 @@ use crate::envelope::{flags, Envelope, ENVELOPE_SUBTYPE};
 use crate::error::Result;
 use crate::key::KeyId;
 use crate::keyring::Keyring;
+use crate::qe::{self, QeValueKind, SAFE_CONTENT_FIELD};
 use crate::rawbson::{self, ty, Element};
 use crate::schema::walk::{self, check_depth, push, Visitor, MAX_DEPTH};
 use crate::schema::{overlaps, Encryption, FieldRule, Node, Schema};
@@ -71,8 +72,11 @@ pub(crate) struct Found {
 pub(crate) enum FoundKind {
     /// A fieldcrypt envelope.
     Envelope { key: KeyId, suite: Suite },
-    /// A MongoDB CSFLE (FLE1) value.
+    /// A MongoDB CSFLE (FLE1) value, or another subtype-6 payload that is no stored QE value.
     Csfle { key: Option<KeyId> },
+    /// A stored MongoDB Queryable Encryption value; `key` is the id in its header (for
+    /// indexed values `S_KeyId`).
+    Qe { kind: QeValueKind, key: KeyId },
     /// A blind index.
     BlindIndex { key: KeyId },
 }
@@ -91,6 +95,11 @@ pub(crate) struct Scan {
     pub plaintext: Vec<String>,
     /// A schema field holds a CSFLE value.
     pub csfle: bool,
+    /// A schema field holds a stored Queryable Encryption value.
+    pub qe: bool,
+    /// The document has a top-level `__safeContent__` (QE's tags): removed when migrating
+    /// from QE, left alone otherwise (filled by [`Inspector::scan_all`]).
+    pub safe_content: bool,
     /// A blind index is under a non-primary key.
     pub stale_index: bool,
     /// An encrypted field lacks its blind index.
@@ -108,12 +117,13 @@ impl Scan {
             || self.suite
             || self.mode
             || self.csfle
+            || self.qe
             || self.stale_index
             || self.missing_index
             || !self.plaintext.is_empty())
     }
 
-    /// Whether the document needs key or format work (not counting plaintext or CSFLE).
+    /// Whether the document needs key or format work (not counting plaintext, CSFLE or QE).
     pub(crate) fn needs_reencryption(&self) -> bool {
         self.stale_key || self.suite || self.mode || self.stale_index || self.missing_index
     }
@@ -143,6 +153,12 @@ impl Scan {
         }
         if self.csfle {
             parts.push("a CSFLE value".to_owned());
+        }
+        if self.qe {
+            parts.push("a Queryable Encryption value".to_owned());
+        }
+        if self.safe_content {
+            parts.push(format!("a {SAFE_CONTENT_FIELD} field"));
         }
         if self.stale_index {
             parts.push(
@@ -310,6 +326,7 @@ impl<'a> Inspector<'a> {
                     out.mode = true;
                 }
             }
+            Some((CSFLE_SUBTYPE, p)) if QeValueKind::of(p).is_some() => out.qe = true,
             Some((CSFLE_SUBTYPE, _)) => out.csfle = true,
             _ if each == Each::No && e.ty == ty::ARRAY && array_holds_ciphertext(e) => {
                 out.mode = true;
@@ -335,6 +352,9 @@ impl<'a> Inspector<'a> {
                 push(path, e.key)
             };
             match (e.ty, e.binary()) {
+                (ty::ARRAY, _) if depth == 0 && e.key == SAFE_CONTENT_FIELD => {
+                    out.safe_content = true;
+                }
                 (ty::DOCUMENT | ty::ARRAY, _) => {
                     self.walk_all(e.document()?, e.ty == ty::ARRAY, path, out, depth + 1)?;
                 }
@@ -349,6 +369,19 @@ impl<'a> Inspector<'a> {
                     }),
                     Err(_) => out.malformed.push(path.clone()),
                 },
+                (_, Some((CSFLE_SUBTYPE, p))) if QeValueKind::of(p).is_some() => {
+                    match qe::parse_payload(p) {
+                        Ok(v) => out.found.push(Found {
+                            path: path.clone(),
+                            kind: FoundKind::Qe {
+                                kind: v.kind,
+                                key: v.key_id,
+                            },
+                            managed: self.manages(path),
+                        }),
+                        Err(_) => out.malformed.push(path.clone()),
+                    }
+                }
                 (_, Some((CSFLE_SUBTYPE, p))) => out.found.push(Found {
                     path: path.clone(),
                     kind: FoundKind::Csfle {
@@ -426,7 +459,7 @@ impl<'d, 'a> Visitor<'d, 'a> for SchemaScan<'_, 'a> {
     }
 }
 
-/// Whether an element is a ciphertext (fieldcrypt envelope or CSFLE value).
+/// Whether an element is a ciphertext (fieldcrypt envelope, CSFLE or QE value).
 pub(crate) fn is_ciphertext(e: &Element<'_>) -> bool {
     matches!(e.binary(), Some((ENVELOPE_SUBTYPE | CSFLE_SUBTYPE, _)))
 }
@@ -449,8 +482,9 @@ fn csfle_key_id(p: &[u8]) -> Option<KeyId> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct References {
-    /// Key ids named by fieldcrypt envelopes (0x8F), blind indexes (0x8E) and MongoDB CSFLE
-    /// (FLE1) values, sorted, without duplicates.
+    /// Key ids named by fieldcrypt envelopes (0x8F), blind indexes (0x8E), MongoDB CSFLE
+    /// (FLE1) values and stored Queryable Encryption values (their header's key id: for
+    /// indexed values `S_KeyId`), sorted, without duplicates.
     pub keys: Vec<KeyId>,
     /// Paths (array positions left out) of values that claim to be one of those but whose key
     /// id cannot be read (truncated or otherwise malformed), and of parts of the document that
@@ -470,8 +504,8 @@ impl References {
 /// ([`Cryptor::referenced_keys`](crate::Cryptor::referenced_keys) fails on the whole document
 /// instead). For reference checks that must not mistake "cannot tell" for "not referenced"
 /// (`fieldcrypt keys destroy`), and for prefetching keys of documents that may hold a
-/// malformed value. Queryable Encryption payloads (subtype 6 with a blob subtype other than 1
-/// or 2) are MongoDB's and are not read, as the core does not open them either.
+/// malformed value. Other subtype-6 payloads (QE insert and find payloads, placeholders,
+/// protocol version 1) are not read, as the core does not open them either.
 #[must_use]
 pub fn references(doc: &RawDocument) -> References {
     let mut r = References::default();
@@ -521,7 +555,13 @@ fn collect_references(
                     Some(id) => out.keys.push(id),
                     None => out.unreadable.push(path.clone()),
                 },
-                Some(_) => {} // Queryable Encryption: not fieldcrypt's
+                Some(&b) if QeValueKind::from_blob_subtype(b).is_some() => {
+                    match qe::parse_payload(p) {
+                        Ok(v) => out.keys.push(v.key_id),
+                        Err(_) => out.unreadable.push(path.clone()),
+                    }
+                }
+                Some(_) => {} // other QE payloads: not stored values
                 None => out.unreadable.push(path.clone()),
             },
             _ => {}

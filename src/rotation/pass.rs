@@ -280,6 +280,7 @@ where
             decide: Decide {
                 migrate_plaintext: o.migrate_plaintext,
                 migrate_csfle: o.migrate_csfle,
+                migrate_qe: o.migrate_qe,
             },
         };
         let mut failed = Vec::new();

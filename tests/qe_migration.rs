@@ -1,0 +1,240 @@
+//! Migrating a Queryable Encryption collection to fieldcrypt in place, against a real server:
+//! the audit classifies QE values, the rotation engine (`migrate_qe`) re-encrypts them with
+//! fieldcrypt suites, resumably, with compare-and-set writes, and removes `__safeContent__`.
+//!
+//! The QE values are libmongocrypt's (`tests/fixtures/qe/`): unindexed values encrypted by
+//! fieldcrypt under the fixture keys (libmongocrypt reads those, `tests/qe_fixtures.rs`), and
+//! libmongocrypt's stored equality and range vectors.
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
+use fieldcrypt::rotation::{Audit, AuditFinding, Flow, RotationOptions, Rotator, Target};
+use fieldcrypt::{
+    Context, Cryptor, CsfleKeyDocument, CsfleKeySet, Field, InMemoryKeyring, Key, KeyKind,
+    KeyMaterial, KeyState, Keyring, LocalMasterKey, Schema, SAFE_CONTENT_FIELD,
+};
+use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use futures_util::TryStreamExt;
+use mongodb::{Client, Collection};
+use secrecy::ExposeSecret;
+
+const N: i64 = 120;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/qe")
+        .join(name)
+}
+
+fn master() -> LocalMasterKey {
+    LocalMasterKey::from_file(fixture("master-key.txt")).unwrap()
+}
+
+/// A keyring with a fieldcrypt key for the new schema and the QE fixture keys (as `Csfle`
+/// keys: the same 96-byte key-vault keys).
+fn keys() -> Arc<InMemoryKeyring> {
+    let ring = InMemoryKeyring::new();
+    ring.generate("pii");
+    let master = master();
+    for d in CsfleKeyDocument::read_extended_json_file(fixture("keys.jsonl")).unwrap() {
+        let m = master.unwrap(&d.key_material).unwrap();
+        let k = Key::from_material(
+            d.id,
+            format!("qe-{}", d.id),
+            KeyKind::Csfle,
+            KeyState::Active,
+            KeyMaterial::from_slice(m.expose_secret()),
+            0,
+        )
+        .unwrap();
+        ring.insert(k);
+    }
+    Arc::new(ring)
+}
+
+/// libmongocrypt's stored vector `name` (`vectors.jsonl`).
+fn vector(name: &str) -> Binary {
+    let text = std::fs::read_to_string(fixture("vectors.jsonl")).unwrap();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["name"] == name {
+            match Bson::try_from(v["ciphertext"].clone()).unwrap() {
+                Bson::Binary(b) => return b,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    panic!("no vector {name}")
+}
+
+fn schema() -> Schema {
+    Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .field("email", Field::deterministic("pii"))
+        .field("age", Field::randomized("pii"))
+        .build()
+        .unwrap()
+}
+
+fn expected(i: i64) -> Document {
+    doc! { "_id": i, "ssn": format!("ssn-{i}"), "email": "foo", "age": 123, "name": format!("n{i}") }
+}
+
+async fn all(coll: &Collection<RawDocumentBuf>) -> Vec<Document> {
+    coll.find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.to_document().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_a_qe_collection_resumably_and_drops_safe_content() {
+    let server = DevServer::shared().unwrap();
+    let client = Client::with_uri_str(server.uri()).await.unwrap();
+    let db = client.database(&unique_db_name("qe_migrate"));
+    let coll = db.collection::<RawDocumentBuf>("people");
+    let keys = keys();
+    let set = CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &master()).unwrap();
+    let qe_key = set.get_by_alt_name("qe-key-1").unwrap();
+    let equality = vector("explicit-decrypt-FLE2IndexedEqualityEncryptedValueV2");
+    let range = vector("explicit-decrypt-FLE2IndexedRangeEncryptedValueV2");
+    let tags = Bson::Array(vec![Bson::Binary(Binary {
+        subtype: bson::spec::BinarySubtype::Generic,
+        bytes: vec![7; 32],
+    })]);
+    let mut docs = Vec::new();
+    for i in 0..N {
+        let mut d = doc! {
+            "_id": i,
+            "ssn": qe_key.encrypt_qe_unindexed(&Bson::String(format!("ssn-{i}"))).unwrap(),
+            "email": equality.clone(),
+            "age": range.clone(),
+            "name": format!("n{i}"),
+        };
+        if i % 4 != 0 {
+            d.insert(SAFE_CONTENT_FIELD, tags.clone());
+        }
+        docs.push(RawDocumentBuf::from_document(&d).unwrap());
+    }
+    // A QE value in a field the new schema does not name: that document fails alone.
+    let stray = doc! {
+        "_id": 1000i64, "ssn": qe_key.encrypt_qe_unindexed(&Bson::Int32(1)).unwrap(),
+        "extra": qe_key.encrypt_qe_unindexed(&Bson::Int32(2)).unwrap(),
+        SAFE_CONTENT_FIELD: tags.clone(),
+    };
+    docs.push(RawDocumentBuf::from_document(&stray).unwrap());
+    coll.insert_many(docs).await.unwrap();
+    let target = Target::new(&coll, schema());
+
+    // The audit counts and classifies QE values, and calls none of them plaintext or malformed.
+    let rep = Audit::new(keys.clone()).run(&target, |_| {}).await.unwrap();
+    let n = u64::try_from(N).unwrap();
+    assert_eq!(rep.documents, n + 1);
+    assert_eq!(rep.qe_values.get("unindexed"), Some(&(n + 1)));
+    assert_eq!(rep.qe_values.get("equality"), Some(&n));
+    assert_eq!(rep.qe_values.get("range"), Some(&n));
+    assert_eq!(rep.csfle_values, 0);
+    assert_eq!(rep.safe_content_documents, n - n / 4 + 1);
+    assert_eq!(rep.unreadable, 0);
+    assert_eq!(rep.current, 0);
+    for f in &rep.findings {
+        match f {
+            AuditFinding::Unmanaged {
+                path, documents, ..
+            } => {
+                assert_eq!((path.as_str(), *documents), ("extra", 1));
+            }
+            AuditFinding::Plaintext { .. } | AuditFinding::Malformed { .. } => panic!("{f:?}"),
+            _ => {}
+        }
+    }
+    let qe_keys: u64 = rep.keys.iter().map(|k| k.qe).sum();
+    assert_eq!(qe_keys, 3 * n + 2);
+
+    let rotator = |o: RotationOptions| {
+        Rotator::new(keys.clone())
+            .checkpoint_collection(db.collection("checkpoints"))
+            .options(o.batch_size(25))
+    };
+    // Re-encryption alone leaves QE documents (and their `__safeContent__`) to a migration.
+    let before = all(&coll).await;
+    let r = rotator(RotationOptions::default().job("reencrypt"))
+        .run(std::slice::from_ref(&target), |_| Flow::Continue)
+        .await
+        .unwrap();
+    assert_eq!(r.stats().skipped, n + 1);
+    assert_eq!(all(&coll).await, before);
+
+    // The migration, stopped twice as a killed process would be, then resumed.
+    let mut rewritten = 0;
+    let mut failed = 0;
+    let mut stops = 0;
+    loop {
+        let mut events = 0;
+        let r = rotator(
+            RotationOptions::default()
+                .job("migrate-qe")
+                .migrate_qe(true)
+                .resume(true),
+        )
+        .run(std::slice::from_ref(&target), |_| {
+            events += 1;
+            if stops < 2 && events >= 3 {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        })
+        .await
+        .unwrap();
+        rewritten += r.stats().rewritten;
+        failed += r.stats().failed;
+        if !r.stopped {
+            break;
+        }
+        stops += 1;
+    }
+    assert_eq!(stops, 2);
+    assert_eq!((rewritten, failed), (n, 1));
+
+    let cryptor = Cryptor::new(keys.clone(), schema());
+    let ctx = Context::namespace(coll.namespace().to_string());
+    let stored = all(&coll).await;
+    for d in &stored {
+        let id = d.get_i64("_id").unwrap();
+        let raw = RawDocumentBuf::from_document(d).unwrap();
+        if id == 1000 {
+            // Left exactly as it was.
+            assert_eq!(d, &stray);
+            continue;
+        }
+        assert!(!d.contains_key(SAFE_CONTENT_FIELD), "{id}");
+        // Only fieldcrypt's key is referenced: no QE value is left.
+        let referenced = Cryptor::referenced_keys(&raw).unwrap();
+        assert_eq!(referenced, [keys.primary("pii").unwrap().id()], "{id}");
+        let plain = cryptor.decrypt_document(d, &ctx).unwrap();
+        assert_eq!(plain, expected(id), "{id}");
+    }
+    // A fresh run finds every migrated document current.
+    let r = Rotator::new(keys.clone())
+        .options(RotationOptions::default().migrate_qe(true))
+        .run(std::slice::from_ref(&target), |_| Flow::Continue)
+        .await
+        .unwrap();
+    assert_eq!((r.stats().current, r.stats().failed), (n, 1));
+    let rep = Audit::new(keys.clone()).run(&target, |_| {}).await.unwrap();
+    // The stray document: its managed value, and both values under their key.
+    assert_eq!(rep.qe_values.values().sum::<u64>(), 1);
+    assert_eq!(rep.keys.iter().map(|k| k.qe).sum::<u64>(), 2);
+    assert_eq!(rep.safe_content_documents, 1);
+    db.drop().await.unwrap();
+}
