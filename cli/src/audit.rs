@@ -114,6 +114,23 @@ fn print_report(r: &AuditReport) {
             r.csfle_values
         );
     }
+    if !r.qe_values.is_empty() {
+        let kinds: Vec<String> = r
+            .qe_values
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "  Queryable Encryption values in schema fields: {} (run `fieldcrypt migrate --from qe`)",
+            kinds.join(", ")
+        );
+    }
+    if r.safe_content_documents > 0 {
+        println!(
+            "  documents with __safeContent__: {} (removed by `fieldcrypt migrate --from qe`)",
+            r.safe_content_documents
+        );
+    }
     for k in &r.keys {
         let mut parts = Vec::new();
         if k.envelopes > 0 {
@@ -121,6 +138,9 @@ fn print_report(r: &AuditReport) {
         }
         if k.csfle > 0 {
             parts.push(format!("{} CSFLE value(s)", k.csfle));
+        }
+        if k.qe > 0 {
+            parts.push(format!("{} Queryable Encryption value(s)", k.qe));
         }
         if k.blind_indexes > 0 {
             parts.push(format!("{} blind index(es)", k.blind_indexes));
@@ -151,7 +171,7 @@ fn only_key(reports: &[AuditReport], id: &fieldcrypt::KeyId, out: &OutputOpts) -
             (
                 r.namespace.as_str(),
                 k.map_or(0, |k| k.documents),
-                k.map_or(0, |k| k.envelopes + k.csfle + k.blind_indexes),
+                k.map_or(0, |k| k.envelopes + k.csfle + k.qe + k.blind_indexes),
                 r.unreadable,
             )
         })

@@ -1,5 +1,5 @@
-//! `fieldcrypt decrypt`: decrypts Extended JSON documents — fieldcrypt envelopes and MongoDB
-//! CSFLE values alike — offline.
+//! `fieldcrypt decrypt`: decrypts Extended JSON documents — fieldcrypt envelopes, MongoDB CSFLE
+//! values and MongoDB Queryable Encryption values alike — offline.
 
 use std::path::PathBuf;
 
@@ -22,6 +22,10 @@ pub(crate) struct DecryptArgs {
     /// The owner field of owner-scoped documents (instead of --schema).
     #[arg(long, value_name = "FIELD")]
     owner_field: Option<String>,
+    /// Keep a top-level `__safeContent__` field (MongoDB Queryable Encryption's tags for its
+    /// indexed fields), which is dropped by default.
+    #[arg(long)]
+    keep_safe_content: bool,
     #[command(flatten)]
     io: IoArgs,
     #[command(flatten)]
@@ -38,7 +42,7 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         None => Schema::empty(),
     };
     let keys = Keys::open(&a.keys).await?;
-    let mut ctx = context(a.namespace.as_deref());
+    let mut ctx = context(a.namespace.as_deref()).with_safe_content(a.keep_safe_content);
     if let Some(f) = &a.owner_field {
         ctx = ctx.with_owner_field(f.clone());
     }

@@ -33,6 +33,10 @@ pub(crate) struct ExportArgs {
     /// written without one, e.g. by `encrypt` without --namespace and then mongoimport).
     #[arg(long, requires = "decrypt")]
     no_namespace_binding: bool,
+    /// With --decrypt: keep a top-level `__safeContent__` field (MongoDB Queryable
+    /// Encryption's tags for its indexed fields), which is dropped by default.
+    #[arg(long, requires = "decrypt")]
+    keep_safe_content: bool,
     #[command(flatten)]
     dest: OutArgs,
     #[command(flatten)]
@@ -76,7 +80,8 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         Context::none()
     } else {
         Context::namespace(a.namespace.clone())
-    };
+    }
+    .with_safe_content(a.keep_safe_content);
     let cryptor = keys
         .as_ref()
         .map(|k| Cryptor::new(k.source.clone(), schema));

@@ -1,5 +1,5 @@
-//! `fieldcrypt reencrypt` (key rotation) and `fieldcrypt migrate` (plaintext or CSFLE fields
-//! to fieldcrypt): the rotation engine over live collections. See docs/ROTATION.md.
+//! `fieldcrypt reencrypt` (key rotation) and `fieldcrypt migrate` (plaintext, CSFLE or Queryable
+//! Encryption fields to fieldcrypt): the rotation engine over live collections. See docs/ROTATION.md.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -78,7 +78,10 @@ pub(crate) enum From {
     /// MongoDB CSFLE values in schema fields (their keys must be available: key vault or
     /// --key-vault-file).
     Csfle,
-    /// Both.
+    /// MongoDB Queryable Encryption values in schema fields (all four stored forms; keys as for
+    /// csfle); removes each document's `__safeContent__`.
+    Qe,
+    /// All three.
     All,
 }
 
@@ -92,13 +95,24 @@ pub(crate) struct MigrateArgs {
 }
 
 pub(crate) async fn run_reencrypt(a: ReencryptArgs) -> Result<Exit> {
-    run(a.run, "reencrypt", false, false).await
+    run(a.run, "reencrypt", Migrate::default()).await
+}
+
+/// What a run migrates besides re-encrypting.
+#[derive(Clone, Copy, Debug, Default)]
+struct Migrate {
+    plaintext: bool,
+    csfle: bool,
+    qe: bool,
 }
 
 pub(crate) async fn run_migrate(a: MigrateArgs) -> Result<Exit> {
-    let plaintext = matches!(a.from, From::Plaintext | From::All);
-    let csfle = matches!(a.from, From::Csfle | From::All);
-    run(a.run, "migrate", plaintext, csfle).await
+    let m = Migrate {
+        plaintext: matches!(a.from, From::Plaintext | From::All),
+        csfle: matches!(a.from, From::Csfle | From::All),
+        qe: matches!(a.from, From::Qe | From::All),
+    };
+    run(a.run, "migrate", m).await
 }
 
 fn ext_json(flag: &str, text: &str) -> Result<Bson> {
@@ -107,7 +121,7 @@ fn ext_json(flag: &str, text: &str) -> Result<Bson> {
     Bson::try_from(v).map_err(|_| CliError::Usage(format!("{flag}: not valid Extended JSON")))
 }
 
-async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<Exit> {
+async fn run(a: RunArgs, command: &str, m: Migrate) -> Result<Exit> {
     let schema = Arc::new(load_schema(&a.schema)?);
     let partition = match (&a.partition, &a.id_from, &a.id_to) {
         (Some(p), _, _) => p.clone(),
@@ -135,8 +149,9 @@ async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<
         .resume(a.resume)
         .dry_run(a.dry_run)
         .rate_limit(a.rate)
-        .migrate_plaintext(plaintext)
-        .migrate_csfle(csfle);
+        .migrate_plaintext(m.plaintext)
+        .migrate_csfle(m.csfle)
+        .migrate_qe(m.qe);
     let rotator = Rotator::new(keys.source.clone())
         .options(options)
         .checkpoint_collection(client.database(cdb).collection(ccoll));
@@ -205,7 +220,7 @@ async fn run(a: RunArgs, command: &str, plaintext: bool, csfle: bool) -> Result<
     if !a.dry_run {
         keys.persist_counters()?;
     }
-    summarize(&report, &a, command, plaintext || csfle)
+    summarize(&report, &a, command, m.plaintext || m.csfle || m.qe)
 }
 
 fn stats_json(s: &Stats) -> serde_json::Value {
@@ -313,7 +328,7 @@ fn summarize(report: &Report, a: &RunArgs, command: &str, migrating: bool) -> Re
         }
         if s.skipped > 0 && !migrating {
             report::warn(&format!(
-                "{} document(s) hold plaintext or CSFLE values in encrypted fields: run `fieldcrypt migrate`",
+                "{} document(s) hold plaintext, CSFLE or Queryable Encryption values in encrypted fields: run `fieldcrypt migrate`",
                 s.skipped
             ));
         }
