@@ -36,6 +36,14 @@ fn bench_w1(c: &mut Criterion) {
                 .unwrap()
         });
     });
+    let (cr, doc) = workloads::w1_encrypted(Format::QeUnindexed).unwrap();
+    g.bench_function("qe_unindexed", |b| {
+        let mut out = Vec::new();
+        b.iter(|| {
+            cr.decrypt_raw_into(black_box(&doc), &Context::none(), &mut out)
+                .unwrap()
+        });
+    });
     for suite in Suite::ALL {
         let (cr, doc) = workloads::w1_encrypted(Format::Fieldcrypt(suite)).unwrap();
         g.bench_function(suite.name(), |b| {

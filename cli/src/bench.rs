@@ -40,7 +40,8 @@ enum BenchWorkload {
     /// (`key0001: "value 0001"` …), decrypted whole, repeatedly.
     W1 {
         /// Ciphertext format: MongoDB's CSFLE (AEAD_AES_256_CBC_HMAC_SHA_512-Deterministic, as
-        /// MongoDB's benchmark) or a fieldcrypt suite.
+        /// MongoDB's benchmark), MongoDB Queryable Encryption unindexed values
+        /// (AEAD_AES_256_CBC_HMAC_SHA_256) or a fieldcrypt suite.
         #[arg(long, value_enum, default_value_t = FormatArg::Fieldcrypt)]
         format: FormatArg,
         /// The fieldcrypt suite (with `--format fieldcrypt`): AES-256-GCM, ChaCha20-Poly1305,
@@ -75,6 +76,8 @@ enum BenchWorkload {
 enum FormatArg {
     /// MongoDB CSFLE, deterministic.
     Csfle,
+    /// MongoDB Queryable Encryption, unindexed values.
+    QeUnindexed,
     /// fieldcrypt envelopes (`--suite`).
     Fieldcrypt,
 }
@@ -126,12 +129,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<(), CliError> {
     let report = match &args.workload {
         BenchWorkload::W1 { format, suite, run } => {
             let format = match (format, suite) {
-                (FormatArg::Csfle, Some(_)) => {
+                (FormatArg::Csfle | FormatArg::QeUnindexed, Some(_)) => {
                     return Err(CliError::Usage(
                         "--suite applies to --format fieldcrypt only".into(),
                     ))
                 }
                 (FormatArg::Csfle, None) => Format::Csfle,
+                (FormatArg::QeUnindexed, None) => Format::QeUnindexed,
                 (FormatArg::Fieldcrypt, s) => Format::Fieldcrypt(s.unwrap_or(Suite::Aes256Gcm)),
             };
             w1(format, run)?
@@ -492,7 +496,8 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, CliError> {
         .collect();
     let ads: Vec<Vec<u8>> = (1..=n)
         .map(|i| match format {
-            Format::Csfle => vec![1u8; 18],
+            // Both MongoDB formats authenticate their 18-byte payload header.
+            Format::Csfle | Format::QeUnindexed => vec![1u8; 18],
             Format::Fieldcrypt(_) => fieldcrypt_ad(&format!("key{i:04}"), None),
         })
         .collect();
@@ -542,6 +547,7 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, CliError> {
     let trials = run_cases(&cases, opts)?;
     let (name, algorithm) = match format {
         Format::Csfle => ("csfle", "AEAD_AES_256_CBC_HMAC_SHA_512-Deterministic"),
+        Format::QeUnindexed => ("qe-unindexed", "AEAD_AES_256_CBC_HMAC_SHA_256"),
         Format::Fieldcrypt(s) => ("fieldcrypt", s.name()),
     };
     Ok(Report {
@@ -551,7 +557,7 @@ fn w1(format: Format, opts: &RunOpts) -> Result<Report, CliError> {
         ),
         params: json!({
             "format": name,
-            "suite": match format { Format::Csfle => None, Format::Fieldcrypt(s) => Some(s.name()) },
+            "suite": match format { Format::Csfle | Format::QeUnindexed => None, Format::Fieldcrypt(s) => Some(s.name()) },
             "algorithm": algorithm,
             "seconds": opts.seconds,
             "trials": opts.trials,
@@ -935,7 +941,11 @@ enum Bare {
     Siv([u8; 64]),
     /// AEAD_AES_256_CBC_HMAC_SHA_512 as FLE1: keyed HMAC state and AES key schedule built once.
     Csfle(Box<(HmacSha512, aes::Aes256)>),
+    /// AEAD_AES_256_CBC_HMAC_SHA_256 as QE's unindexed values (full tag, no AD length).
+    Qe(Box<(HmacSha256, aes::Aes256)>),
 }
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 const BENCH_KEY: [u8; 64] = [0x42; 64];
 
@@ -950,6 +960,12 @@ impl Bare {
                 let mac = <HmacSha512 as hmac::KeyInit>::new_from_slice(&BENCH_KEY[..32])
                     .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
                 Bare::Csfle(Box::new((mac, aes::Aes256::new(k32))))
+            }
+            Format::QeUnindexed => {
+                use aes::cipher::KeyInit as _;
+                let mac = <HmacSha256 as hmac::KeyInit>::new_from_slice(&BENCH_KEY[32..])
+                    .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+                Bare::Qe(Box::new((mac, aes::Aes256::new(k32))))
             }
             Format::Fieldcrypt(Suite::ChaCha20Poly1305) => {
                 Bare::ChaCha(Box::new(ChaCha20Poly1305::new(k32)))
@@ -970,6 +986,7 @@ impl Bare {
             Bare::XChaCha(_) => "XChaCha20-Poly1305",
             Bare::Siv(_) => "AES-256-SIV",
             Bare::Csfle(_) => "AES-256-CBC+HMAC-SHA-512",
+            Bare::Qe(_) => "AES-256-CBC+HMAC-SHA-256",
         }
     }
 
@@ -980,7 +997,7 @@ impl Bare {
             Bare::Gcm(_) | Bare::ChaCha(_) => 12,
             Bare::XChaCha(_) => 24,
             Bare::Siv(_) => 0,
-            Bare::Csfle(_) => 16,
+            Bare::Csfle(_) | Bare::Qe(_) => 16,
         };
         let mut v = [0u8; 24];
         v[..8].copy_from_slice(&n.to_le_bytes());
@@ -1034,6 +1051,24 @@ impl Bare {
                 let tag = m.finalize().into_bytes();
                 out.extend_from_slice(&tag[..32]);
             }
+            Bare::Qe(c) => {
+                use aes::cipher::block_padding::Pkcs7;
+                use aes::cipher::{BlockModeEncrypt, InnerIvInit};
+                use hmac::Mac;
+                let (mac, aes) = &**c;
+                let iv = &nonce_buf[..16];
+                out.extend_from_slice(iv);
+                out.extend_from_slice(pt);
+                let padded = (pt.len() / 16 + 1) * 16;
+                out.resize(16 + padded, 0);
+                cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
+                    .encrypt_padded::<Pkcs7>(&mut out[16..], pt.len())
+                    .map_err(|_| CliError::Usage("CBC padding".into()))?;
+                let mut m = mac.clone();
+                m.update(ad);
+                m.update(&out[..]);
+                out.extend_from_slice(&m.finalize().into_bytes());
+            }
         }
         Ok(())
     }
@@ -1071,6 +1106,30 @@ impl Bare {
                 m.update(&(ad.len() as u64 * 8).to_be_bytes());
                 // Constant-time comparison of the truncated tag.
                 m.verify_truncated_left(tag).map_err(|_| Error::Decrypt)?;
+                let (iv, ct) = signed
+                    .split_at_checked(16)
+                    .ok_or(CliError::Lib(Error::Decrypt))?;
+                buf.extend_from_slice(ct);
+                let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
+                    .decrypt_padded::<Pkcs7>(buf)
+                    .map_err(|_| Error::Decrypt)?
+                    .len();
+                buf.truncate(len);
+                Ok(())
+            }
+            Bare::Qe(c) => {
+                use aes::cipher::block_padding::Pkcs7;
+                use aes::cipher::{BlockModeDecrypt, InnerIvInit};
+                use hmac::Mac;
+                let (mac, aes) = &**c;
+                let (signed, tag) = s
+                    .body
+                    .split_at_checked(s.body.len().wrapping_sub(32))
+                    .ok_or(CliError::Lib(Error::Decrypt))?;
+                let mut m = mac.clone();
+                m.update(ad);
+                m.update(signed);
+                m.verify_slice(tag).map_err(|_| Error::Decrypt)?;
                 let (iv, ct) = signed
                     .split_at_checked(16)
                     .ok_or(CliError::Lib(Error::Decrypt))?;

@@ -36,6 +36,9 @@ pub fn w1_plain() -> Document {
 pub enum Format {
     /// MongoDB CSFLE, `AEAD_AES_256_CBC_HMAC_SHA_512-Deterministic` (as MongoDB's benchmark).
     Csfle,
+    /// MongoDB Queryable Encryption unindexed values (FLE2UnindexedEncryptedValueV2,
+    /// `AEAD_AES_256_CBC_HMAC_SHA_256`, random IVs), as `Algorithm.UNINDEXED` writes them.
+    QeUnindexed,
     /// A fieldcrypt suite.
     Fieldcrypt(Suite),
 }
@@ -46,7 +49,7 @@ pub enum Format {
 /// Only on internal failures (key generation, encryption).
 pub fn w1_encrypted(format: Format) -> Result<(Cryptor, RawDocumentBuf)> {
     match format {
-        Format::Csfle => {
+        Format::Csfle | Format::QeUnindexed => {
             let mut material = Box::new([0u8; 96]);
             rand::RngCore::fill_bytes(&mut rand::thread_rng(), material.as_mut());
             let id = KeyId::random();
@@ -62,7 +65,12 @@ pub fn w1_encrypted(format: Format) -> Result<(Cryptor, RawDocumentBuf)> {
             let dk = CsfleDataKey::from_material(id, SecretBox::new(material), vec![])?;
             let mut enc = Document::new();
             for (k, v) in w1_plain() {
-                enc.insert(k, dk.encrypt_value(CsfleAlgorithm::Deterministic, &v)?);
+                let value = if format == Format::Csfle {
+                    dk.encrypt_value(CsfleAlgorithm::Deterministic, &v)?
+                } else {
+                    dk.encrypt_qe_unindexed(&v)?
+                };
+                enc.insert(k, value);
             }
             Ok((
                 Cryptor::decrypt_only(Arc::new(ring)),
