@@ -15,6 +15,7 @@
 //! | bulk work, the hot path | [`Cryptor::encrypt_raw`], [`Cryptor::decrypt_raw`], [`Cryptor::encrypt_many`], [`Cryptor::decrypt_many`] |
 //! | equality queries | [`Field::deterministic`] + [`Cryptor::query_ciphertexts`], or [`BlindIndex`] + [`Cryptor::blind_index_values`] |
 //! | MongoDB CSFLE data | 96-byte keys ([`KeyKind::Csfle`]) in any keyring; [`CsfleKeySet`], [`LocalMasterKey`] |
+//! | MongoDB Queryable Encryption data | the same keys; [`QeValueKind`], [`CsfleDataKey::encrypt_qe_unindexed`] (docs/QE.md) |
 //! | online rotation, migration, audit (feature `mongodb`) | `rotation::Rotator`, `rotation::Audit` |
 //!
 //! # Data path
@@ -24,7 +25,7 @@
 //!           ──▶ Keyring::primary(alias) ──▶ Key (cached cipher states, usage counter)
 //!           ──▶ envelope: header ‖ nonce ‖ AEAD(value bytes, AD = header ‖ path ‖ ns ‖ _id ‖ owner)
 //!           ──▶ BSON Binary subtype 0x8F ──▶ MongoDB
-//!  reading: every subtype-0x8F (and CSFLE subtype-6) value ──▶ Keyring::key(id in header) ──▶ value
+//!  reading: every subtype-0x8F (and CSFLE / QE subtype-6) value ──▶ Keyring::key(id in header) ──▶ value
 //! ```
 //!
 //! # Example

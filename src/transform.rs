@@ -146,7 +146,9 @@ impl Cryptor {
         RawDocumentBuf::from_bytes(out).map_err(Error::from)
     }
 
-    /// Decrypts every fieldcrypt envelope in a raw document.
+    /// Decrypts every fieldcrypt envelope, MongoDB CSFLE value and stored Queryable Encryption
+    /// value in a raw document. A top-level `__safeContent__` is dropped unless the context
+    /// keeps it ([`Context::keep_safe_content`]).
     ///
     /// # Errors
     /// [`Error::Decrypt`] (opaque) for a ciphertext that does not authenticate; unknown,

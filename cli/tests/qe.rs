@@ -277,3 +277,64 @@ async fn audit_export_and_migrate_a_qe_collection() {
     assert_eq!(rep["collections"][0]["qe_values"], serde_json::json!({}));
     client.database(&db).drop().await.unwrap();
 }
+
+/// W1 in QE-unindexed values: the document decrypts (the bench checks it first) and both
+/// fieldcrypt and the bare CBC + HMAC-SHA-256 baseline are measured.
+#[test]
+fn bench_w1_measures_qe_unindexed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(
+        dir.path(),
+        &[
+            "bench",
+            "w1",
+            "--format",
+            "qe-unindexed",
+            "--documents",
+            "1",
+            "--trials",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ],
+        None,
+        &[],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let w1: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(w1["params"]["format"], "qe-unindexed");
+    assert_eq!(w1["params"]["algorithm"], "AEAD_AES_256_CBC_HMAC_SHA_256");
+    let rows = w1["results"].as_array().unwrap();
+    for kind in ["fieldcrypt", "baseline"] {
+        let row = rows.iter().find(|r| r["kind"] == kind).unwrap();
+        assert!(
+            row["documents_per_second"]["median"].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+    }
+    assert!(rows
+        .iter()
+        .any(|r| r["what"].as_str().unwrap_or("").contains("HMAC-SHA-256")));
+    // --suite belongs to --format fieldcrypt.
+    let o = run(
+        dir.path(),
+        &[
+            "bench",
+            "w1",
+            "--format",
+            "qe-unindexed",
+            "--suite",
+            "AES-256-GCM",
+        ],
+        None,
+        &[],
+    );
+    assert_ne!(o.code, 0);
+    assert!(
+        o.stderr
+            .contains("--suite applies to --format fieldcrypt only"),
+        "{}",
+        o.stderr
+    );
+}
