@@ -28,7 +28,9 @@ mod payload;
 use core::fmt;
 
 pub(crate) use aead::QeKey;
-pub(crate) use payload::{decrypt_into, encrypt_unindexed, parse_payload, QePayload};
+pub(crate) use payload::{
+    decrypt_into, encrypt_unindexed, open_server_layer, parse_payload, QePayload,
+};
 
 /// The four stored forms of Queryable Encryption values (the first byte of a subtype-6
 /// binary's payload).

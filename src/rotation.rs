@@ -618,12 +618,28 @@ impl Rotator {
             // Keys named by the batch's ciphertexts, for a key vault that fetches on demand (a
             // malformed value names none; its document fails on its own below).
             let mut ids: Vec<KeyId> = Vec::new();
+            let mut qe_indexed = false;
             for d in &docs {
-                ids.extend(inspect::references(d).keys);
+                let r = inspect::references(d);
+                ids.extend(r.keys);
+                qe_indexed |= r.qe_indexed;
             }
             ids.sort_unstable();
             ids.dedup();
             self.keys.prefetch_ids(&ids).await?;
+            if qe_indexed {
+                // Indexed QE values name their inner key inside the layer the outer one opens.
+                let mut inner = Vec::new();
+                for d in &docs {
+                    inner.extend(cryptor.qe_client_keys(d).unwrap_or_default());
+                }
+                inner.retain(|id| ids.binary_search(id).is_err());
+                if !inner.is_empty() {
+                    inner.sort_unstable();
+                    inner.dedup();
+                    self.keys.prefetch_ids(&inner).await?;
+                }
+            }
             if attempt > 0 {
                 self.keys.prefetch_aliases(aliases).await?;
             }

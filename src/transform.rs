@@ -454,6 +454,51 @@ impl Cryptor {
             .ok_or_else(|| Error::schema(path, "not an encrypted field in the schema"))
     }
 
+    /// The inner keys (`K_KeyId`) of the indexed Queryable Encryption values in a document that
+    /// differ from their outer key (`S_KeyId`, which [`Cryptor::referenced_keys`] lists): each
+    /// is read by removing the value's server layer with the outer key, so those must be in
+    /// the keyring already. For a second key-vault prefetch; values whose outer key is missing
+    /// or that are malformed are passed over (decryption reports them).
+    ///
+    /// # Errors
+    /// Malformed BSON.
+    pub fn qe_client_keys(&self, doc: &RawDocument) -> Result<Vec<KeyId>> {
+        let mut ids = Vec::new();
+        self.collect_qe_client_keys(doc, &mut ids, 0)?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    fn collect_qe_client_keys(
+        &self,
+        doc: &RawDocument,
+        ids: &mut Vec<KeyId>,
+        depth: u32,
+    ) -> Result<()> {
+        walk::check_depth(depth)?;
+        for e in rawbson::elements(doc) {
+            let e = e?;
+            match (e.ty, e.binary()) {
+                (ty::DOCUMENT | ty::ARRAY, _) => {
+                    self.collect_qe_client_keys(e.document()?, ids, depth + 1)?;
+                }
+                (_, Some((CSFLE_SUBTYPE, p)))
+                    if QeValueKind::of(p).is_some_and(QeValueKind::is_indexed) =>
+                {
+                    let inner = qe::parse_payload(p).ok().and_then(|v| {
+                        let key = self.keyring.key(&v.key_id).ok()?;
+                        let sv = qe::open_server_layer(qe_cipher(&key).ok()?, &v).ok()?;
+                        (sv.key_id != v.key_id).then_some(sv.key_id)
+                    });
+                    ids.extend(inner);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Every key id referenced by envelopes and blind indexes in a document (for audits and
     /// key-vault prefetching).
     ///

@@ -250,6 +250,37 @@ fn decrypts_libmongocrypt_vectors_with_wrapped_keys() {
     }
 }
 
+/// The inner key of an indexed value is found once the outer key is in the keyring (what a
+/// key-vault prefetch does in its second round), and only then.
+#[test]
+fn inner_keys_are_found_with_the_outer_key() {
+    let v = vector("iev-v2-FLECrudTest-insertOneV2");
+    let doc = bson::rawdoc! { "a": { "b": [v.ciphertext.clone()] } };
+    let all = vector_keys();
+    let s_id = KeyId::from_slice(&v.ciphertext.bytes[1..17]).unwrap();
+    let k_id = all
+        .iter()
+        .map(CsfleDataKey::id)
+        .find(|id| *id != s_id)
+        .unwrap();
+    assert_eq!(Cryptor::referenced_keys(&doc).unwrap(), [s_id]);
+    let both = Cryptor::decrypt_only(keyring("vector-keys.jsonl"));
+    assert_eq!(both.qe_client_keys(&doc).unwrap(), [k_id]);
+    // Without the outer key nothing can be said; unindexed values and keys equal to the outer
+    // one are not listed.
+    assert!(Cryptor::decrypt_only(InMemoryKeyring::new())
+        .qe_client_keys(&doc)
+        .unwrap()
+        .is_empty());
+    let same = vector("explicit-decrypt-FLE2IndexedEqualityEncryptedValueV2");
+    let unindexed = case("string").ciphertext;
+    let doc = bson::rawdoc! { "x": same.ciphertext, "y": unindexed };
+    assert!(Cryptor::decrypt_only(keyring("keys.jsonl"))
+        .qe_client_keys(&doc)
+        .unwrap()
+        .is_empty());
+}
+
 #[test]
 fn cryptor_reads_a_qe_document_like_libmongocrypt() {
     let Bson::Document(fx) = ext_json(&std::fs::read_to_string(fixture("document.json")).unwrap())

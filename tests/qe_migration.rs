@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
+use fieldcrypt::mongo::KeySource;
 use fieldcrypt::rotation::{Audit, AuditFinding, Flow, RotationOptions, Rotator, Target};
 use fieldcrypt::{
     Context, Cryptor, CsfleKeyDocument, CsfleKeySet, Field, InMemoryKeyring, Key, KeyKind,
@@ -236,5 +237,79 @@ async fn migrates_a_qe_collection_resumably_and_drops_safe_content() {
     assert_eq!(rep.qe_values.values().sum::<u64>(), 1);
     assert_eq!(rep.keys.iter().map(|k| k.qe).sum::<u64>(), 2);
     assert_eq!(rep.safe_content_documents, 1);
+    db.drop().await.unwrap();
+}
+
+/// With the keys in a MongoDB key vault, indexed values whose inner key differs from the outer
+/// one (libmongocrypt's `iev-v2` vectors) migrate: the engine fetches the inner keys in a
+/// second round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_fetches_inner_keys_from_the_key_vault() {
+    use fieldcrypt::mongo::{KeyVault, LocalKek};
+    let server = DevServer::shared().unwrap();
+    let client = Client::with_uri_str(server.uri()).await.unwrap();
+    let db = client.database(&unique_db_name("qe_migrate_kv"));
+    let ns = format!("{}.datakeys", db.name());
+    let text = std::fs::read_to_string(fixture("vector-keys.jsonl")).unwrap();
+    let key_docs: Vec<Document> = text
+        .lines()
+        .map(
+            |l| match Bson::try_from(serde_json::from_str::<serde_json::Value>(l).unwrap()) {
+                Ok(Bson::Document(d)) => d,
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    db.collection::<Document>("datakeys")
+        .insert_many(key_docs)
+        .await
+        .unwrap();
+    let kek = Arc::new(LocalKek::new(master()));
+    let vault = Arc::new(
+        KeyVault::builder(&client, kek)
+            .namespace(ns.as_str())
+            .build()
+            .unwrap(),
+    );
+    vault.create_key("pii").await.unwrap();
+    let coll = db.collection::<RawDocumentBuf>("people");
+    let equality = vector("iev-v2-FLECrudTest-insertOneV2");
+    let range = vector("iev-v2-FLECrudTest-insertOneRangeV2");
+    let docs: Vec<RawDocumentBuf> = (0..10i64)
+        .map(|i| {
+            RawDocumentBuf::from_document(&doc! {
+                "_id": i, "email": equality.clone(), "age": range.clone(),
+                SAFE_CONTENT_FIELD: [Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1; 32] }],
+            })
+            .unwrap()
+        })
+        .collect();
+    coll.insert_many(docs).await.unwrap();
+    let target = Target::new(&coll, schema());
+    let r = Rotator::new(vault.clone())
+        .options(RotationOptions::default().migrate_qe(true))
+        .run(std::slice::from_ref(&target), |_| Flow::Continue)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.stats().rewritten, r.stats().failed),
+        (10, 0),
+        "{:?}",
+        r.targets[0].failures
+    );
+    vault.prefetch_aliases(&["pii".to_owned()]).await.unwrap();
+    let cryptor = Cryptor::new(vault.clone(), schema());
+    let ctx = Context::namespace(coll.namespace().to_string());
+    for d in all(&coll).await {
+        let raw = RawDocumentBuf::from_document(&d).unwrap();
+        vault
+            .prefetch_ids(&Cryptor::referenced_keys(&raw).unwrap())
+            .await
+            .unwrap();
+        let plain = cryptor.decrypt_document(&d, &ctx).unwrap();
+        assert_eq!(plain.get_str("email").unwrap(), "secret");
+        assert_eq!(plain.get_i32("age").unwrap(), 5);
+        assert!(!plain.contains_key(SAFE_CONTENT_FIELD));
+    }
     db.drop().await.unwrap();
 }

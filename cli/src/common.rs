@@ -121,14 +121,36 @@ pub(crate) fn write_decrypted(
     Ok(())
 }
 
-/// Key ids referenced by a batch, for key-vault prefetching. Read leniently: a malformed value
-/// is reported by decryption, naming its document.
-pub(crate) fn referenced(batch: &[RawDocumentBuf]) -> Vec<KeyId> {
+/// Loads the keys a batch of documents to decrypt needs from the key source: the ids its values
+/// name, then the inner keys of its indexed Queryable Encryption values, which only the outer
+/// keys reveal. Read leniently: a malformed value is reported by decryption, naming its
+/// document.
+pub(crate) async fn prefetch(
+    keys: &Keys,
+    cryptor: &Cryptor,
+    batch: &[RawDocumentBuf],
+) -> Result<()> {
     let mut ids = Vec::new();
+    let mut qe_indexed = false;
     for d in batch {
-        ids.extend(references(d).keys);
+        let r = references(d);
+        ids.extend(r.keys);
+        qe_indexed |= r.qe_indexed;
     }
     ids.sort_unstable();
     ids.dedup();
-    ids
+    keys.source.prefetch_ids(&ids).await?;
+    if qe_indexed {
+        let mut inner: Vec<KeyId> = batch
+            .iter()
+            .flat_map(|d| cryptor.qe_client_keys(d).unwrap_or_default())
+            .filter(|id| ids.binary_search(id).is_err())
+            .collect();
+        if !inner.is_empty() {
+            inner.sort_unstable();
+            inner.dedup();
+            keys.source.prefetch_ids(&inner).await?;
+        }
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use fieldcrypt::{Cryptor, Schema};
 
-use crate::common::{context, load_schema, referenced, write_decrypted, BATCH};
+use crate::common::{context, load_schema, prefetch, write_decrypted, BATCH};
 use crate::error::Result;
 use crate::jsonl::IoArgs;
 use crate::keysource::{KeyArgs, Keys};
@@ -53,7 +53,7 @@ pub(crate) async fn run(a: DecryptArgs) -> Result<Exit> {
         if batch.is_empty() {
             break;
         }
-        keys.source.prefetch_ids(&referenced(&batch)).await?;
+        prefetch(&keys, &cryptor, &batch).await?;
         write_decrypted(
             &mut writer,
             cryptor.decrypt_many(&batch, &ctx),

@@ -9,7 +9,7 @@ use fieldcrypt::{Context, Cryptor, Schema};
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::common::{load_schema, referenced, split_namespace, write_decrypted, BATCH};
+use crate::common::{load_schema, prefetch, split_namespace, write_decrypted, BATCH};
 use crate::error::Result;
 use crate::jsonl::{OutArgs, Writer};
 use crate::keysource::{connect, KeyArgs, Keys};
@@ -101,7 +101,7 @@ pub(crate) async fn run(a: ExportArgs) -> Result<Exit> {
         }
         match (&cryptor, &keys) {
             (Some(c), Some(k)) => {
-                k.source.prefetch_ids(&referenced(&batch)).await?;
+                prefetch(k, c, &batch).await?;
                 write_decrypted(
                     &mut writer,
                     c.decrypt_many(&batch, &ctx),

@@ -338,3 +338,47 @@ fn bench_w1_measures_qe_unindexed_values() {
         o.stderr
     );
 }
+
+/// Indexed values whose inner key (`K_KeyId`) differs from the outer one (`S_KeyId`), read
+/// with the key vault in MongoDB: the CLI fetches the inner keys in a second round, once the
+/// outer ones have opened the server layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decrypt_fetches_inner_keys_from_a_key_vault() {
+    let uri = DevServer::shared().unwrap().uri().to_owned();
+    let db = unique_db_name("cli_qe_kv");
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let vault = client.database(&db).collection::<Document>("datakeys");
+    let key_docs = docs(&std::fs::read_to_string(fixtures().join("vector-keys.jsonl")).unwrap());
+    vault.insert_many(key_docs).await.unwrap();
+    let mut input = String::new();
+    let mut want = Vec::new();
+    let text = std::fs::read_to_string(fixtures().join("vectors.jsonl")).unwrap();
+    for v in docs(&text) {
+        if v.get_str("keys").unwrap() != "vector-keys" {
+            continue;
+        }
+        let line = doc! { "v": v.get("ciphertext").unwrap().clone() };
+        input.push_str(&Bson::Document(line).into_canonical_extjson().to_string());
+        input.push('\n');
+        want.push(doc! { "v": v.get("value").unwrap().clone() });
+    }
+    assert_eq!(want.len(), 4);
+    let dir = tempfile::tempdir().unwrap();
+    let ns = format!("{db}.datakeys");
+    let master = fixtures().join("master-key.txt");
+    let o = run(
+        dir.path(),
+        &[
+            "decrypt",
+            "--key-vault-namespace",
+            &ns,
+            "--master-key-file",
+            master.to_str().unwrap(),
+        ],
+        Some(&input),
+        &[("MONGODB_URI", uri.as_str())],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(docs(&o.stdout), want);
+    client.database(&db).drop().await.unwrap();
+}

@@ -490,6 +490,10 @@ pub struct References {
     /// id cannot be read (truncated or otherwise malformed), and of parts of the document that
     /// are not well-formed BSON. Such a value may be under any key.
     pub unreadable: Vec<String>,
+    /// Whether the document holds an indexed Queryable Encryption value: its inner key
+    /// (`K_KeyId`) is known only once the outer key (listed in `keys`) is loaded, from
+    /// [`Cryptor::qe_client_keys`](crate::Cryptor::qe_client_keys).
+    pub qe_indexed: bool,
 }
 
 impl References {
@@ -557,7 +561,10 @@ fn collect_references(
                 },
                 Some(&b) if QeValueKind::from_blob_subtype(b).is_some() => {
                     match qe::parse_payload(p) {
-                        Ok(v) => out.keys.push(v.key_id),
+                        Ok(v) => {
+                            out.keys.push(v.key_id);
+                            out.qe_indexed |= v.kind.is_indexed();
+                        }
                         Err(_) => out.unreadable.push(path.clone()),
                     }
                 }
