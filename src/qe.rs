@@ -29,7 +29,7 @@ use core::fmt;
 
 pub(crate) use aead::QeKey;
 pub(crate) use payload::{
-    decrypt_into, encrypt_unindexed, open_server_layer, parse_payload, QePayload,
+    decrypt_into, encrypt_unindexed, open_server_layer, open_unindexed, parse_payload, QePayload,
 };
 
 /// The four stored forms of Queryable Encryption values (the first byte of a subtype-6

@@ -850,15 +850,7 @@ impl<'c> Walker<'c> {
                 }
                 // Stored Queryable Encryption values (blob subtypes 14 to 17).
                 (_, Some((CSFLE_SUBTYPE, payload))) if QeValueKind::of(payload).is_some() => {
-                    let type_at = out.len();
-                    rawbson::put_key(out, 0, e.key);
-                    match open_qe(&*self.cryptor.keyring, &mut self.last_key, payload, out) {
-                        Ok(t) => out[type_at] = t,
-                        Err(err) => {
-                            out.truncate(type_at);
-                            return Err(err);
-                        }
-                    }
+                    self.open_qe(e.key, payload, out)?;
                 }
                 _ => out.extend_from_slice(e.raw),
             }
@@ -984,6 +976,22 @@ impl<'c> Visitor<'c, 'c> for Sealer<'_, 'c> {
 }
 
 impl Walker<'_> {
+    /// Decrypts a stored MongoDB Queryable Encryption value with 96-byte keys from the keyring.
+    fn open_qe(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+        let p = qe::parse_payload(payload)?;
+        let type_at = out.len();
+        rawbson::put_key(out, p.bson_type, name);
+        let keyring = &*self.cryptor.keyring;
+        let opened = if p.kind == QeValueKind::Unindexed {
+            // One key: the walk's cached reference, as for FLE1 (the hot path of bulk reads).
+            Self::key_by_id(&mut self.last_key, keyring, p.key_id)
+                .and_then(|key| qe::open_unindexed(qe_cipher(key)?, &p, out))
+        } else {
+            open_qe(keyring, &mut self.last_key, payload, out).map(|_| ())
+        };
+        opened.inspect_err(|_| out.truncate(type_at))
+    }
+
     /// Decrypts a MongoDB CSFLE (FLE1) value with a 96-byte CSFLE key from the same keyring.
     fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = csfle::parse_payload(payload)?;
