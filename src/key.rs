@@ -92,7 +92,9 @@ impl core::str::FromStr for KeyState {
 pub enum KeyKind {
     /// A 32-byte fieldcrypt root key: every fieldcrypt suite and blind indexes derive from it.
     Fieldcrypt,
-    /// A 96-byte MongoDB CSFLE data key (`AEAD_AES_256_CBC_HMAC_SHA_512`).
+    /// A 96-byte MongoDB data key, as MongoDB's key vault holds it: it decrypts (and writes)
+    /// both CSFLE values (`AEAD_AES_256_CBC_HMAC_SHA_512`) and Queryable Encryption values,
+    /// as in MongoDB, where one key document serves both.
     Csfle,
 }
 
