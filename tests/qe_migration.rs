@@ -313,3 +313,97 @@ async fn migration_fetches_inner_keys_from_the_key_vault() {
     }
     db.drop().await.unwrap();
 }
+
+/// A QE application keeps writing while the migration runs: after each batch is read, some of
+/// its documents get a new QE value and a new `__safeContent__` tag, or only a new tag.
+/// Compare-and-set writes (which pin `__safeContent__` too) see each change, re-read the
+/// document and migrate what is there then: no write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_qe_writes_are_not_lost() {
+    use fieldcrypt::rotation::Phase;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = DevServer::shared().unwrap();
+    let client = Client::with_uri_str(server.uri()).await.unwrap();
+    let db = client.database(&unique_db_name("qe_migrate_cas"));
+    let coll = db.collection::<RawDocumentBuf>("people");
+    let keys = keys();
+    let set = CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &master()).unwrap();
+    let qe_key = set.get_by_alt_name("qe-key-2").unwrap();
+    let equality = vector("explicit-decrypt-FLE2IndexedEqualityEncryptedValueV2");
+    let range = vector("explicit-decrypt-FLE2IndexedRangeEncryptedValueV2");
+    let tag = |b: u8| {
+        Bson::Binary(Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: vec![b; 32],
+        })
+    };
+    let n = 60i64;
+    let docs: Vec<RawDocumentBuf> = (0..n)
+        .map(|i| {
+            RawDocumentBuf::from_document(&doc! {
+                "_id": i,
+                "ssn": qe_key.encrypt_qe_unindexed(&Bson::String(format!("ssn-{i}"))).unwrap(),
+                "email": equality.clone(), "age": range.clone(), "name": format!("n{i}"),
+                SAFE_CONTENT_FIELD: [tag(1)],
+            })
+            .unwrap()
+        })
+        .collect();
+    coll.insert_many(docs).await.unwrap();
+    let app = db.collection::<Document>("people");
+    let handle = tokio::runtime::Handle::current();
+    let reads = AtomicUsize::new(0);
+    let forced = AtomicUsize::new(0);
+    let batch = 20i64;
+    let target = Target::new(&coll, schema());
+    let r = Rotator::new(keys.clone())
+        .options(RotationOptions::default().migrate_qe(true).batch_size(20))
+        .run(std::slice::from_ref(&target), |p| {
+            if p.phase == Phase::BatchRead {
+                let start = i64::try_from(reads.fetch_add(1, Ordering::Relaxed)).unwrap() * batch;
+                tokio::task::block_in_place(|| {
+                    handle.block_on(async {
+                        for i in (start..(start + batch).min(n)).step_by(5) {
+                            // Every tenth a new value and tag; the others a new tag only, which
+                            // the `$unset` of `__safeContent__` must not remove unseen.
+                            let update = if i % 10 == 0 {
+                                let ssn = qe_key
+                                    .encrypt_qe_unindexed(&Bson::String(format!("new-{i}")))
+                                    .unwrap();
+                                doc! { "$set": { "ssn": ssn }, "$push": { SAFE_CONTENT_FIELD: tag(2) } }
+                            } else {
+                                doc! { "$push": { SAFE_CONTENT_FIELD: tag(3) } }
+                            };
+                            app.update_one(doc! { "_id": i }, update).await.unwrap();
+                            forced.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                });
+            }
+            Flow::Continue
+        })
+        .await
+        .unwrap();
+    let s = r.stats();
+    assert_eq!(s.failed, 0, "{:?}", r.targets[0].failures);
+    assert_eq!(s.rewritten, u64::try_from(n).unwrap());
+    let forced = u64::try_from(forced.load(Ordering::Relaxed)).unwrap();
+    assert!(
+        forced >= 12 && s.conflicts >= forced,
+        "{s:?}, forced {forced}"
+    );
+    let cryptor = Cryptor::new(keys.clone(), schema());
+    let ctx = Context::namespace(coll.namespace().to_string());
+    for d in all(&coll).await {
+        let i = d.get_i64("_id").unwrap();
+        assert!(!d.contains_key(SAFE_CONTENT_FIELD), "{i}");
+        let plain = cryptor.decrypt_document(&d, &ctx).unwrap();
+        let want = if i % 10 == 0 {
+            format!("new-{i}")
+        } else {
+            format!("ssn-{i}")
+        };
+        assert_eq!(plain.get_str("ssn").unwrap(), want, "{i}");
+    }
+    db.drop().await.unwrap();
+}
