@@ -191,7 +191,7 @@ pub fn check_schema(
                 let why = if ia == ib {
                     format!("its blind index {pb:?} overlaps its own path")
                 } else if pa == pb {
-                    format!("{pa:?} is also used by {:?}", rules[*ia].path)
+                    format!("{pa:?} is also the path of another field (serialized names count)")
                 } else {
                     format!(
                         "overlaps {:?} (one path is inside the other)",
