@@ -86,11 +86,9 @@ impl Binding<'_> {
         ad.extend_from_slice(header);
         put_bytes(ad, self.path.as_bytes())?;
         if f & flags::NAMESPACE != 0 {
-            let ns = self.namespace.ok_or_else(|| {
-                Error::MissingContext(
-                    "the value is bound to a namespace; give the collection namespace",
-                )
-            })?;
+            let ns = self.namespace.ok_or(Error::MissingContext(
+                "the value is bound to a namespace; give the collection namespace",
+            ))?;
             put_bytes(ad, ns.as_bytes())?;
         }
         if f & flags::ID != 0 {

@@ -285,9 +285,7 @@ impl Key {
             KeyState::Disabled => return Err(Error::KeyDisabled(self.id)),
             KeyState::Destroyed => return Err(Error::KeyDestroyed(self.id)),
         }
-        self.secret
-            .as_deref()
-            .ok_or_else(|| Error::KeyDestroyed(self.id))
+        self.secret.as_deref().ok_or(Error::KeyDestroyed(self.id))
     }
 
     /// The secret for computing blind indexes and deterministic query values: allowed for

@@ -79,9 +79,16 @@ pub use envelope::{ENVELOPE_SUBTYPE, FORMAT_VERSION};
 pub use error::{ArgumentError, CommandError, Error, Result};
 #[cfg(feature = "mongodb")]
 pub use error::{KeyVaultError, MongoError};
+/// `#[derive(Encrypted)]`: a schema from a serde type's field marks (docs/SCHEMA.md).
+#[cfg(feature = "derive")]
+pub use fieldcrypt_derive::Encrypted;
 pub use key::{Key, KeyId, KeyKind, KeyMaterial, KeyState, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
 pub use keyring::{InMemoryKeyring, Keyring};
 pub use qe::{QeValueKind, SAFE_CONTENT_FIELD};
-pub use schema::{BlindIndex, Encryption, Field, FieldRule, Schema, SchemaBuilder};
+#[doc(hidden)]
+pub use schema::__derive;
+pub use schema::{
+    BlindIndex, Encrypted, Encryption, Field, FieldRule, Schema, SchemaBuilder, SchemaFields,
+};
 pub use suite::{Suite, RANDOM_NONCE_LIMIT};
 pub use transform::{Context, Cryptor, CSFLE_SUBTYPE, PARALLEL_THRESHOLD};

@@ -25,10 +25,11 @@ mod collection;
 mod rewrite;
 mod validator;
 pub use collection::{
-    tenant_alias, tenant_aliases, tenant_schema, ActionSession, Aggregate, CountDocuments, Delete,
-    Distinct, EncryptedCollection, EncryptedCursor, Find, FindOne, FindOneAndDelete,
+    tenant_alias, tenant_aliases, tenant_schema, ActionSession, Aggregate, BulkWrite,
+    CountDocuments, CreateIndex, CreateIndexes, Delete, Distinct, EncryptedChangeStream,
+    EncryptedCollection, EncryptedCursor, EstimatedDocumentCount, Find, FindOne, FindOneAndDelete,
     FindOneAndReplace, FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update,
-    WithSession,
+    Watch, WithSession, WriteModel,
 };
 pub use rewrite::QueryRewriter;
 pub use validator::{apply_validator, json_schema, validator};

@@ -10,7 +10,12 @@
 //! it, once for every user: the core's encryption, the rotation inspector, a write's check of
 //! dotted names.
 
+mod derived;
 pub(crate) mod walk;
+
+#[doc(hidden)]
+pub use derived::__derive;
+pub use derived::{Encrypted, SchemaFields};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -476,6 +481,15 @@ impl Schema {
     /// Starts building a schema.
     pub fn builder() -> SchemaBuilder {
         SchemaBuilder::default()
+    }
+
+    /// The schema of `T`'s documents, from its `#[derive(Encrypted)]` marks
+    /// ([`Encrypted::try_schema`]).
+    ///
+    /// # Errors
+    /// As [`Encrypted::try_schema`].
+    pub fn of<T: Encrypted + ?Sized>() -> Result<Self> {
+        T::try_schema()
     }
 
     /// A schema with no encrypted fields (decrypt-only use).

@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::error::{ArgumentError, Error, Result};
 use crate::mongo::rewrite::QueryRewriter;
 use crate::mongo::KeySource;
-use crate::schema::Schema;
+use crate::schema::{Encrypted, Schema};
 use crate::transform::{Context, Cryptor, PARALLEL_THRESHOLD};
 
 mod action;
@@ -33,9 +33,10 @@ mod cursor;
 mod tenant;
 
 pub use action::{
-    ActionSession, Aggregate, CountDocuments, Delete, Distinct, Find, FindOne, FindOneAndDelete,
+    ActionSession, Aggregate, BulkWrite, CountDocuments, CreateIndex, CreateIndexes, Delete,
+    Distinct, EncryptedChangeStream, EstimatedDocumentCount, Find, FindOne, FindOneAndDelete,
     FindOneAndReplace, FindOneAndUpdate, InsertMany, InsertOne, NoSession, ReplaceOne, Update,
-    WithSession,
+    Watch, WithSession, WriteModel,
 };
 pub use cursor::EncryptedCursor;
 pub use tenant::{tenant_alias, tenant_aliases, tenant_schema};
@@ -139,6 +140,22 @@ impl<T> EncryptedCollection<T> {
             tenant_keys: false,
             _type: PhantomData,
         }
+    }
+
+    /// Wraps `collection` with the schema of `T`'s own marks (`#[derive(Encrypted)]`), so the
+    /// fields are described once, on the type: [`EncryptedCollection::new`] with
+    /// [`Encrypted::try_schema`].
+    ///
+    /// # Errors
+    /// As [`Encrypted::try_schema`].
+    pub fn typed<U: Send + Sync>(
+        collection: Collection<U>,
+        keys: impl KeySource + 'static,
+    ) -> Result<Self>
+    where
+        T: Encrypted,
+    {
+        Ok(Self::new(collection, keys, T::try_schema()?))
     }
 
     /// A handle scoped to one owner (the schema's owner field): every filter, update, delete,

@@ -6,6 +6,7 @@
 //!  insert, replace, update ─────▶ write.rs       values encrypted through the engine, owner bound
 //!  pipeline, projection, sort ──▶ pipeline.rs    stages checked, $match through filter.rs
 //!  expressions in any of them ──▶ expression.rs  no reference to an encrypted field
+//!  index keys, hints ───────────▶ index.rs       equality-comparable values only
 //!                 all of them ──▶ this file: paths classified against the schema, refusals
 //! ```
 //!
@@ -34,6 +35,7 @@ use crate::transform::{Context, Cryptor};
 
 mod expression;
 mod filter;
+mod index;
 mod pipeline;
 mod write;
 

@@ -3,7 +3,8 @@
 //! `.session(...)` and run by `.await`.
 //!
 //! One file per family, as the driver lays out its own actions (`insert`, `find`,
-//! `find_and_modify`, `update`, `replace_one`, `delete`, `count`, `distinct`, `aggregate`);
+//! `find_and_modify`, `update`, `replace_one`, `delete`, `bulk_write`, `count`, `distinct`,
+//! `aggregate`, `index`, `watch`);
 //! each action runs the same way:
 //!
 //! ```text
@@ -105,6 +106,7 @@ macro_rules! find_checks {
             min: o.min.as_ref(),
             max: o.max.as_ref(),
             collation: o.collation.as_ref(),
+            hint: &mut o.hint,
         })
     };
     ($options:expr, no_bounds) => {
@@ -114,6 +116,7 @@ macro_rules! find_checks {
             min: None,
             max: None,
             collation: o.collation.as_ref(),
+            hint: &mut o.hint,
         })
     };
 }
@@ -134,22 +137,28 @@ mod prepare;
 mod session;
 
 mod aggregate;
+mod bulk_write;
 mod count;
 mod delete;
 mod distinct;
 mod find;
 mod find_and_modify;
+mod index;
 mod insert;
 mod replace_one;
 mod update;
+mod watch;
 
 pub use aggregate::Aggregate;
-pub use count::CountDocuments;
+pub use bulk_write::{BulkWrite, WriteModel};
+pub use count::{CountDocuments, EstimatedDocumentCount};
 pub use delete::Delete;
 pub use distinct::Distinct;
 pub use find::{Find, FindOne};
 pub use find_and_modify::{FindOneAndDelete, FindOneAndReplace, FindOneAndUpdate};
+pub use index::{CreateIndex, CreateIndexes};
 pub use insert::{InsertMany, InsertOne};
 pub use replace_one::ReplaceOne;
 pub use session::{ActionSession, NoSession, WithSession};
 pub use update::Update;
+pub use watch::{EncryptedChangeStream, Watch};

@@ -1,10 +1,11 @@
-//! `find` and `find_one`: the filter rewritten, sort, projection and index bounds checked;
+//! `find` and `find_one`: the filter rewritten, sort, projection, index bounds and hint checked;
 //! what comes back is decrypted (a cursor batch by batch, or the one document).
 
 use std::future::IntoFuture;
+use std::time::Duration;
 
-use bson::Document;
-use mongodb::options::{FindOneOptions, FindOptions};
+use bson::{Bson, Document};
+use mongodb::options::{FindOneOptions, FindOptions, Hint};
 use mongodb::{BoxFuture, ClientSession};
 use serde::de::DeserializeOwned;
 
@@ -81,6 +82,27 @@ impl<'a, T, S> Find<'a, T, S> {
     /// Asks the server for batches of this many documents.
     pub fn batch_size(mut self, size: u32) -> Self {
         self.opts().batch_size = Some(size);
+        self
+    }
+
+    /// Names the index to use, by name or by keys; keys are rewritten as
+    /// [`create_index`](EncryptedCollection::create_index) rewrites them (a blind-indexed
+    /// field's key becomes its index's), and refused where no such index can exist.
+    pub fn hint(mut self, hint: Hint) -> Self {
+        self.opts().hint = Some(hint);
+        self
+    }
+
+    /// Stops the query on the server after this long.
+    pub fn max_time(mut self, max_time: Duration) -> Self {
+        self.opts().max_time = Some(max_time);
+        self
+    }
+
+    /// Tags the query for the server's logs and profiler. Sent as it is: it is not encrypted,
+    /// so it must not hold a secret.
+    pub fn comment(mut self, comment: impl Into<Bson>) -> Self {
+        self.opts().comment = Some(comment.into());
         self
     }
 }

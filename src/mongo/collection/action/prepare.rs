@@ -3,11 +3,12 @@
 //! the options that name fields (sort, projection, index bounds, collation, array filters).
 
 use bson::{Bson, Document, RawDocumentBuf};
-use mongodb::options::{AggregateOptions, Collation, ReplaceOptions, UpdateModifications};
+use mongodb::options::{AggregateOptions, Collation, Hint, ReplaceOptions, UpdateModifications};
 use serde::de::DeserializeOwned;
 
 use crate::error::{CommandError, Error, Result};
 use crate::mongo::collection::EncryptedCollection;
+use crate::mongo::rewrite::QueryRewriter;
 use crate::schema::FieldRule;
 
 /// The parts of find-like options (`FindOptions`, `FindOneOptions`: same field names) that
@@ -18,6 +19,7 @@ pub(super) struct FindChecks<'o> {
     pub(super) min: Option<&'o Document>,
     pub(super) max: Option<&'o Document>,
     pub(super) collation: Option<&'o Collation>,
+    pub(super) hint: &'o mut Option<Hint>,
 }
 
 /// The parts of update-like options (`UpdateOptions`, `FindOneAndUpdateOptions`: same field
@@ -60,7 +62,7 @@ where
 }
 
 impl<T> EncryptedCollection<T> {
-    fn trace(&self, operation: &'static str) {
+    pub(super) fn trace(&self, operation: &'static str) {
         // Operation, namespace and scope only: never a filter, a document or an owner value.
         tracing::debug!(
             target: "fieldcrypt::collection",
@@ -114,6 +116,9 @@ impl<T> EncryptedCollection<T> {
                     q.bounds(b, name)?;
                 }
             }
+            if let Some(Hint::Keys(keys)) = o.hint.as_mut() {
+                *keys = q.index_keys(keys)?;
+            }
             check_collation(o.collation, touched.as_ref())?;
         }
         Ok(filter)
@@ -129,33 +134,7 @@ impl<T> EncryptedCollection<T> {
         options: Option<UpdateChecks<'_>>,
     ) -> Result<(Document, UpdateModifications)> {
         self.begin(operation).await?;
-        let (array_filters, sort, collation) = match options {
-            Some(o) => (Some(o.array_filters), o.sort, o.collation),
-            None => (None, None, None),
-        };
-        let q = self.rewriter();
-        let (new_filter, touched) = q.filter_touching(filter)?;
-        let update = match update {
-            UpdateModifications::Document(d) => {
-                if let Some(af) = array_filters {
-                    *af = af
-                        .take()
-                        .map(|af| q.array_filters(&af, &d, filter))
-                        .transpose()?;
-                }
-                UpdateModifications::Document(q.update(&d, filter)?)
-            }
-            UpdateModifications::Pipeline(p) => {
-                q.update_pipeline(&p)?;
-                UpdateModifications::Pipeline(p)
-            }
-            _ => return Err(Error::from(CommandError::UpdateKind)),
-        };
-        if let Some(s) = sort {
-            q.sort(s)?;
-        }
-        check_collation(collation, touched.as_ref())?;
-        Ok((new_filter, update))
+        rewrite_update(&self.rewriter(), filter, update, options)
     }
 
     /// Begins a `replace_one`: binds and encrypts the replacement (taking `_id` from the
@@ -218,4 +197,40 @@ impl<T> EncryptedCollection<T> {
         }
         Ok(pipeline)
     }
+}
+
+/// Rewrites an update's filter and modifications, rewriting its array filters in place and
+/// checking its sort and collation (the keys must be prefetched).
+pub(super) fn rewrite_update(
+    q: &QueryRewriter<'_>,
+    filter: &Document,
+    update: UpdateModifications,
+    options: Option<UpdateChecks<'_>>,
+) -> Result<(Document, UpdateModifications)> {
+    let (array_filters, sort, collation) = match options {
+        Some(o) => (Some(o.array_filters), o.sort, o.collation),
+        None => (None, None, None),
+    };
+    let (new_filter, touched) = q.filter_touching(filter)?;
+    let update = match update {
+        UpdateModifications::Document(d) => {
+            if let Some(af) = array_filters {
+                *af = af
+                    .take()
+                    .map(|af| q.array_filters(&af, &d, filter))
+                    .transpose()?;
+            }
+            UpdateModifications::Document(q.update(&d, filter)?)
+        }
+        UpdateModifications::Pipeline(p) => {
+            q.update_pipeline(&p)?;
+            UpdateModifications::Pipeline(p)
+        }
+        _ => return Err(Error::from(CommandError::UpdateKind)),
+    };
+    if let Some(s) = sort {
+        q.sort(s)?;
+    }
+    check_collation(collation, touched.as_ref())?;
+    Ok((new_filter, update))
 }
