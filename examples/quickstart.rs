@@ -6,7 +6,8 @@
 //! cargo run --example quickstart
 //! ```
 //!
-//! It inserts users with encrypted fields, queries by a deterministic field and by a
+//! The encrypted fields are marked on the type the application writes (`#[derive(Encrypted)]`),
+//! so the schema is described once. It inserts users, queries by a deterministic field and by a
 //! blind-indexed one, and prints what the server stores next to what the application reads.
 
 use std::path::PathBuf;
@@ -14,19 +15,26 @@ use std::sync::Arc;
 
 use bson::{doc, Document};
 use fieldcrypt::mongo::{EncryptedCollection, KeyVault, LocalKek};
-use fieldcrypt::{BlindIndex, Field, LocalMasterKey, Schema};
+use fieldcrypt::{Encrypted, LocalMasterKey};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 
-/// What the application writes. The API token is stored only as a blind index.
-#[derive(Debug, Serialize)]
+/// What the application writes, and how each field is protected: the marks are the schema.
+#[derive(Debug, Serialize, Encrypted)]
 struct NewUser {
     #[serde(rename = "_id")]
     id: i32,
+    #[fieldcrypt(key = "pii")]
     name: String,
+    /// Equality-queryable (equal emails give equal ciphertexts).
+    #[fieldcrypt(key = "lookup", deterministic)]
     email: String,
+    /// Bound to the document's `_id`: copied into another document, it does not decrypt.
+    #[fieldcrypt(key = "pii", bind_id)]
     ssn: String,
+    /// Stored only as a blind index: found by value, never readable back.
+    #[fieldcrypt(blind_index(key = "tokens"), index_only)]
     api_token: String,
     plan: String,
 }
@@ -122,24 +130,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         vault.ensure_alias(alias).await?;
     }
 
-    // The schema: which fields, how.
-    let schema = Schema::builder()
-        .field("ssn", Field::randomized("pii").bind_id())
-        .field("name", Field::randomized("pii"))
-        .field("email", Field::deterministic("lookup"))
-        .field(
-            "api_token",
-            Field::blind_index_only(BlindIndex::new("tokens")),
-        )
-        .build()?;
+    // The schema comes from the type's marks; the same in the file format the CLI reads:
+    println!(
+        "\nschema of NewUser:\n{}",
+        NewUser::schema().to_toml_string().trim_end()
+    );
 
     let db = client.database(&unique_db_name("quickstart"));
-    let users_coll =
-        EncryptedCollection::<User>::new(db.collection::<User>("users"), vault.clone(), schema);
-    users_coll
-        .clone_with_type::<NewUser>()
-        .insert_many(users())
-        .await?;
+    let new_users =
+        EncryptedCollection::<NewUser>::typed(db.collection::<Document>("users"), vault.clone())?;
+    new_users.insert_many(users()).await?;
+    let users_coll = new_users.clone_with_type::<User>();
 
     // Query by a deterministic field (the filter is encrypted before it is sent), and by a
     // secret that is stored only as a blind index.

@@ -11,11 +11,41 @@ use std::sync::Arc;
 
 use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{EncryptedCollection, KeyVault, LocalKek};
-use fieldcrypt::{BlindIndex, Field, Schema};
+use fieldcrypt::Encrypted;
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use futures_util::TryStreamExt;
+use serde::{Deserialize, Serialize};
 
-const OWNER: &str = "user_id";
+/// A user's credentials; the marks are the schema. Documents are scoped to their owner.
+#[derive(Debug, Serialize, Deserialize, Encrypted)]
+#[fieldcrypt(owner = "user_id")]
+struct Token {
+    #[serde(rename = "_id")]
+    id: i32,
+    user_id: String,
+    /// Looked up, never read back: only the HMAC is stored (so it reads back as `None`).
+    #[fieldcrypt(blind_index(key = "token-index"), index_only)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session_token: Option<String>,
+    /// Must be shown to its owner again: encrypted, and indexed for lookups.
+    #[fieldcrypt(
+        key = "secrets",
+        bind_id,
+        blind_index(key = "token-index", name = "api_key_hash")
+    )]
+    api_key: String,
+    label: String,
+}
+
+fn token(id: i32, user: &str, session: &str, api_key: &str, label: &str) -> Token {
+    Token {
+        id,
+        user_id: user.into(),
+        session_token: Some(session.into()),
+        api_key: api_key.into(),
+        label: label.into(),
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,36 +58,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         vault.ensure_alias(alias).await?;
     }
 
-    let schema = Schema::builder()
-        .owner_field(OWNER)
-        // Looked up, never read back: only the HMAC is stored.
-        .field(
-            "session_token",
-            Field::blind_index_only(BlindIndex::new("token-index")),
-        )
-        // Must be shown to its owner again: encrypted, and indexed for lookups.
-        .field(
-            "api_key",
-            Field::randomized("secrets")
-                .bind_id()
-                .with_blind_index(BlindIndex::new("token-index").name("api_key_hash")),
-        )
-        .build()?;
-
     let db = client.database(&unique_db_name("token_store"));
-    let tokens = EncryptedCollection::<Document>::new(
-        db.collection::<Document>("tokens"),
-        vault.clone(),
-        schema,
-    );
+    let tokens =
+        EncryptedCollection::<Token>::typed(db.collection::<Document>("tokens"), vault.clone())?;
     let alice = tokens.scoped("alice")?;
     let bob = tokens.scoped("bob")?;
 
     alice
-        .insert_one(doc! { "_id": 1, "session_token": "sess_alice_3f8e2a91c4", "api_key": "ak_alice_77aa01", "label": "laptop" })
+        .insert_one(token(
+            1,
+            "alice",
+            "sess_alice_3f8e2a91c4",
+            "ak_alice_77aa01",
+            "laptop",
+        ))
         .await?;
-    bob.insert_one(doc! { "_id": 2, "session_token": "sess_bob_9d0c1b2e7f", "api_key": "ak_bob_12bc34", "label": "phone" })
-        .await?;
+    bob.insert_one(token(
+        2,
+        "bob",
+        "sess_bob_9d0c1b2e7f",
+        "ak_bob_12bc34",
+        "phone",
+    ))
+    .await?;
 
     // Authenticating a request: find the session by its token, through the owner's handle.
     // Owner checks on every read: alice's handle never returns bob's document, even by token.
@@ -68,7 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let hit = alice.find_one(doc! { "session_token": token }).await?;
         println!(
             "alice looks up {whose} session token -> {:?}",
-            hit.as_ref().map(label)
+            hit.as_ref().map(|t| &t.label)
         );
         assert_eq!(hit.is_some(), hers);
     }
@@ -78,28 +101,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let new_index = vault.rotate("token-index").await?;
     println!("rotated: secrets -> {new_secret}, token-index -> {new_index}");
     alice
-        .insert_one(doc! { "_id": 3, "session_token": "sess_alice_after_rotation", "api_key": "ak_alice_new", "label": "tablet" })
+        .insert_one(token(
+            3,
+            "alice",
+            "sess_alice_after_rotation",
+            "ak_alice_new",
+            "tablet",
+        ))
         .await?;
 
     // Old and new tokens are both found (queries try every readable index key)...
     for t in ["sess_alice_3f8e2a91c4", "sess_alice_after_rotation"] {
         let hit = alice.find_one(doc! { "session_token": t }).await?;
-        println!("alice looks up {t} -> {:?}", hit.as_ref().map(label));
+        println!("alice looks up {t} -> {:?}", hit.as_ref().map(|t| &t.label));
         assert!(hit.is_some());
     }
     // ...and API keys are recoverable by their owner, found by value too.
-    let mine: Vec<Document> = alice.find(doc! {}).await?.try_collect().await?;
-    for d in &mine {
-        println!(
-            "alice's api_key for {}: {}",
-            label(d),
-            d.get_str("api_key").unwrap_or("?")
-        );
+    let mine: Vec<Token> = alice.find(doc! {}).await?.try_collect().await?;
+    for t in &mine {
+        // The session token is not stored, so it cannot be read back.
+        assert!(t.session_token.is_none());
+        println!("alice's api_key for {}: {}", t.label, t.api_key);
     }
     let by_key = bob.find_one(doc! { "api_key": "ak_bob_12bc34" }).await?;
     println!(
         "bob looks up his api key -> {:?}",
-        by_key.as_ref().map(label)
+        by_key.as_ref().map(|t| &t.label)
     );
 
     // What the database holds: no token in clear, anywhere.
@@ -123,10 +150,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("no token appears in clear in any stored document");
     db.drop().await?;
     Ok(())
-}
-
-fn label(d: &Document) -> String {
-    d.get_str("label").unwrap_or("?").to_owned()
 }
 
 fn summary(d: &Document) -> String {

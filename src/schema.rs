@@ -636,7 +636,17 @@ impl Schema {
     /// The schema in its TOML file form.
     #[must_use]
     pub fn to_toml_string(&self) -> String {
-        let file = SchemaFile {
+        toml::to_string(&self.file()).unwrap_or_default()
+    }
+
+    /// The schema in its JSON file form (pretty-printed).
+    #[must_use]
+    pub fn to_json_string(&self) -> String {
+        serde_json::to_string_pretty(&self.file()).unwrap_or_default()
+    }
+
+    fn file(&self) -> SchemaFile {
+        SchemaFile {
             owner_field: self.owner_field.clone(),
             fields: self
                 .rules
@@ -663,8 +673,7 @@ impl Schema {
                     )
                 })
                 .collect(),
-        };
-        toml::to_string(&file).unwrap_or_default()
+        }
     }
 }
 

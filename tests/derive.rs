@@ -380,9 +380,63 @@ fn a_derived_schema_round_trips_through_the_file_formats() {
         assert_eq!(sorted(&back), sorted(&s), "{toml}");
         assert_eq!(back.owner_field(), s.owner_field());
     }
+    for s in [User::schema(), Payment::schema()] {
+        let back = Schema::from_json_str(&s.to_json_string()).unwrap();
+        assert_eq!(sorted(&back), sorted(&s));
+    }
     let toml = User::schema().to_toml_string();
     assert!(toml.contains("owner_field = \"tenant_id\""), "{toml}");
     assert!(toml.contains("[fields.\"tags.$[]\"]"), "{toml}");
+}
+
+/// `target/<profile>/examples/<name>`, next to this test's `deps/` directory (cargo builds
+/// the examples before it runs the tests).
+fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+#[test]
+fn the_schema_file_example_prints_the_derived_schema_as_a_file() {
+    // The example's `User` is the issue's, as defined here.
+    let out = std::process::Command::new(example("schema_file"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = String::from_utf8(out.stdout).unwrap();
+    let printed = Schema::from_toml_str(&toml).unwrap();
+    assert_eq!(sorted(&printed), sorted(&User::schema()), "{toml}");
+    assert_eq!(printed.owner_field(), Some("tenant_id"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users.json");
+    let out = std::process::Command::new(example("schema_file"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sorted(&Schema::load(&file).unwrap()),
+        sorted(&User::schema())
+    );
+    let bad = std::process::Command::new(example("schema_file"))
+        .arg(dir.path().join("users.yaml"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
 }
 
 /// The derive's checks and the builder's, on the same rules: both accept or both refuse.
