@@ -4,48 +4,17 @@
 //! `local` KMS provider, libmongocrypt version in `versions.json`). No Python runs here.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is a failed test
 
-use std::path::PathBuf;
-
 use bson::spec::BinarySubtype;
 use bson::{Binary, Bson, Document};
 use fieldcrypt::{
     CsfleAlgorithm, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, Error, KeyId, LocalMasterKey,
 };
-use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::{same, Interop};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/csfle")
-        .join(name)
-}
-
-fn ext_json(text: &str) -> Bson {
-    Bson::try_from(serde_json::from_str::<serde_json::Value>(text).unwrap()).unwrap()
-}
-
-fn lines(name: &str) -> Vec<Document> {
-    std::fs::read_to_string(fixture(name))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| match ext_json(l) {
-            Bson::Document(d) => d,
-            other => panic!("not a document: {other:?}"),
-        })
-        .collect()
-}
-
-/// Compares as canonical Extended JSON, which tells NaN, -0.0 and every type apart exactly.
-fn same(a: &Bson, b: &Bson) -> bool {
-    a.clone().into_canonical_extjson() == b.clone().into_canonical_extjson()
-}
-
-fn master() -> LocalMasterKey {
-    LocalMasterKey::from_file(fixture("master-key.txt")).unwrap()
-}
+const CSFLE: Interop = Interop::CSFLE;
 
 fn keys() -> CsfleKeySet {
-    CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &master()).unwrap()
+    CSFLE.key_set("keys.jsonl")
 }
 
 struct Case {
@@ -57,7 +26,8 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    lines("values.jsonl")
+    CSFLE
+        .lines("values.jsonl")
         .into_iter()
         .map(|d| Case {
             name: d.get_str("name").unwrap().to_owned(),
@@ -116,8 +86,7 @@ fn decrypts_every_libmongocrypt_ciphertext() {
 
 #[test]
 fn relaxed_key_export_works_alike() {
-    let relaxed =
-        CsfleKeySet::load_extended_json_file(fixture("keys-relaxed.jsonl"), &master()).unwrap();
+    let relaxed = CSFLE.key_set("keys-relaxed.jsonl");
     for c in cases().iter().take(10) {
         assert!(same(
             &relaxed.decrypt_value(&c.ciphertext).unwrap(),
@@ -175,7 +144,7 @@ fn random_encryption_round_trips_with_fresh_ivs() {
 fn refuses_exactly_what_libmongocrypt_refuses() {
     let set = keys();
     let key = set.get_by_alt_name("fixture-key-1").unwrap();
-    let refused = lines("refused.jsonl");
+    let refused = CSFLE.lines("refused.jsonl");
     assert!(refused.len() >= 15);
     for r in &refused {
         let algorithm: CsfleAlgorithm = r.get_str("algorithm").unwrap().parse().unwrap();
@@ -196,12 +165,8 @@ fn refuses_exactly_what_libmongocrypt_refuses() {
 
 #[test]
 fn decrypts_whole_document_like_libmongocrypt() {
-    let Bson::Document(fx) = ext_json(&std::fs::read_to_string(fixture("document.json")).unwrap())
-    else {
-        panic!()
-    };
-    let encrypted = fx.get_document("encrypted").unwrap();
-    let expected = fx.get_document("decrypted").unwrap();
+    let (encrypted, expected) = CSFLE.document();
+    let (encrypted, expected) = (&encrypted, &expected);
     let decrypted = keys().decrypt_document(encrypted).unwrap();
     assert!(
         same(
@@ -214,9 +179,11 @@ fn decrypts_whole_document_like_libmongocrypt() {
     let mut partial = CsfleKeySet::new();
     let full = keys();
     let first = full.get_by_alt_name("fixture-key-1").unwrap();
-    let docs = CsfleKeyDocument::read_extended_json_file(fixture("keys.jsonl")).unwrap();
+    let docs = CSFLE.key_documents("keys.jsonl");
     let doc = docs.iter().find(|d| d.id == first.id()).unwrap();
-    partial.insert(doc.unwrap_with(&master()).unwrap()).unwrap();
+    partial
+        .insert(doc.unwrap_with(&CSFLE.master_key()).unwrap())
+        .unwrap();
     assert!(matches!(
         partial.decrypt_document(encrypted),
         Err(Error::UnknownKey(_))
@@ -227,7 +194,7 @@ fn decrypts_whole_document_like_libmongocrypt() {
 fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
     // Keys made by fieldcrypt, wrapped under the fixture master key, and values encrypted with
     // them: `tests/fixtures/csfle/verify_fieldcrypt_output.py` feeds this file to libmongocrypt.
-    let master = master();
+    let master = CSFLE.master_key();
     let key = CsfleDataKey::generate(vec!["made-by-fieldcrypt".into()]).unwrap();
     let key_doc = key.to_key_document(&master);
     let reread = CsfleKeyDocument::from_document(&key_doc.to_document()).unwrap();
@@ -244,23 +211,9 @@ fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
         out.push_str(&Bson::Document(line).into_canonical_extjson().to_string());
         out.push('\n');
     }
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "csfle-fieldcrypt-output-{}.jsonl",
-        std::process::id()
-    ));
-    std::fs::write(&path, out).unwrap();
-
     // libmongocrypt itself (through pymongocrypt) decrypts every value, and re-encrypting the
     // deterministic ones gives the same bytes.
-    let python = DevServer::python_env().unwrap();
-    let server = DevServer::shared().unwrap();
-    let out = std::process::Command::new(python)
-        .arg(fixture("verify_fieldcrypt_output.py"))
-        .arg(&path)
-        .env("MONGODB_URI", server.uri())
-        .env("FIELDCRYPT_KEY_VAULT_DB", unique_db_name("csfle_interop"))
-        .output()
-        .unwrap();
+    let out = CSFLE.verify_fieldcrypt_output(&out, "csfle_interop");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -278,7 +231,6 @@ fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
         )),
         "{stdout}"
     );
-    std::fs::remove_file(&path).unwrap();
 }
 
 /// Payloads to torture: short deterministic, long random, random document.
@@ -362,7 +314,7 @@ fn fail_wrong_key() {
     }
     // The key file under the wrong master key: a clear key-format error.
     let e =
-        CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &LocalMasterKey::generate())
+        CsfleKeySet::load_extended_json_file(CSFLE.path("keys.jsonl"), &LocalMasterKey::generate())
             .unwrap_err();
     assert!(matches!(e, Error::KeyFormat(_)), "{e}");
 }
@@ -448,7 +400,7 @@ fn fail_wrong_or_unsupported_type() {
 #[test]
 fn errors_and_debug_carry_no_secrets() {
     let set = keys();
-    let master = master();
+    let master = CSFLE.master_key();
     let b64 = master.expose_base64();
     let dbg = format!("{master:?} {set:?} {:?}", set.iter().collect::<Vec<_>>());
     assert!(!dbg.contains(&b64[..16]), "{dbg}");

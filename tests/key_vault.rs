@@ -8,7 +8,6 @@
 #![cfg(feature = "mongodb")]
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use fieldcrypt::{
     KeyState, KeyVaultError, Keyring, LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
 };
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::Interop;
 use futures_util::TryStreamExt;
 use mongodb::{Client, Collection};
 use secrecy::ExposeSecret as _;
@@ -97,18 +97,14 @@ async fn doc_of(coll: &Collection<Document>, id: KeyId) -> Document {
         .unwrap()
 }
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/csfle")
-        .join(name)
-}
+const CSFLE: Interop = Interop::CSFLE;
 
 fn fixture_keys() -> Vec<CsfleKeyDocument> {
-    CsfleKeyDocument::read_extended_json_file(fixture("keys.jsonl")).unwrap()
+    CSFLE.key_documents("keys.jsonl")
 }
 
 fn fixture_kek() -> LocalKek {
-    LocalKek::from_file(fixture("master-key.txt")).unwrap()
+    LocalKek::from_file(CSFLE.path("master-key.txt")).unwrap()
 }
 
 /// The associated data a stored key document's `keyMaterial` is wrapped with: the key's
@@ -892,7 +888,7 @@ async fn csfle_key_documents_from_libmongocrypt_load() {
     let v = Arc::new(vault(&client, &ns, &kek));
     let ids: Vec<KeyId> = docs.iter().map(|k| k.id).collect();
     v.prefetch_ids(&ids).await.unwrap();
-    let master = LocalMasterKey::from_file(fixture("master-key.txt")).unwrap();
+    let master = CSFLE.master_key();
     for k in &docs {
         let key = v.key(&k.id).unwrap();
         assert_eq!(key.kind(), KeyKind::Csfle);
@@ -911,12 +907,7 @@ async fn csfle_key_documents_from_libmongocrypt_load() {
     }
 
     // Values libmongocrypt encrypted decrypt through the vault.
-    let line = std::fs::read_to_string(fixture("values.jsonl")).unwrap();
-    let case: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
-    let case = match Bson::try_from(case).unwrap() {
-        Bson::Document(d) => d,
-        _ => unreachable!(),
-    };
+    let case = CSFLE.lines("values.jsonl").swap_remove(0);
     let sealed = doc! { "v": case.get("ciphertext").unwrap().clone() };
     let plain = decrypt(&v, &sealed).await.unwrap();
     assert_eq!(plain.get("v"), case.get("value"));
@@ -1136,8 +1127,8 @@ async fn libmongocrypt_reads_the_vault() {
     v.create_key("pii").await.unwrap();
     v.rewrap(new_kek.clone()).await.unwrap();
 
-    let case = std::fs::read_to_string(fixture("values.jsonl"))
-        .unwrap()
+    let case = CSFLE
+        .read("values.jsonl")
         .lines()
         .next()
         .unwrap()

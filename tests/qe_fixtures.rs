@@ -7,77 +7,24 @@
 //! `libmongocrypt_decrypts_what_fieldcrypt_writes`, through the test kit's venv.
 #![allow(clippy::unwrap_used)] // test helpers: a panic is a failed test
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bson::spec::BinarySubtype;
 use bson::{Binary, Bson, Document};
 use fieldcrypt::{
-    Context, Cryptor, CsfleDataKey, CsfleKeyDocument, CsfleKeySet, Error, InMemoryKeyring, Key,
-    KeyId, KeyKind, KeyMaterial, KeyState, LocalMasterKey, QeValueKind, SAFE_CONTENT_FIELD,
+    Context, Cryptor, CsfleDataKey, CsfleKeySet, Error, InMemoryKeyring, Key, KeyId, KeyKind,
+    KeyState, LocalMasterKey, QeValueKind, SAFE_CONTENT_FIELD,
 };
-use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use secrecy::ExposeSecret;
+use fieldcrypt_testkit::fixtures::{same, Interop};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/qe")
-        .join(name)
-}
-
-fn ext_json(text: &str) -> Bson {
-    Bson::try_from(serde_json::from_str::<serde_json::Value>(text).unwrap()).unwrap()
-}
-
-fn lines(name: &str) -> Vec<Document> {
-    std::fs::read_to_string(fixture(name))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| match ext_json(l) {
-            Bson::Document(d) => d,
-            other => panic!("not a document: {other:?}"),
-        })
-        .collect()
-}
-
-/// Compares as canonical Extended JSON, which tells NaN, -0.0 and every type apart exactly.
-fn same(a: &Bson, b: &Bson) -> bool {
-    a.clone().into_canonical_extjson() == b.clone().into_canonical_extjson()
-}
-
-fn master() -> LocalMasterKey {
-    LocalMasterKey::from_file(fixture("master-key.txt")).unwrap()
-}
+const QE: Interop = Interop::QE;
 
 fn keys() -> CsfleKeySet {
-    CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &master()).unwrap()
+    QE.key_set("keys.jsonl")
 }
 
 fn vector_keys() -> CsfleKeySet {
-    CsfleKeySet::load_extended_json_file(fixture("vector-keys.jsonl"), &master()).unwrap()
-}
-
-/// The same key documents as keyring keys (`KeyKind::Csfle`), as the CLI and the key vault
-/// load them: what `Cryptor` reads QE with.
-fn keyring(file: &str) -> InMemoryKeyring {
-    let ring = InMemoryKeyring::new();
-    let master = master();
-    for doc in CsfleKeyDocument::read_extended_json_file(fixture(file)).unwrap() {
-        let material = master.unwrap(&doc.key_material).unwrap();
-        ring.insert(
-            Key::from_material(
-                doc.id,
-                doc.id.to_string(),
-                KeyKind::Csfle,
-                KeyState::Active,
-                KeyMaterial::from_slice(material.expose_secret()),
-                0,
-            )
-            .unwrap(),
-        );
-    }
-    ring
+    QE.key_set("vector-keys.jsonl")
 }
 
 fn binary(d: &Document, field: &str) -> Binary {
@@ -95,7 +42,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    lines("values.jsonl")
+    QE.lines("values.jsonl")
         .into_iter()
         .map(|d| Case {
             name: d.get_str("name").unwrap().to_owned(),
@@ -119,7 +66,7 @@ struct Vector {
 }
 
 fn vectors() -> Vec<Vector> {
-    lines("vectors.jsonl")
+    QE.lines("vectors.jsonl")
         .into_iter()
         .map(|d| Vector {
             name: d.get_str("name").unwrap().to_owned(),
@@ -157,7 +104,7 @@ fn fixture_inventory() {
     for kind in QeValueKind::ALL {
         assert!(vectors.iter().any(|v| v.kind == kind), "{kind}");
     }
-    assert_eq!(lines("refused.jsonl").len(), 4);
+    assert_eq!(QE.lines("refused.jsonl").len(), 4);
 }
 
 #[test]
@@ -178,7 +125,7 @@ fn decrypts_every_libmongocrypt_unindexed_value() {
 /// clear), independently of key documents and master keys.
 #[test]
 fn known_answers_from_libmongocrypt_iev_v2_vectors() {
-    let dir = fixture("libmongocrypt");
+    let dir = QE.path("libmongocrypt");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -234,7 +181,7 @@ fn decrypts_libmongocrypt_vectors_with_wrapped_keys() {
             .unwrap_or_else(|e| panic!("{}: {e}", v.name));
         assert!(same(&got, &v.value), "{}: {got:?}", v.name);
         // Through a keyring and the document transform, as `fieldcrypt decrypt` reads them.
-        let cryptor = Cryptor::decrypt_only(keyring(if v.keys == "keys" {
+        let cryptor = Cryptor::decrypt_only(QE.keyring(if v.keys == "keys" {
             "keys.jsonl"
         } else {
             "vector-keys.jsonl"
@@ -264,7 +211,7 @@ fn inner_keys_are_found_with_the_outer_key() {
         .find(|id| *id != s_id)
         .unwrap();
     assert_eq!(Cryptor::referenced_keys(&doc).unwrap(), [s_id]);
-    let both = Cryptor::decrypt_only(keyring("vector-keys.jsonl"));
+    let both = Cryptor::decrypt_only(QE.keyring("vector-keys.jsonl"));
     assert_eq!(both.qe_client_keys(&doc).unwrap(), [k_id]);
     // Without the outer key nothing can be said; unindexed values and keys equal to the outer
     // one are not listed.
@@ -275,7 +222,7 @@ fn inner_keys_are_found_with_the_outer_key() {
     let same = vector("explicit-decrypt-FLE2IndexedEqualityEncryptedValueV2");
     let unindexed = case("string").ciphertext;
     let doc = bson::rawdoc! { "x": same.ciphertext, "y": unindexed };
-    assert!(Cryptor::decrypt_only(keyring("keys.jsonl"))
+    assert!(Cryptor::decrypt_only(QE.keyring("keys.jsonl"))
         .qe_client_keys(&doc)
         .unwrap()
         .is_empty());
@@ -283,12 +230,8 @@ fn inner_keys_are_found_with_the_outer_key() {
 
 #[test]
 fn cryptor_reads_a_qe_document_like_libmongocrypt() {
-    let Bson::Document(fx) = ext_json(&std::fs::read_to_string(fixture("document.json")).unwrap())
-    else {
-        panic!()
-    };
-    let encrypted = fx.get_document("encrypted").unwrap();
-    let expected = fx.get_document("decrypted").unwrap();
+    let (encrypted, expected) = QE.document();
+    let (encrypted, expected) = (&encrypted, &expected);
     assert!(expected.contains_key(SAFE_CONTENT_FIELD));
     // The key set keeps everything libmongocrypt keeps.
     let decrypted = keys().decrypt_document(encrypted).unwrap();
@@ -298,7 +241,7 @@ fn cryptor_reads_a_qe_document_like_libmongocrypt() {
     ));
     // The transform, keys in one keyring (with fieldcrypt keys beside them): `__safeContent__`
     // only when asked.
-    let ring = keyring("keys.jsonl");
+    let ring = QE.keyring("keys.jsonl");
     ring.generate("pii");
     let cryptor = Cryptor::decrypt_only(ring);
     let kept = cryptor
@@ -357,7 +300,7 @@ fn unindexed_writes_look_like_libmongocrypt_and_round_trip() {
 fn refuses_exactly_what_libmongocrypt_refuses() {
     let key = keys();
     let key = key.get_by_alt_name("qe-key-1").unwrap();
-    for r in lines("refused.jsonl") {
+    for r in QE.lines("refused.jsonl") {
         match key.encrypt_qe_unindexed(r.get("value").unwrap()) {
             Err(Error::UnsupportedType { .. }) => {}
             other => panic!("{}: {other:?}", r.get_str("name").unwrap()),
@@ -371,7 +314,7 @@ fn refuses_exactly_what_libmongocrypt_refuses() {
 
 #[test]
 fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
-    let master = master();
+    let master = QE.master_key();
     let key = CsfleDataKey::generate(vec!["qe-made-by-fieldcrypt".into()]).unwrap();
     let key_doc = key.to_key_document(&master);
     let mut out = key_doc.to_extended_json();
@@ -386,18 +329,7 @@ fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
         out.push('\n');
         n += 1;
     }
-    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("qe-fieldcrypt-output-{}.jsonl", std::process::id()));
-    std::fs::write(&path, out).unwrap();
-    let python = DevServer::python_env().unwrap();
-    let server = DevServer::shared().unwrap();
-    let run = std::process::Command::new(python)
-        .arg(fixture("verify_fieldcrypt_output.py"))
-        .arg(&path)
-        .env("MONGODB_URI", server.uri())
-        .env("FIELDCRYPT_KEY_VAULT_DB", unique_db_name("qe_interop"))
-        .output()
-        .unwrap();
+    let run = QE.verify_fieldcrypt_output(&out, "qe_interop");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
@@ -410,7 +342,6 @@ fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
         )),
         "{stdout}"
     );
-    std::fs::remove_file(&path).unwrap();
 }
 
 /// Every single-bit flip of an unindexed value fails: the whole value is authenticated.
@@ -587,10 +518,10 @@ fn fail_wrong_key() {
     wrong_s
         .insert(CsfleDataKey::from_material(s_id, generate_material(), vec![]).unwrap())
         .unwrap();
-    let docs = CsfleKeyDocument::read_extended_json_file(fixture("vector-keys.jsonl")).unwrap();
+    let docs = QE.key_documents("vector-keys.jsonl");
     let k_doc = docs.iter().find(|d| d.id == k_id).unwrap();
     wrong_s
-        .insert(k_doc.unwrap_with(&master()).unwrap())
+        .insert(k_doc.unwrap_with(&QE.master_key()).unwrap())
         .unwrap();
     assert!(matches!(
         wrong_s.decrypt_value(&v.ciphertext),
@@ -599,7 +530,7 @@ fn fail_wrong_key() {
     let mut wrong_k = CsfleKeySet::new();
     let s_doc = docs.iter().find(|d| d.id == s_id).unwrap();
     wrong_k
-        .insert(s_doc.unwrap_with(&master()).unwrap())
+        .insert(s_doc.unwrap_with(&QE.master_key()).unwrap())
         .unwrap();
     // Without K_Key: the error names it (so a key vault can be asked for it).
     assert!(matches!(
@@ -641,7 +572,7 @@ fn fail_wrong_subtype() {
         assert!(r.is_err(), "{blob}: {r:?}");
     }
     // Insert and find payloads (11, 12) are no stored values: the document walk leaves them.
-    let cryptor = Cryptor::decrypt_only(keyring("keys.jsonl"));
+    let cryptor = Cryptor::decrypt_only(QE.keyring("keys.jsonl"));
     let mut payload = c.ciphertext.clone();
     payload.bytes[0] = 11;
     let doc = bson::doc! { "p": payload.clone() };
@@ -654,7 +585,7 @@ fn fail_wrong_subtype() {
 #[test]
 fn errors_and_debug_carry_no_secrets() {
     let set = keys();
-    let b64 = master().expose_base64();
+    let b64 = QE.master_key().expose_base64();
     let dbg = format!("{set:?} {:?}", set.iter().collect::<Vec<_>>());
     assert!(!dbg.contains(&b64[..16]), "{dbg}");
     let c = case("string");
@@ -668,6 +599,6 @@ fn errors_and_debug_carry_no_secrets() {
     t.bytes[last] ^= 1;
     let msg = format!("{:?}", vector_keys().decrypt_value(&t).unwrap_err());
     assert!(!msg.contains("secret"), "{msg}");
-    let ring = Arc::new(keyring("keys.jsonl"));
+    let ring = Arc::new(QE.keyring("keys.jsonl"));
     assert!(!format!("{ring:?}").contains(&b64[..16]));
 }

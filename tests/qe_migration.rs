@@ -7,68 +7,48 @@
 //! libmongocrypt's stored equality and range vectors.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bson::{doc, Binary, Bson, Document, RawDocumentBuf};
 use fieldcrypt::mongo::KeySource;
 use fieldcrypt::rotation::{Audit, AuditFinding, Flow, RotationOptions, Rotator, Target};
-use fieldcrypt::{
-    Context, Cryptor, CsfleKeyDocument, CsfleKeySet, Field, InMemoryKeyring, Key, KeyKind,
-    KeyMaterial, KeyState, Keyring, LocalMasterKey, Schema, SAFE_CONTENT_FIELD,
-};
+use fieldcrypt::{Context, Cryptor, Field, InMemoryKeyring, Keyring, Schema, SAFE_CONTENT_FIELD};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::Interop;
 use futures_util::TryStreamExt;
 use mongodb::{Client, Collection};
-use secrecy::ExposeSecret;
 
 const N: i64 = 120;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/qe")
-        .join(name)
-}
-
-fn master() -> LocalMasterKey {
-    LocalMasterKey::from_file(fixture("master-key.txt")).unwrap()
-}
+const QE: Interop = Interop::QE;
 
 /// A keyring with a fieldcrypt key for the new schema and the QE fixture keys (as `Csfle`
 /// keys: the same 96-byte key-vault keys).
 fn keys() -> Arc<InMemoryKeyring> {
-    let ring = InMemoryKeyring::new();
+    let ring = QE.keyring("keys.jsonl");
     ring.generate("pii");
-    let master = master();
-    for d in CsfleKeyDocument::read_extended_json_file(fixture("keys.jsonl")).unwrap() {
-        let m = master.unwrap(&d.key_material).unwrap();
-        let k = Key::from_material(
-            d.id,
-            format!("qe-{}", d.id),
-            KeyKind::Csfle,
-            KeyState::Active,
-            KeyMaterial::from_slice(m.expose_secret()),
-            0,
-        )
-        .unwrap();
-        ring.insert(k);
-    }
     Arc::new(ring)
 }
 
 /// libmongocrypt's stored vector `name` (`vectors.jsonl`).
 fn vector(name: &str) -> Binary {
-    let text = std::fs::read_to_string(fixture("vectors.jsonl")).unwrap();
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v["name"] == name {
-            match Bson::try_from(v["ciphertext"].clone()).unwrap() {
-                Bson::Binary(b) => return b,
-                other => panic!("{other:?}"),
-            }
-        }
+    let v = QE
+        .lines("vectors.jsonl")
+        .into_iter()
+        .find(|v| v.get_str("name") == Ok(name))
+        .unwrap_or_else(|| panic!("no vector {name}"));
+    match v.get("ciphertext") {
+        Some(Bson::Binary(b)) => b.clone(),
+        other => panic!("{name}: {other:?}"),
     }
-    panic!("no vector {name}")
+}
+
+/// A `__safeContent__` tag: 32 bytes of `b`.
+fn tag(b: u8) -> Bson {
+    Bson::Binary(Binary {
+        subtype: bson::spec::BinarySubtype::Generic,
+        bytes: vec![b; 32],
+    })
 }
 
 fn schema() -> Schema {
@@ -104,14 +84,11 @@ async fn migrates_a_qe_collection_resumably_and_drops_safe_content() {
     let db = client.database(&unique_db_name("qe_migrate"));
     let coll = db.collection::<RawDocumentBuf>("people");
     let keys = keys();
-    let set = CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &master()).unwrap();
+    let set = QE.key_set("keys.jsonl");
     let qe_key = set.get_by_alt_name("qe-key-1").unwrap();
     let equality = vector("explicit-decrypt-FLE2IndexedEqualityEncryptedValueV2");
     let range = vector("explicit-decrypt-FLE2IndexedRangeEncryptedValueV2");
-    let tags = Bson::Array(vec![Bson::Binary(Binary {
-        subtype: bson::spec::BinarySubtype::Generic,
-        bytes: vec![7; 32],
-    })]);
+    let tags = Bson::Array(vec![tag(7)]);
     let mut docs = Vec::new();
     for i in 0..N {
         let mut d = doc! {
@@ -250,21 +227,12 @@ async fn migration_fetches_inner_keys_from_the_key_vault() {
     let client = Client::with_uri_str(server.uri()).await.unwrap();
     let db = client.database(&unique_db_name("qe_migrate_kv"));
     let ns = format!("{}.datakeys", db.name());
-    let text = std::fs::read_to_string(fixture("vector-keys.jsonl")).unwrap();
-    let key_docs: Vec<Document> = text
-        .lines()
-        .map(
-            |l| match Bson::try_from(serde_json::from_str::<serde_json::Value>(l).unwrap()) {
-                Ok(Bson::Document(d)) => d,
-                other => panic!("{other:?}"),
-            },
-        )
-        .collect();
+    let key_docs = QE.lines("vector-keys.jsonl");
     db.collection::<Document>("datakeys")
         .insert_many(key_docs)
         .await
         .unwrap();
-    let kek = Arc::new(LocalKek::new(master()));
+    let kek = Arc::new(LocalKek::new(QE.master_key()));
     let vault = Arc::new(
         KeyVault::builder(&client, kek)
             .namespace(ns.as_str())
@@ -279,7 +247,7 @@ async fn migration_fetches_inner_keys_from_the_key_vault() {
         .map(|i| {
             RawDocumentBuf::from_document(&doc! {
                 "_id": i, "email": equality.clone(), "age": range.clone(),
-                SAFE_CONTENT_FIELD: [Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![1; 32] }],
+                SAFE_CONTENT_FIELD: [tag(1)],
             })
             .unwrap()
         })
@@ -327,16 +295,10 @@ async fn concurrent_qe_writes_are_not_lost() {
     let db = client.database(&unique_db_name("qe_migrate_cas"));
     let coll = db.collection::<RawDocumentBuf>("people");
     let keys = keys();
-    let set = CsfleKeySet::load_extended_json_file(fixture("keys.jsonl"), &master()).unwrap();
+    let set = QE.key_set("keys.jsonl");
     let qe_key = set.get_by_alt_name("qe-key-2").unwrap();
     let equality = vector("explicit-decrypt-FLE2IndexedEqualityEncryptedValueV2");
     let range = vector("explicit-decrypt-FLE2IndexedRangeEncryptedValueV2");
-    let tag = |b: u8| {
-        Bson::Binary(Binary {
-            subtype: bson::spec::BinarySubtype::Generic,
-            bytes: vec![b; 32],
-        })
-    };
     let n = 60i64;
     let docs: Vec<RawDocumentBuf> = (0..n)
         .map(|i| {

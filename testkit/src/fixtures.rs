@@ -1,10 +1,21 @@
 //! Small set-ups the integration tests share, so that each test says only what is its own.
+//!
+//! [`Interop`] opens the interop fixtures that libmongocrypt wrote (`tests/fixtures/csfle/`
+//! and `tests/fixtures/qe/`, each made by the `generate.py` beside them) for the library's
+//! tests and the CLI's alike.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use bson::Document;
-use fieldcrypt::InMemoryKeyring;
+use bson::{Bson, Document};
+use fieldcrypt::{
+    CsfleKeyDocument, CsfleKeySet, InMemoryKeyring, Key, KeyKind, KeyMaterial, KeyState,
+    LocalMasterKey,
+};
+use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
+
+use crate::devserver::{unique_db_name, DevServer};
 
 /// An in-memory keyring with a fresh primary key for each alias.
 #[must_use]
@@ -31,4 +42,183 @@ where
         .await
         .expect("reading the stored document")
         .expect("no stored document matches")
+}
+
+/// One Extended JSON value (relaxed or canonical).
+///
+/// # Panics
+/// If `text` is no Extended JSON: in a test, that is the failure.
+#[must_use]
+pub fn ext_json(text: &str) -> Bson {
+    #[allow(clippy::expect_used)] // test helper: bad fixture text is a failed test
+    let json = serde_json::from_str::<serde_json::Value>(text).expect("not JSON");
+    #[allow(clippy::expect_used)] // as above
+    Bson::try_from(json).expect("not Extended JSON")
+}
+
+/// One document per non-blank line of Extended JSON (a `.jsonl` fixture, or a command's
+/// output).
+///
+/// # Panics
+/// If a line is no Extended JSON document: in a test, that is the failure.
+#[must_use]
+pub fn ext_json_lines(text: &str) -> Vec<Document> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match ext_json(l) {
+            Bson::Document(d) => d,
+            other => panic!("not a document: {other:?}"),
+        })
+        .collect()
+}
+
+/// Whether `a` and `b` are the same as canonical Extended JSON, which tells NaN, -0.0 and
+/// every type apart exactly (`==` does not).
+#[must_use]
+pub fn same(a: &Bson, b: &Bson) -> bool {
+    a.clone().into_canonical_extjson() == b.clone().into_canonical_extjson()
+}
+
+/// A directory of interop fixtures made by libmongocrypt: key documents wrapped under the
+/// directory's `master-key.txt`, values and documents in Extended JSON.
+#[derive(Clone, Copy, Debug)]
+pub struct Interop(&'static str);
+
+impl Interop {
+    /// `tests/fixtures/csfle/`: CSFLE (FLE1) values and key documents.
+    pub const CSFLE: Self = Self("csfle");
+    /// `tests/fixtures/qe/`: Queryable Encryption values, key documents and vectors.
+    pub const QE: Self = Self("qe");
+
+    /// The path of `file` in the directory.
+    #[must_use]
+    pub fn path(self, file: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(self.0)
+            .join(file)
+    }
+
+    /// The text of `file`.
+    ///
+    /// # Panics
+    /// If it cannot be read: in a test, that is the failure.
+    #[must_use]
+    pub fn read(self, file: &str) -> String {
+        let path = self.path(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The documents of the `.jsonl` file `file`, one a line.
+    #[must_use]
+    pub fn lines(self, file: &str) -> Vec<Document> {
+        ext_json_lines(&self.read(file))
+    }
+
+    /// `document.json`: the `encrypted` document as libmongocrypt wrote it and the
+    /// `decrypted` one its automatic decryption read back.
+    ///
+    /// # Panics
+    /// If the file is not such a document: in a test, that is the failure.
+    #[must_use]
+    pub fn document(self) -> (Document, Document) {
+        let Bson::Document(fx) = ext_json(&self.read("document.json")) else {
+            panic!("document.json: not a document")
+        };
+        let part = |name: &str| {
+            fx.get_document(name)
+                .unwrap_or_else(|e| panic!("document.json: {name}: {e}"))
+                .clone()
+        };
+        (part("encrypted"), part("decrypted"))
+    }
+
+    /// `master-key.txt`: the local master key the key documents are wrapped under.
+    ///
+    /// # Panics
+    /// If it cannot be read: in a test, that is the failure.
+    #[must_use]
+    pub fn master_key(self) -> LocalMasterKey {
+        #[allow(clippy::expect_used)] // test helper: a bad fixture is a failed test
+        LocalMasterKey::from_file(self.path("master-key.txt")).expect("master-key.txt")
+    }
+
+    /// The key documents of `file` (`keys.jsonl`, …), still wrapped.
+    ///
+    /// # Panics
+    /// If they cannot be read: in a test, that is the failure.
+    #[must_use]
+    pub fn key_documents(self, file: &str) -> Vec<CsfleKeyDocument> {
+        CsfleKeyDocument::read_extended_json_file(self.path(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+    }
+
+    /// The key documents of `file`, unwrapped into a key set.
+    ///
+    /// # Panics
+    /// If they cannot be read or unwrapped: in a test, that is the failure.
+    #[must_use]
+    pub fn key_set(self, file: &str) -> CsfleKeySet {
+        CsfleKeySet::load_extended_json_file(self.path(file), &self.master_key())
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+    }
+
+    /// The key documents of `file` as keyring keys (`KeyKind::Csfle`, active, aliased by
+    /// their id), as the CLI and the key vault load them: what `Cryptor` reads CSFLE and QE
+    /// values with.
+    ///
+    /// # Panics
+    /// If they cannot be read or unwrapped: in a test, that is the failure.
+    #[must_use]
+    pub fn keyring(self, file: &str) -> InMemoryKeyring {
+        let ring = InMemoryKeyring::new();
+        let master = self.master_key();
+        for doc in self.key_documents(file) {
+            let material = master
+                .unwrap(&doc.key_material)
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            let key = Key::from_material(
+                doc.id,
+                doc.id.to_string(),
+                KeyKind::Csfle,
+                KeyState::Active,
+                KeyMaterial::from_slice(material.expose_secret()),
+                0,
+            )
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+            ring.insert(key);
+        }
+        ring
+    }
+
+    /// Runs the directory's `verify_fieldcrypt_output.py` (libmongocrypt itself, through the
+    /// test kit's venv, against the shared dev server) on `jsonl`: the lines fieldcrypt wrote,
+    /// a key document first. Its key vault is a fresh database named after `db_prefix`.
+    ///
+    /// # Panics
+    /// If the venv, the server or the script cannot be started: in a test, that is the
+    /// failure. The script's own verdict is the caller's to assert.
+    #[must_use]
+    pub fn verify_fieldcrypt_output(self, jsonl: &str, db_prefix: &str) -> std::process::Output {
+        let path = std::env::temp_dir().join(format!(
+            "fieldcrypt-{}-output-{}.jsonl",
+            self.0,
+            std::process::id()
+        ));
+        std::fs::write(&path, jsonl).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        #[allow(clippy::expect_used)] // test helper: no venv or server is a failed test
+        let python = DevServer::python_env().expect("the test kit's Python venv");
+        #[allow(clippy::expect_used)] // as above
+        let server = DevServer::shared().expect("the dev server");
+        let out = std::process::Command::new(python)
+            .arg(self.path("verify_fieldcrypt_output.py"))
+            .arg(&path)
+            .env("MONGODB_URI", server.uri())
+            .env("FIELDCRYPT_KEY_VAULT_DB", unique_db_name(db_prefix))
+            .output();
+        // Removed before the verdict: the script prints what it rejected.
+        let _ = std::fs::remove_file(&path);
+        #[allow(clippy::expect_used)] // as above
+        out.expect("running verify_fieldcrypt_output.py")
+    }
 }

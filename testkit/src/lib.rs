@@ -4,7 +4,8 @@
 //! - [`devserver`]: finds or starts a real MongoDB wire-protocol server (`MONGODB_URI`, a
 //!   `mongod` on `PATH`, or SecantusDB installed with pip) for tests and local trials. **Not for
 //!   production.**
-//! - [`fixtures`]: small set-ups the integration tests share (keyrings, stored documents).
+//! - [`fixtures`]: small set-ups the integration tests share (keyrings, stored documents, the
+//!   libmongocrypt interop fixtures).
 //! - [`workloads`]: the benchmark workloads W1 and W2 of `docs/BENCHMARKS.md`, so that the
 //!   criterion benches and `fieldcrypt bench` measure the same thing.
 #![forbid(unsafe_code)]
