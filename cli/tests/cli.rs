@@ -18,52 +18,14 @@ use std::process::{Command, Stdio};
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use fieldcrypt::{Context, Cryptor, InMemoryKeyring, Keyring, Schema};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::fixtures::{ext_json_lines, Interop};
 use futures_util::TryStreamExt;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fieldcrypt");
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs the tool in `dir` with a clean environment for fieldcrypt's variables.
-fn run(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Out {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir)
-        .args(args)
-        .env_remove("MONGODB_URI")
-        .env_remove("FIELDCRYPT_MASTER_KEY")
-        .env_remove("FIELDCRYPT_KEYSET")
-        .env("NO_COLOR", "1")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
+// Not `tests/support.rs`: Cargo would build that as a test binary of its own.
+#[path = "support/process.rs"]
+mod support;
+use support::{run, Out, BIN};
 
 /// Replaces what differs between runs with placeholders.
 fn normalize(text: &str, dir: &Path) -> String {
@@ -226,18 +188,6 @@ fn workdir() -> tempfile::TempDir {
         assert_eq!(o.code, 0, "{}", o.stderr);
     }
     dir
-}
-
-fn lines_as_docs(text: &str) -> Vec<Document> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            match Bson::try_from(serde_json::from_str::<serde_json::Value>(l).unwrap()).unwrap() {
-                Bson::Document(d) => d,
-                other => panic!("{other:?}"),
-            }
-        })
-        .collect()
 }
 
 #[test]
@@ -470,7 +420,7 @@ fn offline_encrypt_decrypt_round_trip() {
     assert_eq!(enc.code, 0, "{}", enc.stderr);
     snapshot("encrypt", &enc, d);
     assert!(!enc.stdout.contains("123-45-6789") && !enc.stdout.contains("ada@example.com"));
-    let sealed = lines_as_docs(&enc.stdout);
+    let sealed = ext_json_lines(&enc.stdout);
     assert_eq!(sealed.len(), 2);
     assert!(sealed[0].contains_key("phone_bidx"));
 
@@ -487,9 +437,9 @@ fn offline_encrypt_decrypt_round_trip() {
         &[],
     );
     snapshot("decrypt", &dec, d);
-    let mut back = lines_as_docs(&dec.stdout);
+    let mut back = ext_json_lines(&dec.stdout);
     back[0].remove("phone_bidx");
-    assert_eq!(back, lines_as_docs(PEOPLE));
+    assert_eq!(back, ext_json_lines(PEOPLE));
 
     // The same through files; deterministic fields give the same ciphertext twice.
     std::fs::write(d.join("in.jsonl"), PEOPLE).unwrap();
@@ -512,7 +462,7 @@ fn offline_encrypt_decrypt_round_trip() {
         &[],
     );
     assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
-    let again = lines_as_docs(&std::fs::read_to_string(d.join("enc.jsonl")).unwrap());
+    let again = ext_json_lines(&std::fs::read_to_string(d.join("enc.jsonl")).unwrap());
     assert_eq!(
         again[0].get_document("profile").unwrap().get("email"),
         sealed[0].get_document("profile").unwrap().get("email")
@@ -584,9 +534,9 @@ fn offline_encrypt_decrypt_round_trip() {
         &[],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let mut back = lines_as_docs(&o.stdout);
+    let mut back = ext_json_lines(&o.stdout);
     back[0].remove("phone_bidx");
-    assert_eq!(back, lines_as_docs(PEOPLE));
+    assert_eq!(back, ext_json_lines(PEOPLE));
     // The keyset's usage counter was written back.
     let ring = InMemoryKeyring::load(d.join("keys.json")).unwrap();
     assert!(ring.primary("pii").unwrap().encryptions() >= 4);
@@ -594,10 +544,8 @@ fn offline_encrypt_decrypt_round_trip() {
 
 #[test]
 fn decrypts_mongodb_csfle_documents_with_a_key_vault_file() {
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/csfle");
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("document.json")).unwrap())
-            .unwrap();
+    let csfle = Interop::CSFLE;
+    let doc: serde_json::Value = serde_json::from_str(&csfle.read("document.json")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let input = format!("{}\n", doc["encrypted"]);
     let o = run(
@@ -605,17 +553,17 @@ fn decrypts_mongodb_csfle_documents_with_a_key_vault_file() {
         &[
             "decrypt",
             "--key-vault-file",
-            fixtures.join("keys.jsonl").to_str().unwrap(),
+            csfle.path("keys.jsonl").to_str().unwrap(),
             "--master-key-file",
-            fixtures.join("master-key.txt").to_str().unwrap(),
+            csfle.path("master-key.txt").to_str().unwrap(),
         ],
         Some(&input),
         &[],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(
-        lines_as_docs(&o.stdout),
-        lines_as_docs(&format!("{}\n", doc["decrypted"]))
+        ext_json_lines(&o.stdout),
+        ext_json_lines(&format!("{}\n", doc["decrypted"]))
     );
     // Wrong master key: one clear line, no key bytes.
     let mk = dir.path().join("other.key");
@@ -631,14 +579,14 @@ fn decrypts_mongodb_csfle_documents_with_a_key_vault_file() {
         &[
             "decrypt",
             "--key-vault-file",
-            fixtures.join("keys.jsonl").to_str().unwrap(),
+            csfle.path("keys.jsonl").to_str().unwrap(),
             "--master-key-file",
             mk.to_str().unwrap(),
         ],
         Some(&input),
         &[],
     );
-    snapshot("decrypt_csfle_wrong_master_key", &o, &fixtures);
+    snapshot("decrypt_csfle_wrong_master_key", &o, &csfle.dir());
 }
 
 #[test]
@@ -1247,7 +1195,7 @@ async fn rotation_script_runs_end_to_end() {
         );
         assert_eq!(o.code, 0, "{}", o.stderr);
         assert_eq!(
-            lines_as_docs(&o.stdout).len(),
+            ext_json_lines(&o.stdout).len(),
             if coll == "a" { 300 } else { 200 }
         );
     }
@@ -1288,7 +1236,7 @@ async fn rotation_script_runs_end_to_end() {
         &[("FIELDCRYPT_MASTER_KEY", master.as_str())],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let docs = lines_as_docs(&o.stdout);
+    let docs = ext_json_lines(&o.stdout);
     assert_eq!(docs.len(), 3);
     assert_eq!(docs[0].get_str("ssn").unwrap(), "000-00-0000");
 
@@ -1333,7 +1281,7 @@ async fn rotation_script_runs_end_to_end() {
     let o = export_with(new_master.as_str());
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(
-        lines_as_docs(&o.stdout)[0].get_str("ssn").unwrap(),
+        ext_json_lines(&o.stdout)[0].get_str("ssn").unwrap(),
         "000-00-0000"
     );
     let o = export_with(master.as_str());
@@ -1385,7 +1333,7 @@ fn output_files_are_owner_only_and_not_overwritten_without_force() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(mode("plain.jsonl"), 0o600);
     assert_eq!(
-        lines_as_docs(&std::fs::read_to_string(d.join("plain.jsonl")).unwrap()).len(),
+        ext_json_lines(&std::fs::read_to_string(d.join("plain.jsonl")).unwrap()).len(),
         2
     );
 
@@ -1431,7 +1379,7 @@ fn output_files_are_owner_only_and_not_overwritten_without_force() {
     assert_eq!(mode("plain.jsonl"), 0o640);
     assert!(o.stderr.contains("chmod 600"), "{}", o.stderr);
     assert_eq!(
-        lines_as_docs(&std::fs::read_to_string(d.join("plain.jsonl")).unwrap()).len(),
+        ext_json_lines(&std::fs::read_to_string(d.join("plain.jsonl")).unwrap()).len(),
         2
     );
     // Ciphertext output overwrites without the warning, keeping the file's mode too.
@@ -1695,7 +1643,7 @@ async fn namespace_bindings_are_consistent_across_commands() {
     assert_eq!(sealed.code, 0, "{}", sealed.stderr);
     let o = go(&["decrypt", "--namespace", &bound], Some(&sealed.stdout));
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(lines_as_docs(&o.stdout).len(), 5);
+    assert_eq!(ext_json_lines(&o.stdout).len(), 5);
     let o = go(&["decrypt"], Some(&sealed.stdout));
     assert_eq!(o.code, 1);
     assert!(o.stderr.contains("bound to a namespace"), "{}", o.stderr);
@@ -1711,7 +1659,7 @@ async fn namespace_bindings_are_consistent_across_commands() {
     let coll = client
         .database(&db)
         .collection::<Document>(loose.split_once('.').unwrap().1);
-    coll.insert_many(lines_as_docs(&offline.stdout))
+    coll.insert_many(ext_json_lines(&offline.stdout))
         .await
         .unwrap();
     snap(
@@ -1729,7 +1677,7 @@ async fn namespace_bindings_are_consistent_across_commands() {
         None,
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(lines_as_docs(&o.stdout).len(), 5);
+    assert_eq!(ext_json_lines(&o.stdout).len(), 5);
     // Re-encryption reads them the same way: under the collection's namespace they fail (and
     // are listed), with --no-namespace-binding they are rotated.
     assert_eq!(go(&["keys", "rotate", "pii", "-q"], None).code, 0);
@@ -2068,7 +2016,7 @@ fn out_file_is_replaced_only_on_success_and_never_is_the_input_or_a_symlink() {
     let o = decrypt_to(d, "sealed.jsonl", "old.jsonl", &["--force"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
     assert_eq!(
-        lines_as_docs(&std::fs::read_to_string(d.join("old.jsonl")).unwrap()).len(),
+        ext_json_lines(&std::fs::read_to_string(d.join("old.jsonl")).unwrap()).len(),
         2
     );
     assert_eq!(leftovers(d), Vec::<String>::new());
@@ -2229,7 +2177,7 @@ fn read_only_key_sources_refuse_random_nonces_unless_allowed() {
         &env,
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(lines_as_docs(&o.stdout).len(), 2);
+    assert_eq!(ext_json_lines(&o.stdout).len(), 2);
 }
 
 #[test]
@@ -2399,7 +2347,7 @@ fn errors_name_the_input_line_and_every_command_takes_quiet() {
         &[],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(lines_as_docs(&o.stdout).len(), 2);
+    assert_eq!(ext_json_lines(&o.stdout).len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

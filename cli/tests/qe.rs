@@ -4,86 +4,29 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
 use bson::{doc, Bson, Document};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use std::io::Write;
+use fieldcrypt_testkit::fixtures::{ext_json_lines, Interop};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fieldcrypt");
+// Not `tests/support.rs`: Cargo would build that as a test binary of its own.
+#[path = "support/process.rs"]
+mod support;
+use support::run;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qe")
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Out {
-    let mut cmd = Command::new(BIN);
-    cmd.current_dir(dir)
-        .args(args)
-        .env_remove("MONGODB_URI")
-        .env_remove("FIELDCRYPT_MASTER_KEY")
-        .env_remove("FIELDCRYPT_KEYSET")
-        .env("NO_COLOR", "1")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
-fn docs(text: &str) -> Vec<Document> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(
-            |l| match Bson::try_from(serde_json::from_str::<serde_json::Value>(l).unwrap()) {
-                Ok(Bson::Document(d)) => d,
-                other => panic!("{other:?}"),
-            },
-        )
-        .collect()
-}
+const QE: Interop = Interop::QE;
 
 fn key_vault_args() -> Vec<String> {
     vec![
         "--key-vault-file".into(),
-        fixtures().join("keys.jsonl").display().to_string(),
+        QE.path("keys.jsonl").display().to_string(),
         "--master-key-file".into(),
-        fixtures().join("master-key.txt").display().to_string(),
+        QE.path("master-key.txt").display().to_string(),
     ]
 }
 
 fn fixture_document() -> (String, Document) {
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("document.json")).unwrap())
-            .unwrap();
-    let expected = docs(&doc["decrypted"].to_string()).pop().unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&QE.read("document.json")).unwrap();
+    let expected = ext_json_lines(&doc["decrypted"].to_string()).pop().unwrap();
     (format!("{}\n", doc["encrypted"]), expected)
 }
 
@@ -98,20 +41,20 @@ fn decrypt_reads_a_libmongocrypt_qe_document() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let mut want = expected.clone();
     want.remove("__safeContent__");
-    assert_eq!(docs(&o.stdout), [want]);
+    assert_eq!(ext_json_lines(&o.stdout), [want]);
     args.push("--keep-safe-content");
     let o = run(dir.path(), &args, Some(&input), &[]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(docs(&o.stdout), [expected]);
+    assert_eq!(ext_json_lines(&o.stdout), [expected]);
     // Without the keys: one clear line naming the key, exit 1, no plaintext.
     let o = run(
         dir.path(),
         &[
             "decrypt",
             "--key-vault-file",
-            fixtures().join("vector-keys.jsonl").to_str().unwrap(),
+            QE.path("vector-keys.jsonl").to_str().unwrap(),
             "--master-key-file",
-            fixtures().join("master-key.txt").to_str().unwrap(),
+            QE.path("master-key.txt").to_str().unwrap(),
         ],
         Some(&input),
         &[],
@@ -150,7 +93,7 @@ async fn audit_export_and_migrate_a_qe_collection() {
     expected.remove("tags");
     let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
     let coll = client.database(&db).collection::<Document>("people");
-    let mut stored = docs(&input).pop().unwrap();
+    let mut stored = ext_json_lines(&input).pop().unwrap();
     stored.remove("tags");
     let mut many = Vec::new();
     for i in 0..20 {
@@ -208,7 +151,7 @@ async fn audit_export_and_migrate_a_qe_collection() {
     // export --decrypt: libmongocrypt's plaintext, without `__safeContent__` unless kept.
     let o = go(&["export", "--namespace", &ns, "--decrypt"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let exported = docs(&o.stdout);
+    let exported = ext_json_lines(&o.stdout);
     assert_eq!(exported.len(), 20);
     let mut want = expected.clone();
     want.remove("__safeContent__");
@@ -226,7 +169,7 @@ async fn audit_export_and_migrate_a_qe_collection() {
         "--limit",
         "1",
     ]);
-    assert!(docs(&o.stdout)[0].contains_key("__safeContent__"));
+    assert!(ext_json_lines(&o.stdout)[0].contains_key("__safeContent__"));
 
     // migrate --from qe: everything re-encrypted with fieldcrypt, `__safeContent__` gone.
     let o = go(&[
@@ -263,7 +206,7 @@ async fn audit_export_and_migrate_a_qe_collection() {
         }
     }
     let o = go(&["export", "--namespace", &ns, "--decrypt"]);
-    assert_eq!(docs(&o.stdout), exported);
+    assert_eq!(ext_json_lines(&o.stdout), exported);
     let o = go(&[
         "audit",
         "--schema",
@@ -348,12 +291,11 @@ async fn decrypt_fetches_inner_keys_from_a_key_vault() {
     let db = unique_db_name("cli_qe_kv");
     let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
     let vault = client.database(&db).collection::<Document>("datakeys");
-    let key_docs = docs(&std::fs::read_to_string(fixtures().join("vector-keys.jsonl")).unwrap());
+    let key_docs = QE.lines("vector-keys.jsonl");
     vault.insert_many(key_docs).await.unwrap();
     let mut input = String::new();
     let mut want = Vec::new();
-    let text = std::fs::read_to_string(fixtures().join("vectors.jsonl")).unwrap();
-    for v in docs(&text) {
+    for v in QE.lines("vectors.jsonl") {
         if v.get_str("keys").unwrap() != "vector-keys" {
             continue;
         }
@@ -365,7 +307,7 @@ async fn decrypt_fetches_inner_keys_from_a_key_vault() {
     assert_eq!(want.len(), 4);
     let dir = tempfile::tempdir().unwrap();
     let ns = format!("{db}.datakeys");
-    let master = fixtures().join("master-key.txt");
+    let master = QE.path("master-key.txt");
     let o = run(
         dir.path(),
         &[
@@ -379,6 +321,6 @@ async fn decrypt_fetches_inner_keys_from_a_key_vault() {
         &[("MONGODB_URI", uri.as_str())],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert_eq!(docs(&o.stdout), want);
+    assert_eq!(ext_json_lines(&o.stdout), want);
     client.database(&db).drop().await.unwrap();
 }

@@ -90,13 +90,18 @@ impl Interop {
     /// `tests/fixtures/qe/`: Queryable Encryption values, key documents and vectors.
     pub const QE: Self = Self("qe");
 
-    /// The path of `file` in the directory.
+    /// The directory.
     #[must_use]
-    pub fn path(self, file: &str) -> PathBuf {
+    pub fn dir(self) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures")
             .join(self.0)
-            .join(file)
+    }
+
+    /// The path of `file` in the directory.
+    #[must_use]
+    pub fn path(self, file: &str) -> PathBuf {
+        self.dir().join(file)
     }
 
     /// The text of `file`.
