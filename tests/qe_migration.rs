@@ -14,8 +14,7 @@ use fieldcrypt::mongo::KeySource;
 use fieldcrypt::rotation::{Audit, AuditFinding, Flow, RotationOptions, Rotator, Target};
 use fieldcrypt::{Context, Cryptor, Field, InMemoryKeyring, Keyring, Schema, SAFE_CONTENT_FIELD};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::Interop;
-use futures_util::TryStreamExt;
+use fieldcrypt_testkit::fixtures::{all_stored, Interop};
 use mongodb::{Client, Collection};
 
 const N: i64 = 120;
@@ -65,13 +64,8 @@ fn expected(i: i64) -> Document {
 }
 
 async fn all(coll: &Collection<RawDocumentBuf>) -> Vec<Document> {
-    coll.find(doc! {})
-        .sort(doc! { "_id": 1 })
+    all_stored(coll)
         .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
         .iter()
         .map(|d| d.to_document().unwrap())
         .collect()

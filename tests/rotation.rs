@@ -22,7 +22,7 @@ use fieldcrypt::{
     KeyKind, KeyMaterial, KeyState, Keyring, LocalMasterKey, Schema, Suite,
 };
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use futures_util::TryStreamExt;
+use fieldcrypt_testkit::fixtures::all_stored;
 use mongodb::{Client, Collection, Database};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -89,16 +89,6 @@ async fn insert_encrypted(
     for chunk in raw.chunks(1000) {
         coll.insert_many(chunk.to_vec()).await.unwrap();
     }
-}
-
-async fn all(coll: &Collection<RawDocumentBuf>) -> Vec<RawDocumentBuf> {
-    coll.find(doc! {})
-        .sort(doc! { "_id": 1 })
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
 }
 
 /// Every document decrypts, references only the current primaries, and (when given) holds
@@ -211,7 +201,7 @@ async fn killed_at_random_points_then_resumed_rewrites_every_document_exactly_on
     assert!(reports.last().unwrap().complete());
     assert!(reports[1..].iter().any(|r| r.targets[0].resumed));
 
-    let docs = all(&coll).await;
+    let docs = all_stored(&coll).await;
     assert_eq!(docs.len(), N as usize);
     let c = ctx(&coll);
     check_current(
@@ -240,7 +230,11 @@ async fn killed_at_random_points_then_resumed_rewrites_every_document_exactly_on
     assert_eq!(r.stats().scanned, N as u64);
     assert_eq!(r.stats().current, N as u64);
     assert_eq!(r.stats().rewritten, 0);
-    assert_eq!(all(&coll).await, docs, "a second run changed documents");
+    assert_eq!(
+        all_stored(&coll).await,
+        docs,
+        "a second run changed documents"
+    );
     db.drop().await.unwrap();
 }
 
@@ -361,7 +355,7 @@ async fn application_writes_during_reencryption_are_never_lost() {
     assert_eq!(second.stats().failed, 0);
 
     let expected = expected.lock().await.clone();
-    let docs = all(&coll).await;
+    let docs = all_stored(&coll).await;
     assert_eq!(docs.len(), N as usize);
     check_current(
         &docs,
@@ -421,7 +415,7 @@ async fn two_partitions_cover_every_document_exactly_once() {
     assert_eq!(a.rewritten + b.rewritten, 1500);
     assert_eq!(a.scanned + b.scanned, 1500);
     assert_eq!(a.conflicts + b.conflicts, 0);
-    let stored = all(&coll).await;
+    let stored = all_stored(&coll).await;
     assert_eq!(stored.len(), 1500);
     check_current(&stored, &cryptor, &ctx(&coll), keys.as_ref(), None);
 
@@ -487,7 +481,7 @@ async fn migrates_plaintext_and_csfle_fields() {
     assert_eq!(r.stats().skipped, 300);
     assert_eq!(r.stats().rewritten, 0);
     // A dry run counts and writes nothing.
-    let before = all(&coll).await;
+    let before = all_stored(&coll).await;
     let r = rotator(
         RotationOptions::default()
             .job("migrate")
@@ -499,7 +493,7 @@ async fn migrates_plaintext_and_csfle_fields() {
     .await
     .unwrap();
     assert_eq!(r.stats().rewritten, 300);
-    assert_eq!(all(&coll).await, before);
+    assert_eq!(all_stored(&coll).await, before);
 
     let r = rotator(
         RotationOptions::default()
@@ -511,7 +505,7 @@ async fn migrates_plaintext_and_csfle_fields() {
     .await
     .unwrap();
     assert_eq!(r.stats().rewritten, 300, "{:?}", r.targets[0].failures);
-    let stored = all(&coll).await;
+    let stored = all_stored(&coll).await;
     let cryptor = Cryptor::new(keys.clone(), schema());
     check_current(
         &stored,
@@ -659,7 +653,7 @@ async fn documents_that_cannot_be_reencrypted_fail_alone() {
     assert_eq!(r.stats().scanned, 0);
     assert!(r.complete());
     check_current(
-        &all(&coll).await,
+        &all_stored(&coll).await,
         &cryptor,
         &ctx(&coll),
         keys.as_ref(),
@@ -826,7 +820,7 @@ async fn rate_limit_and_a_primary_changing_mid_run() {
     assert!(r.targets[0].restarted);
     assert_eq!(r.stats().failed, 0);
     check_current(
-        &all(&coll).await,
+        &all_stored(&coll).await,
         &cryptor,
         &ctx(&coll),
         keys.as_ref(),
@@ -877,7 +871,7 @@ async fn with_the_key_vault_as_key_source() {
         .await
         .unwrap();
     assert_eq!(r.stats().rewritten, 300, "{:?}", r.targets[0].failures);
-    for d in all(&coll).await {
+    for d in all_stored(&coll).await {
         let ids = Cryptor::referenced_keys(&d).unwrap();
         assert!(ids.contains(&new) && !ids.contains(&old));
     }
@@ -949,7 +943,7 @@ async fn plaintext_inside_nested_arrays_is_audited_and_migrated() {
     );
     coll.delete_one(doc! { "_id": 100 }).await.unwrap();
 
-    let stored = all(&coll).await;
+    let stored = all_stored(&coll).await;
     let cryptor = Cryptor::new(keys.clone(), schema());
     for d in &stored {
         let text = format!("{:?}", d.to_document().unwrap());
@@ -1051,7 +1045,7 @@ async fn compare_and_set_is_exact_about_types_arrays_and_collation() {
     assert!(s.conflicts >= 4, "{s:?}");
     // Every application write survived, and is encrypted now.
     let cryptor = Cryptor::new(keys.clone(), schema());
-    let stored = all(&coll).await;
+    let stored = all_stored(&coll).await;
     assert_eq!(stored.len(), 5);
     for raw in &stored {
         let id = raw.get_i32("_id").unwrap();
@@ -1116,7 +1110,7 @@ async fn bindings_are_loosened_but_never_added_in_place() {
     // removing `bind_id` again: bound values are rewritten without the binding.
     let old = Cryptor::new(keys.clone(), loose());
     let new = Cryptor::new(keys.clone(), tight());
-    for d in all(&coll).await {
+    for d in all_stored(&coll).await {
         let plain = old.decrypt_raw(&d, &ctx(&coll)).unwrap();
         let sealed = new.encrypt_raw(&plain, &ctx(&coll)).unwrap();
         coll.replace_one(doc! { "_id": d.get_i64("_id").unwrap() }, sealed)
@@ -1125,7 +1119,7 @@ async fn bindings_are_loosened_but_never_added_in_place() {
     }
     let r = run(loose(), "loosen").await;
     assert_eq!(r.stats().rewritten, 10, "{:?}", r.targets[0].failures);
-    for d in all(&coll).await {
+    for d in all_stored(&coll).await {
         let back = old
             .decrypt_raw(&d, &ctx(&coll))
             .unwrap()

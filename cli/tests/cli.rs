@@ -18,8 +18,7 @@ use std::process::{Command, Stdio};
 use bson::{doc, Bson, Document, RawDocumentBuf};
 use fieldcrypt::{Context, Cryptor, InMemoryKeyring, Keyring, Schema};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::{ext_json_lines, Interop};
-use futures_util::TryStreamExt;
+use fieldcrypt_testkit::fixtures::{all_stored, ext_json_lines, Interop};
 use rand::{Rng, SeedableRng};
 
 // Not `tests/support.rs`: Cargo would build that as a test binary of its own.
@@ -748,16 +747,7 @@ fn generate(path: &Path, n: i64) {
 async fn stored(uri: &str, ns: &str) -> Vec<RawDocumentBuf> {
     let (db, coll) = ns.split_once('.').unwrap();
     let client = mongodb::Client::with_uri_str(uri).await.unwrap();
-    client
-        .database(db)
-        .collection::<RawDocumentBuf>(coll)
-        .find(doc! {})
-        .sort(doc! { "_id": 1 })
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap()
+    all_stored(&client.database(db).collection::<RawDocumentBuf>(coll)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 
 use bson::{doc, Bson, Document};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::{ext_json_lines, Interop};
+use fieldcrypt_testkit::fixtures::{all_stored, ext_json_lines, Interop};
 
 // Not `tests/support.rs`: Cargo would build that as a test binary of its own.
 #[path = "support/process.rs"]
@@ -187,16 +187,7 @@ async fn audit_export_and_migrate_a_qe_collection() {
         "{}",
         o.stdout
     );
-    let after: Vec<Document> = {
-        use futures_util::TryStreamExt;
-        coll.find(doc! {})
-            .sort(doc! { "_id": 1 })
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap()
-    };
+    let after = all_stored(&coll).await;
     for a in &after {
         assert!(!a.contains_key("__safeContent__"));
         for (k, v) in a {

@@ -44,6 +44,36 @@ where
         .expect("no stored document matches")
 }
 
+/// Every document of `coll` as the server stores it, in `_id` order.
+///
+/// # Panics
+/// If the read fails: in a test, that is the failure.
+pub async fn all_stored<D>(coll: &mongodb::Collection<D>) -> Vec<D>
+where
+    D: DeserializeOwned + Send + Sync,
+{
+    #[allow(clippy::expect_used)] // test helper: a failed read is a failed test
+    let mut cursor = coll
+        .find(bson::doc! {})
+        .sort(bson::doc! { "_id": 1 })
+        .await
+        .expect("reading the stored documents");
+    let mut all = Vec::new();
+    #[allow(clippy::expect_used)] // as above
+    while cursor
+        .advance()
+        .await
+        .expect("reading the stored documents")
+    {
+        all.push(
+            cursor
+                .deserialize_current()
+                .expect("reading a stored document"),
+        );
+    }
+    all
+}
+
 /// One Extended JSON value (relaxed or canonical).
 ///
 /// # Panics
