@@ -111,18 +111,22 @@ async fn audit_export_and_migrate_a_qe_collection() {
         run(d, &a, None, &env)
     };
 
-    let o = go(&[
-        "audit",
-        "--schema",
-        "schema.toml",
-        "--namespace",
-        &ns,
-        "--json",
-    ]);
-    let rep: serde_json::Value = serde_json::from_str(&o.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}\n{}", o.stdout, o.stderr));
+    let audit = || {
+        let o = go(&[
+            "audit",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&o.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}\n{}", o.stdout, o.stderr))
+    };
+
+    let rep = audit();
     let c = &rep["collections"][0];
-    assert_eq!(c["qe_values"]["unindexed"], 4 * 20, "{}", o.stdout);
+    assert_eq!(c["qe_values"]["unindexed"], 4 * 20, "{rep}");
     assert_eq!(c["qe_values"]["equality"], 20);
     assert_eq!(c["qe_values"]["range"], 20);
     assert_eq!(c["safe_content_documents"], 20);
@@ -198,16 +202,8 @@ async fn audit_export_and_migrate_a_qe_collection() {
     }
     let o = go(&["export", "--namespace", &ns, "--decrypt"]);
     assert_eq!(ext_json_lines(&o.stdout), exported);
-    let o = go(&[
-        "audit",
-        "--schema",
-        "schema.toml",
-        "--namespace",
-        &ns,
-        "--json",
-    ]);
-    let rep: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
-    assert_eq!(rep["collections"][0]["current"], 20, "{}", o.stdout);
+    let rep = audit();
+    assert_eq!(rep["collections"][0]["current"], 20, "{rep}");
     assert_eq!(rep["collections"][0]["qe_values"], serde_json::json!({}));
     client.database(&db).drop().await.unwrap();
 }
