@@ -4,7 +4,7 @@
 //! and the `$jsonSchema` validator.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bson::spec::BinarySubtype;
 use bson::{doc, Bson, Document, RawDocumentBuf};
@@ -12,17 +12,15 @@ use fieldcrypt::mongo::{apply_validator, EncryptedCollection};
 use fieldcrypt::{
     BlindIndex, Error, Field, InMemoryKeyring, Schema, BLIND_INDEX_SUBTYPE, ENVELOPE_SUBTYPE,
 };
-use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::{keyring_with, stored};
+use fieldcrypt_testkit::devserver::unique_db_name;
+use fieldcrypt_testkit::fixtures::{keyring_with, recording_client, stored, Sent};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::error::{ErrorKind, WriteFailure};
-use mongodb::event::command::CommandEvent;
-use mongodb::event::EventHandler;
 use mongodb::options::{
-    ClientOptions, Collation, FindOneAndDeleteOptions, FindOneAndReplaceOptions,
-    FindOneAndUpdateOptions, FindOptions, ReturnDocument,
+    Collation, FindOneAndDeleteOptions, FindOneAndReplaceOptions, FindOneAndUpdateOptions,
+    FindOptions, ReturnDocument,
 };
-use mongodb::{Client, Database};
+use mongodb::Database;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,22 +81,6 @@ fn keyring() -> Arc<InMemoryKeyring> {
     keyring_with(&["pii", "det", "idx"])
 }
 
-/// Command names sent by a client, recorded by the driver's command monitoring.
-type Sent = Arc<Mutex<Vec<String>>>;
-
-async fn client_recording() -> (Client, Sent) {
-    let server = DevServer::shared().unwrap();
-    let mut options = ClientOptions::parse(server.uri()).await.unwrap();
-    let sent: Sent = Arc::default();
-    let sink = sent.clone();
-    options.command_event_handler = Some(EventHandler::callback(move |ev: CommandEvent| {
-        if let CommandEvent::Started(s) = ev {
-            sink.lock().unwrap().push(s.command_name);
-        }
-    }));
-    (Client::with_options(options).unwrap(), sent)
-}
-
 async fn setup(
     prefix: &str,
 ) -> (
@@ -107,7 +89,7 @@ async fn setup(
     EncryptedCollection<Patient>,
     Sent,
 ) {
-    let (client, sent) = client_recording().await;
+    let (client, sent) = recording_client().await;
     let db = client.database(&unique_db_name(prefix));
     let ring = keyring();
     let coll = EncryptedCollection::<Patient>::new(
@@ -263,14 +245,9 @@ async fn typed_and_raw_round_trips_and_rewritten_queries() {
 async fn bulk_insert_is_one_round_trip_and_the_stream_reports_bad_documents_in_place() {
     let (db, _ring, coll, sent) = setup("coll_stream").await;
     let docs: Vec<Patient> = (0..300).map(patient).collect();
-    sent.lock().unwrap().clear();
+    sent.clear();
     coll.insert_many(&docs).await.unwrap();
-    let inserts = sent
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| *c == "insert")
-        .count();
+    let inserts = sent.names().iter().filter(|c| *c == "insert").count();
     assert_eq!(inserts, 1, "300 small documents fit one insert command");
 
     // Move one document's _id-bound ciphertext into another: it must not decrypt there.
@@ -473,7 +450,7 @@ async fn find_one_and_replace_and_delete_encrypt_what_they_write_and_decrypt_wha
     assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 3);
 
     // Refused before anything is sent: a sort on an encrypted field, a range on one.
-    sent.lock().unwrap().clear();
+    sent.clear();
     let e = coll
         .find_one_and_delete(doc! {})
         .with_options(
@@ -489,11 +466,7 @@ async fn find_one_and_replace_and_delete_encrypt_what_they_write_and_decrypt_wha
         .await
         .unwrap_err();
     assert_eq!(refusal(e).1, "code");
-    assert!(
-        sent.lock().unwrap().is_empty(),
-        "{:?}",
-        sent.lock().unwrap()
-    );
+    assert!(sent.is_empty(), "{:?}", sent.names());
     assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 3);
     db.drop().await.unwrap();
 }
@@ -545,7 +518,7 @@ async fn distinct_decrypts_deterministic_fields_once_per_value_across_keys() {
     assert_eq!(coll.distinct("email", doc! {}).await.unwrap().len(), 6);
 
     // Fields without one ciphertext per value are refused before anything is sent.
-    sent.lock().unwrap().clear();
+    sent.clear();
     for (field, refused) in [
         ("ssn", "ssn"),
         ("name", "name"),
@@ -574,17 +547,13 @@ async fn distinct_decrypts_deterministic_fields_once_per_value_across_keys() {
         .await
         .unwrap_err();
     assert_eq!(refusal(e).0, "collation");
-    assert!(
-        sent.lock().unwrap().is_empty(),
-        "{:?}",
-        sent.lock().unwrap()
-    );
+    assert!(sent.is_empty(), "{:?}", sent.names());
     db.drop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinct_merges_values_as_the_server_would_and_passes_legacy_plaintext() {
-    let (client, _sent) = client_recording().await;
+    let (client, _sent) = recording_client().await;
     let db = client.database(&unique_db_name("coll_distinct_merge"));
     let schema = Schema::builder()
         .field("n", Field::deterministic("det"))
@@ -641,7 +610,7 @@ async fn fail_refused_operations_send_nothing() {
     let (db, _ring, coll, sent) = setup("coll_refuse").await;
     coll.insert_one(patient(1)).await.unwrap();
     let docs = coll.clone_with_type::<Document>();
-    sent.lock().unwrap().clear();
+    sent.clear();
 
     let mut refusals = Vec::new();
     refusals.push(refusal(
@@ -743,9 +712,9 @@ async fn fail_refused_operations_send_nothing() {
         .collect();
     assert_eq!(got, expected);
     assert!(
-        sent.lock().unwrap().is_empty(),
+        sent.is_empty(),
         "refused operations sent {:?}",
-        sent.lock().unwrap()
+        sent.names()
     );
     db.drop().await.unwrap();
 }
@@ -955,7 +924,7 @@ async fn fail_pipelines_and_expressions_cannot_carry_plaintext_past_the_checks()
     let docs = coll.clone_with_type::<Document>();
     let plain = db.collection::<Document>("patients");
     let before = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
-    sent.lock().unwrap().clear();
+    sent.clear();
 
     let mut refusals = Vec::new();
     for pipeline in [
@@ -1015,9 +984,9 @@ async fn fail_pipelines_and_expressions_cannot_carry_plaintext_past_the_checks()
         .collect();
     assert_eq!(got, expected);
     assert!(
-        sent.lock().unwrap().is_empty(),
+        sent.is_empty(),
         "refused operations sent {:?}",
-        sent.lock().unwrap()
+        sent.names()
     );
     assert_eq!(
         plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap(),
@@ -1028,7 +997,7 @@ async fn fail_pipelines_and_expressions_cannot_carry_plaintext_past_the_checks()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn validator_rejects_plaintext_in_arrays_of_arrays() {
-    let (client, _) = client_recording().await;
+    let (client, _) = recording_client().await;
     let db = client.database(&unique_db_name("coll_validator_nested"));
     let schema = Schema::builder()
         .field("a.b", Field::deterministic("det"))

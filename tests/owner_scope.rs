@@ -4,20 +4,17 @@
 //! one tenant's keys makes exactly that tenant's data unreadable (crypto-shredding).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{tenant_aliases, EncryptedCollection};
 use fieldcrypt::{
     ArgumentError, BlindIndex, Cryptor, Error, Field, InMemoryKeyring, Keyring, Schema,
 };
-use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::keyring_with;
+use fieldcrypt_testkit::devserver::unique_db_name;
+use fieldcrypt_testkit::fixtures::{keyring_with, recording_client, Sent};
 use futures_util::{StreamExt, TryStreamExt};
-use mongodb::event::command::CommandEvent;
-use mongodb::event::EventHandler;
-use mongodb::options::ClientOptions;
-use mongodb::{Client, Database};
+use mongodb::Database;
 
 fn schema() -> Schema {
     Schema::builder()
@@ -32,21 +29,8 @@ fn schema() -> Schema {
         .unwrap()
 }
 
-/// Every command the client sends, as relaxed extended JSON.
-type Sent = Arc<Mutex<Vec<(String, String)>>>;
-
 async fn db(prefix: &str) -> (Database, Sent) {
-    let server = DevServer::shared().unwrap();
-    let mut options = ClientOptions::parse(server.uri()).await.unwrap();
-    let sent: Sent = Arc::default();
-    let sink = sent.clone();
-    options.command_event_handler = Some(EventHandler::callback(move |ev: CommandEvent| {
-        if let CommandEvent::Started(s) = ev {
-            let json = Bson::Document(s.command).into_relaxed_extjson().to_string();
-            sink.lock().unwrap().push((s.command_name, json));
-        }
-    }));
-    let client = Client::with_options(options).unwrap();
+    let (client, sent) = recording_client().await;
     (client.database(&unique_db_name(prefix)), sent)
 }
 
@@ -94,7 +78,7 @@ async fn a_scoped_handle_never_reaches_another_owners_documents() {
         "{e:?}"
     );
 
-    sent.lock().unwrap().clear();
+    sent.clear();
     assert_eq!(ids_of(acme.find(doc! {}).await.unwrap()).await, [1, 2]);
     assert_eq!(
         ids_of(acme.find(doc! { "email": "shared@x" }).await.unwrap()).await,
@@ -167,7 +151,16 @@ async fn a_scoped_handle_never_reaches_another_owners_documents() {
         .is_err());
 
     // Every read, update, delete, count and aggregate acme sent carried its owner filter.
-    let cmds = sent.lock().unwrap().clone();
+    let cmds: Vec<(String, String)> = sent
+        .commands()
+        .into_iter()
+        .map(|(name, body)| {
+            (
+                name,
+                Bson::Document(body).into_relaxed_extjson().to_string(),
+            )
+        })
+        .collect();
     let scoped: Vec<_> = cmds
         .iter()
         .filter(|(name, _)| {
@@ -468,7 +461,7 @@ async fn fail_update_pipelines_cannot_write_plaintext_or_move_a_document_to_anot
     acme.insert_one(person(1, None, "a@x")).await.unwrap();
     let plain = db.collection::<Document>("people");
     let before = plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap();
-    sent.lock().unwrap().clear();
+    sent.clear();
 
     let pipelines: Vec<(Vec<Document>, &str)> = vec![
         (
@@ -521,9 +514,9 @@ async fn fail_update_pipelines_cannot_write_plaintext_or_move_a_document_to_anot
         "{e:?}"
     );
     assert!(
-        sent.lock().unwrap().is_empty(),
+        sent.is_empty(),
         "refused operations sent {:?}",
-        sent.lock().unwrap()
+        sent.commands()
     );
     assert_eq!(
         plain.find_one(doc! { "_id": 1 }).await.unwrap().unwrap(),

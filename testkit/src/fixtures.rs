@@ -5,13 +5,16 @@
 //! tests and the CLI's alike.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bson::{Bson, Document};
 use fieldcrypt::{
     CsfleKeyDocument, CsfleKeySet, InMemoryKeyring, Key, KeyKind, KeyMaterial, KeyState,
     LocalMasterKey,
 };
+use mongodb::event::command::CommandEvent;
+use mongodb::event::EventHandler;
+use mongodb::options::ClientOptions;
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 
@@ -72,6 +75,64 @@ where
         );
     }
     all
+}
+
+/// The commands a client sent, name and body, in order: what [`recording_client`] records.
+#[derive(Clone, Debug, Default)]
+pub struct Sent(Arc<Mutex<Vec<(String, Document)>>>);
+
+impl Sent {
+    fn log(&self) -> std::sync::MutexGuard<'_, Vec<(String, Document)>> {
+        // A panic elsewhere while recording leaves a usable log.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forgets what was sent so far.
+    pub fn clear(&self) {
+        self.log().clear();
+    }
+
+    /// Whether nothing was sent since the last [`Self::clear`].
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.log().is_empty()
+    }
+
+    /// The command names, in order.
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        self.log().iter().map(|(name, _)| name.clone()).collect()
+    }
+
+    /// The commands, name and body, in order.
+    #[must_use]
+    pub fn commands(&self) -> Vec<(String, Document)> {
+        self.log().clone()
+    }
+}
+
+/// A client of the shared dev server that records every command it starts (the driver's
+/// command monitoring), for tests that check what was sent, or that nothing was.
+///
+/// # Panics
+/// If the dev server cannot be found or started: in a test, that is the failure.
+pub async fn recording_client() -> (mongodb::Client, Sent) {
+    #[allow(clippy::expect_used)] // test helper: no server is a failed test
+    let server = DevServer::shared().expect("the dev server");
+    #[allow(clippy::expect_used)] // as above
+    let mut options = ClientOptions::parse(server.uri())
+        .await
+        .expect("the dev server's URI");
+    let sent = Sent::default();
+    let sink = sent.clone();
+    options.command_event_handler = Some(EventHandler::callback(move |ev: CommandEvent| {
+        if let CommandEvent::Started(s) = ev {
+            sink.log().push((s.command_name, s.command));
+        }
+    }));
+    #[allow(clippy::expect_used)] // as above
+    let client = mongodb::Client::with_options(options).expect("a client of the dev server");
+    (client, sent)
 }
 
 /// One Extended JSON value (relaxed or canonical).
