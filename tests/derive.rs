@@ -372,6 +372,95 @@ fn fail_what_a_schema_cannot_name_is_an_error_when_built() {
     assert!(msg.contains("Tree") && msg.contains("recursive"), "{msg}");
 }
 
+/// However the field's type is spelled, a nested type is found by its `Encrypted`
+/// implementation; where its fields' stored paths are unknown, building the schema fails
+/// rather than leaving them in clear.
+type Profiles = Vec<Profile>;
+
+/// A generic wrapper fieldcrypt knows nothing about.
+#[derive(Serialize)]
+struct Wrapper<T>(T);
+
+fn as_text<S: serde::Serializer>(p: &Profile, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.city)
+}
+
+#[derive(Serialize, Encrypted)]
+struct Spelled {
+    aliased: Profiles,
+    boxed: Box<Profile>,
+    locked: std::sync::Mutex<Option<Profile>>,
+    borrowed: std::borrow::Cow<'static, [Profile]>,
+    many: [Profile; 2],
+}
+
+#[derive(Serialize, Encrypted)]
+struct InTuple {
+    pair: (Profile, u8),
+}
+
+#[derive(Serialize, Encrypted)]
+struct InWrapper {
+    wrapped: Option<Wrapper<Profile>>,
+}
+
+#[derive(Serialize, Encrypted)]
+struct CustomSerialized {
+    #[serde(serialize_with = "as_text")]
+    profile: Profile,
+}
+
+#[derive(Serialize, Encrypted)]
+struct TupleStruct(String, Profile);
+
+/// Plain types inside tuples, wrappers and custom serializers are fine.
+#[derive(Serialize, Encrypted)]
+struct PlainInside {
+    pair: (String, u8),
+    wrapped: Wrapper<String>,
+    #[serde(serialize_with = "as_text2")]
+    profile_text: Profile2,
+}
+
+#[derive(Serialize, Encrypted)]
+struct Profile2 {
+    city: String,
+}
+
+fn as_text2<S: serde::Serializer>(p: &Profile2, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&p.city)
+}
+
+#[test]
+fn fail_nested_marks_a_schema_cannot_place() {
+    let mut paths: Vec<String> = Spelled::schema()
+        .rules()
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    paths.sort_unstable();
+    let mut expected: Vec<String> = ["aliased", "boxed", "locked", "borrowed", "many"]
+        .iter()
+        .flat_map(|f| [format!("{f}.notes"), format!("{f}.phone")])
+        .collect();
+    expected.sort_unstable();
+    assert_eq!(paths, expected);
+
+    let (path, reason) = schema_error::<InTuple>();
+    assert_eq!(path, "pair.phone");
+    assert!(reason.contains("tuple"), "{reason}");
+    let (path, reason) = schema_error::<InWrapper>();
+    assert_eq!(path, "wrapped.phone");
+    assert!(reason.contains("`Wrapper`"), "{reason}");
+    let (path, reason) = schema_error::<CustomSerialized>();
+    assert_eq!(path, "profile.phone");
+    assert!(reason.contains("serialize_with"), "{reason}");
+    let (path, reason) = schema_error::<TupleStruct>();
+    assert_eq!(path, "phone");
+    assert!(reason.contains("tuple"), "{reason}");
+    assert!(PlainInside::try_schema().unwrap().rules().is_empty());
+}
+
 #[test]
 fn a_derived_schema_round_trips_through_the_file_formats() {
     for s in [User::schema(), Renamed::schema(), Payment::schema()] {

@@ -21,9 +21,35 @@ struct Local {
 /// What the expansion adds, in field order.
 enum Stmt {
     Field(String, TokenStream),
+    /// The type's own marks (through its `Encrypted` implementation), under the segments.
     Nested(Vec<String>, Type),
-    Map(Vec<String>, Type),
+    /// A type whose marks no path can name (why): an error when the schema is built, if it
+    /// has any.
+    Unnameable(Vec<String>, Type, String),
+    /// `inner`, a type argument of `outer`: unnameable when `outer` does not implement
+    /// `Encrypted` (a wrapper whose serialized shape is unknown here).
+    Hidden {
+        segs: Vec<String>,
+        outer: Type,
+        inner: Type,
+    },
 }
+
+/// How an unmarked value is stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    /// As itself.
+    Plain,
+    /// As one element of an array of differently typed values (a tuple's).
+    Element,
+    /// By a function of its own (`serde(with)`, `serialize_with`).
+    Custom,
+}
+
+const IN_TUPLE: &str =
+    "is held in a tuple, whose elements are stored as an array a schema path cannot tell apart: use a struct with named fields";
+const CUSTOM: &str =
+    "is serialized by a function of its own (serde `with`/`serialize_with`), so where its fields are stored is unknown: mark the field itself, or serialize it as it is";
 
 #[derive(Default)]
 struct Cx {
@@ -75,7 +101,7 @@ impl Cx {
                     "a flattened field is not stored as a value of its own: mark the fields of its type instead",
                 );
             } else {
-                self.probe(&field.ty, prefix.to_vec());
+                self.probe(&field.ty, prefix.to_vec(), stored(&serde));
             }
             return;
         }
@@ -93,7 +119,7 @@ impl Cx {
         } else {
             let mut segs = prefix.to_vec();
             segs.push(name);
-            self.probe(&field.ty, segs);
+            self.probe(&field.ty, segs, stored(&serde));
         }
     }
 
@@ -126,7 +152,12 @@ impl Cx {
             }
             return;
         }
-        self.probe(&field.ty, prefix.to_vec());
+        let how = if element {
+            Stored::Element
+        } else {
+            stored(&serde)
+        };
+        self.probe(&field.ty, prefix.to_vec(), how);
     }
 
     fn mark(&mut self, m: Marks, path: String, ty: &Type, span: Span) {
@@ -151,7 +182,7 @@ impl Cx {
                 "a marked field needs `key = \"<alias>\"`, a `blind_index(...)`, or both",
             );
         }
-        if m.each && !shape(ty).0 {
+        if m.each && !is_sequence(ty) {
             return self.error(
                 span,
                 "`each` encrypts each element of an array: the field must be a sequence (Vec, array, set, or an Option of one)",
@@ -178,14 +209,67 @@ impl Cx {
         self.locals.push(Local { spec, span });
     }
 
-    /// A field that is not marked: its type's own marks, if it has any, prefixed with `segs`.
-    fn probe(&mut self, ty: &Type, segs: Vec<String>) {
-        let (_, map, inner) = shape(ty);
-        self.stmts.push(if map {
-            Stmt::Map(segs, inner.clone())
-        } else {
-            Stmt::Nested(segs, inner.clone())
-        });
+    /// A field that is not marked: its type's own marks, if it has any, prefixed with `segs`,
+    /// found through the type's `Encrypted` implementation (the library implements it for the
+    /// containers serde stores as their content); and, written out in the type, tuples and
+    /// other generic types holding a marked type, which are refused when the schema is built.
+    fn probe(&mut self, ty: &Type, segs: Vec<String>, how: Stored) {
+        match how {
+            Stored::Plain => {
+                self.stmts.push(Stmt::Nested(segs.clone(), ty.clone()));
+                self.hidden(ty, &segs);
+            }
+            Stored::Element => {
+                self.stmts
+                    .push(Stmt::Unnameable(segs, ty.clone(), IN_TUPLE.to_owned()))
+            }
+            Stored::Custom => {
+                self.stmts
+                    .push(Stmt::Unnameable(segs, ty.clone(), CUSTOM.to_owned()))
+            }
+        }
+    }
+
+    /// The types written inside `ty` whose marks `ty`'s own implementation would not reach.
+    fn hidden(&mut self, ty: &Type, segs: &[String]) {
+        match ty {
+            Type::Reference(r) => self.hidden(&r.elem, segs),
+            Type::Paren(p) => self.hidden(&p.elem, segs),
+            Type::Group(g) => self.hidden(&g.elem, segs),
+            Type::Array(a) => self.hidden(&a.elem, segs),
+            Type::Slice(s) => self.hidden(&s.elem, segs),
+            Type::Tuple(t) => {
+                for e in &t.elems {
+                    self.stmts.push(Stmt::Unnameable(
+                        segs.to_vec(),
+                        e.clone(),
+                        IN_TUPLE.to_owned(),
+                    ));
+                    self.hidden(e, segs);
+                }
+            }
+            _ => {
+                let Some((_, args)) = last_segment(ty) else {
+                    return;
+                };
+                for inner in args {
+                    self.stmts.push(Stmt::Hidden {
+                        segs: segs.to_vec(),
+                        outer: ty.clone(),
+                        inner: inner.clone(),
+                    });
+                    self.hidden(inner, segs);
+                }
+            }
+        }
+    }
+}
+
+fn stored(serde: &attr::SerdeField) -> Stored {
+    if serde.custom {
+        Stored::Custom
+    } else {
+        Stored::Plain
     }
 }
 
@@ -207,11 +291,10 @@ fn last_segment(ty: &Type) -> Option<(String, Vec<&Type>)> {
     Some((seg.ident.to_string(), args))
 }
 
-/// Through the wrappers serde serializes as their content (`Option`, `Box`, references, …)
-/// and sequences (stored as arrays, which schema paths go through): whether a sequence was
-/// met, whether a map was met, and the type inside.
-fn shape(mut ty: &Type) -> (bool, bool, &Type) {
-    let (mut seq, mut map) = (false, false);
+/// Through the wrappers serde serializes as their content (`Option`, `Box`, references, …):
+/// whether the type is a sequence (stored as an array), for `each`.
+fn is_sequence(mut ty: &Type) -> bool {
+    let mut seq = false;
     loop {
         match ty {
             Type::Reference(r) => ty = &r.elem,
@@ -235,13 +318,9 @@ fn shape(mut ty: &Type) -> (bool, bool, &Type) {
                         seq = true;
                         ty = inner;
                     }
-                    ("HashMap" | "BTreeMap" | "IndexMap", [_, value, ..]) => {
-                        map = true;
-                        ty = value;
-                    }
-                    _ => return (seq, map, ty),
+                    _ => return seq,
                 },
-                None => return (seq, map, ty),
+                None => return seq,
             },
         }
     }
@@ -454,9 +533,20 @@ pub fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
         Stmt::Nested(segs, ty) => quote!(
             (&::fieldcrypt::__derive::Probe::<#ty>::new()).nested_into(out, &[#(#segs),*]);
         ),
-        Stmt::Map(segs, ty) => quote!(
-            (&::fieldcrypt::__derive::Probe::<#ty>::new()).map_into(out, &[#(#segs),*]);
+        Stmt::Unnameable(segs, ty, why) => quote!(
+            (&::fieldcrypt::__derive::Probe::<#ty>::new()).unnameable_into(out, &[#(#segs),*], #why);
         ),
+        Stmt::Hidden { segs, outer, inner } => {
+            let name = last_segment(outer).map_or_else(|| "?".to_owned(), |(n, _)| n);
+            let why = format!(
+                "is held in `{name}`, which does not implement Encrypted, so where its fields are stored is unknown: implement Encrypted for `{name}` (forwarding to its content), or mark the field itself"
+            );
+            quote!(
+                if !(&::fieldcrypt::__derive::Probe::<#outer>::new()).is_encrypted() {
+                    (&::fieldcrypt::__derive::Probe::<#inner>::new()).unnameable_into(out, &[#(#segs),*], #why);
+                }
+            )
+        }
     });
     let owner = container.owner.as_ref().map(|(o, _)| {
         quote!(

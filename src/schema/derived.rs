@@ -156,6 +156,16 @@ impl SchemaFields {
     /// Refuses encrypted fields inside the values of the map at `segments`: map keys are data,
     /// not names a schema path can hold.
     pub fn map_of<T: Encrypted + ?Sized>(&mut self, segments: &[&str]) {
+        self.unnameable::<T>(
+            segments,
+            "is held in a map: map keys are data, which schema paths cannot name",
+        );
+    }
+
+    /// Refuses encrypted fields of `T` held at `segments` where no schema path can name them
+    /// (`why`, e.g. in a map, a tuple, or serialized by a custom function): an error when the
+    /// schema is built if `T` has any, nothing otherwise.
+    pub fn unnameable<T: Encrypted + ?Sized>(&mut self, segments: &[&str], why: &str) {
         let before = self.rules.len();
         self.nested::<T>(segments);
         if self.rules.len() > before {
@@ -164,7 +174,7 @@ impl SchemaFields {
             self.fail(
                 path,
                 format!(
-                    "{} has encrypted fields but is held in a map: map keys are data, which schema paths cannot name",
+                    "{} has encrypted fields but {why}",
                     std::any::type_name::<T>()
                 ),
             );
@@ -189,6 +199,101 @@ impl SchemaFields {
             }
         }
         b.build()
+    }
+}
+
+/// The containers serde stores as their content or as an array of it: their element's fields,
+/// at the same paths (schema paths go through arrays). Maps refuse encrypted values, whose paths
+/// would be data. With these, a nested type is found by its `Encrypted` implementation whatever
+/// the field's type is spelled as (an alias, a path), and `#[derive(Encrypted)]` refuses a marked
+/// type held in any other generic type, whose serialized shape it cannot know.
+mod containers {
+    use std::borrow::Cow;
+    use std::cell::RefCell;
+    use std::collections::{
+        BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, LinkedList, VecDeque,
+    };
+    use std::rc::Rc;
+    use std::sync::{Arc, Mutex, RwLock};
+
+    use super::{Encrypted, SchemaFields};
+
+    macro_rules! stored_as_content {
+        ($(impl<$($g:ident),*> for $ty:ty;)*) => {$(
+            impl<$($g),*> Encrypted for $ty
+            where
+                T: Encrypted,
+            {
+                fn encrypted_fields(out: &mut SchemaFields) {
+                    out.nested::<T>(&[]);
+                }
+            }
+        )*};
+    }
+
+    stored_as_content! {
+        impl<T> for Option<T>;
+        impl<T> for Vec<T>;
+        impl<T> for VecDeque<T>;
+        impl<T> for LinkedList<T>;
+        impl<T> for BTreeSet<T>;
+        impl<T, S> for HashSet<T, S>;
+        impl<T> for BinaryHeap<T>;
+        impl<T> for RefCell<T>;
+        impl<T> for Mutex<T>;
+        impl<T> for RwLock<T>;
+    }
+
+    macro_rules! stored_as_content_unsized {
+        ($($ty:ty;)*) => {$(
+            impl<T: Encrypted + ?Sized> Encrypted for $ty {
+                fn encrypted_fields(out: &mut SchemaFields) {
+                    out.nested::<T>(&[]);
+                }
+            }
+        )*};
+    }
+
+    stored_as_content_unsized! {
+        Box<T>;
+        Rc<T>;
+        Arc<T>;
+        &T;
+    }
+
+    impl<T: Encrypted> Encrypted for [T] {
+        fn encrypted_fields(out: &mut SchemaFields) {
+            out.nested::<T>(&[]);
+        }
+    }
+
+    impl<T: Encrypted, const N: usize> Encrypted for [T; N] {
+        fn encrypted_fields(out: &mut SchemaFields) {
+            out.nested::<T>(&[]);
+        }
+    }
+
+    impl<T: Encrypted + ToOwned + ?Sized> Encrypted for Cow<'_, T> {
+        fn encrypted_fields(out: &mut SchemaFields) {
+            out.nested::<T>(&[]);
+        }
+    }
+
+    impl<K, V: Encrypted> Encrypted for BTreeMap<K, V> {
+        fn encrypted_fields(out: &mut SchemaFields) {
+            out.map_of::<V>(&[]);
+        }
+    }
+
+    impl<K, V: Encrypted, S> Encrypted for HashMap<K, V, S> {
+        fn encrypted_fields(out: &mut SchemaFields) {
+            out.map_of::<V>(&[]);
+        }
+    }
+
+    /// Serialized as nothing: no fields, whatever `T` is.
+    impl<T: ?Sized> Encrypted for core::marker::PhantomData<T> {
+        fn encrypted_fields(_out: &mut SchemaFields) {}
     }
 }
 
@@ -220,16 +325,20 @@ pub mod __derive {
     pub trait ViaEncrypted {
         /// [`SchemaFields::nested`].
         fn nested_into(&self, out: &mut SchemaFields, segments: &[&str]);
-        /// [`SchemaFields::map_of`].
-        fn map_into(&self, out: &mut SchemaFields, segments: &[&str]);
+        /// [`SchemaFields::unnameable`].
+        fn unnameable_into(&self, out: &mut SchemaFields, segments: &[&str], why: &str);
+        /// Whether the type implements [`Encrypted`]: here, yes.
+        fn is_encrypted(&self) -> bool {
+            true
+        }
     }
 
     impl<T: Encrypted + ?Sized> ViaEncrypted for Probe<T> {
         fn nested_into(&self, out: &mut SchemaFields, segments: &[&str]) {
             out.nested::<T>(segments);
         }
-        fn map_into(&self, out: &mut SchemaFields, segments: &[&str]) {
-            out.map_of::<T>(segments);
+        fn unnameable_into(&self, out: &mut SchemaFields, segments: &[&str], why: &str) {
+            out.unnameable::<T>(segments, why);
         }
     }
 
@@ -238,7 +347,11 @@ pub mod __derive {
         /// Adds nothing.
         fn nested_into(&self, _out: &mut SchemaFields, _segments: &[&str]) {}
         /// Adds nothing.
-        fn map_into(&self, _out: &mut SchemaFields, _segments: &[&str]) {}
+        fn unnameable_into(&self, _out: &mut SchemaFields, _segments: &[&str], _why: &str) {}
+        /// Whether the type implements [`Encrypted`]: here, no.
+        fn is_encrypted(&self) -> bool {
+            false
+        }
     }
 
     impl<T: ?Sized> ViaPlain for &Probe<T> {}
