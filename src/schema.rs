@@ -731,6 +731,12 @@ impl SchemaFile {
                 })?),
                 None => None,
             };
+            if let Some(s) = suite.filter(|s| f.deterministic && !s.is_deterministic()) {
+                return Err(Error::schema(
+                    path,
+                    format!("deterministic contradicts algorithm {:?}, a randomized suite: give one of the two", s.name()),
+                ));
+            }
             let deterministic = f.deterministic || suite.is_some_and(Suite::is_deterministic);
             let mut field = match (&f.key, deterministic) {
                 (Some(k), true) => Field::deterministic(k.clone()),
@@ -926,5 +932,23 @@ mod tests {
                 .is_err()
         );
         assert!(Schema::from_toml_str("[fields.a]\nkey = 'k'\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn fail_deterministic_with_a_randomized_algorithm() {
+        let toml = "[fields.a]\nkey = 'k'\ndeterministic = true\nalgorithm = 'ChaCha20-Poly1305'";
+        match Schema::from_toml_str(toml) {
+            Err(Error::Schema { path, reason }) => {
+                assert_eq!(path, "a");
+                assert!(reason.contains("contradicts"), "{reason}");
+            }
+            other => panic!("expected a schema error, got {other:?}"),
+        }
+        // Both saying deterministic is no contradiction.
+        let toml =
+            "[fields.a]\nkey = 'k'\ndeterministic = true\nalgorithm = 'AES-256-SIV-deterministic'";
+        assert!(Schema::from_toml_str(toml).unwrap().rules()[0]
+            .field
+            .is_deterministic());
     }
 }

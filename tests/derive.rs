@@ -530,6 +530,23 @@ fn the_schema_file_example_prints_the_derived_schema_as_a_file() {
 
 /// The derive's checks and the builder's, on the same rules: both accept or both refuse.
 #[test]
+fn fail_deterministic_with_a_randomized_algorithm_in_the_derive() {
+    let spec = |algorithm: &str| rules::RuleSpec {
+        path: "a".into(),
+        key: Some("k".into()),
+        algorithm: Some(algorithm.into()),
+        deterministic: true,
+        ..rules::RuleSpec::default()
+    };
+    let why = rules::check_rule(&spec("ChaCha20-Poly1305")).unwrap_err();
+    assert!(why.contains("contradicts"), "{why}");
+    // The file format says the same of the same rule.
+    let toml = "[fields.a]\nkey = 'k'\ndeterministic = true\nalgorithm = 'ChaCha20-Poly1305'";
+    assert!(Schema::from_toml_str(toml).is_err());
+    assert!(rules::check_rule(&spec("AES-256-SIV-deterministic")).is_ok());
+}
+
+#[test]
 fn the_derive_checks_agree_with_the_builder() {
     use rules::{IndexSpec, RuleSpec};
     let r = |path: &str, key: Option<&str>| RuleSpec {

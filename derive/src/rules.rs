@@ -113,11 +113,19 @@ pub fn check_rule(r: &RuleSpec) -> Result<(), String> {
         return bad("_id cannot be encrypted: it identifies and binds the document");
     }
     if let Some(a) = &r.algorithm {
-        if suite_index(a).is_none() {
-            return Err(format!(
-                "unknown algorithm {a:?} (one of {})",
-                SUITES.join(", ")
-            ));
+        match suite_index(a) {
+            None => {
+                return Err(format!(
+                    "unknown algorithm {a:?} (one of {})",
+                    SUITES.join(", ")
+                ))
+            }
+            Some(i) if r.deterministic && i != 3 => {
+                return Err(format!(
+                    "deterministic contradicts algorithm {a:?}, a randomized suite: give one of the two"
+                ))
+            }
+            Some(_) => {}
         }
     }
     match &r.key {
