@@ -636,13 +636,18 @@ impl Schema {
     /// The schema in its TOML file form.
     #[must_use]
     pub fn to_toml_string(&self) -> String {
-        toml::to_string(&self.file()).unwrap_or_default()
+        // A file form is strings, booleans and integers under string keys, the owner before the
+        // field tables: always TOML. An empty string instead would read back as a schema that
+        // encrypts nothing.
+        toml::to_string(&self.file()).expect("a schema's file form is valid TOML")
+        // allowed: see above
     }
 
     /// The schema in its JSON file form (pretty-printed).
     #[must_use]
     pub fn to_json_string(&self) -> String {
-        serde_json::to_string_pretty(&self.file()).unwrap_or_default()
+        serde_json::to_string_pretty(&self.file()).expect("a schema's file form is valid JSON")
+        // allowed: string keys only
     }
 
     fn file(&self) -> SchemaFile {
