@@ -205,3 +205,21 @@ async fn duplicate_key_errors_do_not_quote_the_indexed_values() {
     }
     db.drop().await.unwrap();
 }
+
+#[test]
+fn bulk_write_models_print_no_documents_or_filters() {
+    use fieldcrypt::mongo::WriteModel;
+    let secret = "123-45-6789-plaintext";
+    let models = [
+        WriteModel::insert_one(doc! { "ssn": secret }),
+        WriteModel::replace_one(doc! { "ssn": secret }, doc! { "ssn": secret }),
+        WriteModel::update_one(doc! { "ssn": secret }, doc! { "$set": { "ssn": secret } }),
+        WriteModel::delete_one(doc! { "ssn": secret }),
+        WriteModel::delete_many(doc! { "ssn": secret }),
+    ];
+    for m in &models {
+        let printed = format!("{m:?}");
+        assert!(!printed.contains(secret), "WriteModel leaks: {printed}");
+        assert!(!printed.is_empty());
+    }
+}

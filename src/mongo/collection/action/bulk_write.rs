@@ -22,7 +22,10 @@ use crate::mongo::collection::{to_raw, EncryptedCollection};
 /// [`replace_one`](EncryptedCollection::replace_one)'s; filters and updates are rewritten like
 /// [`update_one`](EncryptedCollection::update_one)'s and
 /// [`delete_one`](EncryptedCollection::delete_one)'s.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` prints which write it is, never its documents, filters or updates: they hold the
+/// plaintext it is about to encrypt.
+#[derive(Clone)]
 #[non_exhaustive]
 pub enum WriteModel<T> {
     /// Inserts a document.
@@ -71,6 +74,20 @@ pub enum WriteModel<T> {
         /// Which documents.
         filter: Document,
     },
+}
+
+impl<T> core::fmt::Debug for WriteModel<T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let name = match self {
+            WriteModel::InsertOne { .. } => "InsertOne",
+            WriteModel::UpdateOne { .. } => "UpdateOne",
+            WriteModel::UpdateMany { .. } => "UpdateMany",
+            WriteModel::ReplaceOne { .. } => "ReplaceOne",
+            WriteModel::DeleteOne { .. } => "DeleteOne",
+            WriteModel::DeleteMany { .. } => "DeleteMany",
+        };
+        f.debug_struct(name).finish_non_exhaustive()
+    }
 }
 
 impl<T> WriteModel<T> {
