@@ -335,8 +335,12 @@ async fn watch_decrypts_documents_and_updated_fields() {
             ("$match", "phone"),
         ),
         (
+            vec![doc! { "$match": { "documentKey.email": "m1@example.com" } }],
+            ("$match", "email"),
+        ),
+        (
             vec![doc! { "$project": { "fullDocument.taxId": 1 } }],
-            ("$project", ""),
+            ("$project", "taxId"),
         ),
     ] {
         let (op, field) = refusal(coll.watch().pipeline(pipeline).await.unwrap_err());

@@ -196,7 +196,8 @@ fn check_match(schema: &Schema, filter: &Document) -> Result<()> {
             _ => {}
         }
         let (root, rest) = key.split_once('.').unwrap_or((key.as_str(), ""));
-        let inner = if DOCUMENT_ROOTS.contains(&root) {
+        // `documentKey` holds `_id` and a sharded collection's shard key fields, as stored.
+        let inner = if DOCUMENT_ROOTS.contains(&root) || root == "documentKey" {
             Some(rest.to_owned())
         } else if root == "updateDescription" {
             match rest.split_once('.') {
@@ -303,10 +304,9 @@ impl Decryptor {
         }
         let mut event = raw.to_document()?;
         for root in DOCUMENT_ROOTS {
-            if let Some(Bson::Document(d)) = event.get(root) {
-                let plain = self
-                    .cryptor
-                    .decrypt_raw(&RawDocumentBuf::from_document(d)?, &self.ctx)?;
+            // Decrypted from the event's own bytes, not re-encoded from the parsed copy.
+            if let Ok(d) = raw.get_document(root) {
+                let plain = self.cryptor.decrypt_raw(d, &self.ctx)?;
                 event.insert(root, plain.to_document()?);
             }
         }
