@@ -444,7 +444,8 @@ async fn create_index_allows_comparable_fields_and_refuses_randomized_ones() {
         many.index_names,
         ["phone_bidx_1", "home.street_1_displayName_-1"]
     );
-    // The unique index on deterministic ciphertexts enforces uniqueness of the plaintext.
+    // The unique index on deterministic ciphertexts refuses a second equal plaintext (under one
+    // key version and one binding: see docs/QUERIES.md).
     let mut dup = member(6);
     dup.email = member(1).email;
     let e = coll.insert_one(dup).await.unwrap_err();
