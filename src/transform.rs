@@ -429,9 +429,10 @@ impl Cryptor {
                 rawbson::decode_value(p.bson_type, &plain)
             }
             CSFLE_SUBTYPE if QeValueKind::of(bytes).is_some() => {
+                let p = qe::parse_payload(bytes)?;
                 let mut plain = Zeroizing::new(Vec::new());
-                let t = open_qe(&*self.keyring, &mut None, bytes, &mut plain)?;
-                rawbson::decode_value(t, &plain)
+                open_qe(&*self.keyring, &mut None, &p, &mut plain)?;
+                rawbson::decode_value(p.bson_type, &plain)
             }
             _ => Ok(Bson::Binary(value.clone())),
         }
@@ -499,8 +500,11 @@ impl Cryptor {
         Ok(())
     }
 
-    /// Every key id referenced by envelopes and blind indexes in a document (for audits and
-    /// key-vault prefetching).
+    /// Every key id referenced by envelopes, blind indexes, CSFLE values and Queryable
+    /// Encryption values in a document (for audits and key-vault prefetching). For an indexed
+    /// QE value that is its outer key (`S_KeyId`): its inner key is inside the layer the outer
+    /// key removes, so a prefetch that must cover every key loads these first, then
+    /// [`Cryptor::qe_client_keys`] (as the rotation engine and the CLI do).
     ///
     /// # Errors
     /// Malformed BSON.
@@ -712,10 +716,7 @@ impl<'c> Walker<'c> {
         keyring: &dyn Keyring,
         id: KeyId,
     ) -> Result<&'k Key> {
-        if last.as_ref().is_none_or(|k| k.id() != id) {
-            *last = Some(keyring.key(&id)?);
-        }
-        last.as_deref().ok_or(Error::UnknownKey(id))
+        cached_key(last, keyring, id).map(|k| &**k)
     }
 
     // ---- encryption ----
@@ -987,7 +988,7 @@ impl Walker<'_> {
             Self::key_by_id(&mut self.last_key, keyring, p.key_id)
                 .and_then(|key| qe::open_unindexed(qe_cipher(key)?, &p, out))
         } else {
-            open_qe(keyring, &mut self.last_key, payload, out).map(|_| ())
+            open_qe(keyring, &mut self.last_key, &p, out)
         };
         opened.inspect_err(|_| out.truncate(type_at))
     }
@@ -1003,26 +1004,29 @@ impl Walker<'_> {
     }
 }
 
-/// Decrypts a stored QE value (`payload`, the subtype-6 bytes) with keys from `keyring`,
-/// appending the value's bytes to `out` and returning its BSON type. `last` caches the last key
-/// used, as the walk does for envelopes.
+/// Decrypts a parsed stored QE value with keys from `keyring`, appending the value's bytes to
+/// `out`. `last` caches the last key used, as the walk does for envelopes.
 fn open_qe(
     keyring: &dyn Keyring,
     last: &mut Option<Arc<Key>>,
-    payload: &[u8],
+    p: &qe::QePayload<'_>,
     out: &mut Vec<u8>,
-) -> Result<u8> {
-    let p = qe::parse_payload(payload)?;
-    let lookup = |id: KeyId| match last.as_ref().filter(|k| k.id() == id) {
-        Some(k) => Ok(k.clone()),
-        None => {
-            let k = keyring.key(&id)?;
-            *last = Some(k.clone());
-            Ok(k)
-        }
-    };
-    qe::decrypt_into(&p, lookup, |k| qe_cipher(k), out)?;
-    Ok(p.bson_type)
+) -> Result<()> {
+    // Owned keys: an indexed value may need a second (inner) key while the first is in use.
+    let lookup = |id: KeyId| cached_key(last, keyring, id).cloned();
+    qe::decrypt_into(p, lookup, |k| qe_cipher(k), out)
+}
+
+/// The key `id`: `last` when it is the last key used, else the keyring's (then kept in `last`).
+fn cached_key<'k>(
+    last: &'k mut Option<Arc<Key>>,
+    keyring: &dyn Keyring,
+    id: KeyId,
+) -> Result<&'k Arc<Key>> {
+    if last.as_ref().is_none_or(|k| k.id() != id) {
+        *last = Some(keyring.key(&id)?);
+    }
+    last.as_ref().ok_or(Error::UnknownKey(id))
 }
 
 /// The QE cipher state of `key`, for decryption (a readable 96-byte CSFLE/QE data key).
