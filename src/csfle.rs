@@ -16,7 +16,7 @@
 //! - `kms.rs`: the `local` master key that wraps data keys.
 //! - `keys.rs`: data keys, key documents, key sets.
 
-mod aead;
+pub(crate) mod aead;
 mod keys;
 mod kms;
 mod payload;

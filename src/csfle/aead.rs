@@ -89,18 +89,7 @@ impl CsfleKey {
     /// Encrypts and authenticates `plaintext`, appending `IV || C || T` to `out`.
     pub(crate) fn seal(&self, iv: &[u8; IV_LEN], ad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
-        let pad = BLOCK_LEN - plaintext.len() % BLOCK_LEN;
-        out.reserve(IV_LEN + plaintext.len() + pad + TAG_LEN);
-        out.extend_from_slice(iv);
-        let ct_start = out.len();
-        out.extend_from_slice(plaintext);
-        out.resize(ct_start + plaintext.len() + pad, pkcs7_byte(pad));
-        // CBC encryption is sequential whatever the backend, so block by block costs nothing.
-        let mut cbc = cbc::Encryptor::<&Aes256>::inner_iv_init(&self.aes, iv.into());
-        // Padded to whole blocks just above.
-        for block in out[ct_start..].as_chunks_mut::<BLOCK_LEN>().0 {
-            cbc.encrypt_block(block.into());
-        }
+        cbc_encrypt(&self.aes, iv, plaintext, out);
         let tag = self.tag(ad, &out[start..]);
         out.extend_from_slice(&tag[..TAG_LEN]);
     }
@@ -109,46 +98,16 @@ impl CsfleKey {
     ///
     /// On failure `out` is left as it was (any partial plaintext is wiped first).
     pub(crate) fn open(&self, ad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        if sealed.len() < MIN_SEALED_LEN
-            || !(sealed.len() - IV_LEN - TAG_LEN).is_multiple_of(BLOCK_LEN)
-        {
-            return Err(Error::MalformedCiphertext(
-                "CSFLE ciphertext length is not IV + whole AES blocks + tag",
-            ));
-        }
-        let (signed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let (signed, tag) = split_sealed(
+            sealed,
+            "CSFLE ciphertext length is not IV + whole AES blocks + tag",
+        )?;
         // Constant-time comparison with the leftmost TAG_LEN bytes (`digest`'s own; with
         // `hmac` 0.13 cheaper than finalizing and comparing separately).
         self.mac(ad, signed)
             .verify_truncated_left(tag)
             .map_err(|_| Error::Decrypt)?;
-        let (iv, ct) = signed
-            .split_first_chunk::<IV_LEN>()
-            .ok_or(Error::MalformedCiphertext(
-                "CSFLE ciphertext shorter than its IV",
-            ))?;
-        let iv = iv.into();
-        let start = out.len();
-        out.extend_from_slice(ct);
-        let unpadded = cbc::Decryptor::<&Aes256>::inner_iv_init(&self.aes, iv)
-            .decrypt_padded::<Pkcs7>(&mut out[start..])
-            .map(<[u8]>::len);
-        match unpadded {
-            Ok(len) => {
-                // The padding bytes are not secret, but wiping them keeps `out`'s spare
-                // capacity clean of anything this function wrote.
-                out[start + len..].zeroize();
-                out.truncate(start + len);
-                Ok(())
-            }
-            Err(_) => {
-                // Only reachable with a valid tag, i.e. a key holder wrote bad padding. Still
-                // the same opaque error: no padding oracle, whatever the caller does with it.
-                out[start..].zeroize();
-                out.truncate(start);
-                Err(Error::Decrypt)
-            }
-        }
+        cbc_decrypt(&self.aes, signed, out)
     }
 
     fn tag(&self, ad: &[u8], iv_and_ct: &[u8]) -> hmac::digest::Output<Hmac<Sha512>> {
@@ -168,6 +127,66 @@ impl CsfleKey {
 impl fmt::Debug for CsfleKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CsfleKey").finish_non_exhaustive()
+    }
+}
+
+/// Appends `IV || AES-256-CBC(aes, IV, PKCS#7(plaintext))` to `out`, with room for the tag:
+/// the encryption half of both CBC + HMAC AEADs, FLE1's (here) and QE's (`qe::aead`).
+pub(crate) fn cbc_encrypt(aes: &Aes256, iv: &[u8; IV_LEN], plaintext: &[u8], out: &mut Vec<u8>) {
+    let pad = BLOCK_LEN - plaintext.len() % BLOCK_LEN;
+    out.reserve(IV_LEN + plaintext.len() + pad + TAG_LEN);
+    out.extend_from_slice(iv);
+    let ct_start = out.len();
+    out.extend_from_slice(plaintext);
+    out.resize(ct_start + plaintext.len() + pad, pkcs7_byte(pad));
+    // CBC encryption is sequential whatever the backend, so block by block costs nothing.
+    let mut cbc = cbc::Encryptor::<&Aes256>::inner_iv_init(aes, iv.into());
+    // Padded to whole blocks just above.
+    for block in out[ct_start..].as_chunks_mut::<BLOCK_LEN>().0 {
+        cbc.encrypt_block(block.into());
+    }
+}
+
+/// Splits a sealed `IV || C || T` into what the tag covers (`IV || C`) and the tag, after the
+/// length check both AEADs make before anything else (`malformed`: the error's text).
+pub(crate) fn split_sealed<'s>(
+    sealed: &'s [u8],
+    malformed: &'static str,
+) -> Result<(&'s [u8], &'s [u8])> {
+    if sealed.len() < MIN_SEALED_LEN || !(sealed.len() - IV_LEN - TAG_LEN).is_multiple_of(BLOCK_LEN)
+    {
+        return Err(Error::MalformedCiphertext(malformed));
+    }
+    Ok(sealed.split_at(sealed.len() - TAG_LEN))
+}
+
+/// Decrypts the `IV || C` of a ciphertext whose tag was checked, appending the unpadded
+/// plaintext to `out`; on failure `out` is left as it was (any partial plaintext wiped).
+pub(crate) fn cbc_decrypt(aes: &Aes256, signed: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    // `split_sealed` made `signed` at least an IV and a block long.
+    let (iv, ct) = signed
+        .split_first_chunk::<IV_LEN>()
+        .ok_or(Error::MalformedCiphertext("ciphertext shorter than its IV"))?;
+    let start = out.len();
+    out.extend_from_slice(ct);
+    let unpadded = cbc::Decryptor::<&Aes256>::inner_iv_init(aes, iv.into())
+        .decrypt_padded::<Pkcs7>(&mut out[start..])
+        .map(<[u8]>::len);
+    match unpadded {
+        Ok(len) => {
+            // The padding bytes are not secret, but wiping them keeps `out`'s spare
+            // capacity clean of anything this function wrote.
+            out[start + len..].zeroize();
+            out.truncate(start + len);
+            Ok(())
+        }
+        Err(_) => {
+            // Only reachable with a valid tag, i.e. a key holder wrote bad padding. Still
+            // the same opaque error: no padding oracle, whatever the caller does with it.
+            out[start..].zeroize();
+            out.truncate(start);
+            Err(Error::Decrypt)
+        }
     }
 }
 

@@ -20,25 +20,26 @@
 
 use core::fmt;
 
-use aes::cipher::block_padding::Pkcs7;
-use aes::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit, StreamCipher};
+use aes::cipher::{InnerIvInit, KeyInit, StreamCipher};
 use aes::Aes256;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
+use crate::csfle::aead::{cbc_decrypt, cbc_encrypt, split_sealed};
 use crate::error::{Error, Result};
 
 /// Length of a QE data key: the same 96-byte key-vault keys as FLE1, split differently.
 pub(crate) const KEY_LEN: usize = 96;
-/// Length of the IV (CBC and CTR alike), which is also the AES block size.
-pub(crate) const IV_LEN: usize = 16;
-/// Length of the HMAC-SHA-256 tag (not truncated).
-pub(crate) const TAG_LEN: usize = 32;
+// The IV (CBC and CTR alike; also the AES block size), the tag (HMAC-SHA-256 untruncated, as
+// long as FLE1's truncated SHA-512) and the shortest AEAD output (IV, one padding block, tag):
+// FLE1's, whose CBC halves this AEAD shares.
+#[cfg(test)]
+use crate::csfle::aead::TAG_LEN;
+pub(crate) use crate::csfle::aead::{IV_LEN, MIN_SEALED_LEN};
+#[cfg(test)]
 const BLOCK_LEN: usize = 16;
 const SUBKEY_LEN: usize = 32;
-/// The shortest AEAD output: IV, one (padding) block, tag.
-pub(crate) const MIN_SEALED_LEN: usize = IV_LEN + BLOCK_LEN + TAG_LEN;
 /// The shortest CTR output libmongocrypt accepts: IV and one byte.
 pub(crate) const MIN_CTR_LEN: usize = IV_LEN + 1;
 /// The `3` of `ServerDataEncryptionLevel1Token = HMAC(TokenKey, 3)`.
@@ -75,16 +76,7 @@ impl QeKey {
     /// appending `IV || S || T` to `out`.
     pub(crate) fn seal(&self, iv: &[u8; IV_LEN], ad: &[u8], plaintext: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
-        let pad = BLOCK_LEN - plaintext.len() % BLOCK_LEN;
-        out.reserve(IV_LEN + plaintext.len() + pad + TAG_LEN);
-        out.extend_from_slice(iv);
-        let ct_start = out.len();
-        out.extend_from_slice(plaintext);
-        out.resize(ct_start + plaintext.len() + pad, pkcs7_byte(pad));
-        let mut cbc = cbc::Encryptor::<&Aes256>::inner_iv_init(&self.aes, iv.into());
-        for block in out[ct_start..].as_chunks_mut::<BLOCK_LEN>().0 {
-            cbc.encrypt_block(block.into());
-        }
+        cbc_encrypt(&self.aes, iv, plaintext, out);
         let mut mac = self.mac.clone();
         mac.update(ad);
         mac.update(&out[start..]);
@@ -94,42 +86,16 @@ impl QeKey {
     /// Checks and decrypts `IV || S || T` under associated data `ad`, appending the plaintext to
     /// `out`. On failure `out` is left as it was (any partial plaintext is wiped first).
     pub(crate) fn open(&self, ad: &[u8], sealed: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        if sealed.len() < MIN_SEALED_LEN
-            || !(sealed.len() - IV_LEN - TAG_LEN).is_multiple_of(BLOCK_LEN)
-        {
-            return Err(Error::MalformedCiphertext(
-                "QE ciphertext length is not IV + whole AES blocks + tag",
-            ));
-        }
-        let (signed, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let (signed, tag) = split_sealed(
+            sealed,
+            "QE ciphertext length is not IV + whole AES blocks + tag",
+        )?;
         let mut mac = self.mac.clone();
         mac.update(ad);
         mac.update(signed);
         // Constant-time comparison of the whole 32-byte tag.
         mac.verify_slice(tag).map_err(|_| Error::Decrypt)?;
-        let (iv, ct) = signed
-            .split_first_chunk::<IV_LEN>()
-            .ok_or(Error::MalformedCiphertext(
-                "QE ciphertext shorter than its IV",
-            ))?;
-        let start = out.len();
-        out.extend_from_slice(ct);
-        let unpadded = cbc::Decryptor::<&Aes256>::inner_iv_init(&self.aes, iv.into())
-            .decrypt_padded::<Pkcs7>(&mut out[start..])
-            .map(<[u8]>::len);
-        match unpadded {
-            Ok(len) => {
-                out[start + len..].zeroize();
-                out.truncate(start + len);
-                Ok(())
-            }
-            Err(_) => {
-                // Only reachable with a valid tag: the same opaque error, no padding oracle.
-                out[start..].zeroize();
-                out.truncate(start);
-                Err(Error::Decrypt)
-            }
-        }
+        cbc_decrypt(&self.aes, signed, out)
     }
 
     /// Decrypts the server layer `IV || AES-256-CTR(ServerDataEncryptionLevel1Token, IV, P)`
@@ -179,14 +145,11 @@ fn keyed_hmac(key: &[u8]) -> Hmac<Sha256> {
     <Hmac<Sha256> as hmac::digest::KeyInit>::new((&*block).into())
 }
 
-#[allow(clippy::cast_possible_truncation)] // `pad` is in 1..=16
-fn pkcs7_byte(pad: usize) -> u8 {
-    debug_assert!((1..=BLOCK_LEN).contains(&pad));
-    pad as u8
-}
-
 #[cfg(test)]
 mod tests {
+    use aes::cipher::block_padding::Pkcs7;
+    use aes::cipher::BlockModeDecrypt;
+
     use super::*;
 
     fn key(b: u8) -> QeKey {
