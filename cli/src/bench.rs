@@ -1032,18 +1032,9 @@ impl Bare {
                 out[..16].copy_from_slice(&siv);
             }
             Bare::Csfle(c) => {
-                use aes::cipher::block_padding::Pkcs7;
-                use aes::cipher::{BlockModeEncrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
-                let iv = &nonce_buf[..16];
-                out.extend_from_slice(iv);
-                out.extend_from_slice(pt);
-                let padded = (pt.len() / 16 + 1) * 16;
-                out.resize(16 + padded, 0);
-                cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
-                    .encrypt_padded::<Pkcs7>(&mut out[16..], pt.len())
-                    .map_err(|_| CliError::Usage("CBC padding".into()))?;
+                cbc_seal(aes, &nonce_buf[..16], pt, out)?;
                 let mut m = mac.clone();
                 m.update(ad);
                 m.update(&out[..]);
@@ -1052,18 +1043,9 @@ impl Bare {
                 out.extend_from_slice(&tag[..32]);
             }
             Bare::Qe(c) => {
-                use aes::cipher::block_padding::Pkcs7;
-                use aes::cipher::{BlockModeEncrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
-                let iv = &nonce_buf[..16];
-                out.extend_from_slice(iv);
-                out.extend_from_slice(pt);
-                let padded = (pt.len() / 16 + 1) * 16;
-                out.resize(16 + padded, 0);
-                cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
-                    .encrypt_padded::<Pkcs7>(&mut out[16..], pt.len())
-                    .map_err(|_| CliError::Usage("CBC padding".into()))?;
+                cbc_seal(aes, &nonce_buf[..16], pt, out)?;
                 let mut m = mac.clone();
                 m.update(ad);
                 m.update(&out[..]);
@@ -1092,8 +1074,6 @@ impl Bare {
                     .map_err(decrypt)
             }
             Bare::Csfle(c) => {
-                use aes::cipher::block_padding::Pkcs7;
-                use aes::cipher::{BlockModeDecrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
                 let (signed, tag) = s
@@ -1106,20 +1086,9 @@ impl Bare {
                 m.update(&(ad.len() as u64 * 8).to_be_bytes());
                 // Constant-time comparison of the truncated tag.
                 m.verify_truncated_left(tag).map_err(|_| Error::Decrypt)?;
-                let (iv, ct) = signed
-                    .split_at_checked(16)
-                    .ok_or(CliError::Lib(Error::Decrypt))?;
-                buf.extend_from_slice(ct);
-                let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
-                    .decrypt_padded::<Pkcs7>(buf)
-                    .map_err(|_| Error::Decrypt)?
-                    .len();
-                buf.truncate(len);
-                Ok(())
+                cbc_open(aes, signed, buf)
             }
             Bare::Qe(c) => {
-                use aes::cipher::block_padding::Pkcs7;
-                use aes::cipher::{BlockModeDecrypt, InnerIvInit};
                 use hmac::Mac;
                 let (mac, aes) = &**c;
                 let (signed, tag) = s
@@ -1130,17 +1099,38 @@ impl Bare {
                 m.update(ad);
                 m.update(signed);
                 m.verify_slice(tag).map_err(|_| Error::Decrypt)?;
-                let (iv, ct) = signed
-                    .split_at_checked(16)
-                    .ok_or(CliError::Lib(Error::Decrypt))?;
-                buf.extend_from_slice(ct);
-                let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
-                    .decrypt_padded::<Pkcs7>(buf)
-                    .map_err(|_| Error::Decrypt)?
-                    .len();
-                buf.truncate(len);
-                Ok(())
+                cbc_open(aes, signed, buf)
             }
         }
     }
+}
+
+/// `IV || AES-256-CBC(PKCS#7(pt))` into `out`: the cipher half of the two CBC + HMAC baselines.
+fn cbc_seal(aes: &aes::Aes256, iv: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), CliError> {
+    use aes::cipher::block_padding::Pkcs7;
+    use aes::cipher::{BlockModeEncrypt, InnerIvInit};
+    out.extend_from_slice(iv);
+    out.extend_from_slice(pt);
+    let padded = (pt.len() / 16 + 1) * 16;
+    out.resize(16 + padded, 0);
+    cbc::Encryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
+        .encrypt_padded::<Pkcs7>(&mut out[16..], pt.len())
+        .map_err(|_| CliError::Usage("CBC padding".into()))?;
+    Ok(())
+}
+
+/// Decrypts the authenticated `IV || C` of a CBC + HMAC baseline into `buf`.
+fn cbc_open(aes: &aes::Aes256, signed: &[u8], buf: &mut Vec<u8>) -> Result<(), CliError> {
+    use aes::cipher::block_padding::Pkcs7;
+    use aes::cipher::{BlockModeDecrypt, InnerIvInit};
+    let (iv, ct) = signed
+        .split_at_checked(16)
+        .ok_or(CliError::Lib(Error::Decrypt))?;
+    buf.extend_from_slice(ct);
+    let len = cbc::Decryptor::<&aes::Aes256>::inner_iv_init(aes, sized(iv)?)
+        .decrypt_padded::<Pkcs7>(buf)
+        .map_err(|_| Error::Decrypt)?
+        .len();
+    buf.truncate(len);
+    Ok(())
 }
