@@ -4,19 +4,17 @@
 //! through (`hint`, `max_time`, `comment`). Each refusal is checked to send nothing.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Bson, Document};
 use fieldcrypt::mongo::{EncryptedCollection, WriteModel};
 use fieldcrypt::{Encrypted, Error, InMemoryKeyring, ENVELOPE_SUBTYPE};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::{keyring_with, stored};
+use fieldcrypt_testkit::fixtures::{keyring_with, recording_client, stored, Sent};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
-use mongodb::event::command::CommandEvent;
-use mongodb::event::EventHandler;
-use mongodb::options::{ClientOptions, FullDocumentType, Hint, IndexOptions};
+use mongodb::options::{FullDocumentType, Hint, IndexOptions};
 use mongodb::{Client, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
@@ -59,9 +57,6 @@ fn member(id: i32) -> Member {
     }
 }
 
-/// The commands a client sent, with their bodies.
-type Sent = Arc<Mutex<Vec<(String, Document)>>>;
-
 async fn setup(
     prefix: &str,
 ) -> (
@@ -70,16 +65,7 @@ async fn setup(
     EncryptedCollection<Member>,
     Sent,
 ) {
-    let server = DevServer::shared().unwrap();
-    let mut options = ClientOptions::parse(server.uri()).await.unwrap();
-    let sent: Sent = Arc::default();
-    let sink = sent.clone();
-    options.command_event_handler = Some(EventHandler::callback(move |ev: CommandEvent| {
-        if let CommandEvent::Started(s) = ev {
-            sink.lock().unwrap().push((s.command_name, s.command));
-        }
-    }));
-    let client = Client::with_options(options).unwrap();
+    let (client, sent) = recording_client().await;
     let db = client.database(&unique_db_name(prefix));
     let ring = keyring_with(&["pii", "det", "idx"]);
     let coll =
@@ -110,14 +96,6 @@ where
         .expect("a change event within 10 s")
         .expect("the stream is open")
         .unwrap()
-}
-
-fn names(sent: &Sent) -> Vec<String> {
-    sent.lock()
-        .unwrap()
-        .iter()
-        .map(|(n, _)| n.clone())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,7 +132,7 @@ async fn a_derived_type_is_its_own_schema() {
 async fn bulk_write_encrypts_every_model_in_one_command() {
     let (db, _ring, coll, sent) = setup("api_bulk").await;
     coll.insert_many((10..13).map(member)).await.unwrap();
-    sent.lock().unwrap().clear();
+    sent.clear();
     let mut replaced = member(11);
     replaced.tax_id = "TAX-NEW".into();
     let result = coll
@@ -181,7 +159,7 @@ async fn bulk_write_encrypts_every_model_in_one_command() {
         ])
         .await
         .unwrap();
-    assert_eq!(names(&sent).iter().filter(|n| *n == "bulkWrite").count(), 1);
+    assert_eq!(sent.names().iter().filter(|n| *n == "bulkWrite").count(), 1);
     assert_eq!(result.inserted_count, 2);
     assert_eq!(result.matched_count, 4);
     assert_eq!(result.deleted_count, 1);
@@ -209,7 +187,7 @@ async fn bulk_write_encrypts_every_model_in_one_command() {
     assert!(raw_upserted.is_some());
 
     // One model that cannot work on ciphertext: nothing is sent, not even the inserts before it.
-    sent.lock().unwrap().clear();
+    sent.clear();
     let e = coll
         .bulk_write([
             WriteModel::insert_one(member(20)),
@@ -229,7 +207,7 @@ async fn bulk_write_encrypts_every_model_in_one_command() {
         matches!(e, Error::MissingContext(_) | Error::UnsupportedQuery { .. }),
         "{e:?}"
     );
-    assert!(names(&sent).is_empty(), "{:?}", names(&sent));
+    assert!(sent.names().is_empty(), "{:?}", sent.names());
     assert!(coll.find_one(doc! { "_id": 20 }).await.unwrap().is_none());
     // A server-side failure comes back as the driver's error, redacted, with nothing leaked.
     let dup = coll
@@ -318,7 +296,7 @@ async fn watch_decrypts_documents_and_updated_fields() {
     );
 
     // Pipelines that read encrypted values, or reshape events, are refused before sending.
-    sent.lock().unwrap().clear();
+    sent.clear();
     for (pipeline, expected) in [
         (
             vec![doc! { "$match": { "fullDocument.email": "m1@example.com" } }],
@@ -347,7 +325,7 @@ async fn watch_decrypts_documents_and_updated_fields() {
         assert_eq!(op, expected.0);
         assert!(field.contains(expected.1), "{field}");
     }
-    assert!(names(&sent).is_empty(), "{:?}", names(&sent));
+    assert!(sent.names().is_empty(), "{:?}", sent.names());
     drop(db);
 }
 
@@ -451,7 +429,7 @@ async fn create_index_allows_comparable_fields_and_refuses_randomized_ones() {
     let e = coll.insert_one(dup).await.unwrap_err();
     assert!(matches!(e, Error::Mongo(_)), "{e:?}");
 
-    sent.lock().unwrap().clear();
+    sent.clear();
     for (keys, field) in [
         (doc! { "taxId": 1 }, "taxId"),
         (doc! { "email": "text" }, "email"),
@@ -477,7 +455,7 @@ async fn create_index_allows_comparable_fields_and_refuses_randomized_ones() {
         refusal(coll.create_index(partial).await.unwrap_err()).0,
         "partialFilterExpression"
     );
-    assert!(names(&sent).is_empty(), "{:?}", names(&sent));
+    assert!(sent.names().is_empty(), "{:?}", sent.names());
     let listed: Vec<String> = coll_index_names(&coll).await;
     assert!(!listed.iter().any(|n| n.contains("taxId")), "{listed:?}");
 }
@@ -502,7 +480,7 @@ async fn find_options_pass_through_and_hints_follow_the_indexes() {
     coll.create_index(IndexModel::builder().keys(doc! { "phone": 1 }).build())
         .await
         .unwrap();
-    sent.lock().unwrap().clear();
+    sent.clear();
     let found: Vec<Member> = coll
         .find(doc! { "phone": "+1-555-0002" })
         .hint(Hint::Keys(doc! { "phone": 1 }))
@@ -515,11 +493,10 @@ async fn find_options_pass_through_and_hints_follow_the_indexes() {
         .unwrap();
     assert_eq!(found, [member(2)]);
     let find = sent
-        .lock()
-        .unwrap()
-        .iter()
+        .commands()
+        .into_iter()
         .find(|(n, _)| n == "find")
-        .map(|(_, c)| c.clone())
+        .map(|(_, c)| c)
         .unwrap();
     assert_eq!(
         find.get_document("hint").unwrap(),
@@ -542,12 +519,12 @@ async fn find_options_pass_through_and_hints_follow_the_indexes() {
         .await
         .unwrap();
     assert_eq!(by_name.len(), 3);
-    sent.lock().unwrap().clear();
+    sent.clear();
     let e = coll
         .find(doc! {})
         .hint(Hint::Keys(doc! { "taxId": 1 }))
         .await
         .unwrap_err();
     assert_eq!(refusal(e), ("index".into(), "taxId".into()));
-    assert!(names(&sent).is_empty());
+    assert!(sent.names().is_empty());
 }
