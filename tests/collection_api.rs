@@ -14,7 +14,10 @@ use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use fieldcrypt_testkit::fixtures::{keyring_with, recording_client, stored, Sent};
 use futures_util::{StreamExt, TryStreamExt};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
-use mongodb::options::{FullDocumentType, Hint, IndexOptions};
+use mongodb::options::{
+    AggregateOptions, CountOptions, DeleteOptions, FullDocumentType, Hint, IndexOptions,
+    ReplaceOptions, UpdateOptions,
+};
 use mongodb::{Client, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
@@ -527,4 +530,63 @@ async fn find_options_pass_through_and_hints_follow_the_indexes() {
         .unwrap_err();
     assert_eq!(refusal(e), ("index".into(), "taxId".into()));
     assert!(sent.names().is_empty());
+
+    // Every operation that takes a hint rewrites it the same way.
+    let phone = || Some(Hint::Keys(doc! { "phone": 1 }));
+    sent.clear();
+    let n = coll
+        .count_documents(doc! { "phone": "+1-555-0001" })
+        .with_options(CountOptions::builder().hint(phone()).build())
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    coll.update_one(
+        doc! { "phone": "+1-555-0001" },
+        doc! { "$set": { "displayName": "One" } },
+    )
+    .with_options(UpdateOptions::builder().hint(phone()).build())
+    .await
+    .unwrap();
+    coll.replace_one(doc! { "phone": "+1-555-0003" }, member(3))
+        .with_options(ReplaceOptions::builder().hint(phone()).build())
+        .await
+        .unwrap();
+    let _cursor = coll
+        .aggregate([doc! { "$match": {} }])
+        .with_options(AggregateOptions::builder().hint(phone()).build())
+        .await
+        .unwrap();
+    coll.delete_one(doc! { "phone": "+1-555-0002" })
+        .with_options(DeleteOptions::builder().hint(phone()).build())
+        .await
+        .unwrap();
+    let hints: Vec<(String, Bson)> = sent
+        .commands()
+        .into_iter()
+        .filter(|(n, _)| n != "find" && n != "getMore")
+        .map(|(n, c)| {
+            let hint = match n.as_str() {
+                "update" | "delete" => c
+                    .get_array(if n == "update" { "updates" } else { "deletes" })
+                    .unwrap()[0]
+                    .as_document()
+                    .unwrap()
+                    .get("hint")
+                    .cloned(),
+                _ => c.get("hint").cloned(),
+            };
+            (n, hint.unwrap_or(Bson::Null))
+        })
+        .collect();
+    let expected = Bson::Document(doc! { "phone_bidx": 1 });
+    assert_eq!(
+        hints,
+        [
+            ("aggregate".to_owned(), expected.clone()),
+            ("update".to_owned(), expected.clone()),
+            ("update".to_owned(), expected.clone()),
+            ("aggregate".to_owned(), expected.clone()),
+            ("delete".to_owned(), expected),
+        ]
+    );
 }

@@ -129,6 +129,18 @@ macro_rules! update_checks {
             array_filters: &mut o.array_filters,
             sort: o.sort.as_ref(),
             collation: o.collation.as_ref(),
+            hint: Some(&mut o.hint),
+        })
+    };
+}
+
+/// The [`FilterChecks`](prepare::FilterChecks) of `Option<CountOptions>` or
+/// `Option<DeleteOptions>`, borrowed.
+macro_rules! filter_checks {
+    ($options:expr) => {
+        $options.as_mut().map(|o| super::prepare::FilterChecks {
+            collation: o.collation.as_ref(),
+            hint: &mut o.hint,
         })
     };
 }

@@ -86,10 +86,11 @@ where
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let coll = self.coll;
+            let mut options = self.options;
             let pipeline = coll
-                .prepare_aggregate(&self.pipeline, self.options.as_ref())
+                .prepare_aggregate(&self.pipeline, options.as_mut())
                 .await?;
-            self.session.aggregate(coll, pipeline, self.options).await
+            self.session.aggregate(coll, pipeline, options).await
         })
     }
 }

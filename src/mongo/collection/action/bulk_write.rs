@@ -290,6 +290,7 @@ impl<'a, T: 'a> BulkWrite<'a, T> {
                         array_filters: &mut array_filters,
                         sort: None,
                         collation: None,
+                        hint: None,
                     };
                     let (filter, update) = rewrite_update(&q, &filter, update, Some(checks))?;
                     let array_filters = array_filters

@@ -27,11 +27,11 @@ action! {
 impl<'a, T: 'a> CountDocuments<'a, T> {
     async fn run(self) -> Result<u64> {
         let coll = self.coll;
-        let collation = self.options.as_ref().and_then(|o| o.collation.as_ref());
+        let mut options = self.options;
         let filter = coll
-            .prepare_filter("count_documents", &self.filter, collation)
+            .prepare_filter("count_documents", &self.filter, filter_checks!(options))
             .await?;
-        let action = coll.coll.count_documents(filter).with_options(self.options);
+        let action = coll.coll.count_documents(filter).with_options(options);
         Ok(run!(action, self.session)?)
     }
 }

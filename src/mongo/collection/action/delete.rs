@@ -44,16 +44,16 @@ impl<'a, T: 'a> Delete<'a, T> {
         } else {
             "delete_one"
         };
-        let collation = self.options.as_ref().and_then(|o| o.collation.as_ref());
+        let mut options = self.options;
         let filter = coll
-            .prepare_filter(operation, &self.filter, collation)
+            .prepare_filter(operation, &self.filter, filter_checks!(options))
             .await?;
         let action = if self.many {
             coll.coll.delete_many(filter)
         } else {
             coll.coll.delete_one(filter)
         }
-        .with_options(self.options);
+        .with_options(options);
         Ok(run!(action, self.session)?)
     }
 }

@@ -28,6 +28,25 @@ pub(super) struct UpdateChecks<'o> {
     pub(super) array_filters: &'o mut Option<Vec<Document>>,
     pub(super) sort: Option<&'o Document>,
     pub(super) collation: Option<&'o Collation>,
+    /// `None` where the options have no hint (a bulk write's models).
+    pub(super) hint: Option<&'o mut Option<Hint>>,
+}
+
+/// The parts of a filter-only operation's options (`CountOptions`, `DeleteOptions`) that
+/// [`EncryptedCollection::prepare_filter`] checks or rewrites.
+pub(super) struct FilterChecks<'o> {
+    pub(super) collation: Option<&'o Collation>,
+    pub(super) hint: &'o mut Option<Hint>,
+}
+
+/// Rewrites a hint given by index keys as [`QueryRewriter::index_keys`] rewrites an index's
+/// keys (a blind-indexed field's key becomes its index's; randomized fields are refused), so
+/// that it names an index `create_index` can have made. A hint by name is sent as it is.
+fn rewrite_hint(q: &QueryRewriter<'_>, hint: &mut Option<Hint>) -> Result<()> {
+    if let Some(Hint::Keys(keys)) = hint.as_mut() {
+        *keys = q.index_keys(keys)?;
+    }
+    Ok(())
 }
 
 /// Refuses a collation where a condition compares ciphertext: ciphertext equality is binary,
@@ -79,17 +98,21 @@ impl<T> EncryptedCollection<T> {
         self.prefetch_aliases().await
     }
 
-    /// Begins `operation` and rewrites its filter, refusing a collation that would compare
-    /// an encrypted field the filter touches.
+    /// Begins `operation` and rewrites its filter and hint, refusing a collation that would
+    /// compare an encrypted field the filter touches.
     pub(super) async fn prepare_filter(
         &self,
         operation: &'static str,
         filter: &Document,
-        collation: Option<&Collation>,
+        options: Option<FilterChecks<'_>>,
     ) -> Result<Document> {
         self.begin(operation).await?;
-        let (filter, touched) = self.rewriter().filter_touching(filter)?;
-        check_collation(collation, touched.as_ref())?;
+        let q = self.rewriter();
+        let (filter, touched) = q.filter_touching(filter)?;
+        if let Some(o) = options {
+            rewrite_hint(&q, o.hint)?;
+            check_collation(o.collation, touched.as_ref())?;
+        }
         Ok(filter)
     }
 
@@ -116,9 +139,7 @@ impl<T> EncryptedCollection<T> {
                     q.bounds(b, name)?;
                 }
             }
-            if let Some(Hint::Keys(keys)) = o.hint.as_mut() {
-                *keys = q.index_keys(keys)?;
-            }
+            rewrite_hint(&q, o.hint)?;
             check_collation(o.collation, touched.as_ref())?;
         }
         Ok(filter)
@@ -144,7 +165,7 @@ impl<T> EncryptedCollection<T> {
         &self,
         filter: &Document,
         replacement: Result<RawDocumentBuf>,
-        options: Option<&ReplaceOptions>,
+        options: Option<&mut ReplaceOptions>,
     ) -> Result<(Document, RawDocumentBuf)> {
         self.begin("replace_one").await?;
         let q = self.rewriter();
@@ -154,6 +175,7 @@ impl<T> EncryptedCollection<T> {
             if let Some(s) = &o.sort {
                 q.sort(s)?;
             }
+            rewrite_hint(&q, &mut o.hint)?;
             check_collation(o.collation.as_ref(), touched.as_ref())?;
         }
         Ok((filter, replacement))
@@ -188,11 +210,13 @@ impl<T> EncryptedCollection<T> {
     pub(super) async fn prepare_aggregate(
         &self,
         pipeline: &[Document],
-        options: Option<&AggregateOptions>,
+        options: Option<&mut AggregateOptions>,
     ) -> Result<Vec<Document>> {
         self.begin("aggregate").await?;
-        let (pipeline, touched) = self.rewriter().pipeline(pipeline)?;
+        let q = self.rewriter();
+        let (pipeline, touched) = q.pipeline(pipeline)?;
         if let Some(o) = options {
+            rewrite_hint(&q, &mut o.hint)?;
             check_collation(o.collation.as_ref(), touched.as_ref())?;
         }
         Ok(pipeline)
@@ -207,10 +231,13 @@ pub(super) fn rewrite_update(
     update: UpdateModifications,
     options: Option<UpdateChecks<'_>>,
 ) -> Result<(Document, UpdateModifications)> {
-    let (array_filters, sort, collation) = match options {
-        Some(o) => (Some(o.array_filters), o.sort, o.collation),
-        None => (None, None, None),
+    let (array_filters, sort, collation, hint) = match options {
+        Some(o) => (Some(o.array_filters), o.sort, o.collation, o.hint),
+        None => (None, None, None, None),
     };
+    if let Some(h) = hint {
+        rewrite_hint(q, h)?;
+    }
     let (new_filter, touched) = q.filter_touching(filter)?;
     let update = match update {
         UpdateModifications::Document(d) => {

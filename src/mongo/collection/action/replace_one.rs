@@ -33,13 +33,14 @@ action! {
 impl<'a, T: 'a> ReplaceOne<'a, T> {
     async fn run(self) -> Result<UpdateResult> {
         let coll = self.coll;
+        let mut options = self.options;
         let (filter, replacement) = coll
-            .prepare_replace(&self.filter, self.replacement, self.options.as_ref())
+            .prepare_replace(&self.filter, self.replacement, options.as_mut())
             .await?;
         let action = coll
             .coll
             .replace_one(filter, replacement)
-            .with_options(self.options);
+            .with_options(options);
         Ok(run!(action, self.session)?)
     }
 }
