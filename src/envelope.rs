@@ -86,22 +86,27 @@ impl Binding<'_> {
         ad.extend_from_slice(header);
         put_bytes(ad, self.path.as_bytes())?;
         if f & flags::NAMESPACE != 0 {
-            let ns = self.namespace.ok_or(Error::MissingContext(
-                "the value is bound to a namespace; give the collection namespace",
-            ))?;
+            // Errors built lazily (see lib.rs): this runs once per value sealed or opened.
+            let ns = self.namespace.ok_or_else(|| {
+                Error::MissingContext(
+                    "the value is bound to a namespace; give the collection namespace",
+                )
+            })?;
             put_bytes(ad, ns.as_bytes())?;
         }
         if f & flags::ID != 0 {
-            let id = self.id.ok_or(Error::MissingContext(
-                "the value is bound to the document _id, which is missing",
-            ))?;
+            let id = self.id.ok_or_else(|| {
+                Error::MissingContext("the value is bound to the document _id, which is missing")
+            })?;
             ad.push(id.ty);
             put_bytes(ad, id.bytes)?;
         }
         if f & flags::OWNER != 0 {
-            let owner = self.owner.ok_or(Error::MissingContext(
-                "the value is bound to an owner; give the owner field and keep it in the document",
-            ))?;
+            let owner = self.owner.ok_or_else(|| {
+                Error::MissingContext(
+                    "the value is bound to an owner; give the owner field and keep it in the document",
+                )
+            })?;
             ad.push(owner.ty);
             put_bytes(ad, owner.bytes)?;
         }

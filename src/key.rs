@@ -247,7 +247,7 @@ impl Key {
         self.secret
             .as_deref()
             .map(KeySecret::material)
-            .ok_or(Error::KeyDestroyed(self.id))
+            .ok_or_else(|| Error::KeyDestroyed(self.id))
     }
 
     /// Gives back `n` random-nonce encryptions reserved on this key's secret and not made
@@ -285,7 +285,10 @@ impl Key {
             KeyState::Disabled => return Err(Error::KeyDisabled(self.id)),
             KeyState::Destroyed => return Err(Error::KeyDestroyed(self.id)),
         }
-        self.secret.as_deref().ok_or(Error::KeyDestroyed(self.id))
+        // Lazily (see lib.rs): once per value decrypted.
+        self.secret
+            .as_deref()
+            .ok_or_else(|| Error::KeyDestroyed(self.id))
     }
 
     /// The secret for computing blind indexes and deterministic query values: allowed for

@@ -1026,12 +1026,12 @@ fn cached_key<'k>(
     if last.as_ref().is_none_or(|k| k.id() != id) {
         *last = Some(keyring.key(&id)?);
     }
-    last.as_ref().ok_or(Error::UnknownKey(id))
+    last.as_ref().ok_or_else(|| Error::UnknownKey(id))
 }
 
 /// The QE cipher state of `key`, for decryption (a readable 96-byte CSFLE/QE data key).
 fn qe_cipher(key: &Key) -> Result<&qe::QeKey> {
-    key.for_decrypt()?.qe().ok_or(Error::KeyMisuse {
+    key.for_decrypt()?.qe().ok_or_else(|| Error::KeyMisuse {
         id: key.id(),
         reason: "not a 96-byte MongoDB (CSFLE/Queryable Encryption) data key",
     })
@@ -1039,7 +1039,7 @@ fn qe_cipher(key: &Key) -> Result<&qe::QeKey> {
 
 /// The CSFLE cipher state of `key`, for decryption (a readable 96-byte CSFLE data key).
 fn csfle_cipher(key: &Key) -> Result<&csfle::CsfleKey> {
-    key.for_decrypt()?.csfle().ok_or(Error::KeyMisuse {
+    key.for_decrypt()?.csfle().ok_or_else(|| Error::KeyMisuse {
         id: key.id(),
         reason: "not a 96-byte CSFLE data key",
     })

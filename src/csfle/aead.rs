@@ -166,7 +166,7 @@ pub(crate) fn cbc_decrypt(aes: &Aes256, signed: &[u8], out: &mut Vec<u8>) -> Res
     // `split_sealed` made `signed` at least an IV and a block long.
     let (iv, ct) = signed
         .split_first_chunk::<IV_LEN>()
-        .ok_or(Error::MalformedCiphertext("ciphertext shorter than its IV"))?;
+        .ok_or_else(|| Error::MalformedCiphertext("ciphertext shorter than its IV"))?;
     let start = out.len();
     out.extend_from_slice(ct);
     let unpadded = cbc::Decryptor::<&Aes256>::inner_iv_init(aes, iv.into())
