@@ -124,16 +124,16 @@ pub(crate) fn parse_payload(bytes: &[u8]) -> Result<QePayload<'_>> {
         }
         rest
     } else {
-        // u32 × 96 fits a u64; a length that large is not in memory anyway.
-        let metadata = u64::from(blocks) * METADATA_LEN as u64;
-        let sev_len = (rest.len() as u64)
-            .checked_sub(metadata)
-            .filter(|&l| l >= MIN_CTR_LEN as u64)
+        // A block count whose metadata would not fit in memory cannot be followed by it.
+        let sev_len = usize::try_from(blocks)
+            .ok()
+            .and_then(|b| b.checked_mul(METADATA_LEN))
+            .and_then(|metadata| rest.len().checked_sub(metadata))
+            .filter(|&l| l >= MIN_CTR_LEN)
             .ok_or(Error::MalformedCiphertext(
                 "QE indexed value is shorter than its metadata blocks + 17 bytes",
             ))?;
-        // sev_len ≤ rest.len(), a usize.
-        &rest[..usize::try_from(sev_len).unwrap_or(rest.len())]
+        &rest[..sev_len]
     };
     Ok(QePayload {
         kind,
