@@ -15,7 +15,7 @@ use fieldcrypt::{
     Context, Cryptor, CsfleDataKey, CsfleKeySet, Error, InMemoryKeyring, Key, KeyId, KeyKind,
     KeyState, LocalMasterKey, QeValueKind, SAFE_CONTENT_FIELD,
 };
-use fieldcrypt_testkit::fixtures::{same, Interop};
+use fieldcrypt_testkit::fixtures::{assert_every_bit_flip_fails, same, Interop};
 
 const QE: Interop = Interop::QE;
 
@@ -349,28 +349,8 @@ fn libmongocrypt_decrypts_what_fieldcrypt_writes() {
 fn fail_every_single_bit_flip_unindexed() {
     let set = keys();
     for c in [case("string"), case("int64"), case("document")] {
-        for i in 0..c.ciphertext.bytes.len() {
-            for bit in 0..8 {
-                let mut t = c.ciphertext.clone();
-                t.bytes[i] ^= 1 << bit;
-                let r = set.decrypt_value(&t);
-                match (i, &r) {
-                    (18.., Err(Error::Decrypt)) => {}
-                    // Header: another form (parsed as such, or FLE1), a type QE never stores, a
-                    // key the set lacks, or an authenticated field that no longer matches.
-                    (
-                        ..=17,
-                        Err(
-                            Error::Decrypt
-                            | Error::MalformedCiphertext(_)
-                            | Error::UnsupportedType { .. }
-                            | Error::UnknownKey(_),
-                        ),
-                    ) => {}
-                    _ => panic!("{} byte {i} bit {bit}: {r:?}", c.name),
-                }
-            }
-        }
+        // A header flip may also turn it into another QE form, or into FLE1.
+        assert_every_bit_flip_fails(&set, &c.name, &c.ciphertext);
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bson::{Bson, Document};
 use fieldcrypt::{
-    CsfleKeyDocument, CsfleKeySet, InMemoryKeyring, Key, KeyKind, KeyMaterial, KeyState,
+    CsfleKeyDocument, CsfleKeySet, Error, InMemoryKeyring, Key, KeyKind, KeyMaterial, KeyState,
     LocalMasterKey,
 };
 use mongodb::event::command::CommandEvent;
@@ -19,6 +19,37 @@ use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
 
 use crate::devserver::{unique_db_name, DevServer};
+
+/// Flips every bit of `ciphertext` (a MongoDB FLE1 or unindexed QE value, subtype 6: an
+/// 18-byte header of form byte, key id and type, then what the AEAD authenticates) one at a
+/// time, and checks that each flip fails decryption as those formats must: past the header
+/// with the one opaque [`Error::Decrypt`]; in the header as another form, a type the format
+/// never stores, a key `set` lacks, or authenticated data that no longer matches.
+///
+/// # Panics
+/// On the first flip that decrypts, or fails otherwise: in a test, that is the failure.
+pub fn assert_every_bit_flip_fails(set: &CsfleKeySet, name: &str, ciphertext: &bson::Binary) {
+    for i in 0..ciphertext.bytes.len() {
+        for bit in 0..8 {
+            let mut t = ciphertext.clone();
+            t.bytes[i] ^= 1 << bit;
+            let r = set.decrypt_value(&t);
+            match (i, &r) {
+                (18.., Err(Error::Decrypt)) => {}
+                (
+                    ..=17,
+                    Err(
+                        Error::Decrypt
+                        | Error::MalformedCiphertext(_)
+                        | Error::UnsupportedType { .. }
+                        | Error::UnknownKey(_),
+                    ),
+                ) => {}
+                _ => panic!("{name} byte {i} bit {bit}: {r:?}"),
+            }
+        }
+    }
+}
 
 /// An in-memory keyring with a fresh primary key for each alias.
 #[must_use]
