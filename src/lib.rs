@@ -9,6 +9,7 @@
 //! | job | API |
 //! |---|---|
 //! | encrypt/decrypt documents in memory | [`Cryptor`] with a [`Schema`] and a [`Keyring`] |
+//! | a schema marked on the serde type itself (feature `derive`) | `#[derive(Encrypted)]`, [`Encrypted::schema`], `mongo::EncryptedCollection::typed` |
 //! | keys in memory, from a keyset file or an environment variable | [`InMemoryKeyring`] |
 //! | keys in MongoDB, wrapped by a master key (feature `mongodb`) | `mongo::KeyVault` |
 //! | a collection that encrypts, decrypts and rewrites queries (feature `mongodb`) | `mongo::EncryptedCollection` |
