@@ -5,7 +5,13 @@
 //! rotation and of the rewrap (clear error, nothing lost, resume). See
 //! `support/kms_scenario.rs`.
 
-#![cfg(any(feature = "aws", feature = "vault", feature = "kmip", feature = "azure", feature = "gcp"))]
+#![cfg(any(
+    feature = "aws",
+    feature = "vault",
+    feature = "kmip",
+    feature = "azure",
+    feature = "gcp"
+))]
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 #[path = "support/kms_scenario.rs"]
