@@ -1,6 +1,7 @@
 //! The `fieldcrypt` tool with master keys in a KMS (AWS KMS on moto, reached through a gate
 //! the test can close): `--kms-providers`, `keys create --master-key-doc`, `keys list` with the
-//! provider and master key, import, a `reencrypt` that meets a KMS outage and resumes, and
+//! provider and master key, an import and a `reencrypt` that meet a KMS outage (clear error,
+//! nothing written) and go on once it is back, and
 //! `keys rewrap --to-master-key-doc`, with no credential in any output.
 
 #![cfg(feature = "aws")]
@@ -117,6 +118,28 @@ async fn kms_keys_import_reencrypt_through_an_outage_and_rewrap() {
         o.stdout
     );
 
+    // Import while the KMS is away: a clear error naming provider and key, nothing inserted.
+    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
+    let (db, coll) = ns.split_once('.').unwrap();
+    let coll = client.database(db).collection::<Document>(coll);
+    gate.close();
+    let o = with(&[
+        "import",
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        &ns,
+        "--in",
+        "people.jsonl",
+    ]);
+    assert_ne!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("KMS aws") && o.stderr.contains(&arn),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(coll.count_documents(bson::doc! {}).await.unwrap(), 0);
+    gate.open().unwrap();
     // Import through the KMS-wrapped key.
     ok(&with(&[
         "import",
@@ -137,9 +160,6 @@ async fn kms_keys_import_reencrypt_through_an_outage_and_rewrap() {
     ]));
 
     // The KMS goes away: reencrypt stops with a clear error and writes nothing.
-    let client = mongodb::Client::with_uri_str(&uri).await.unwrap();
-    let (db, coll) = ns.split_once('.').unwrap();
-    let coll = client.database(db).collection::<Document>(coll);
     let snapshot = || async {
         use futures_util::TryStreamExt;
         let v: Vec<Document> = coll
