@@ -35,10 +35,10 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use self::credentials::{one_line, CredentialSource, Credentials, Env};
+use self::credentials::{one_line, xml_text, CredentialSource, Credentials, Env};
 use crate::error::{Error, Result};
 use crate::key::KeyMaterial;
-use crate::kms::http::{HttpClient, HttpResponse};
+use crate::kms::http::{endpoint_url, transient_status, HttpClient, HttpResponse};
 use crate::kms::{kms_error, Kms, ProviderContext};
 
 /// The JSON protocol's content type.
@@ -102,10 +102,7 @@ impl AwsKms {
     }
 
     fn config_error(&self, what: impl fmt::Display) -> Error {
-        Error::Kms {
-            provider: self.name.clone(),
-            reason: format!("masterKey: {what}"),
-        }
+        Error::KeyFormat(format!("KMS {}: masterKey: {what}", self.name))
     }
 
     /// Checks a `masterKey` document's fields (see the module docs).
@@ -157,19 +154,11 @@ impl AwsKms {
 
     /// The URL requests for this master key go to.
     fn url(&self, mk: &MasterKey<'_>) -> Result<reqwest::Url> {
-        let text = match (mk.endpoint, &self.env_endpoint) {
-            (Some(e), _) if e.contains("://") => e.to_owned(),
-            // libmongocrypt's form, always HTTPS.
-            (Some(e), _) => format!("https://{e}"),
-            (None, Some(e)) => e.clone(),
-            (None, None) => format!("https://kms.{}.amazonaws.com", mk.region),
-        };
-        let url = reqwest::Url::parse(&text)
-            .ok()
-            .filter(|u| u.host_str().is_some() && matches!(u.scheme(), "https" | "http"))
-            .ok_or_else(|| self.config_error(format!("endpoint {text:?} is not host[:port] or an http(s) URL")))?;
-        HttpClient::check_url(&url)?;
-        Ok(url)
+        match (mk.endpoint, &self.env_endpoint) {
+            (Some(e), _) => endpoint_url(&self.name, e),
+            (None, Some(e)) => endpoint_url(&self.name, e),
+            (None, None) => endpoint_url(&self.name, &format!("kms.{}.amazonaws.com", mk.region)),
+        }
     }
 
     /// Signs and sends one KMS call; returns the 200 response's body.
@@ -183,14 +172,19 @@ impl AwsKms {
         let creds = self.credentials.get(&self.name, mk.key).await?;
         let response = self
             .http
-            .send(mk.key, &|client: &reqwest::Client| {
-                self.signed(client, &url, mk.region, target, body, &creds)
-                    .map_err(|what| kms_error(&self.name, mk.key, what))
-            })
+            .send_with(
+                mk.key,
+                &|client: &reqwest::Client| {
+                    self.signed(client, &url, mk.region, target, body, &creds)
+                        .map_err(|what| kms_error(&self.name, mk.key, what))
+                },
+                &retryable,
+            )
             .await?;
+        let ok = response.is_success();
         let HttpResponse { status, body } = response;
         let body = Zeroizing::new(body);
-        if status == 200 {
+        if ok {
             return Ok(body);
         }
         Err(self.refusal(mk, status, &body, &creds))
@@ -250,32 +244,40 @@ impl AwsKms {
             .map_err(|e| format!("cannot build the request: {e}"))
     }
 
-    /// The error for a non-200 answer: KMS's `__type` and message.
+    /// The error for a non-200 answer: KMS's `__type` and message (JSON), or the `Code` and
+    /// `Message` of the XML error an AWS front end answers with.
     fn refusal(&self, mk: &MasterKey<'_>, status: u16, body: &[u8], creds: &Credentials) -> Error {
         #[derive(Deserialize)]
         struct AwsError {
-            #[serde(rename = "__type")]
-            kind: Option<String>,
             #[serde(rename = "message", alias = "Message")]
             message: Option<String>,
         }
-        let Ok(AwsError {
-            kind: Some(kind),
-            message,
-        }) = serde_json::from_slice::<AwsError>(body)
-        else {
-            return kms_error(
-                &self.name,
-                mk.key,
-                format!("HTTP {status} without a KMS error in the body"),
-            );
+        let (kind, message) = match error_type(body) {
+            Some(kind) => (
+                kind,
+                serde_json::from_slice::<AwsError>(body)
+                    .ok()
+                    .and_then(|e| e.message)
+                    .unwrap_or_default(),
+            ),
+            None => {
+                let text = String::from_utf8_lossy(body);
+                match xml_text(&text, "Code") {
+                    Some(code) => (code, xml_text(&text, "Message").unwrap_or_default()),
+                    None => {
+                        return kms_error(
+                            &self.name,
+                            mk.key,
+                            format!("HTTP {status} without a KMS error in the body"),
+                        )
+                    }
+                }
+            }
         };
-        // `com.amazonaws.kms#NotFoundException` → `NotFoundException`.
-        let kind = kind.rsplit('#').next().unwrap_or_default();
-        if matches!(kind, "InvalidCiphertextException" | "IncorrectKeyException") {
+        if matches!(kind.as_str(), "InvalidCiphertextException" | "IncorrectKeyException") {
             return Error::Decrypt;
         }
-        let mut message = one_line(message.as_deref().unwrap_or_default());
+        let mut message = one_line(&message);
         // Some refusals quote the request; never let a credential through.
         for secret in [Some(creds.secret_access_key()), creds.session_token()]
             .into_iter()
@@ -289,18 +291,37 @@ impl AwsKms {
             message.truncate(at);
             message.push_str("[REDACTED]");
         }
-        let hint = match kind {
-            "UnrecognizedClientException" | "InvalidSignatureException" => {
-                " (check the access key, and that the region is the key's)"
-            }
+        let hint = match kind.as_str() {
+            "UnrecognizedClientException" | "InvalidClientTokenId" | "InvalidSignatureException"
+            | "SignatureDoesNotMatch" => " (check the credentials, and that the region is the key's)",
             _ => "",
         };
+        let sep = if message.is_empty() { "" } else { ": " };
         kms_error(
             &self.name,
             mk.key,
-            format!("{kind}: {message}{hint} (HTTP {status}, region {})", mk.region),
+            format!("{kind}{sep}{message}{hint} (HTTP {status}, region {})", mk.region),
         )
     }
+}
+
+/// KMS's throttling comes as HTTP 400 `ThrottlingException` (and `LimitExceededException`),
+/// besides the statuses every provider retries.
+fn retryable(r: &HttpResponse) -> bool {
+    transient_status(r)
+        || (r.status == 400 && matches!(error_type(&r.body).as_deref(), Some("ThrottlingException" | "LimitExceededException")))
+}
+
+/// The `__type` of a KMS error body, without its namespace
+/// (`com.amazonaws.kms#NotFoundException` → `NotFoundException`).
+fn error_type(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Type {
+        #[serde(rename = "__type")]
+        kind: String,
+    }
+    let t: Type = serde_json::from_slice(body).ok()?;
+    t.kind.rsplit('#').next().map(str::to_owned)
 }
 
 /// `KeyId` for `Decrypt`: not for aliases (see the module docs).
@@ -422,6 +443,88 @@ impl Kms for AwsKms {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kms::{RetryPolicy, TlsOptions};
+
+    fn kms(entry: Document, env: &[(&str, &str)]) -> AwsKms {
+        let ctx = ProviderContext {
+            name: "aws",
+            tls: &TlsOptions::default(),
+            retry: &RetryPolicy::default(),
+        };
+        AwsKms::with_env(&ctx, &entry, Env::from_pairs(env)).unwrap()
+    }
+
+    #[test]
+    fn debug_prints_no_credentials() {
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        let token = "FwoGZXIvYXdzEXAMPLETOKEN";
+        let k = kms(
+            doc! { "accessKeyId": "AKIAIOSFODNN7EXAMPLE", "secretAccessKey": secret, "sessionToken": token },
+            &[],
+        );
+        let chain = kms(doc! {}, &[("AWS_SECRET_ACCESS_KEY", secret), ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")]);
+        let shown = format!("{k:?} {chain:?}");
+        assert!(shown.contains("AKIA…") && shown.contains("DefaultChain"), "{shown}");
+        for s in [secret, token, "IOSFODNN7EXAMPLE"] {
+            assert!(!shown.contains(s), "{shown}");
+        }
+    }
+
+    #[test]
+    fn endpoints_from_master_key_then_environment_then_region() {
+        let mk = |endpoint: Option<&str>| {
+            let mut d = doc! { "provider": "aws", "region": "eu-west-3", "key": "k" };
+            if let Some(e) = endpoint {
+                d.insert("endpoint", e);
+            }
+            d
+        };
+        let url = |k: &AwsKms, d: &Document| k.url(&k.parse(d).unwrap()).unwrap().to_string();
+        let none = kms(doc! {}, &[]);
+        assert_eq!(url(&none, &mk(None)), "https://kms.eu-west-3.amazonaws.com/");
+        assert_eq!(url(&none, &mk(Some("kms.example.com:8443"))), "https://kms.example.com:8443/");
+        assert_eq!(url(&none, &mk(Some("http://127.0.0.1:4566"))), "http://127.0.0.1:4566/");
+        let any = kms(doc! {}, &[("AWS_ENDPOINT_URL", "https://any.example.com")]);
+        assert_eq!(url(&any, &mk(None)), "https://any.example.com/");
+        let both = kms(
+            doc! {},
+            &[("AWS_ENDPOINT_URL", "https://any.example.com"), ("AWS_ENDPOINT_URL_KMS", "https://kms.example.com")],
+        );
+        assert_eq!(url(&both, &mk(None)), "https://kms.example.com/");
+        // The masterKey's endpoint wins over the environment.
+        assert_eq!(url(&both, &mk(Some("kms.other.com"))), "https://kms.other.com/");
+    }
+
+    #[test]
+    fn refusals_are_classified() {
+        let k = kms(doc! { "accessKeyId": "AKIAX", "secretAccessKey": "the-secret" }, &[]);
+        let d = doc! { "provider": "aws", "region": "us-east-1", "key": "arn:k" };
+        let mk = k.parse(&d).unwrap();
+        let creds = Credentials::for_tests("AKIAX", "the-secret");
+        let refuse = |status, body: &str| k.refusal(&mk, status, body.as_bytes(), &creds);
+        for t in ["InvalidCiphertextException", "com.amazonaws.kms#IncorrectKeyException"] {
+            let body = format!(r#"{{"__type":"{t}"}}"#);
+            assert!(matches!(refuse(400, &body), Error::Decrypt), "{t}");
+        }
+        for (body, says) in [
+            (r#"{"__type":"DisabledException","message":"arn:k is disabled."}"#, "DisabledException: arn:k is disabled."),
+            (r#"{"__type":"KMSInvalidStateException","Message":"pending deletion"}"#, "KMSInvalidStateException: pending deletion"),
+            (r#"{"__type":"AccessDeniedException","Message":"User: x is not authorized"}"#, "AccessDeniedException"),
+            (r#"{"__type":"UnrecognizedClientException","message":"The security token included in the request is invalid."}"#, "check the credentials"),
+            ("<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code><Message><![CDATA[no match\nCanonical: the-secret]]></Message></Error></ErrorResponse>", "SignatureDoesNotMatch: no match"),
+            (r#"{"__type":"InvalidSignatureException","message":"Credential=AKIAX/..., Signature=abcdef"}"#, "[REDACTED]"),
+            ("<html>bad gateway</html>", "HTTP 502 without a KMS error"),
+        ] {
+            let e = refuse(if body.starts_with('<') && body.contains("html") { 502 } else { 400 }, body);
+            let shown = format!("{e} {e:?}");
+            assert!(matches!(e, Error::Kms { .. }) && shown.contains(says) && shown.contains("key arn:k"), "{shown}");
+            assert!(!shown.contains("the-secret") && !shown.contains("abcdef"), "{shown}");
+        }
+        let throttled = HttpResponse { status: 400, body: br#"{"__type":"ThrottlingException"}"#.to_vec() };
+        let denied = HttpResponse { status: 400, body: br#"{"__type":"AccessDeniedException"}"#.to_vec() };
+        assert!(retryable(&throttled) && !retryable(&denied));
+        assert!(retryable(&HttpResponse { status: 503, body: Vec::new() }));
+    }
 
     #[test]
     fn bodies_are_libmongocrypts_for_empty_ad() {

@@ -72,6 +72,17 @@ impl Credentials {
         self.session_token.as_ref()
     }
 
+    /// Long-term credentials (unit tests).
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: &str, secret: &str) -> Self {
+        Credentials {
+            access_key_id: id.to_owned(),
+            secret_access_key: SecretString::from(secret),
+            session_token: None,
+            expires: None,
+        }
+    }
+
     fn fresh(&self, now: SystemTime) -> bool {
         self.expires
             .is_none_or(|at| at.duration_since(now).is_ok_and(|left| left > REFRESH_BEFORE))
@@ -171,8 +182,8 @@ impl CredentialSource {
     /// for the chain (which then reads `env`; `sts` reaches STS for web identity).
     ///
     /// # Errors
-    /// [`Error::Kms`] for unknown fields, fields that are not non-empty strings, or a key id
-    /// without its secret (or the other way round).
+    /// [`Error::KeyFormat`] for unknown fields, fields that are not non-empty strings, or a key
+    /// id without its secret (or the other way round).
     pub(crate) fn from_entry(
         provider: &str,
         entry: &Document,
@@ -184,10 +195,7 @@ impl CredentialSource {
                 provider, env, sts,
             )?)));
         }
-        let bad = |what: String| Error::Kms {
-            provider: provider.to_owned(),
-            reason: format!("kmsProviders.{provider}: {what}"),
-        };
+        let bad = |what: String| Error::KeyFormat(format!("kmsProviders.{provider}: {what}"));
         let mut id = None;
         let mut secret = None;
         let mut token = None;
@@ -666,14 +674,17 @@ fn parse_time(text: &str) -> Option<SystemTime> {
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }
 
-/// The text of the first `<name>…</name>` element (STS answers in XML; its values are plain
-/// text, with the five predefined entities at most).
-fn xml_text(xml: &str, name: &str) -> Option<String> {
+/// The text of the first `<name>…</name>` element (STS and AWS front ends answer in XML; its
+/// values are plain text, a CDATA section, or text with the five predefined entities).
+pub(crate) fn xml_text(xml: &str, name: &str) -> Option<String> {
     let open = format!("<{name}>");
     let close = format!("</{name}>");
     let start = xml.find(&open)? + open.len();
     let len = xml[start..].find(&close)?;
     let raw = xml[start..start + len].trim();
+    if let Some(cdata) = raw.strip_prefix("<![CDATA[").and_then(|r| r.strip_suffix("]]>")) {
+        return Some(cdata.to_owned());
+    }
     Some(
         raw.replace("&lt;", "<")
             .replace("&gt;", ">")

@@ -25,8 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::devserver::{Error, Result};
-use crate::service::{free_port, PythonEnv, Service};
+use crate::service::{free_port, Error, PythonEnv, Result, Service};
 
 /// The moto virtual environment: the server and boto3 (for the helpers), pinned.
 pub const MOTO_ENV: PythonEnv = PythonEnv {
@@ -145,15 +144,14 @@ impl Moto {
 
     fn launch(with_iam: bool) -> Result<Moto> {
         let venv = MOTO_ENV.ensure()?;
-        let bin = venv.join("bin");
-        let python = bin.join("python");
+        let python = PythonEnv::bin(&venv, "python");
         let port = free_port()?;
-        let mut cmd = Command::new(bin.join("moto_server"));
+        let mut cmd = Command::new(PythonEnv::bin(&venv, "moto_server"));
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
         if with_iam {
             cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", SETUP_ACTIONS);
         }
-        let mut service = Service::spawn(cmd, "moto_server")?;
+        let mut service = Service::spawn(&cmd, "moto_server")?;
         service.wait_for_port(port, Duration::from_secs(60))?;
         let backend = format!("http://127.0.0.1:{port}");
         let iam = if with_iam {
