@@ -22,7 +22,7 @@ use bson::{doc, Bson, Document};
 use fieldcrypt::kms::{KmsOptions, KmsProviders, RetryPolicy};
 use fieldcrypt::mongo::KeyVault;
 use fieldcrypt::{
-    Context, CsfleAlgorithm, CsfleDataKey, Cryptor, Error, Field, InMemoryKeyring, Key, KeyKind,
+    Context, Cryptor, CsfleAlgorithm, CsfleDataKey, Error, Field, InMemoryKeyring, Key, KeyKind,
     KeyMaterial, KeyState, Schema,
 };
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
@@ -66,14 +66,15 @@ fn master_key(m: &Moto, key: &str) -> Document {
 }
 
 fn fast() -> KmsOptions {
-    let mut o = KmsOptions::default();
-    o.retry = RetryPolicy {
-        attempts: 3,
-        initial_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(100),
-        timeout: Duration::from_secs(3),
-    };
-    o
+    KmsOptions {
+        retry: RetryPolicy {
+            attempts: 3,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            timeout: Duration::from_secs(3),
+        },
+        ..KmsOptions::default()
+    }
 }
 
 fn material(n: u8, len: usize) -> KeyMaterial {
@@ -118,7 +119,11 @@ async fn wraps_under_a_kms_key_and_stores_libmongocrypts_master_key() {
     // A KMS ciphertext blob, not the key.
     assert!(wrapped.len() > 32);
     assert!(!wrapped.windows(32).any(|w| w == [7u8; 32]));
-    let back = kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"ad").await.unwrap();
+    let back = kms
+        .unwrapper()
+        .unwrap_with_ad(&stored, &wrapped, b"ad")
+        .await
+        .unwrap();
     assert_eq!(back.expose_secret(), [7u8; 32]);
 }
 
@@ -131,7 +136,10 @@ async fn fieldcrypt_keys_are_bound_to_their_associated_data() {
     let (stored, wrapped) = kek.wrap_with_ad(&material(1, 32), b"key A").await.unwrap();
     let un = kms.unwrapper();
     assert_eq!(
-        un.unwrap_with_ad(&stored, &wrapped, b"key A").await.unwrap().expose_secret(),
+        un.unwrap_with_ad(&stored, &wrapped, b"key A")
+            .await
+            .unwrap()
+            .expose_secret(),
         [1u8; 32]
     );
     for other in [&b"key B"[..], b""] {
@@ -150,7 +158,10 @@ async fn csfle_keys_are_wrapped_without_encryption_context() {
     let kek = kms.kek_for(&mk).unwrap();
     let (stored, wrapped) = kek.wrap_with_ad(&material(9, 96), &[]).await.unwrap();
     let un = kms.unwrapper();
-    assert_eq!(un.unwrap(&stored, &wrapped).await.unwrap().expose_secret(), [9u8; 96]);
+    assert_eq!(
+        un.unwrap(&stored, &wrapped).await.unwrap().expose_secret(),
+        [9u8; 96]
+    );
     // Bound to nothing: asking with an encryption context fails.
     assert!(matches!(
         un.unwrap_with_ad(&stored, &wrapped, b"x").await,
@@ -183,7 +194,8 @@ async fn fail_tampered_or_truncated_key_material() {
 async fn fail_unknown_key_and_wrong_region_name_provider_and_key() {
     let m = moto();
     let kms = providers_for(m);
-    let unknown = format!("arn:aws:kms:{REGION}:123456789012:key/00000000-0000-4000-8000-000000000000");
+    let unknown =
+        format!("arn:aws:kms:{REGION}:123456789012:key/00000000-0000-4000-8000-000000000000");
     let e = kms
         .kek_for(&master_key(m, &unknown))
         .unwrap()
@@ -191,7 +203,10 @@ async fn fail_unknown_key_and_wrong_region_name_provider_and_key() {
         .await
         .unwrap_err();
     let reason = kms_reason(&e);
-    assert!(reason.contains(&unknown) && reason.contains("NotFoundException"), "{e}");
+    assert!(
+        reason.contains(&unknown) && reason.contains("NotFoundException"),
+        "{e}"
+    );
 
     // A blob of us-east-1, asked of another region (the masterKey's region signs the call).
     let mk = master_key(m, shared_key());
@@ -203,9 +218,16 @@ async fn fail_unknown_key_and_wrong_region_name_provider_and_key() {
         .unwrap();
     let mut elsewhere = mk.clone();
     elsewhere.insert("region", "eu-west-1");
-    let e = kms.unwrapper().unwrap(&elsewhere, &wrapped).await.unwrap_err();
+    let e = kms
+        .unwrapper()
+        .unwrap(&elsewhere, &wrapped)
+        .await
+        .unwrap_err();
     let reason = kms_reason(&e);
-    assert!(reason.contains(shared_key()) && reason.contains("AccessDeniedException"), "{e}");
+    assert!(
+        reason.contains(shared_key()) && reason.contains("AccessDeniedException"),
+        "{e}"
+    );
     assert!(reason.contains("eu-west-1"), "{e}");
 }
 
@@ -225,7 +247,11 @@ async fn aliases_wrap_and_unwrap_after_the_alias_moves() {
         .unwrap();
     assert_eq!(stored.get_str("key").unwrap(), alias);
     assert_eq!(
-        kms.unwrapper().unwrap(&stored, &wrapped).await.unwrap().expose_secret(),
+        kms.unwrapper()
+            .unwrap(&stored, &wrapped)
+            .await
+            .unwrap()
+            .expose_secret(),
         [5u8; 96]
     );
 }
@@ -248,7 +274,11 @@ async fn signatures_are_checked_and_refusals_name_provider_and_key() {
         .await
         .unwrap();
     assert_eq!(
-        ok.unwrapper().unwrap_with_ad(&stored, &wrapped, b"ad").await.unwrap().expose_secret(),
+        ok.unwrapper()
+            .unwrap_with_ad(&stored, &wrapped, b"ad")
+            .await
+            .unwrap()
+            .expose_secret(),
         [2u8; 32]
     );
 
@@ -265,8 +295,15 @@ async fn signatures_are_checked_and_refusals_name_provider_and_key() {
         (&iam.denied, "AccessDenied"),
     ] {
         let kms = Arc::new(KmsProviders::from_document(&doc! { "aws": entry(who) }).unwrap());
-        let e = kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"ad").await.unwrap_err();
-        let shown = assert_clean(&e, &[&who.secret_access_key, &iam.allowed.secret_access_key]);
+        let e = kms
+            .unwrapper()
+            .unwrap_with_ad(&stored, &wrapped, b"ad")
+            .await
+            .unwrap_err();
+        let shown = assert_clean(
+            &e,
+            &[&who.secret_access_key, &iam.allowed.secret_access_key],
+        );
         let reason = kms_reason(&e);
         assert!(reason.contains(&arn) && reason.contains(expect), "{shown}");
         let e = kms
@@ -292,7 +329,14 @@ async fn session_tokens_are_signed_and_checked() {
         .wrap_with_ad(&material(4, 96), &[])
         .await
         .unwrap();
-    assert_eq!(kms.unwrapper().unwrap(&stored, &wrapped).await.unwrap().expose_secret(), [4u8; 96]);
+    assert_eq!(
+        kms.unwrapper()
+            .unwrap(&stored, &wrapped)
+            .await
+            .unwrap()
+            .expose_secret(),
+        [4u8; 96]
+    );
     let token = session.session_token.clone().unwrap();
     let mut forged = session.clone();
     forged.session_token = Some(format!("{token}x"));
@@ -326,26 +370,56 @@ fn debug_shows_no_credentials() {
 
 #[test]
 fn fail_malformed_master_keys() {
-    let kms = Arc::new(KmsProviders::from_document(&doc! { "aws": { "accessKeyId": "AKIAX", "secretAccessKey": "s" } }).unwrap());
+    let kms = Arc::new(
+        KmsProviders::from_document(
+            &doc! { "aws": { "accessKeyId": "AKIAX", "secretAccessKey": "s" } },
+        )
+        .unwrap(),
+    );
     let cases = [
         (doc! { "provider": "aws", "key": "k" }, "region"),
         (doc! { "provider": "aws", "region": "us-east-1" }, "key"),
-        (doc! { "provider": "aws", "region": "us-east-1", "key": "k", "colour": "red" }, "colour"),
-        (doc! { "provider": "aws", "region": 1, "key": "k" }, "region"),
-        (doc! { "provider": "aws", "region": "us-east-1", "key": "" }, "key"),
-        (doc! { "provider": "aws", "region": "us east", "key": "k" }, "region"),
+        (
+            doc! { "provider": "aws", "region": "us-east-1", "key": "k", "colour": "red" },
+            "colour",
+        ),
+        (
+            doc! { "provider": "aws", "region": 1, "key": "k" },
+            "region",
+        ),
+        (
+            doc! { "provider": "aws", "region": "us-east-1", "key": "" },
+            "key",
+        ),
+        (
+            doc! { "provider": "aws", "region": "us east", "key": "k" },
+            "region",
+        ),
         // Plain HTTP only to loopback; no other schemes.
-        (doc! { "provider": "aws", "region": "us-east-1", "key": "k", "endpoint": "http://kms.example.com" }, "http"),
-        (doc! { "provider": "aws", "region": "us-east-1", "key": "k", "endpoint": "ftp://127.0.0.1" }, "endpoint"),
+        (
+            doc! { "provider": "aws", "region": "us-east-1", "key": "k", "endpoint": "http://kms.example.com" },
+            "http",
+        ),
+        (
+            doc! { "provider": "aws", "region": "us-east-1", "key": "k", "endpoint": "ftp://127.0.0.1" },
+            "endpoint",
+        ),
     ];
     for (mk, names) in cases {
         let e = kms.kek_for(&mk).map(drop).unwrap_err();
         assert!(e.to_string().contains(names), "{mk}: {e}");
     }
     // libmongocrypt's host[:port] form and full URLs are accepted and kept as given.
-    for endpoint in ["kms.eu-west-1.amazonaws.com", "kms.example.com:8443", "https://kms.example.com/", "http://127.0.0.1:1"] {
-        kms.kek_for(&doc! { "provider": "aws", "region": "eu-west-1", "key": "k", "endpoint": endpoint })
-            .unwrap();
+    for endpoint in [
+        "kms.eu-west-1.amazonaws.com",
+        "kms.example.com:8443",
+        "https://kms.example.com/",
+        "http://127.0.0.1:1",
+    ] {
+        kms.kek_for(
+            &doc! { "provider": "aws", "region": "eu-west-1", "key": "k", "endpoint": endpoint },
+        )
+        .unwrap();
     }
 }
 
@@ -354,8 +428,14 @@ fn fail_malformed_credentials_entries() {
     for (entry, what) in [
         (doc! { "accessKeyId": "AKIAX" }, "secretAccessKey"),
         (doc! { "secretAccessKey": "s3cr3t-value" }, "accessKeyId"),
-        (doc! { "accessKeyId": "AKIAX", "secretAccessKey": 5 }, "secretAccessKey"),
-        (doc! { "accessKeyId": "AKIAX", "secretAccessKey": "s3cr3t-value", "region": "x" }, "region"),
+        (
+            doc! { "accessKeyId": "AKIAX", "secretAccessKey": 5 },
+            "secretAccessKey",
+        ),
+        (
+            doc! { "accessKeyId": "AKIAX", "secretAccessKey": "s3cr3t-value", "region": "x" },
+            "region",
+        ),
     ] {
         let e = KmsProviders::from_document(&doc! { "aws": entry.clone() }).unwrap_err();
         let shown = assert_clean(&e, &["s3cr3t-value"]);
@@ -367,7 +447,9 @@ fn fail_malformed_credentials_entries() {
 async fn named_providers_write_and_read_their_own_name() {
     let m = moto();
     let c = m.credentials();
-    let kms = Arc::new(KmsProviders::from_document(&doc! { "aws:prod": entry(&c), "aws": entry(&c) }).unwrap());
+    let kms = Arc::new(
+        KmsProviders::from_document(&doc! { "aws:prod": entry(&c), "aws": entry(&c) }).unwrap(),
+    );
     let mut mk = master_key(m, shared_key());
     mk.insert("provider", "aws:prod");
     let kek = kms.kek_for(&mk).unwrap();
@@ -375,13 +457,21 @@ async fn named_providers_write_and_read_their_own_name() {
     let (stored, wrapped) = kek.wrap_with_ad(&material(6, 32), b"ad").await.unwrap();
     assert_eq!(stored.get_str("provider").unwrap(), "aws:prod");
     assert_eq!(
-        kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"ad").await.unwrap().expose_secret(),
+        kms.unwrapper()
+            .unwrap_with_ad(&stored, &wrapped, b"ad")
+            .await
+            .unwrap()
+            .expose_secret(),
         [6u8; 32]
     );
     // A provider that is not configured.
     mk.insert("provider", "aws:other");
     assert!(kms.kek_for(&mk).is_err());
-    assert!(kms.unwrapper().unwrap_with_ad(&mk, &wrapped, b"ad").await.is_err());
+    assert!(kms
+        .unwrapper()
+        .unwrap_with_ad(&mk, &wrapped, b"ad")
+        .await
+        .is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -391,7 +481,10 @@ async fn named_providers_write_and_read_their_own_name() {
 async fn unreachable_kms_is_retried_a_bounded_number_of_times_then_reported() {
     let m = Moto::start().unwrap();
     let arn = m.create_key().unwrap();
-    let kms = Arc::new(KmsProviders::from_document_with(&doc! { "aws": entry(&m.credentials()) }, &fast()).unwrap());
+    let kms = Arc::new(
+        KmsProviders::from_document_with(&doc! { "aws": entry(&m.credentials()) }, &fast())
+            .unwrap(),
+    );
     let mk = master_key(&m, &arn);
     let (stored, wrapped) = kms
         .kek_for(&mk)
@@ -401,14 +494,22 @@ async fn unreachable_kms_is_retried_a_bounded_number_of_times_then_reported() {
         .unwrap();
     m.stop();
     let started = Instant::now();
-    let e = kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"ad").await.unwrap_err();
+    let e = kms
+        .unwrapper()
+        .unwrap_with_ad(&stored, &wrapped, b"ad")
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert!(kms_reason(&e).contains(&arn), "{e}");
     assert!(took < Duration::from_secs(5), "{took:?}");
     // Back on the same port, with the same keys.
     m.restart().unwrap();
     assert_eq!(
-        kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"ad").await.unwrap().expose_secret(),
+        kms.unwrapper()
+            .unwrap_with_ad(&stored, &wrapped, b"ad")
+            .await
+            .unwrap()
+            .expose_secret(),
         [8u8; 32]
     );
 }
@@ -441,7 +542,10 @@ async fn key_vault_round_trip_through_a_fresh_vault() {
         .unwrap();
     assert_eq!(stored.get_document("masterKey").unwrap(), &mk);
 
-    let schema = Schema::builder().field("ssn", Field::randomized("pii")).build().unwrap();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
     use fieldcrypt::mongo::KeySource as _;
     vault.prefetch_aliases(&["pii".to_owned()]).await.unwrap();
     let sealed = Cryptor::new(vault.clone(), schema)
@@ -511,7 +615,10 @@ async fn libmongocrypt_key_and_values_are_read_by_fieldcrypt() {
     if let Some(file) = child_var("FIELDCRYPT_TEST_FILE") {
         let lines = ejson_lines(Path::new(&file));
         let (key_doc, cases) = lines.split_first().unwrap();
-        assert!(!key_doc.get_document("masterKey").unwrap().contains_key("endpoint"));
+        assert!(!key_doc
+            .get_document("masterKey")
+            .unwrap()
+            .contains_key("endpoint"));
         let kms = Arc::new(KmsProviders::from_document(&doc! { "aws": {} }).unwrap());
         let keys = KeyVault::keys_from_documents(std::slice::from_ref(key_doc), &*kms.unwrapper())
             .await
@@ -524,9 +631,17 @@ async fn libmongocrypt_key_and_values_are_read_by_fieldcrypt() {
         let cryptor = Cryptor::decrypt_only(ring);
         let mut n = 0;
         for c in cases {
-            let Some(Bson::Binary(ct)) = c.get("ciphertext") else { panic!("{c}") };
-            let plain = cryptor.decrypt_value("v", ct, &Context::none(), None, None).unwrap();
-            assert!(same(&plain, c.get("value").unwrap()), "{}", c.get_str("name").unwrap());
+            let Some(Bson::Binary(ct)) = c.get("ciphertext") else {
+                panic!("{c}")
+            };
+            let plain = cryptor
+                .decrypt_value("v", ct, &Context::none(), None, None)
+                .unwrap();
+            assert!(
+                same(&plain, c.get("value").unwrap()),
+                "{}",
+                c.get_str("name").unwrap()
+            );
             n += 1;
         }
         assert!(n >= 40, "{n}");
@@ -535,7 +650,16 @@ async fn libmongocrypt_key_and_values_are_read_by_fieldcrypt() {
     let m = moto();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("from-libmongocrypt.jsonl");
-    run_interop(&["create", m.endpoint(), REGION, shared_key(), file.to_str().unwrap()], m);
+    run_interop(
+        &[
+            "create",
+            m.endpoint(),
+            REGION,
+            shared_key(),
+            file.to_str().unwrap(),
+        ],
+        m,
+    );
     let c = m.credentials();
     let out = run_child(
         "libmongocrypt_key_and_values_are_read_by_fieldcrypt",
@@ -576,13 +700,21 @@ async fn fieldcrypt_key_and_values_are_read_by_libmongocrypt() {
         "masterKey": stored_mk,
     };
     let bytes: [u8; 96] = key.material().unwrap().expose_secret().try_into().unwrap();
-    let data_key = CsfleDataKey::from_material(key.id(), secrecy::SecretBox::new(Box::new(bytes)), vec![]).unwrap();
+    let data_key =
+        CsfleDataKey::from_material(key.id(), secrecy::SecretBox::new(Box::new(bytes)), vec![])
+            .unwrap();
     let values = [
         ("string", Bson::String("hello".into())),
         ("int32", Bson::Int32(42)),
         ("int64", Bson::Int64(1 << 40)),
         ("document", Bson::Document(doc! { "a": 1, "b": ["x"] })),
-        ("binary", Bson::Binary(bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![0, 1, 2] })),
+        (
+            "binary",
+            Bson::Binary(bson::Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: vec![0, 1, 2],
+            }),
+        ),
         ("double", Bson::Double(1.5)),
         ("bool", Bson::Boolean(true)),
     ];
@@ -601,7 +733,10 @@ async fn fieldcrypt_key_and_values_are_read_by_libmongocrypt() {
     let file = dir.path().join("from-fieldcrypt.jsonl");
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let said = run_interop(&["verify", m.endpoint(), file.to_str().unwrap()], m);
-    assert!(said.contains(&format!("decrypted all {}", lines.len() - 1)), "{said}");
+    assert!(
+        said.contains(&format!("decrypted all {}", lines.len() - 1)),
+        "{said}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -652,14 +787,25 @@ async fn child_round_trip() {
     let key = child_var("FIELDCRYPT_TEST_KEY").unwrap();
     let kms = Arc::new(KmsProviders::from_document(&doc! { "aws": {} }).unwrap());
     let mk = doc! { "provider": "aws", "region": REGION, "key": key.as_str() };
-    let wrapped = kms.kek_for(&mk).unwrap().wrap_with_ad(&material(0x5a, 32), b"chain").await;
+    let wrapped = kms
+        .kek_for(&mk)
+        .unwrap()
+        .wrap_with_ad(&material(0x5a, 32), b"chain")
+        .await;
     let expect = child_var("FIELDCRYPT_TEST_EXPECT").unwrap();
     if expect.is_empty() {
         let (stored, wrapped) = wrapped.unwrap();
-        let back = kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"chain").await.unwrap();
+        let back = kms
+            .unwrapper()
+            .unwrap_with_ad(&stored, &wrapped, b"chain")
+            .await
+            .unwrap();
         assert_eq!(back.expose_secret(), [0x5a; 32]);
         // Cached: a second call needs no new credentials (the servers count).
-        kms.unwrapper().unwrap_with_ad(&stored, &wrapped, b"chain").await.unwrap();
+        kms.unwrapper()
+            .unwrap_with_ad(&stored, &wrapped, b"chain")
+            .await
+            .unwrap();
     } else {
         let e = wrapped.unwrap_err();
         let secret = child_var("FIELDCRYPT_TEST_SECRET").unwrap();
@@ -686,19 +832,34 @@ async fn chain_environment_variables() {
     let name = "chain_environment_variables";
     let mut env = kms_env(m, &arn);
     env.push(("AWS_ACCESS_KEY_ID", iam.allowed.access_key_id.clone()));
-    env.push(("AWS_SECRET_ACCESS_KEY", iam.allowed.secret_access_key.clone()));
+    env.push((
+        "AWS_SECRET_ACCESS_KEY",
+        iam.allowed.secret_access_key.clone(),
+    ));
     assert_child_passed(&run_child(name, &env).await);
     // Another secret: moto refuses the signature (so the variables are what signed).
     let mut env = kms_env(m, &arn);
     env.push(("AWS_ACCESS_KEY_ID", iam.allowed.access_key_id.clone()));
-    env.push(("AWS_SECRET_ACCESS_KEY", "not-the-secret-0123456789".to_owned()));
+    env.push((
+        "AWS_SECRET_ACCESS_KEY",
+        "not-the-secret-0123456789".to_owned(),
+    ));
     env.push(("FIELDCRYPT_TEST_EXPECT", "SignatureDoesNotMatch".to_owned()));
-    env.push(("FIELDCRYPT_TEST_SECRET", "not-the-secret-0123456789".to_owned()));
+    env.push((
+        "FIELDCRYPT_TEST_SECRET",
+        "not-the-secret-0123456789".to_owned(),
+    ));
     assert_child_passed(&run_child(name, &env).await);
     // Nothing at all: a clear error listing what was tried.
     let mut env = kms_env(m, &arn);
-    env.push(("FIELDCRYPT_TEST_EXPECT", "AWS credentials: none found".to_owned()));
-    env.push(("FIELDCRYPT_TEST_SECRET", iam.allowed.secret_access_key.clone()));
+    env.push((
+        "FIELDCRYPT_TEST_EXPECT",
+        "AWS credentials: none found".to_owned(),
+    ));
+    env.push((
+        "FIELDCRYPT_TEST_SECRET",
+        iam.allowed.secret_access_key.clone(),
+    ));
     assert_child_passed(&run_child(name, &env).await);
 }
 
@@ -734,14 +895,20 @@ async fn chain_shared_files_and_profiles() {
     let name = "chain_shared_files_and_profiles";
     let files = |profile: Option<&str>, expect: &str| {
         let mut env = kms_env(m, &arn);
-        env.push(("AWS_SHARED_CREDENTIALS_FILE", credentials.display().to_string()));
+        env.push((
+            "AWS_SHARED_CREDENTIALS_FILE",
+            credentials.display().to_string(),
+        ));
         env.push(("AWS_CONFIG_FILE", config.display().to_string()));
         if let Some(p) = profile {
             env.push(("AWS_PROFILE", p.to_owned()));
         }
         if !expect.is_empty() {
             env.push(("FIELDCRYPT_TEST_EXPECT", expect.to_owned()));
-            env.push(("FIELDCRYPT_TEST_SECRET", iam.denied.secret_access_key.clone()));
+            env.push((
+                "FIELDCRYPT_TEST_SECRET",
+                iam.denied.secret_access_key.clone(),
+            ));
         }
         env
     };
@@ -752,7 +919,10 @@ async fn chain_shared_files_and_profiles() {
     // `~/.aws/credentials` when no variable names the files.
     let mut env = kms_env(m, &arn);
     env.push(("FIELDCRYPT_TEST_EXPECT", "AccessDenied".to_owned()));
-    env.push(("FIELDCRYPT_TEST_SECRET", iam.denied.secret_access_key.clone()));
+    env.push((
+        "FIELDCRYPT_TEST_SECRET",
+        iam.denied.secret_access_key.clone(),
+    ));
     assert_child_passed(&run_child_with_home_files(name, &env, &credentials).await);
 }
 
@@ -780,7 +950,11 @@ async fn chain_web_identity_through_sts() {
     let m = moto();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJl\n").unwrap();
+    std::fs::write(
+        &token,
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2lnbmF0dXJl\n",
+    )
+    .unwrap();
     let name = "chain_web_identity_through_sts";
     let with = |role: &str, token: &Path, expect: &str| {
         let mut env = kms_env(m, shared_key());
@@ -797,7 +971,15 @@ async fn chain_web_identity_through_sts() {
     let role = "arn:aws:iam::123456789012:role/fieldcrypt-web";
     assert_child_passed(&run_child(name, &with(role, &token, "")).await);
     assert_child_passed(
-        &run_child(name, &with(role, &dir.path().join("missing"), "AWS_WEB_IDENTITY_TOKEN_FILE")).await,
+        &run_child(
+            name,
+            &with(
+                role,
+                &dir.path().join("missing"),
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+            ),
+        )
+        .await,
     );
 }
 
@@ -817,7 +999,9 @@ async fn metadata_server(respond: Arc<Respond>) -> MetadataServer {
     let log = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let respond = respond.clone();
             let log = log.clone();
             tokio::spawn(async move {
@@ -832,7 +1016,10 @@ async fn metadata_server(respond: Arc<Respond>) -> MetadataServer {
                 let text = String::from_utf8_lossy(&buf).into_owned();
                 let mut lines = text.split("\r\n");
                 let mut first = lines.next().unwrap_or_default().split(' ');
-                let (method, path) = (first.next().unwrap_or_default(), first.next().unwrap_or_default());
+                let (method, path) = (
+                    first.next().unwrap_or_default(),
+                    first.next().unwrap_or_default(),
+                );
                 let headers: Vec<(String, String)> = lines
                     .take_while(|l| !l.is_empty())
                     .filter_map(|l| l.split_once(':'))
@@ -864,7 +1051,10 @@ fn credentials_json(s: &AccessKey, expires_in: Duration) -> String {
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -876,33 +1066,55 @@ async fn chain_container_credentials() {
     let arn = m.create_key().unwrap();
     let session = m.assume_role().unwrap();
     let body = credentials_json(&session, Duration::from_secs(3600));
-    let server = metadata_server(Arc::new(move |method: &str, path: &str, h: &[(String, String)]| {
-        match (method, path, header(h, "authorization")) {
+    let server = metadata_server(Arc::new(
+        move |method: &str, path: &str, h: &[(String, String)]| match (
+            method,
+            path,
+            header(h, "authorization"),
+        ) {
             ("GET", "/creds", Some("Bearer pod-token")) => (200, body.clone()),
             _ => (401, "{}".to_owned()),
-        }
-    }))
+        },
+    ))
     .await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "Bearer pod-token\n").unwrap();
     let name = "chain_container_credentials";
     let mut env = kms_env(m, &arn);
-    env.push(("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("{}/creds", server.url)));
-    env.push(("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file.display().to_string()));
+    env.push((
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        format!("{}/creds", server.url),
+    ));
+    env.push((
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+        token_file.display().to_string(),
+    ));
     assert_child_passed(&run_child(name, &env).await);
     // Credentials fetched once for the child's three KMS calls.
     assert_eq!(server.seen.lock().unwrap().as_slice(), ["GET /creds"]);
     // The token in a variable; a wrong one is refused by the endpoint.
     let mut env = kms_env(m, &arn);
-    env.push(("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("{}/creds", server.url)));
-    env.push(("AWS_CONTAINER_AUTHORIZATION_TOKEN", "Bearer wrong".to_owned()));
-    env.push(("FIELDCRYPT_TEST_EXPECT", "container endpoint: HTTP 401".to_owned()));
+    env.push((
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        format!("{}/creds", server.url),
+    ));
+    env.push((
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+        "Bearer wrong".to_owned(),
+    ));
+    env.push((
+        "FIELDCRYPT_TEST_EXPECT",
+        "container endpoint: HTTP 401".to_owned(),
+    ));
     env.push(("FIELDCRYPT_TEST_SECRET", session.secret_access_key.clone()));
     assert_child_passed(&run_child(name, &env).await);
     // Plain HTTP to anything but loopback or the ECS/EKS agents is refused before any request.
     let mut env = kms_env(m, &arn);
-    env.push(("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://example.com/creds".to_owned()));
+    env.push((
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "http://example.com/creds".to_owned(),
+    ));
     env.push(("FIELDCRYPT_TEST_EXPECT", "must be https".to_owned()));
     env.push(("FIELDCRYPT_TEST_SECRET", session.secret_access_key.clone()));
     assert_child_passed(&run_child(name, &env).await);
@@ -917,18 +1129,26 @@ async fn chain_instance_metadata_imdsv2() {
     let arn = m.create_key().unwrap();
     let session = m.assume_role().unwrap();
     let body = credentials_json(&session, Duration::from_secs(3600));
-    let server = metadata_server(Arc::new(move |method: &str, path: &str, h: &[(String, String)]| {
-        let token = header(h, "x-aws-ec2-metadata-token");
-        match (method, path) {
-            ("PUT", "/latest/api/token") if header(h, "x-aws-ec2-metadata-token-ttl-seconds").is_some() => {
-                (200, "imds-session-token".to_owned())
+    let server = metadata_server(Arc::new(
+        move |method: &str, path: &str, h: &[(String, String)]| {
+            let token = header(h, "x-aws-ec2-metadata-token");
+            match (method, path) {
+                ("PUT", "/latest/api/token")
+                    if header(h, "x-aws-ec2-metadata-token-ttl-seconds").is_some() =>
+                {
+                    (200, "imds-session-token".to_owned())
+                }
+                (_, _) if token != Some("imds-session-token") => (401, String::new()),
+                ("GET", "/latest/meta-data/iam/security-credentials/") => {
+                    (200, "fieldcrypt-role\n".to_owned())
+                }
+                ("GET", "/latest/meta-data/iam/security-credentials/fieldcrypt-role") => {
+                    (200, body.clone())
+                }
+                _ => (404, String::new()),
             }
-            (_, _) if token != Some("imds-session-token") => (401, String::new()),
-            ("GET", "/latest/meta-data/iam/security-credentials/") => (200, "fieldcrypt-role\n".to_owned()),
-            ("GET", "/latest/meta-data/iam/security-credentials/fieldcrypt-role") => (200, body.clone()),
-            _ => (404, String::new()),
-        }
-    }))
+        },
+    ))
     .await;
     let name = "chain_instance_metadata_imdsv2";
     let mut env = kms_env(m, &arn);
@@ -962,9 +1182,21 @@ async fn chain_refreshes_credentials_shortly_before_they_expire() {
     let session = m.assume_role().unwrap();
     // Two minutes left: inside the refresh window, so every call fetches again.
     let body = credentials_json(&session, Duration::from_secs(120));
-    let server = metadata_server(Arc::new(move |_: &str, _: &str, _: &[(String, String)]| (200, body.clone()))).await;
+    let server = metadata_server(Arc::new(move |_: &str, _: &str, _: &[(String, String)]| {
+        (200, body.clone())
+    }))
+    .await;
     let mut env = kms_env(m, &arn);
-    env.push(("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("{}/creds", server.url)));
-    assert_child_passed(&run_child("chain_refreshes_credentials_shortly_before_they_expire", &env).await);
+    env.push((
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        format!("{}/creds", server.url),
+    ));
+    assert_child_passed(
+        &run_child(
+            "chain_refreshes_credentials_shortly_before_they_expire",
+            &env,
+        )
+        .await,
+    );
     assert_eq!(server.seen.lock().unwrap().len(), 3);
 }

@@ -48,7 +48,7 @@ const AD_CONTEXT_KEY: &str = "associatedData";
 
 /// One configured AWS KMS provider (`aws` or `aws:<name>`).
 pub(crate) struct AwsKms {
-    name: String,
+    /// Also the provider's name (`aws`, `aws:prod`).
     http: HttpClient,
     credentials: CredentialSource,
     /// `AWS_ENDPOINT_URL_KMS`, else `AWS_ENDPOINT_URL`, when the provider was built.
@@ -58,7 +58,7 @@ pub(crate) struct AwsKms {
 impl fmt::Debug for AwsKms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AwsKms")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field("credentials", &self.credentials)
             .finish_non_exhaustive()
     }
@@ -94,7 +94,6 @@ impl AwsKms {
         let credentials =
             CredentialSource::from_entry(ctx.name, credentials, env, HttpClient::new(ctx)?)?;
         Ok(AwsKms {
-            name: ctx.name.to_owned(),
             http: HttpClient::new(ctx)?,
             credentials,
             env_endpoint,
@@ -102,7 +101,7 @@ impl AwsKms {
     }
 
     fn config_error(&self, what: impl fmt::Display) -> Error {
-        Error::KeyFormat(format!("KMS {}: masterKey: {what}", self.name))
+        Error::KeyFormat(format!("KMS {}: masterKey: {what}", self.name()))
     }
 
     /// Checks a `masterKey` document's fields (see the module docs).
@@ -116,11 +115,11 @@ impl AwsKms {
                 _ => return Err(self.config_error(format!("{k} must be a non-empty string"))),
             };
             match k.as_str() {
-                "provider" if text == self.name => {}
+                "provider" if text == self.name() => {}
                 "provider" => {
                     return Err(self.config_error(format!(
                         "provider {text:?} is not this provider ({:?})",
-                        self.name
+                        self.name()
                     )))
                 }
                 "region" => region = Some(text),
@@ -134,7 +133,8 @@ impl AwsKms {
             }
         }
         let region = region.ok_or_else(|| self.config_error("region is missing"))?;
-        let key = key.ok_or_else(|| self.config_error("key is missing (a KMS key ARN, id or alias)"))?;
+        let key =
+            key.ok_or_else(|| self.config_error("key is missing (a KMS key ARN, id or alias)"))?;
         if !region
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -155,9 +155,9 @@ impl AwsKms {
     /// The URL requests for this master key go to.
     fn url(&self, mk: &MasterKey<'_>) -> Result<reqwest::Url> {
         match (mk.endpoint, &self.env_endpoint) {
-            (Some(e), _) => endpoint_url(&self.name, e),
-            (None, Some(e)) => endpoint_url(&self.name, e),
-            (None, None) => endpoint_url(&self.name, &format!("kms.{}.amazonaws.com", mk.region)),
+            (Some(e), _) => endpoint_url(self.name(), e),
+            (None, Some(e)) => endpoint_url(self.name(), e),
+            (None, None) => endpoint_url(self.name(), &format!("kms.{}.amazonaws.com", mk.region)),
         }
     }
 
@@ -169,14 +169,14 @@ impl AwsKms {
         body: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>> {
         let url = self.url(mk)?;
-        let creds = self.credentials.get(&self.name, mk.key).await?;
+        let creds = self.credentials.get(self.name(), mk.key).await?;
         let response = self
             .http
             .send_with(
                 mk.key,
                 &|client: &reqwest::Client| {
                     self.signed(client, &url, mk.region, target, body, &creds)
-                        .map_err(|what| kms_error(&self.name, mk.key, what))
+                        .map_err(|what| kms_error(self.name(), mk.key, what))
                 },
                 &retryable,
             )
@@ -266,7 +266,7 @@ impl AwsKms {
                     Some(code) => (code, xml_text(&text, "Message").unwrap_or_default()),
                     None => {
                         return kms_error(
-                            &self.name,
+                            self.name(),
                             mk.key,
                             format!("HTTP {status} without a KMS error in the body"),
                         )
@@ -274,7 +274,10 @@ impl AwsKms {
                 }
             }
         };
-        if matches!(kind.as_str(), "InvalidCiphertextException" | "IncorrectKeyException") {
+        if matches!(
+            kind.as_str(),
+            "InvalidCiphertextException" | "IncorrectKeyException"
+        ) {
             return Error::Decrypt;
         }
         let mut message = one_line(&message);
@@ -292,15 +295,22 @@ impl AwsKms {
             message.push_str("[REDACTED]");
         }
         let hint = match kind.as_str() {
-            "UnrecognizedClientException" | "InvalidClientTokenId" | "InvalidSignatureException"
-            | "SignatureDoesNotMatch" => " (check the credentials, and that the region is the key's)",
+            "UnrecognizedClientException"
+            | "InvalidClientTokenId"
+            | "InvalidSignatureException"
+            | "SignatureDoesNotMatch" => {
+                " (check the credentials, and that the region is the key's)"
+            }
             _ => "",
         };
         let sep = if message.is_empty() { "" } else { ": " };
         kms_error(
-            &self.name,
+            self.name(),
             mk.key,
-            format!("{kind}{sep}{message}{hint} (HTTP {status}, region {})", mk.region),
+            format!(
+                "{kind}{sep}{message}{hint} (HTTP {status}, region {})",
+                mk.region
+            ),
         )
     }
 }
@@ -309,7 +319,11 @@ impl AwsKms {
 /// besides the statuses every provider retries.
 fn retryable(r: &HttpResponse) -> bool {
     transient_status(r)
-        || (r.status == 400 && matches!(error_type(&r.body).as_deref(), Some("ThrottlingException" | "LimitExceededException")))
+        || (r.status == 400
+            && matches!(
+                error_type(&r.body).as_deref(),
+                Some("ThrottlingException" | "LimitExceededException")
+            ))
 }
 
 /// The `__type` of a KMS error body, without its namespace
@@ -337,10 +351,12 @@ fn context(ad: &[u8]) -> Option<[(&'static str, String); 1]> {
 
 fn hex_lower(bytes: &[u8]) -> String {
     use core::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Serializes a request body into a buffer that is wiped on drop, sized so that it does not
@@ -375,12 +391,12 @@ struct DecryptRequest<'a> {
 #[async_trait::async_trait]
 impl Kms for AwsKms {
     fn name(&self) -> &str {
-        &self.name
+        self.http.provider()
     }
 
     fn master_key(&self, master_key: &Document) -> Result<Document> {
         let mk = self.parse(master_key)?;
-        let mut out = doc! { "provider": self.name.as_str(), "region": mk.region, "key": mk.key };
+        let mut out = doc! { "provider": self.name(), "region": mk.region, "key": mk.key };
         if let Some(e) = mk.endpoint {
             out.insert("endpoint", e);
         }
@@ -395,11 +411,14 @@ impl Kms for AwsKms {
     ) -> Result<(Document, Vec<u8>)> {
         let mk = self.parse(master_key)?;
         let plaintext = Zeroizing::new(B64.encode(dek.expose_secret()));
-        let body = json_body(&EncryptRequest {
-            key_id: mk.key,
-            plaintext: &plaintext,
-            context: context(ad).map(|c| c.into_iter().collect()),
-        }, plaintext.len() + mk.key.len() + 2 * ad.len());
+        let body = json_body(
+            &EncryptRequest {
+                key_id: mk.key,
+                plaintext: &plaintext,
+                context: context(ad).map(|c| c.into_iter().collect()),
+            },
+            plaintext.len() + mk.key.len() + 2 * ad.len(),
+        );
         drop(plaintext);
         let response = self.call(&mk, "TrentService.Encrypt", &body).await?;
         #[derive(Deserialize)]
@@ -411,21 +430,35 @@ impl Kms for AwsKms {
             .ok()
             .and_then(|r| B64.decode(r.blob).ok())
             .filter(|b| !b.is_empty())
-            .ok_or_else(|| kms_error(&self.name, mk.key, "Encrypt answered without a CiphertextBlob"))?;
+            .ok_or_else(|| {
+                kms_error(
+                    self.name(),
+                    mk.key,
+                    "Encrypt answered without a CiphertextBlob",
+                )
+            })?;
         Ok((self.master_key(master_key)?, blob))
     }
 
-    async fn decrypt(&self, master_key: &Document, wrapped: &[u8], ad: &[u8]) -> Result<KeyMaterial> {
+    async fn decrypt(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        ad: &[u8],
+    ) -> Result<KeyMaterial> {
         let mk = self.parse(master_key)?;
         if wrapped.is_empty() {
             return Err(Error::Decrypt);
         }
         let blob = B64.encode(wrapped);
-        let body = json_body(&DecryptRequest {
-            blob: &blob,
-            key_id: decrypt_key_id(mk.key),
-            context: context(ad).map(|c| c.into_iter().collect()),
-        }, blob.len() + mk.key.len() + 2 * ad.len());
+        let body = json_body(
+            &DecryptRequest {
+                blob: &blob,
+                key_id: decrypt_key_id(mk.key),
+                context: context(ad).map(|c| c.into_iter().collect()),
+            },
+            blob.len() + mk.key.len() + 2 * ad.len(),
+        );
         let response = self.call(&mk, "TrentService.Decrypt", &body).await?;
         #[derive(Deserialize)]
         struct DecryptResponse {
@@ -435,7 +468,9 @@ impl Kms for AwsKms {
         let plaintext = serde_json::from_slice::<DecryptResponse>(&response)
             .ok()
             .and_then(|r| B64.decode(r.plaintext.as_bytes()).ok().map(Zeroizing::new))
-            .ok_or_else(|| kms_error(&self.name, mk.key, "Decrypt answered without a Plaintext"))?;
+            .ok_or_else(|| {
+                kms_error(self.name(), mk.key, "Decrypt answered without a Plaintext")
+            })?;
         Ok(KeyMaterial::from_slice(&plaintext))
     }
 }
@@ -462,9 +497,18 @@ mod tests {
             doc! { "accessKeyId": "AKIAIOSFODNN7EXAMPLE", "secretAccessKey": secret, "sessionToken": token },
             &[],
         );
-        let chain = kms(doc! {}, &[("AWS_SECRET_ACCESS_KEY", secret), ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")]);
+        let chain = kms(
+            doc! {},
+            &[
+                ("AWS_SECRET_ACCESS_KEY", secret),
+                ("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE"),
+            ],
+        );
         let shown = format!("{k:?} {chain:?}");
-        assert!(shown.contains("AKIA…") && shown.contains("DefaultChain"), "{shown}");
+        assert!(
+            shown.contains("AKIA…") && shown.contains("DefaultChain"),
+            "{shown}"
+        );
         for s in [secret, token, "IOSFODNN7EXAMPLE"] {
             assert!(!shown.contains(s), "{shown}");
         }
@@ -481,28 +525,49 @@ mod tests {
         };
         let url = |k: &AwsKms, d: &Document| k.url(&k.parse(d).unwrap()).unwrap().to_string();
         let none = kms(doc! {}, &[]);
-        assert_eq!(url(&none, &mk(None)), "https://kms.eu-west-3.amazonaws.com/");
-        assert_eq!(url(&none, &mk(Some("kms.example.com:8443"))), "https://kms.example.com:8443/");
-        assert_eq!(url(&none, &mk(Some("http://127.0.0.1:4566"))), "http://127.0.0.1:4566/");
+        assert_eq!(
+            url(&none, &mk(None)),
+            "https://kms.eu-west-3.amazonaws.com/"
+        );
+        assert_eq!(
+            url(&none, &mk(Some("kms.example.com:8443"))),
+            "https://kms.example.com:8443/"
+        );
+        assert_eq!(
+            url(&none, &mk(Some("http://127.0.0.1:4566"))),
+            "http://127.0.0.1:4566/"
+        );
         let any = kms(doc! {}, &[("AWS_ENDPOINT_URL", "https://any.example.com")]);
         assert_eq!(url(&any, &mk(None)), "https://any.example.com/");
         let both = kms(
             doc! {},
-            &[("AWS_ENDPOINT_URL", "https://any.example.com"), ("AWS_ENDPOINT_URL_KMS", "https://kms.example.com")],
+            &[
+                ("AWS_ENDPOINT_URL", "https://any.example.com"),
+                ("AWS_ENDPOINT_URL_KMS", "https://kms.example.com"),
+            ],
         );
         assert_eq!(url(&both, &mk(None)), "https://kms.example.com/");
         // The masterKey's endpoint wins over the environment.
-        assert_eq!(url(&both, &mk(Some("kms.other.com"))), "https://kms.other.com/");
+        assert_eq!(
+            url(&both, &mk(Some("kms.other.com"))),
+            "https://kms.other.com/"
+        );
     }
 
     #[test]
     fn refusals_are_classified() {
-        let k = kms(doc! { "accessKeyId": "AKIAX", "secretAccessKey": "the-secret" }, &[]);
+        let k = kms(
+            doc! { "accessKeyId": "AKIAX", "secretAccessKey": "the-secret" },
+            &[],
+        );
         let d = doc! { "provider": "aws", "region": "us-east-1", "key": "arn:k" };
         let mk = k.parse(&d).unwrap();
         let creds = Credentials::for_tests("AKIAX", "the-secret");
         let refuse = |status, body: &str| k.refusal(&mk, status, body.as_bytes(), &creds);
-        for t in ["InvalidCiphertextException", "com.amazonaws.kms#IncorrectKeyException"] {
+        for t in [
+            "InvalidCiphertextException",
+            "com.amazonaws.kms#IncorrectKeyException",
+        ] {
             let body = format!(r#"{{"__type":"{t}"}}"#);
             assert!(matches!(refuse(400, &body), Error::Decrypt), "{t}");
         }
@@ -520,30 +585,51 @@ mod tests {
             assert!(matches!(e, Error::Kms { .. }) && shown.contains(says) && shown.contains("key arn:k"), "{shown}");
             assert!(!shown.contains("the-secret") && !shown.contains("abcdef"), "{shown}");
         }
-        let throttled = HttpResponse { status: 400, body: br#"{"__type":"ThrottlingException"}"#.to_vec() };
-        let denied = HttpResponse { status: 400, body: br#"{"__type":"AccessDeniedException"}"#.to_vec() };
+        let throttled = HttpResponse {
+            status: 400,
+            body: br#"{"__type":"ThrottlingException"}"#.to_vec(),
+        };
+        let denied = HttpResponse {
+            status: 400,
+            body: br#"{"__type":"AccessDeniedException"}"#.to_vec(),
+        };
         assert!(retryable(&throttled) && !retryable(&denied));
-        assert!(retryable(&HttpResponse { status: 503, body: Vec::new() }));
+        assert!(retryable(&HttpResponse {
+            status: 503,
+            body: Vec::new()
+        }));
     }
 
     #[test]
     fn bodies_are_libmongocrypts_for_empty_ad() {
-        let e = json_body(&EncryptRequest {
-            key_id: "arn:k",
-            plaintext: "AAE=",
-            context: context(&[]).map(|c| c.into_iter().collect()),
-        }, 0);
-        assert_eq!(std::str::from_utf8(&e).unwrap(), r#"{"KeyId":"arn:k","Plaintext":"AAE="}"#);
-        let d = json_body(&DecryptRequest {
-            blob: "AQI=",
-            key_id: decrypt_key_id("alias/x"),
-            context: context(&[0xab, 1]).map(|c| c.into_iter().collect()),
-        }, 0);
+        let e = json_body(
+            &EncryptRequest {
+                key_id: "arn:k",
+                plaintext: "AAE=",
+                context: context(&[]).map(|c| c.into_iter().collect()),
+            },
+            0,
+        );
+        assert_eq!(
+            std::str::from_utf8(&e).unwrap(),
+            r#"{"KeyId":"arn:k","Plaintext":"AAE="}"#
+        );
+        let d = json_body(
+            &DecryptRequest {
+                blob: "AQI=",
+                key_id: decrypt_key_id("alias/x"),
+                context: context(&[0xab, 1]).map(|c| c.into_iter().collect()),
+            },
+            0,
+        );
         assert_eq!(
             std::str::from_utf8(&d).unwrap(),
             r#"{"CiphertextBlob":"AQI=","EncryptionContext":{"associatedData":"ab01"}}"#
         );
         assert_eq!(decrypt_key_id("arn:aws:kms:us-east-1:1:alias/x"), None);
-        assert_eq!(decrypt_key_id("arn:aws:kms:us-east-1:1:key/k"), Some("arn:aws:kms:us-east-1:1:key/k"));
+        assert_eq!(
+            decrypt_key_id("arn:aws:kms:us-east-1:1:key/k"),
+            Some("arn:aws:kms:us-east-1:1:key/k")
+        );
     }
 }

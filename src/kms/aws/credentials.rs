@@ -84,8 +84,10 @@ impl Credentials {
     }
 
     fn fresh(&self, now: SystemTime) -> bool {
-        self.expires
-            .is_none_or(|at| at.duration_since(now).is_ok_and(|left| left > REFRESH_BEFORE))
+        self.expires.is_none_or(|at| {
+            at.duration_since(now)
+                .is_ok_and(|left| left > REFRESH_BEFORE)
+        })
     }
 }
 
@@ -145,7 +147,9 @@ impl Env {
     }
 
     fn home(&self) -> Option<PathBuf> {
-        self.get("HOME").or_else(|| self.get("USERPROFILE")).map(PathBuf::from)
+        self.get("HOME")
+            .or_else(|| self.get("USERPROFILE"))
+            .map(PathBuf::from)
     }
 
     /// A path from a variable, else `~/.aws/<name>`; `~/` expanded as the SDKs do.
@@ -288,26 +292,26 @@ impl Chain {
 
     async fn resolve(&self, provider: &str, key_id: &str) -> Result<Credentials> {
         let fail = |what: String| kms_error(provider, key_id, format!("AWS credentials: {what}"));
-        if let Some(c) = self.from_env().map_err(fail)? {
+        if let Some(c) = self.environment().map_err(fail)? {
             return Ok(c);
         }
-        if let Some(c) = self.from_web_identity(provider, key_id).await? {
+        if let Some(c) = self.web_identity(provider, key_id).await? {
             return Ok(c);
         }
-        if let Some(c) = self.from_profile().map_err(fail)? {
+        if let Some(c) = self.shared_files().map_err(fail)? {
             return Ok(c);
         }
-        if let Some(c) = self.from_container(provider, key_id).await? {
+        if let Some(c) = self.container(provider, key_id).await? {
             return Ok(c);
         }
-        match self.from_imds().await {
+        match self.instance_metadata().await {
             Ok(Some(c)) => Ok(c),
             Ok(None) => Err(fail(NONE_FOUND.to_owned())),
             Err(e) => Err(fail(format!("{NONE_FOUND}; instance metadata: {e}"))),
         }
     }
 
-    fn from_env(&self) -> core::result::Result<Option<Credentials>, String> {
+    fn environment(&self) -> core::result::Result<Option<Credentials>, String> {
         match (
             self.env.get("AWS_ACCESS_KEY_ID"),
             self.env.get("AWS_SECRET_ACCESS_KEY"),
@@ -324,7 +328,7 @@ impl Chain {
         }
     }
 
-    async fn from_web_identity(&self, provider: &str, key_id: &str) -> Result<Option<Credentials>> {
+    async fn web_identity(&self, provider: &str, key_id: &str) -> Result<Option<Credentials>> {
         let (Some(token_file), Some(role)) = (
             self.env.get("AWS_WEB_IDENTITY_TOKEN_FILE"),
             self.env.get("AWS_ROLE_ARN"),
@@ -371,16 +375,17 @@ impl Chain {
             .await?;
         let body = Zeroizing::new(String::from_utf8_lossy(&response.body).into_owned());
         if response.status != 200 {
-            return Err(fail(match (xml_text(&body, "Code"), xml_text(&body, "Message")) {
-                (Some(code), Some(message)) => {
-                    format!("STS: {code}: {}", one_line(&message))
-                }
-                _ => format!("STS answered HTTP {}", response.status),
-            }));
+            return Err(fail(
+                match (xml_text(&body, "Code"), xml_text(&body, "Message")) {
+                    (Some(code), Some(message)) => {
+                        format!("STS: {code}: {}", one_line(&message))
+                    }
+                    _ => format!("STS answered HTTP {}", response.status),
+                },
+            ));
         }
         let field = |name: &str| {
-            xml_text(&body, name)
-                .ok_or_else(|| fail(format!("STS response without {name}")))
+            xml_text(&body, name).ok_or_else(|| fail(format!("STS response without {name}")))
         };
         let access_key_id = field("AccessKeyId")?;
         let secret = Zeroizing::new(field("SecretAccessKey")?);
@@ -415,10 +420,12 @@ impl Chain {
         }
     }
 
-    fn from_profile(&self) -> core::result::Result<Option<Credentials>, String> {
+    fn shared_files(&self) -> core::result::Result<Option<Credentials>, String> {
         let explicit = self.env.get("AWS_PROFILE");
         let name = explicit.unwrap_or("default");
-        let credentials_file = self.env.aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials");
+        let credentials_file = self
+            .env
+            .aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials");
         let config_file = self.env.aws_file("AWS_CONFIG_FILE", "config");
         let mut profile: Option<BTreeMap<String, Zeroizing<String>>> = None;
         // The config file first: the credentials file's values win.
@@ -455,9 +462,15 @@ impl Chain {
                 "profile {name:?} in {files} needs both aws_access_key_id and aws_secret_access_key"
             )),
             (None, None) => {
-                let unsupported = ["role_arn", "credential_process", "sso_session", "sso_start_url", "web_identity_token_file"]
-                    .into_iter()
-                    .find(|k| profile.contains_key(*k));
+                let unsupported = [
+                    "role_arn",
+                    "credential_process",
+                    "sso_session",
+                    "sso_start_url",
+                    "web_identity_token_file",
+                ]
+                .into_iter()
+                .find(|k| profile.contains_key(*k));
                 match (unsupported, explicit) {
                     (Some(k), _) => Err(format!(
                         "profile {name:?} uses {k}, which fieldcrypt does not support (static keys only; \
@@ -470,7 +483,7 @@ impl Chain {
         }
     }
 
-    async fn from_container(&self, provider: &str, key_id: &str) -> Result<Option<Credentials>> {
+    async fn container(&self, provider: &str, key_id: &str) -> Result<Option<Credentials>> {
         let url = match (
             self.env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
             self.env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
@@ -480,7 +493,11 @@ impl Chain {
             (None, None) => return Ok(None),
         };
         let fail = |what: String| {
-            kms_error(provider, key_id, format!("AWS credentials: container endpoint: {what}"))
+            kms_error(
+                provider,
+                key_id,
+                format!("AWS credentials: container endpoint: {what}"),
+            )
         };
         let token = match (
             self.env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"),
@@ -491,7 +508,9 @@ impl Chain {
                 std::fs::read_to_string(file)
                     .map(Zeroizing::new)
                     .map_err(|e| {
-                        fail(format!("cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {e}"))
+                        fail(format!(
+                            "cannot read AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE: {e}"
+                        ))
                     })?
                     .trim(),
             )),
@@ -530,7 +549,7 @@ impl Chain {
         parse_json_credentials(&body).map(Some).map_err(fail)
     }
 
-    async fn from_imds(&self) -> core::result::Result<Option<Credentials>, String> {
+    async fn instance_metadata(&self) -> core::result::Result<Option<Credentials>, String> {
         if self
             .env
             .get("AWS_EC2_METADATA_DISABLED")
@@ -669,7 +688,9 @@ fn parse_json_credentials(body: &[u8]) -> core::result::Result<Credentials, Stri
 
 /// An RFC 3339 time (`2026-12-03T15:00:00Z`).
 fn parse_time(text: &str) -> Option<SystemTime> {
-    let millis = bson::DateTime::parse_rfc3339_str(text.trim()).ok()?.timestamp_millis();
+    let millis = bson::DateTime::parse_rfc3339_str(text.trim())
+        .ok()?
+        .timestamp_millis();
     let millis = u64::try_from(millis).ok()?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(millis))
 }
@@ -682,7 +703,10 @@ pub(crate) fn xml_text(xml: &str, name: &str) -> Option<String> {
     let start = xml.find(&open)? + open.len();
     let len = xml[start..].find(&close)?;
     let raw = xml[start..start + len].trim();
-    if let Some(cdata) = raw.strip_prefix("<![CDATA[").and_then(|r| r.strip_suffix("]]>")) {
+    if let Some(cdata) = raw
+        .strip_prefix("<![CDATA[")
+        .and_then(|r| r.strip_suffix("]]>"))
+    {
         return Some(cdata.to_owned());
     }
     Some(
@@ -782,7 +806,10 @@ mod tests {
             get(creds, "dev", false).unwrap(),
             ["aws_access_key_id=AKIDDEV", "aws_secret_access_key=s2"]
         );
-        assert_eq!(get(config, "dev", true).unwrap(), ["region=eu-west-1", "s3="]);
+        assert_eq!(
+            get(config, "dev", true).unwrap(),
+            ["region=eu-west-1", "s3="]
+        );
         assert_eq!(get(config, "default", true).unwrap(), ["region=us-east-1"]);
         // `[profiled]` is not `[profile d]`, and config sections need the `profile` prefix.
         assert_eq!(get(config, "d", true), None);
@@ -792,14 +819,17 @@ mod tests {
 
     #[test]
     fn xml_and_times() {
-        let xml = "<R><Credentials><AccessKeyId>ASIA1</AccessKeyId><SessionToken>a&amp;b</SessionToken>\
+        let xml =
+            "<R><Credentials><AccessKeyId>ASIA1</AccessKeyId><SessionToken>a&amp;b</SessionToken>\
                    <Expiration>2030-01-02T03:04:05.123Z</Expiration></Credentials></R>";
         assert_eq!(xml_text(xml, "AccessKeyId").unwrap(), "ASIA1");
         assert_eq!(xml_text(xml, "SessionToken").unwrap(), "a&b");
         assert_eq!(xml_text(xml, "Nope"), None);
         let t = parse_time(&xml_text(xml, "Expiration").unwrap()).unwrap();
         assert_eq!(
-            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis(),
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
             1_893_553_445_123
         );
         assert_eq!(parse_time("yesterday"), None);

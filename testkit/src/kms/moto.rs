@@ -279,7 +279,9 @@ print(json.dumps([c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"]]))"#
                 secret_access_key: secret,
                 session_token: Some(token),
             }),
-            Err(v) => Err(Error::Unavailable(format!("moto assume_role printed {v:?}"))),
+            Err(v) => Err(Error::Unavailable(format!(
+                "moto assume_role printed {v:?}"
+            ))),
         }
     }
 
