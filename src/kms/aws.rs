@@ -92,7 +92,7 @@ impl AwsKms {
             .or_else(|| env.get("AWS_ENDPOINT_URL"))
             .map(str::to_owned);
         let credentials =
-            CredentialSource::from_entry(ctx.name, credentials, env, HttpClient::new(ctx)?)?;
+            CredentialSource::from_entry(ctx.name, credentials, env, || HttpClient::new(ctx))?;
         Ok(AwsKms {
             http: HttpClient::new(ctx)?,
             credentials,

@@ -183,7 +183,8 @@ impl fmt::Debug for CredentialSource {
 
 impl CredentialSource {
     /// Reads a `kmsProviders` entry: `{accessKeyId, secretAccessKey, sessionToken?}`, or empty
-    /// for the chain (which then reads `env`; `sts` reaches STS for web identity).
+    /// for the chain (which then reads `env`; `sts` makes the client that reaches STS for web
+    /// identity and HTTPS container endpoints).
     ///
     /// # Errors
     /// [`Error::KeyFormat`] for unknown fields, fields that are not non-empty strings, or a key
@@ -192,11 +193,13 @@ impl CredentialSource {
         provider: &str,
         entry: &Document,
         env: Env,
-        sts: HttpClient,
+        sts: impl FnOnce() -> Result<HttpClient>,
     ) -> Result<Self> {
         if entry.is_empty() {
             return Ok(CredentialSource::Chain(Box::new(Chain::new(
-                provider, env, sts,
+                provider,
+                env,
+                sts()?,
             )?)));
         }
         let bad = |what: String| Error::KeyFormat(format!("kmsProviders.{provider}: {what}"));

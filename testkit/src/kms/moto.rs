@@ -3,9 +3,9 @@
 //! `moto[server]` (pinned below) is installed from PyPI into its own virtual environment under
 //! the dev server's cache directory, once per machine ([`PythonEnv`]). Each [`Moto`] is a
 //! `moto_server` on a free loopback port, under a [`Service`] (killed with the test process),
-//! reached through a small TCP gate in this process: [`Moto::stop`] closes the gate (new
-//! connections are refused, open ones cut) and [`Moto::restart`] opens it again on the same
-//! port, with moto's state (its keys) intact — what an outage test needs.
+//! reached through a [`Gate`]: [`Moto::stop`] closes it (new connections are refused, open
+//! ones cut) and [`Moto::restart`] opens it again on the same port, with moto's state (its
+//! keys) intact — what an outage test needs.
 //!
 //! Two kinds:
 //! - [`Moto::shared`] / [`Moto::start`]: requests are not authenticated (any credentials do);
@@ -16,15 +16,13 @@
 //! moto 5.1 does not model a disabled key's refusals: `Encrypt` and `Decrypt` still work after
 //! [`Moto::disable_key`] (AWS answers `DisabledException`).
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
+use super::gate::Gate;
 use crate::service::{free_port, Error, PythonEnv, Result, Service};
 
 /// The moto virtual environment: the server and boto3 (for the helpers), pinned.
@@ -173,7 +171,7 @@ impl Moto {
         };
         let gate = Gate::new(SocketAddr::from(([127, 0, 0, 1], port)))?;
         Ok(Moto {
-            endpoint: format!("http://127.0.0.1:{}", gate.port),
+            endpoint: format!("http://127.0.0.1:{}", gate.port()),
             backend,
             gate,
             python,
@@ -189,7 +187,7 @@ impl Moto {
 
     /// The gate's port (the same across [`Moto::stop`] and [`Moto::restart`]).
     pub fn port(&self) -> u16 {
-        self.gate.port
+        self.gate.port()
     }
 
     /// The users and role of a [`Moto::start_with_iam`] server.
@@ -293,9 +291,9 @@ print(json.dumps([c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"]]))"#
     /// Brings it back on the same port, with the same keys.
     ///
     /// # Errors
-    /// [`Error::Io`] when the port cannot be bound again.
+    /// As [`Gate::open`].
     pub fn restart(&self) -> Result<()> {
-        self.gate.open().map_err(Error::Io)
+        self.gate.open()
     }
 
     /// The server's last log lines.
@@ -323,118 +321,4 @@ fn run_python(python: &Path, code: &str, args: &[&str]) -> Result<String> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A TCP forwarder on a fixed loopback port that can be closed and opened again.
-struct Gate {
-    port: u16,
-    backend: SocketAddr,
-    state: Mutex<GateState>,
-}
-
-#[derive(Default)]
-struct GateState {
-    running: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Gate {
-    fn new(backend: SocketAddr) -> Result<Gate> {
-        let port = free_port()?;
-        let gate = Gate {
-            port,
-            backend,
-            state: Mutex::new(GateState::default()),
-        };
-        gate.open().map_err(Error::Io)?;
-        Ok(gate)
-    }
-
-    fn open(&self) -> io::Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.running.is_some() {
-            return Ok(());
-        }
-        // The port was ours a moment ago; give the kernel a little time if it still holds it.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline && e.kind() == io::ErrorKind::AddrInUse => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        listener.set_nonblocking(true)?;
-        let running = Arc::new(AtomicBool::new(true));
-        let flag = Arc::clone(&running);
-        let conns = Arc::clone(&state.conns);
-        let backend = self.backend;
-        let accept = std::thread::spawn(move || {
-            while flag.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        let _ = client.set_nonblocking(false);
-                        if let Ok(server) = TcpStream::connect(backend) {
-                            forward(client, server, &conns);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-            // Dropping the listener here closes the port.
-        });
-        state.running = Some((running, accept));
-        Ok(())
-    }
-
-    fn close(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((flag, accept)) = state.running.take() {
-            flag.store(false, Ordering::SeqCst);
-            let _ = accept.join();
-        }
-        let mut conns = state.conns.lock().unwrap_or_else(|e| e.into_inner());
-        for c in conns.drain(..) {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-/// Copies both ways on two threads; records the sockets so that [`Gate::close`] can cut them.
-fn forward(client: TcpStream, server: TcpStream, conns: &Arc<Mutex<Vec<TcpStream>>>) {
-    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
-        return;
-    };
-    if let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) {
-        let mut list = conns.lock().unwrap_or_else(|e| e.into_inner());
-        // Forget sockets of finished connections now and then.
-        list.retain(|s| s.peer_addr().is_ok());
-        list.push(c3);
-        list.push(s3);
-    }
-    std::thread::spawn(move || pipe(client, s2));
-    std::thread::spawn(move || pipe(server, c2));
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
 }
