@@ -514,6 +514,123 @@ async fn unreachable_kms_is_retried_a_bounded_number_of_times_then_reported() {
     );
 }
 
+/// A proxy in front of moto that answers the first `throttle` requests as KMS does under load
+/// (HTTP 400, `ThrottlingException`) and passes the others through; counts requests.
+async fn throttling_proxy(backend: &str, throttle: usize) -> (String, Arc<Mutex<usize>>) {
+    let backend = backend.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let count = Arc::new(Mutex::new(0usize));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let n = {
+                let mut c = seen.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let backend = backend.clone();
+            tokio::spawn(async move {
+                let Some(request) = read_request(&mut sock).await else {
+                    return;
+                };
+                if n <= throttle {
+                    let body = r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#;
+                    let reply = format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = sock.write_all(reply.as_bytes()).await;
+                    return;
+                }
+                let mut up = tokio::net::TcpStream::connect(&backend).await.unwrap();
+                up.write_all(&request).await.unwrap();
+                let mut response = Vec::new();
+                let _ = up.read_to_end(&mut response).await;
+                let _ = sock.write_all(&response).await;
+            });
+        }
+    });
+    (url, count)
+}
+
+/// One HTTP/1.1 request (headers and `content-length` body), with `connection: close` added
+/// (an unsigned header) so that the backend ends its response by closing.
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + 4 + len {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let mut out = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        .into_bytes();
+    out.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+    out.extend_from_slice(&buf[head_end + 4..head_end + 4 + len]);
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttling_is_retried_then_reported() {
+    let m = moto();
+    let kms = Arc::new(
+        KmsProviders::from_document_with(&doc! { "aws": entry(&m.credentials()) }, &fast())
+            .unwrap(),
+    );
+    // Two throttled answers, then moto: the third attempt (of three) succeeds.
+    let (url, count) = throttling_proxy(m.endpoint(), 2).await;
+    let mut mk = master_key(m, shared_key());
+    mk.insert("endpoint", url.as_str());
+    let (stored, wrapped) = kms
+        .kek_for(&mk)
+        .unwrap()
+        .wrap_with_ad(&material(1, 32), b"t")
+        .await
+        .unwrap();
+    assert_eq!(*count.lock().unwrap(), 3);
+    assert_eq!(stored.get_str("endpoint").unwrap(), url);
+    // Throttled for longer than the policy's attempts: one clear error, after exactly three.
+    let (url, count) = throttling_proxy(m.endpoint(), usize::MAX).await;
+    mk.insert("endpoint", url.as_str());
+    let e = kms
+        .unwrapper()
+        .unwrap_with_ad(&mk, &wrapped, b"t")
+        .await
+        .unwrap_err();
+    assert!(
+        kms_reason(&e).contains("ThrottlingException: Rate exceeded"),
+        "{e}"
+    );
+    assert_eq!(*count.lock().unwrap(), 3);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Key vault
 
