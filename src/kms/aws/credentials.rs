@@ -376,14 +376,17 @@ impl Chain {
                     .map_err(|e| fail(format!("cannot build the STS request: {e}")))
             })
             .await?;
-        let body = Zeroizing::new(String::from_utf8_lossy(&response.body).into_owned());
-        if response.status != 200 {
+        let status = response.status;
+        let raw = Zeroizing::new(response.body);
+        let body = Zeroizing::new(String::from_utf8_lossy(&raw).into_owned());
+        drop(raw);
+        if status != 200 {
             return Err(fail(
                 match (xml_text(&body, "Code"), xml_text(&body, "Message")) {
                     (Some(code), Some(message)) => {
                         format!("STS: {code}: {}", one_line(&message))
                     }
-                    _ => format!("STS answered HTTP {}", response.status),
+                    _ => format!("STS answered HTTP {status}"),
                 },
             ));
         }
@@ -487,13 +490,8 @@ impl Chain {
     }
 
     async fn container(&self, provider: &str, key_id: &str) -> Result<Option<Credentials>> {
-        let url = match (
-            self.env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
-            self.env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
-        ) {
-            (Some(relative), _) => format!("{CONTAINER_HOST}{relative}"),
-            (None, Some(full)) => full.to_owned(),
-            (None, None) => return Ok(None),
+        let Some(url) = container_url(&self.env) else {
+            return Ok(None);
         };
         let fail = |what: String| {
             kms_error(
@@ -601,6 +599,19 @@ impl Chain {
 const NONE_FOUND: &str = "none found (tried AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, web \
      identity, the shared credentials and config files, the container endpoint and instance \
      metadata)";
+
+/// The container credentials URL: `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` on the ECS agent,
+/// else `AWS_CONTAINER_CREDENTIALS_FULL_URI`.
+fn container_url(env: &Env) -> Option<String> {
+    match (
+        env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"),
+        env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+    ) {
+        (Some(relative), _) => Some(format!("{CONTAINER_HOST}{relative}")),
+        (None, Some(full)) => Some(full.to_owned()),
+        (None, None) => None,
+    }
+}
 
 /// The SDKs' rule for container credential URLs: https anywhere, plain http only to a
 /// loopback address or the ECS and EKS agents' link-local addresses.
@@ -836,6 +847,31 @@ mod tests {
             1_893_553_445_123
         );
         assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn container_url_relative_wins() {
+        let both = Env::from_pairs(&[
+            (
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                "/v2/credentials/abc",
+            ),
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/x"),
+        ]);
+        assert_eq!(
+            container_url(&both).unwrap(),
+            "http://169.254.170.2/v2/credentials/abc"
+        );
+        let full =
+            Env::from_pairs(&[("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:1/x")]);
+        assert_eq!(container_url(&full).unwrap(), "http://127.0.0.1:1/x");
+        assert_eq!(
+            container_url(&Env::from_pairs(&[(
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                ""
+            )])),
+            None
+        );
     }
 
     #[test]
