@@ -4,3 +4,4 @@
 //! Azure Key Vault and Google Cloud KMS have no local server; their tests use fakes.
 
 pub mod gate;
+pub mod moto;
