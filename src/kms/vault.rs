@@ -145,7 +145,10 @@ impl VaultKms {
         token_file: fn() -> Option<PathBuf>,
     ) -> Result<Self> {
         let name = ctx.name;
-        let config = |what: String| kms_error(name, "-", format!("kmsProviders.{name}: {what}"));
+        let config = |what: String| Error::Kms {
+            provider: name.to_owned(),
+            reason: format!("kmsProviders.{name}: {what}"),
+        };
         let mut addr = None;
         let mut token = None;
         let mut namespace = None;
@@ -289,8 +292,8 @@ impl VaultKms {
         ))
     }
 
-    /// Sends `body` to `op` of the key; returns the response's `data` object as JSON text's
-    /// parsed value, wiped on drop, or the error Vault's answer means.
+    /// Sends `body` to `op` of the key; returns the body of a 200 answer (wiped on drop), or
+    /// the error any other answer means.
     async fn call(
         &self,
         master_key: &Document,
