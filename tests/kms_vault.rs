@@ -390,6 +390,14 @@ async fn fail_unknown_deleted_retired_or_unfit_keys() {
     let (mk, wrapped) = kek.wrap_with_ad(&csfle, b"").await.unwrap();
     let back = kek.unwrap(&mk, &wrapped).await.unwrap();
     assert_eq!(back.expose_secret(), csfle.expose_secret());
+    // Tampered RSA ciphertext (Vault answers 500 for it): still "not this key's ciphertext".
+    let mut tampered = wrapped.clone();
+    let i = "vault:v1:".len() + 20;
+    tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
+    assert!(matches!(
+        kek.unwrap(&mk, &tampered).await,
+        Err(Error::Decrypt)
+    ));
 
     // A key that cannot encrypt at all.
     let name = key_name("ed");

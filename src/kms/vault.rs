@@ -353,7 +353,10 @@ impl VaultKms {
         let lower = message.to_ascii_lowercase();
         let path = format!("{}/{}/{}", key.mount, op.path(), key.key_name);
         let what = match status {
-            400 if op != Op::Encrypt && is_not_our_ciphertext(&lower) => return Error::Decrypt,
+            // RSA keys answer a failed decryption with a 500.
+            400 | 500 if op != Op::Encrypt && is_not_our_ciphertext(&lower) => {
+                return Error::Decrypt
+            }
             400 if lower.contains("encryption key not found") => format!(
                 "Transit key {:?} not found in mount {:?} (Vault: {message})",
                 key.key_name, key.mount
@@ -566,10 +569,11 @@ fn transit_ciphertext(wrapped: &[u8]) -> Option<&str> {
     ok.then_some(text)
 }
 
-/// Whether Vault's 400 message says the ciphertext is not one of this key's (tampered, another
-/// key's, another associated data): OpenBao 2.7 and Vault say `cipher: message authentication
-/// failed`, `invalid ciphertext…` (`: no prefix`, ` length`, `: version is too new`) or, for RSA
-/// keys, `crypto/rsa: decryption error`.
+/// Whether Vault's message says the ciphertext is not one of this key's (tampered, another
+/// key's, another associated data): OpenBao 2.7 says `cipher: message authentication failed`
+/// or `invalid ciphertext…` (`: no prefix`, ` length`, `: could not decode base64`,
+/// `: version is too new`) with a 400, and for RSA keys `failed to RSA decrypt the ciphertext:
+/// crypto/rsa: decryption error` with a 500.
 fn is_not_our_ciphertext(lower: &str) -> bool {
     lower.contains("message authentication failed")
         || lower.contains("invalid ciphertext")
