@@ -19,7 +19,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bson::{doc, Bson, Document};
 use fieldcrypt::kms::{KmsOptions, KmsProviders};
-use fieldcrypt::mongo::{KekProvider, KeySource, KeyVault, LocalKek};
+use fieldcrypt::mongo::{KekProvider, KeySource, KeyVault, LocalKek, RewrapOutcome};
 use fieldcrypt::{
     Context, Cryptor, Error, Field, KeyId, KeyKind, KeyMaterial, Keyring, Schema, CSFLE_KEY_LEN,
 };
@@ -45,20 +45,20 @@ fn key_name(prefix: &str) -> String {
 }
 
 /// `{"vault": {endpoint, token}}` for `server`'s root token, plus `extra` entries.
-fn providers_for(server: &OpenBao, extra: Document) -> KmsProviders {
+fn providers_for(server: &OpenBao, extra: Document) -> Arc<KmsProviders> {
     let mut doc = doc! { "vault": { "endpoint": server.addr(), "token": server.root_token() } };
     doc.extend(extra);
     providers(&doc)
 }
 
-fn providers(doc: &Document) -> KmsProviders {
+fn providers(doc: &Document) -> Arc<KmsProviders> {
     let _env = env_lock();
-    KmsProviders::from_document(doc).unwrap()
+    Arc::new(KmsProviders::from_document(doc).unwrap())
 }
 
-fn providers_with(doc: &Document, options: &KmsOptions) -> fieldcrypt::Result<KmsProviders> {
+fn providers_with(doc: &Document, options: &KmsOptions) -> fieldcrypt::Result<Arc<KmsProviders>> {
     let _env = env_lock();
-    KmsProviders::from_document_with(doc, options)
+    KmsProviders::from_document_with(doc, options).map(Arc::new)
 }
 
 fn master_key(name: &str) -> Document {
@@ -495,7 +495,9 @@ async fn transit_rewrap_after_rotation_moves_csfle_keys_inside_vault() {
     let limited =
         providers(&doc! { "vault": { "endpoint": server.addr(), "token": &rewrap_only } });
     let (to, v2) = limited
-        .rewrap_stub(&mk, &v1, &mk, b"")
+        .kek_for(&mk)
+        .unwrap()
+        .rewrap_in_kms(&mk, &v1, b"")
         .await
         .unwrap()
         .expect("same Transit key: rewrapped in Vault");
@@ -523,24 +525,85 @@ async fn transit_rewrap_after_rotation_moves_csfle_keys_inside_vault() {
         .wrap_with_ad(&KeyMaterial::generate(32), b"ad")
         .await
         .unwrap();
-    assert!(kms
-        .rewrap_stub(&mk2, &bound, &mk2, b"ad")
+    assert!(kek
+        .rewrap_in_kms(&mk2, &bound, b"ad")
         .await
         .unwrap()
         .is_none());
     // Another Transit key or mount: not a Transit rewrap either.
     let other = master_key(&key_name("other"));
     assert!(kms
-        .rewrap_stub(&mk, &v2, &other, b"")
+        .kek_for(&other)
+        .unwrap()
+        .rewrap_in_kms(&mk, &v2, b"")
         .await
         .unwrap()
         .is_none());
     let other_mount = doc! { "provider": "vault", "keyName": &name, "mount": "elsewhere" };
     assert!(kms
-        .rewrap_stub(&mk, &v2, &other_mount, b"")
+        .kek_for(&other_mount)
+        .unwrap()
+        .rewrap_in_kms(&mk, &v2, b"")
         .await
         .unwrap()
         .is_none());
+    // Already at the newest version: Transit encrypts again, the stored text is kept.
+    let (_, same) = kek.rewrap_in_kms(&mk, &v2, b"").await.unwrap().unwrap();
+    assert_eq!(same, v2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_vault_rewrap_moves_every_key_to_the_newest_transit_version() {
+    let server = bao();
+    let name = key_name("kv-rewrap");
+    server.create_key(TRANSIT, &name, "aes256-gcm96").unwrap();
+    let kms = providers_for(server, doc! {});
+    let mk = master_key(&name);
+    let (vault, raw) = vault("vault_rewrap", kms.kek_for(&mk).unwrap()).await;
+    let bound = vault.create_key("pii").await.unwrap();
+    let csfle = vault
+        .create_csfle_key(&["csfle-key".to_owned()])
+        .await
+        .unwrap();
+    vault.prefetch_aliases(&["pii".to_owned()]).await.unwrap();
+    let sealed = ssn_cryptor(&vault)
+        .encrypt_document(&doc! { "_id": 1, "ssn": "123-45-6789" }, &Context::none())
+        .unwrap();
+    for id in [bound, csfle] {
+        assert!(key_material(&key_doc(&raw, id).await).starts_with("vault:v1:"));
+    }
+
+    server.rotate_key(TRANSIT, &name).unwrap();
+    let report = vault.rewrap(kms.kek_for(&mk).unwrap()).await.unwrap();
+    assert!(report.failed.is_none(), "{report:?}");
+    let outcome = |id: KeyId| report.keys.iter().find(|k| k.id == id).unwrap().outcome;
+    // The CSFLE key (no associated data) moved inside Vault; the bound key was unwrapped and
+    // wrapped (Transit's rewrap takes no associated data).
+    assert_eq!(outcome(csfle), RewrapOutcome::RewrappedInKms);
+    assert_eq!(outcome(bound), RewrapOutcome::Rewrapped);
+    for id in [bound, csfle] {
+        let stored = key_doc(&raw, id).await;
+        assert!(key_material(&stored).starts_with("vault:v2:"), "{stored}");
+        assert_eq!(stored.get_document("masterKey").unwrap(), &mk);
+    }
+
+    // Version 1 retired: everything still reads, in a fresh vault.
+    server
+        .set_min_decryption_version(TRANSIT, &name, 2)
+        .unwrap();
+    let fresh = fresh_vault(&raw, kms.unwrapper()).await;
+    let back = decrypt(&fresh, &sealed).await.unwrap();
+    assert_eq!(back.get_str("ssn").unwrap(), "123-45-6789");
+    fresh.prefetch_ids(&[csfle]).await.unwrap();
+    fresh.key(&csfle).unwrap();
+
+    // Run again: the CSFLE key is already there (one Transit call, nothing written).
+    let before = key_material(&key_doc(&raw, csfle).await);
+    let again = vault.rewrap(kms.kek_for(&mk).unwrap()).await.unwrap();
+    assert!(again.failed.is_none(), "{again:?}");
+    let outcome = again.keys.iter().find(|k| k.id == csfle).unwrap().outcome;
+    assert_eq!(outcome, RewrapOutcome::AlreadyThere);
+    assert_eq!(key_material(&key_doc(&raw, csfle).await), before);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -719,15 +782,15 @@ async fn environment_credentials_for_an_empty_entry() {
         with_env(
             &[("VAULT_ADDR", server.addr()), ("VAULT_TOKEN", token)],
             None,
-            || KmsProviders::from_document(&empty).unwrap(),
+            || Arc::new(KmsProviders::from_document(&empty).unwrap()),
         ),
         with_env(
             &[("BAO_ADDR", server.addr()), ("BAO_TOKEN", token)],
             None,
-            || KmsProviders::from_document(&empty).unwrap(),
+            || Arc::new(KmsProviders::from_document(&empty).unwrap()),
         ),
         with_env(&[("BAO_ADDR", server.addr())], Some(token), || {
-            KmsProviders::from_document(&empty).unwrap()
+            Arc::new(KmsProviders::from_document(&empty).unwrap())
         }),
         // The entry's parts win; what it leaves out comes from the environment.
         with_env(
@@ -737,8 +800,10 @@ async fn environment_credentials_for_an_empty_entry() {
             ],
             None,
             || {
-                KmsProviders::from_document(&doc! { "vault": { "endpoint": server.addr() } })
-                    .unwrap()
+                Arc::new(
+                    KmsProviders::from_document(&doc! { "vault": { "endpoint": server.addr() } })
+                        .unwrap(),
+                )
             },
         ),
     );
@@ -778,7 +843,7 @@ async fn environment_credentials_for_an_empty_entry() {
             ("BAO_NAMESPACE", &ns),
         ],
         None,
-        || KmsProviders::from_document(&empty).unwrap(),
+        || Arc::new(KmsProviders::from_document(&empty).unwrap()),
     );
     let (_, wrapped) = in_ns
         .kek_for(&master_key(&name))
@@ -800,7 +865,9 @@ async fn environment_credentials_for_an_empty_entry() {
     assert_eq!(status, 200);
 
     // Nothing anywhere: the configuration loads, and first use says what to set.
-    let none = with_env(&[], None, || KmsProviders::from_document(&empty).unwrap());
+    let none = with_env(&[], None, || {
+        Arc::new(KmsProviders::from_document(&empty).unwrap())
+    });
     let e = none
         .kek_for(&master_key(&name))
         .unwrap()
@@ -809,7 +876,7 @@ async fn environment_credentials_for_an_empty_entry() {
         .unwrap_err();
     assert_kms_error(&e, "vault", &name, "VAULT_ADDR", &[]);
     let no_token = with_env(&[("VAULT_ADDR", server.addr())], None, || {
-        KmsProviders::from_document(&empty).unwrap()
+        Arc::new(KmsProviders::from_document(&empty).unwrap())
     });
     let e = no_token
         .kek_for(&master_key(&name))
@@ -989,7 +1056,7 @@ async fn fail_invalid_master_keys_and_credentials() {
             .map(drop)
             .unwrap_err();
         assert!(
-            matches!(&e, Error::Kms { provider, .. } if provider == "vault"),
+            matches!(&e, Error::KeyFormat(m) if m.contains("kmsProviders.vault") || m.contains("KMS vault")),
             "{e:?}"
         );
         assert_no_secrets(&format!("{e} {e:?}"), &[token]);

@@ -60,7 +60,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::http::{HttpClient, HttpResponse};
+use super::http::{endpoint_url, HttpClient};
 use super::{kms_error, master_key_id, Kms, ProviderContext};
 use crate::error::{Error, Result};
 use crate::key::KeyMaterial;
@@ -85,7 +85,6 @@ const TOKEN_FILE: &str = ".vault-token";
 
 /// A Vault / OpenBao Transit provider (`"vault"` or a named `"vault:<name>"`).
 pub(crate) struct VaultKms {
-    name: String,
     /// The Vault address without a trailing `/`, e.g. `https://vault.example.com:8200`; `None`
     /// when neither the entry nor the environment gave one (an error on first use).
     addr: Option<String>,
@@ -145,10 +144,7 @@ impl VaultKms {
         token_file: fn() -> Option<PathBuf>,
     ) -> Result<Self> {
         let name = ctx.name;
-        let config = |what: String| Error::Kms {
-            provider: name.to_owned(),
-            reason: format!("kmsProviders.{name}: {what}"),
-        };
+        let config = |what: String| Error::KeyFormat(format!("kmsProviders.{name}: {what}"));
         let mut addr = None;
         let mut token = None;
         let mut namespace = None;
@@ -175,7 +171,7 @@ impl VaultKms {
                 .find_map(|v| env(v).filter(|s| !s.trim().is_empty()))
         };
         let addr = match addr.or_else(|| from_env(&ADDR_VARS)) {
-            Some(a) => Some(normalize_addr(&a).map_err(&config)?),
+            Some(a) => Some(normalize_addr(name, &a)?),
             None => None,
         };
         let token = token
@@ -195,15 +191,7 @@ impl VaultKms {
                 ));
             }
         }
-        if let Some(a) = &addr {
-            HttpClient::check_url(a).map_err(|_| {
-                config(format!(
-                    "address {a:?}: use https:// (http:// only to a loopback host)"
-                ))
-            })?;
-        }
         Ok(VaultKms {
-            name: name.to_owned(),
             addr,
             token,
             namespace,
@@ -213,7 +201,7 @@ impl VaultKms {
 
     /// Checks `master_key` and returns its parts.
     fn parse<'a>(&self, master_key: &'a Document) -> Result<MasterKey<'a>> {
-        let bad = |what: String| Error::KeyFormat(format!("{} masterKey: {what}", self.name));
+        let bad = |what: String| Error::KeyFormat(format!("{} masterKey: {what}", self.name()));
         let mut key_name = None;
         let mut mount = None;
         let mut endpoint = None;
@@ -222,9 +210,9 @@ impl VaultKms {
                 return Err(bad(format!("{field} must be a string")));
             };
             match field.as_str() {
-                "provider" if *text == self.name => {}
+                "provider" if *text == self.name() => {}
                 "provider" => {
-                    return Err(bad(format!("provider is {text:?}, not {:?}", self.name)))
+                    return Err(bad(format!("provider is {text:?}, not {:?}", self.name())))
                 }
                 "keyName" => key_name = Some(text.as_str()),
                 "mount" => mount = Some(text.as_str()),
@@ -251,7 +239,11 @@ impl VaultKms {
             )));
         }
         if let Some(e) = endpoint {
-            normalize_addr(e).map_err(|what| bad(format!("endpoint: {what}")))?;
+            normalize_addr(self.name(), e).map_err(|_| {
+                bad(format!(
+                    "endpoint {e:?} is not an https:// URL (http:// only to a loopback host)"
+                ))
+            })?;
         }
         Ok(MasterKey {
             key_name,
@@ -268,7 +260,7 @@ impl VaultKms {
                 master_key,
                 format!(
                     "no Vault address: give kmsProviders.{}.endpoint, or set VAULT_ADDR or BAO_ADDR",
-                    self.name
+                    self.name()
                 ),
             )
         })?;
@@ -292,7 +284,7 @@ impl VaultKms {
         ))
     }
 
-    /// Sends `body` to `op` of the key; returns the body of a 200 answer (wiped on drop), or
+    /// Sends `body` to `op` of the key; returns the body of a 2xx answer (wiped on drop), or
     /// the error any other answer means.
     async fn call(
         &self,
@@ -308,7 +300,7 @@ impl VaultKms {
                 format!(
                     "no Vault token: give kmsProviders.{}.token, or set VAULT_TOKEN or \
                      BAO_TOKEN (or log in with the CLI, which writes ~/{TOKEN_FILE})",
-                    self.name
+                    self.name()
                 ),
             )
         })?;
@@ -331,16 +323,17 @@ impl VaultKms {
                 .build()
                 .map_err(|_| self.error(master_key, format!("cannot build a request to {url}")))
         };
-        let HttpResponse { status, body } = self.http.send(&key_id, &build).await?;
-        let body = Zeroizing::new(body);
-        if status == 200 {
+        let response = self.http.send(&key_id, &build).await?;
+        let (success, status) = (response.is_success(), response.status);
+        let body = Zeroizing::new(response.body);
+        if success {
             Ok(body)
         } else {
             Err(self.refusal(master_key, key, op, status, &body))
         }
     }
 
-    /// The error for a non-200 answer.
+    /// The error for an answer that is not 2xx.
     fn refusal(
         &self,
         master_key: &Document,
@@ -394,7 +387,7 @@ impl VaultKms {
     }
 
     fn error(&self, master_key: &Document, what: impl fmt::Display) -> Error {
-        kms_error(&self.name, &master_key_id(master_key), what)
+        kms_error(self.name(), &master_key_id(master_key), what)
     }
 
     fn malformed(&self, master_key: &Document, op: Op) -> Error {
@@ -408,13 +401,13 @@ impl VaultKms {
 #[async_trait::async_trait]
 impl Kms for VaultKms {
     fn name(&self) -> &str {
-        &self.name
+        self.http.provider()
     }
 
     fn master_key(&self, master_key: &Document) -> Result<Document> {
         let key = self.parse(master_key)?;
         let mut out = Document::new();
-        out.insert("provider", self.name.as_str());
+        out.insert("provider", self.name());
         out.insert("keyName", key.key_name);
         if let Some(Bson::String(mount)) = master_key.get("mount") {
             out.insert("mount", mount.as_str());
@@ -487,15 +480,20 @@ impl Kms for VaultKms {
         let ciphertext = transit_ciphertext(wrapped).ok_or(Error::Decrypt)?;
         let body = request_body("ciphertext", ciphertext, &[]);
         let answer = self.call(from, &old, Op::Rewrap, &body).await?;
-        let ciphertext = ciphertext_of(&answer).ok_or_else(|| self.malformed(from, Op::Rewrap))?;
-        Ok(Some((to.clone(), ciphertext.into_bytes())))
+        let moved = ciphertext_of(&answer).ok_or_else(|| self.malformed(from, Op::Rewrap))?;
+        if key_version(&moved) == key_version(ciphertext) {
+            // Already at the newest version (Transit encrypted it again all the same): keep
+            // what is stored, so a repeated rewrap changes nothing.
+            return Ok(Some((to.clone(), wrapped.to_vec())));
+        }
+        Ok(Some((to.clone(), moved.into_bytes())))
     }
 }
 
 impl fmt::Debug for VaultKms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VaultKms")
-            .field("name", &self.name)
+            .field("name", &self.name())
             .field("addr", &self.addr)
             .field("namespace", &self.namespace)
             .field("token", &self.token.as_ref().map(|_| "[REDACTED]"))
@@ -569,6 +567,14 @@ fn transit_ciphertext(wrapped: &[u8]) -> Option<&str> {
     ok.then_some(text)
 }
 
+/// The key version of checked Transit ciphertext text: `3` of `vault:v3:…`.
+fn key_version(ciphertext: &str) -> Option<&str> {
+    ciphertext
+        .strip_prefix("vault:v")?
+        .split_once(':')
+        .map(|(v, _)| v)
+}
+
 /// Whether Vault's message says the ciphertext is not one of this key's (tampered, another
 /// key's, another associated data): OpenBao 2.7 says `cipher: message authentication failed`
 /// or `invalid ciphertext…` (`: no prefix`, ` length`, `: could not decode base64`,
@@ -612,32 +618,19 @@ fn vault_message(body: &[u8]) -> String {
     text
 }
 
-/// A Vault address as URLs are built from it: `https://` added when there is no scheme, no
-/// trailing `/`.
+/// A Vault address as URLs are built from it: [`endpoint_url`]'s rules (`https://`, or
+/// `http://` to a loopback host; `https://` added to a bare `host[:port]`), without a trailing
+/// `/`.
 ///
 /// # Errors
-/// What is wrong with it.
-fn normalize_addr(addr: &str) -> core::result::Result<String, String> {
-    let addr = addr.trim().trim_end_matches('/');
-    let with_scheme = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("https://{addr}")
-    };
-    let url =
-        reqwest::Url::parse(&with_scheme).map_err(|_| format!("address {addr:?} is not a URL"))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!("address {addr:?} is not an http(s) URL"));
-    }
-    if url.query().is_some()
-        || url.fragment().is_some()
-        || !url.username().is_empty()
-        || url.password().is_some()
-    {
-        return Err(format!(
-            "address {:?} must be scheme://host[:port][/path] (no credentials, query or fragment)",
-            url.host_str().unwrap_or_default()
-        ));
+/// [`Error::KeyFormat`] for what [`endpoint_url`] refuses, and for a query or fragment.
+fn normalize_addr(provider: &str, addr: &str) -> Result<String> {
+    let url = endpoint_url(provider, addr.trim())?;
+    if url.host_str().is_none() || url.query().is_some() || url.fragment().is_some() {
+        return Err(Error::KeyFormat(format!(
+            "KMS {provider}: a Vault address is scheme://host[:port][/path], without query or \
+             fragment"
+        )));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
@@ -645,16 +638,18 @@ fn normalize_addr(addr: &str) -> core::result::Result<String, String> {
 /// Whether two addresses name the same Vault (scheme, host, port and path; default ports and
 /// letter case aside).
 fn same_addr(a: &str, b: &str) -> bool {
-    match (normalize_addr(a), normalize_addr(b)) {
-        (Ok(a), Ok(b)) => match (reqwest::Url::parse(&a), reqwest::Url::parse(&b)) {
-            (Ok(a), Ok(b)) => {
-                a.scheme() == b.scheme()
-                    && a.host_str() == b.host_str()
-                    && a.port_or_known_default() == b.port_or_known_default()
-                    && a.path().trim_end_matches('/') == b.path().trim_end_matches('/')
-            }
-            _ => false,
-        },
+    let parse = |x: &str| {
+        normalize_addr("vault", x)
+            .ok()
+            .and_then(|n| reqwest::Url::parse(&n).ok())
+    };
+    match (parse(a), parse(b)) {
+        (Some(a), Some(b)) => {
+            a.scheme() == b.scheme()
+                && a.host_str() == b.host_str()
+                && a.port_or_known_default() == b.port_or_known_default()
+                && a.path().trim_end_matches('/') == b.path().trim_end_matches('/')
+        }
         _ => false,
     }
 }
@@ -732,21 +727,27 @@ mod tests {
 
     #[test]
     fn addresses() {
+        let n = |a: &str| normalize_addr("vault", a);
         assert_eq!(
-            normalize_addr("https://vault.example.com:8200/").unwrap(),
+            n("https://vault.example.com:8200/").unwrap(),
             "https://vault.example.com:8200"
         );
+        assert_eq!(n("vault.example.com").unwrap(), "https://vault.example.com");
+        assert_eq!(n("http://127.0.0.1:8200").unwrap(), "http://127.0.0.1:8200");
         assert_eq!(
-            normalize_addr("vault.example.com").unwrap(),
-            "https://vault.example.com"
+            n("https://proxy.example/vault/").unwrap(),
+            "https://proxy.example/vault"
         );
-        assert_eq!(
-            normalize_addr("http://127.0.0.1:8200").unwrap(),
-            "http://127.0.0.1:8200"
-        );
-        assert!(normalize_addr("ftp://x").is_err());
-        assert!(normalize_addr("https://user:secret@x").is_err());
-        let e = normalize_addr("https://user:pass@x").unwrap_err();
+        for bad in [
+            "ftp://x",
+            "http://vault.example.com",
+            "https://x/?a=b",
+            "https://x/#f",
+            "not a url",
+        ] {
+            assert!(n(bad).is_err(), "{bad}");
+        }
+        let e = n("https://user:pass@x").unwrap_err().to_string();
         assert!(!e.contains("pass"), "{e}");
         assert!(same_addr(
             "https://Vault.example.com:443",
@@ -801,6 +802,59 @@ mod tests {
         assert!(is_not_our_ciphertext("invalid ciphertext: no prefix"));
         assert!(is_not_our_ciphertext("invalid ciphertext length"));
         assert!(!is_not_our_ciphertext("encryption key not found"));
+    }
+
+    #[test]
+    fn credentials_from_the_entry_then_the_environment() {
+        let tls = super::super::TlsOptions::default();
+        let retry = super::super::RetryPolicy::default();
+        let ctx = ProviderContext {
+            name: "vault",
+            tls: &tls,
+            retry: &retry,
+        };
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |v: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == v)
+                    .map(|(_, x)| (*x).to_owned())
+            }
+        };
+        let no_file = || None;
+        // VAULT_* before BAO_*; the entry before both.
+        let both = env(&[
+            ("VAULT_ADDR", "https://vault.example:8200"),
+            ("BAO_ADDR", "https://bao.example:8200"),
+            ("BAO_TOKEN", "s.bao-token"),
+            ("VAULT_NAMESPACE", "/team/"),
+        ]);
+        let kms = VaultKms::with_env(&ctx, &bson::doc! {}, &both, no_file).unwrap();
+        assert_eq!(kms.addr.as_deref(), Some("https://vault.example:8200"));
+        assert_eq!(kms.token.as_ref().unwrap().expose_secret(), "s.bao-token");
+        assert_eq!(kms.namespace.as_deref(), Some("team"));
+        let entry = bson::doc! { "addr": "https://entry.example", "token": "s.entry-token" };
+        let kms = VaultKms::with_env(&ctx, &entry, &both, no_file).unwrap();
+        assert_eq!(kms.addr.as_deref(), Some("https://entry.example"));
+        assert_eq!(kms.token.as_ref().unwrap().expose_secret(), "s.entry-token");
+        // Debug names the address, never the token.
+        let debug = format!("{kms:?}");
+        assert!(
+            debug.contains("entry.example") && debug.contains("[REDACTED]"),
+            "{debug}"
+        );
+        assert!(!debug.contains("s.entry-token"), "{debug}");
+        // Empty variables count as unset.
+        let empty = env(&[("VAULT_TOKEN", " "), ("BAO_TOKEN", "s.b")]);
+        let kms = VaultKms::with_env(&ctx, &bson::doc! {}, &empty, no_file).unwrap();
+        assert_eq!(kms.token.as_ref().unwrap().expose_secret(), "s.b");
+        assert!(kms.addr.is_none());
+    }
+
+    #[test]
+    fn key_versions() {
+        assert_eq!(key_version("vault:v3:AAAA"), Some("3"));
+        assert_eq!(key_version("vault:v12:AAAA"), Some("12"));
+        assert_eq!(key_version("AAAA"), None);
     }
 
     #[test]

