@@ -60,7 +60,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use super::http::{endpoint_url, HttpClient};
+use super::http::{endpoint_url, transient_status, HttpClient, HttpResponse};
 use super::{kms_error, master_key_id, Kms, ProviderContext};
 use crate::error::{Error, Result};
 use crate::key::KeyMaterial;
@@ -124,9 +124,10 @@ impl VaultKms {
     /// for what the entry leaves out, the environment (see the module docs).
     ///
     /// # Errors
-    /// [`Error::Kms`] for an unknown or mistyped field in `credentials`, an address that is not
-    /// `https://` (or `http://` to a loopback host), or a token or namespace that cannot be
-    /// sent in a header; errors of [`HttpClient::new`].
+    /// [`Error::KeyFormat`] for an unknown or mistyped field in `credentials`, an address that
+    /// is not `https://` (or `http://` to a loopback host), or a token or namespace that cannot
+    /// be sent in a header (the message never quotes the token); errors of
+    /// [`HttpClient::new`].
     pub(crate) fn new(ctx: &ProviderContext<'_>, credentials: &Document) -> Result<Self> {
         Self::with_env(
             ctx,
@@ -175,7 +176,10 @@ impl VaultKms {
             None => None,
         };
         let token = token
-            .or_else(|| from_env(&TOKEN_VARS).map(SecretString::from))
+            .or_else(|| {
+                let text = Zeroizing::new(from_env(&TOKEN_VARS)?);
+                Some(SecretString::from(text.trim()))
+            })
             .or_else(|| read_token_file(token_file()?));
         if let Some(t) = &token {
             check_token(t.expose_secret()).map_err(|what| config(what.to_owned()))?;
@@ -323,7 +327,10 @@ impl VaultKms {
                 .build()
                 .map_err(|_| self.error(master_key, format!("cannot build a request to {url}")))
         };
-        let response = self.http.send(&key_id, &build).await?;
+        let response = match op {
+            Op::Encrypt => self.http.send(&key_id, &build).await?,
+            Op::Decrypt | Op::Rewrap => self.http.send_with(&key_id, &build, &retryable).await?,
+        };
         let (success, status) = (response.is_success(), response.status);
         let body = Zeroizing::new(response.body);
         if success {
@@ -565,6 +572,15 @@ fn transit_ciphertext(wrapped: &[u8]) -> Option<&str> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
     ok.then_some(text)
+}
+
+/// Whether an answer to a decrypt or rewrap is worth trying again: [`transient_status`],
+/// except an RSA key's failed decryption, which Vault answers with a 500 although trying again
+/// cannot help.
+fn retryable(response: &HttpResponse) -> bool {
+    transient_status(response)
+        && !(response.status == 500
+            && is_not_our_ciphertext(&vault_message(&response.body).to_ascii_lowercase()))
 }
 
 /// The key version of checked Transit ciphertext text: `3` of `vault:v3:…`.
@@ -848,6 +864,22 @@ mod tests {
         let kms = VaultKms::with_env(&ctx, &bson::doc! {}, &empty, no_file).unwrap();
         assert_eq!(kms.token.as_ref().unwrap().expose_secret(), "s.b");
         assert!(kms.addr.is_none());
+    }
+
+    #[test]
+    fn rsa_decryption_failures_are_not_retried() {
+        let answer = |status, body: &str| HttpResponse {
+            status,
+            body: body.as_bytes().to_vec(),
+        };
+        let rsa = r#"{"errors":["1 error occurred:\n\t* failed to RSA decrypt the ciphertext: crypto/rsa: decryption error\n\n"]}"#;
+        assert!(!retryable(&answer(500, rsa)));
+        assert!(retryable(&answer(500, r#"{"errors":["internal error"]}"#)));
+        assert!(retryable(&answer(503, r#"{"errors":["Vault is sealed"]}"#)));
+        assert!(!retryable(&answer(
+            400,
+            r#"{"errors":["invalid ciphertext: no prefix"]}"#
+        )));
     }
 
     #[test]
