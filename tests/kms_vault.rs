@@ -914,7 +914,7 @@ async fn fail_unreachable_or_sealed_after_bounded_retries() {
         "{:?}",
         started.elapsed()
     );
-    assert_kms_error(&e, "vault", "gone", "", &[token]);
+    assert_kms_error(&e, "vault", "gone", "cannot connect", &[token]);
 
     // A server that goes away and comes back (a dev server starts empty again).
     let mut server = OpenBao::start().unwrap();
@@ -935,7 +935,7 @@ async fn fail_unreachable_or_sealed_after_bounded_retries() {
         .wrap_with_ad(&KeyMaterial::generate(32), b"")
         .await
         .unwrap_err();
-    assert_kms_error(&e, "vault", &name, "", &[&root]);
+    assert_kms_error(&e, "vault", &name, "cannot connect", &[&root]);
     server.restart().unwrap();
     server.create_key(TRANSIT, &name, "aes256-gcm96").unwrap();
     kek.wrap_with_ad(&KeyMaterial::generate(32), b"")

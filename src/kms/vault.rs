@@ -860,10 +860,17 @@ mod tests {
         );
         assert!(!debug.contains("s.entry-token"), "{debug}");
         // Empty variables count as unset.
-        let empty = env(&[("VAULT_TOKEN", " "), ("BAO_TOKEN", "s.b")]);
+        let empty = env(&[("VAULT_TOKEN", " "), ("BAO_TOKEN", "s.b\n")]);
         let kms = VaultKms::with_env(&ctx, &bson::doc! {}, &empty, no_file).unwrap();
         assert_eq!(kms.token.as_ref().unwrap().expose_secret(), "s.b");
         assert!(kms.addr.is_none());
+        // A token given in the entry is taken as it is: one that cannot go in a header is
+        // refused without being quoted.
+        let bad = bson::doc! { "token": "s.bad token" };
+        let e = VaultKms::with_env(&ctx, &bad, &empty, no_file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("printable ASCII") && !e.contains("s.bad"), "{e}");
     }
 
     #[test]
