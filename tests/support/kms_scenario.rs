@@ -19,7 +19,8 @@ use fieldcrypt::kms::{KmsOptions, KmsProviders, RetryPolicy};
 use fieldcrypt::mongo::{EncryptedCollection, KekProvider, KeySource, KeyVault, RewrapOutcome};
 use fieldcrypt::rotation::{Flow, Phase, RotationOptions, Rotator, Target};
 use fieldcrypt::{Error, Field, KeyMaterial, Schema};
-use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::devserver::unique_db_name;
+use fieldcrypt_testkit::fixtures::{recording_client, Sent};
 use fieldcrypt_testkit::kms::gate::Gate;
 use futures_util::TryStreamExt;
 use mongodb::{Client, Database};
@@ -66,11 +67,11 @@ fn person(i: i64) -> Document {
     doc! { "_id": i, "ssn": format!("{i:03}-45-6789"), "email": format!("u{i}@example.com"), "n": i }
 }
 
-async fn database(prefix: &str) -> (Client, Database) {
-    let server = DevServer::shared().unwrap();
-    let client = Client::with_uri_str(server.uri()).await.unwrap();
+/// A client that records every command it sends, and a fresh database.
+async fn database(prefix: &str) -> (Client, Database, Sent) {
+    let (client, sent) = recording_client().await;
     let db = client.database(&unique_db_name(prefix));
-    (client, db)
+    (client, db, sent)
 }
 
 fn assert_no_secret(p: &Provider<'_>, text: &str) {
@@ -84,7 +85,7 @@ pub async fn end_to_end(p: &Provider<'_>, to: &Document) {
     let providers =
         Arc::new(KmsProviders::from_document_with(&p.kms_providers, &p.options).unwrap());
     assert_no_secret(p, &format!("{providers:?}"));
-    let (client, db) = database(&format!("kms_e2e_{}", p.name.replace(':', "_"))).await;
+    let (client, db, sent) = database(&format!("kms_e2e_{}", p.name.replace(':', "_"))).await;
     let ns = format!("{}.datakeys", db.name());
     let vault = |mk: &Document| {
         Arc::new(
@@ -286,6 +287,30 @@ pub async fn end_to_end(p: &Provider<'_>, to: &Document) {
         .unwrap();
     for info in again.list().await.unwrap() {
         assert_eq!(info.provider(), p.name, "{info:?}");
+    }
+    // Nothing sent to MongoDB holds a credential of the provider (in raw, hex or base64 form).
+    let commands = sent.commands();
+    assert!(commands.len() > 50, "{} commands recorded", commands.len());
+    for (name, command) in &commands {
+        let text = format!("{command:?}");
+        let bytes = bson::to_vec(command).unwrap();
+        for secret in &p.secrets {
+            for form in [
+                secret.as_bytes().to_vec(),
+                hex::encode(secret).into_bytes(),
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secret)
+                    .into_bytes(),
+            ] {
+                assert!(
+                    !bytes.windows(form.len()).any(|w| w == form.as_slice())
+                        && !text
+                            .as_bytes()
+                            .windows(form.len())
+                            .any(|w| w == form.as_slice()),
+                    "a credential went to the server in a {name} command"
+                );
+            }
+        }
     }
 }
 
