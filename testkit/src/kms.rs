@@ -5,3 +5,4 @@
 
 pub mod gate;
 pub mod moto;
+pub mod openbao;
