@@ -13,4 +13,5 @@
 
 pub mod devserver;
 pub mod fixtures;
+pub mod kms;
 pub mod workloads;
