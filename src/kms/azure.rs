@@ -85,9 +85,18 @@ impl AzureKms {
             only_fields(
                 credentials,
                 &what,
-                &["tenantId", "clientId", "clientSecret", "identityPlatformEndpoint"],
+                &[
+                    "tenantId",
+                    "clientId",
+                    "clientSecret",
+                    "identityPlatformEndpoint",
+                ],
             )?;
-            let tenant = path_segment(&what, "tenantId", required_str(credentials, &what, "tenantId")?)?;
+            let tenant = path_segment(
+                &what,
+                "tenantId",
+                required_str(credentials, &what, "tenantId")?,
+            )?;
             let client_id = required_str(credentials, &what, "clientId")?.to_owned();
             let client_secret =
                 SecretString::from(required_str(credentials, &what, "clientSecret")?.to_owned());
@@ -177,11 +186,25 @@ impl AzureKms {
     }
 
     /// The `value` of a successful answer, base64url-decoded.
-    fn value(&self, key_id: &str, operation: &str, response: &HttpResponse) -> Result<Zeroizing<Vec<u8>>> {
-        let malformed = || kms_error(&self.name, key_id, format_args!("malformed {operation} response"));
+    fn value(
+        &self,
+        key_id: &str,
+        operation: &str,
+        response: &HttpResponse,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let malformed = || {
+            kms_error(
+                &self.name,
+                key_id,
+                format_args!("malformed {operation} response"),
+            )
+        };
         let body: serde_json::Value =
             serde_json::from_slice(&response.body).map_err(|_| malformed())?;
-        let value = body.get("value").and_then(|v| v.as_str()).ok_or_else(malformed)?;
+        let value = body
+            .get("value")
+            .and_then(|v| v.as_str())
+            .ok_or_else(malformed)?;
         URL_SAFE_NO_PAD
             .decode(value)
             .or_else(|_| URL_SAFE.decode(value))
@@ -273,7 +296,12 @@ impl Kms for AzureKms {
         Ok((master_key.clone(), wrapped.to_vec()))
     }
 
-    async fn decrypt(&self, master_key: &Document, wrapped: &[u8], ad: &[u8]) -> Result<KeyMaterial> {
+    async fn decrypt(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        ad: &[u8],
+    ) -> Result<KeyMaterial> {
         let key_id = master_key_id(master_key);
         let response = self.key_operation(master_key, "unwrapkey", wrapped).await?;
         match response.status {

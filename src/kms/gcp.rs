@@ -35,8 +35,8 @@ use zeroize::Zeroizing;
 
 use super::http::{HttpClient, HttpResponse};
 use super::oauth::{
-    error_detail, only_fields, optional_str, path_segment, required_str, rsa_private_key,
-    Endpoint, Metadata, TokenSource, Tokens,
+    error_detail, only_fields, optional_str, path_segment, required_str, rsa_private_key, Endpoint,
+    Metadata, TokenSource, Tokens,
 };
 use super::{kms_error, master_key_id, Kms, ProviderContext};
 use crate::error::{Error, Result};
@@ -112,12 +112,7 @@ impl GcpKms {
     }
 
     /// `encrypt` or `decrypt` with `body` at the key `master_key` names.
-    async fn call(
-        &self,
-        master_key: &Document,
-        method: &str,
-        body: &str,
-    ) -> Result<HttpResponse> {
+    async fn call(&self, master_key: &Document, method: &str, body: &str) -> Result<HttpResponse> {
         let key_id = master_key_id(master_key);
         let key = KeyRef::parse(master_key)?;
         let mut path = format!(
@@ -175,12 +170,30 @@ impl GcpKms {
     }
 
     /// The base64 field `field` of a successful answer, decoded.
-    fn field(&self, key_id: &str, method: &str, response: &HttpResponse, field: &str) -> Result<Zeroizing<Vec<u8>>> {
-        let malformed = || kms_error(&self.name, key_id, format_args!("malformed {method} response"));
+    fn field(
+        &self,
+        key_id: &str,
+        method: &str,
+        response: &HttpResponse,
+        field: &str,
+    ) -> Result<Zeroizing<Vec<u8>>> {
+        let malformed = || {
+            kms_error(
+                &self.name,
+                key_id,
+                format_args!("malformed {method} response"),
+            )
+        };
         let body: serde_json::Value =
             serde_json::from_slice(&response.body).map_err(|_| malformed())?;
-        let value = body.get(field).and_then(|v| v.as_str()).ok_or_else(malformed)?;
-        STANDARD.decode(value).map(Zeroizing::new).map_err(|_| malformed())
+        let value = body
+            .get(field)
+            .and_then(|v| v.as_str())
+            .ok_or_else(malformed)?;
+        STANDARD
+            .decode(value)
+            .map(Zeroizing::new)
+            .map_err(|_| malformed())
     }
 }
 
@@ -197,7 +210,8 @@ struct KeyRef<'a> {
 impl<'a> KeyRef<'a> {
     fn parse(master_key: &'a Document) -> Result<Self> {
         let what = "masterKey";
-        let segment = |field: &str| path_segment(what, field, required_str(master_key, what, field)?);
+        let segment =
+            |field: &str| path_segment(what, field, required_str(master_key, what, field)?);
         let version = optional_str(master_key, what, "keyVersion")?
             .map(|v| path_segment(what, "keyVersion", v))
             .transpose()?;
@@ -221,7 +235,10 @@ fn body(field: &str, value: &[u8], ad: &[u8]) -> Zeroizing<String> {
     let mut json = serde_json::Map::new();
     json.insert(field.to_owned(), STANDARD.encode(value).into());
     if !ad.is_empty() {
-        json.insert("additionalAuthenticatedData".to_owned(), STANDARD.encode(ad).into());
+        json.insert(
+            "additionalAuthenticatedData".to_owned(),
+            STANDARD.encode(ad).into(),
+        );
     }
     Zeroizing::new(serde_json::Value::Object(json).to_string())
 }
@@ -245,7 +262,15 @@ impl Kms for GcpKms {
         only_fields(
             master_key,
             "masterKey",
-            &["provider", "projectId", "location", "keyRing", "keyName", "keyVersion", "endpoint"],
+            &[
+                "provider",
+                "projectId",
+                "location",
+                "keyRing",
+                "keyName",
+                "keyVersion",
+                "endpoint",
+            ],
         )?;
         let key = KeyRef::parse(master_key)?;
         let mut out = doc! {
@@ -281,9 +306,16 @@ impl Kms for GcpKms {
         Ok((master_key.clone(), ciphertext.to_vec()))
     }
 
-    async fn decrypt(&self, master_key: &Document, wrapped: &[u8], ad: &[u8]) -> Result<KeyMaterial> {
+    async fn decrypt(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        ad: &[u8],
+    ) -> Result<KeyMaterial> {
         let key_id = master_key_id(master_key);
-        let response = self.call(master_key, "decrypt", &body("ciphertext", wrapped, ad)).await?;
+        let response = self
+            .call(master_key, "decrypt", &body("ciphertext", wrapped, ad))
+            .await?;
         if response.status == 400 && is_invalid_ciphertext(&response.body) {
             return Err(Error::Decrypt);
         }

@@ -183,7 +183,9 @@ impl Tokens {
             let response = http
                 .send(key_id, &|client| build(client, token.expose_secret()))
                 .await?;
-            if response.status != 401 || fresh_tried || matches!(self.source, TokenSource::Static(_))
+            if response.status != 401
+                || fresh_tried
+                || matches!(self.source, TokenSource::Static(_))
             {
                 return Ok(response);
             }
@@ -231,9 +233,8 @@ impl Tokens {
             } => {
                 let response = http
                     .send(key_id, &|client| {
-                        let assertion = Zeroizing::new(sign_jwt(
-                            key, email, audience, resource, http, key_id,
-                        )?);
+                        let assertion =
+                            Zeroizing::new(sign_jwt(key, email, audience, resource, http, key_id)?);
                         let form = Zeroizing::new(
                             url::form_urlencoded::Serializer::new(String::new())
                                 .append_pair(
@@ -291,7 +292,11 @@ impl fmt::Debug for Tokens {
     }
 }
 
-fn form_request(client: &reqwest::Client, url: &reqwest::Url, form: &str) -> Result<reqwest::Request> {
+fn form_request(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    form: &str,
+) -> Result<reqwest::Request> {
     client
         .post(url.clone())
         .header("Content-Type", "application/x-www-form-urlencoded")
@@ -330,8 +335,19 @@ fn sign_jwt(
     let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
     let signed = format!("{header}.{claims}");
     let mut signature = vec![0u8; key.public().modulus_len()];
-    key.sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), signed.as_bytes(), &mut signature)
-        .map_err(|_| kms_error(http.provider(), key_id, "cannot sign the service account's JWT"))?;
+    key.sign(
+        &RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signed.as_bytes(),
+        &mut signature,
+    )
+    .map_err(|_| {
+        kms_error(
+            http.provider(),
+            key_id,
+            "cannot sign the service account's JWT",
+        )
+    })?;
     Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature)))
 }
 
@@ -472,11 +488,7 @@ impl Endpoint {
             Some(_) => return Err(bad("the KMS is reached over https only")),
             None => value,
         };
-        let host_and_port = rest
-            .split(['/', '?'])
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let host_and_port = rest.split(['/', '?']).next().unwrap_or_default().to_owned();
         let url = reqwest::Url::parse(&format!("https://{host_and_port}/"))
             .map_err(|_| bad("not a host[:port]"))?;
         let host = url.host_str().unwrap_or_default().to_owned();
@@ -484,7 +496,9 @@ impl Endpoint {
             return Err(bad("not a host[:port]"));
         }
         let Some((_, domain)) = host.split_once('.') else {
-            return Err(bad("the host must be a domain name with a dot (or an IP address)"));
+            return Err(bad(
+                "the host must be a domain name with a dot (or an IP address)",
+            ));
         };
         let domain = domain.to_owned();
         Ok(Endpoint {
@@ -505,7 +519,11 @@ impl Endpoint {
 ///
 /// # Errors
 /// [`Error::KeyFormat`] when it is there but not a string.
-pub(crate) fn optional_str<'a>(doc: &'a Document, what: &str, field: &str) -> Result<Option<&'a str>> {
+pub(crate) fn optional_str<'a>(
+    doc: &'a Document,
+    what: &str,
+    field: &str,
+) -> Result<Option<&'a str>> {
     match doc.get(field) {
         None => Ok(None),
         Some(Bson::String(s)) => Ok(Some(s)),
@@ -520,7 +538,9 @@ pub(crate) fn optional_str<'a>(doc: &'a Document, what: &str, field: &str) -> Re
 pub(crate) fn required_str<'a>(doc: &'a Document, what: &str, field: &str) -> Result<&'a str> {
     match optional_str(doc, what, field)? {
         Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(Error::KeyFormat(format!("{what} needs {field} (a non-empty string)"))),
+        _ => Err(Error::KeyFormat(format!(
+            "{what} needs {field} (a non-empty string)"
+        ))),
     }
 }
 
@@ -602,18 +622,32 @@ mod tests {
 
     #[test]
     fn endpoints_as_libmongocrypt_parses_them() {
-        let e = Endpoint::parse("masterKey", "keyVaultEndpoint", "myvault.vault.azure.net").unwrap();
+        let e =
+            Endpoint::parse("masterKey", "keyVaultEndpoint", "myvault.vault.azure.net").unwrap();
         assert_eq!(
             (e.host_and_port.as_str(), e.host.as_str(), e.domain.as_str()),
-            ("myvault.vault.azure.net", "myvault.vault.azure.net", "vault.azure.net")
+            (
+                "myvault.vault.azure.net",
+                "myvault.vault.azure.net",
+                "vault.azure.net"
+            )
         );
         let e = Endpoint::parse("m", "endpoint", "https://127.0.0.1:8443/some/path").unwrap();
         assert_eq!(
             (e.host_and_port.as_str(), e.host.as_str(), e.domain.as_str()),
             ("127.0.0.1:8443", "127.0.0.1", "0.0.1")
         );
-        for bad in ["", "localhost", "http://a.b", "a.b:notaport", "https://", "user:pw@a.b"] {
-            let e = Endpoint::parse("m", "endpoint", bad).err().unwrap_or_else(|| panic!("{bad}"));
+        for bad in [
+            "",
+            "localhost",
+            "http://a.b",
+            "a.b:notaport",
+            "https://",
+            "user:pw@a.b",
+        ] {
+            let e = Endpoint::parse("m", "endpoint", bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad}"));
             assert!(e.to_string().contains("m.endpoint"), "{e}");
         }
     }
@@ -625,15 +659,23 @@ mod tests {
             error_detail(azure, &[]),
             " (Forbidden/KeyDisabled: Operation wrapKey is not allowed on a disabled key.)"
         );
-        let gcp = br#"{"error":{"code":404,"message":"CryptoKey x not found.","status":"NOT_FOUND"}}"#;
-        assert_eq!(error_detail(gcp, &[]), " (NOT_FOUND/404: CryptoKey x not found.)");
-        let oauth = br#"{"error":"invalid_client","error_description":"bad secret s3cr3t\r\nTrace"}"#;
+        let gcp =
+            br#"{"error":{"code":404,"message":"CryptoKey x not found.","status":"NOT_FOUND"}}"#;
+        assert_eq!(
+            error_detail(gcp, &[]),
+            " (NOT_FOUND/404: CryptoKey x not found.)"
+        );
+        let oauth =
+            br#"{"error":"invalid_client","error_description":"bad secret s3cr3t\r\nTrace"}"#;
         assert_eq!(
             error_detail(oauth, &["s3cr3t"]),
             " (invalid_client: bad secret [REDACTED]  Trace)"
         );
         assert_eq!(error_detail(b"<html>", &[]), "");
-        let long = format!(r#"{{"error":{{"code":"X","message":"{}"}}}}"#, "a".repeat(500));
+        let long = format!(
+            r#"{{"error":{{"code":"X","message":"{}"}}}}"#,
+            "a".repeat(500)
+        );
         assert!(error_detail(long.as_bytes(), &[]).chars().count() < MAX_DETAIL + 10);
     }
 
