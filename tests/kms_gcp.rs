@@ -15,11 +15,10 @@ use base64::Engine as _;
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Document};
 use fieldcrypt::kms::{KmsOptions, KmsProviders, RetryPolicy, TlsOptions};
-use fieldcrypt::mongo::{KekProvider as _, KeySource as _, KeyVault};
+use fieldcrypt::mongo::{KeySource as _, KeyVault};
 use fieldcrypt::{Error, KeyMaterial, Keyring as _, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use fieldcrypt_testkit::kms::fake_gcp::{key_resource, FakeGcp, KMS_SCOPE, TOKEN_AUDIENCE};
-use secrecy::ExposeSecret as _;
 
 const PROJECT: &str = "fieldcrypt-test";
 const LOCATION: &str = "global";
@@ -78,7 +77,7 @@ fn resource(key: &str) -> String {
     key_resource(PROJECT, LOCATION, RING, key)
 }
 
-async fn client() -> mongodb::Client {
+async fn new_client() -> mongodb::Client {
     let server = DevServer::shared().unwrap();
     mongodb::Client::with_uri_str(server.uri()).await.unwrap()
 }
@@ -107,7 +106,7 @@ fn key_fragments(fake: &FakeGcp) -> Vec<String> {
 async fn round_trip_through_the_key_vault_with_a_service_account() {
     let fake = FakeGcp::start().unwrap();
     fake.add_key(PROJECT, LOCATION, RING, "kek1");
-    let client = client().await;
+    let client = new_client().await;
     let ns = format!("{}.datakeys", unique_db_name("gcp_rt"));
     let kms = providers(&fake);
     let vault = Arc::new(
@@ -154,7 +153,7 @@ async fn round_trip_through_the_key_vault_with_a_service_account() {
 
     let other = Arc::new(
         KeyVault::with_kms_providers(
-            &client().await,
+            &new_client().await,
             &providers(&fake),
             &master_key(&fake, "kek1"),
         )
@@ -380,7 +379,7 @@ async fn an_access_token_is_used_as_given() {
         "{reason}"
     );
     assert!(reason.contains(&resource("kek1")), "{reason}");
-    assert_no_secret(&format!("{e} {e:?} {kek:?} {kms:?}"), &[&token]);
+    assert_no_secret(&format!("{e} {e:?} {kms:?}"), &[&token]);
 }
 
 /// An empty `gcp` entry takes the instance's token from the metadata server, here the fake's,
@@ -517,7 +516,7 @@ async fn fail_a_service_account_key_the_token_endpoint_does_not_accept() {
     assert!(reason.contains(&resource("kek1")), "{reason}");
     let fragments = key_fragments(&other);
     let secrets: Vec<&str> = fragments.iter().map(String::as_str).collect();
-    assert_no_secret(&format!("{e} {e:?} {kek:?} {kms:?}"), &secrets);
+    assert_no_secret(&format!("{e} {e:?} {kms:?}"), &secrets);
     assert!(fake.https().requests_of("kms").is_empty());
 
     // An unknown account.
@@ -689,9 +688,8 @@ fn fail_malformed_master_keys_and_credentials() {
         assert!(matches!(e, Error::KeyFormat(_)), "{e:?}");
         assert!(e.to_string().contains(field), "{mk}: {e}");
     }
-    // Without endpoint: Cloud KMS itself, and no endpoint stored.
-    let kek = kms.kek_for(&without("endpoint")).unwrap();
-    assert!(format!("{kek:?}").contains(&resource("k")));
+    // Without endpoint: Cloud KMS itself (not called here).
+    kms.kek_for(&without("endpoint")).unwrap();
 
     let opts = options(&fake, &["gcp"]);
     let pem = fake.private_key_pem();
@@ -720,22 +718,4 @@ fn fail_malformed_master_keys_and_credentials() {
         let secrets: Vec<&str> = fragments.iter().map(String::as_str).collect();
         assert_no_secret(&format!("{e} {e:?}"), &secrets);
     }
-}
-
-#[test]
-fn no_credential_in_debug_output() {
-    let fake = FakeGcp::start().unwrap();
-    let token = fake.issue_token();
-    let kms = KmsProviders::from_document_with(
-        &doc! { "gcp": credentials(&fake), "gcp:t": { "accessToken": &token } },
-        &options(&fake, &["gcp", "gcp:t"]),
-    )
-    .unwrap();
-    let kek = kms.kek_for(&master_key(&fake, "kek1")).unwrap();
-    let printed = format!("{kms:?} {kek:?}");
-    let fragments = key_fragments(&fake);
-    let mut secrets: Vec<&str> = fragments.iter().map(String::as_str).collect();
-    secrets.push(&token);
-    assert_no_secret(&printed, &secrets);
-    assert!(printed.contains("service account"), "{printed}");
 }

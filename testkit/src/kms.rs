@@ -1,4 +1,7 @@
-//! Servers for the KMS provider tests.
+//! Local KMS servers for the KMS providers' tests, started like [`crate::devserver`]'s
+//! MongoDB server: installed from PyPI into their own virtual environments
+//! ([`crate::service::PythonEnv`]) and stopped when the test process ends, also on panic.
+//! Azure Key Vault and Google Cloud KMS have no local server; their tests use fakes:
 //!
 //! - [`fake_https`]: the small HTTPS/HTTP server (per-run CA) the cloud fakes run on;
 //! - [`fake_azure`]: Azure Key Vault, the Microsoft identity platform and IMDS;
