@@ -358,3 +358,79 @@ fn imds_url(what: &str) -> Result<reqwest::Url> {
     }
     Ok(url)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::kms::{KmsKek, RetryPolicy, TlsOptions};
+
+    fn provider(credentials: &Document) -> AzureKms {
+        let (tls, retry) = (TlsOptions::default(), RetryPolicy::default());
+        let ctx = ProviderContext {
+            name: "azure",
+            tls: &tls,
+            retry: &retry,
+        };
+        AzureKms::new(&ctx, credentials).unwrap()
+    }
+
+    #[test]
+    fn debug_names_the_credentials_kind_never_the_credentials() {
+        let secret = "client-secret-5f0e9d";
+        let token = "access-token-77ab31";
+        let master_key =
+            doc! { "provider": "azure", "keyVaultEndpoint": "v.vault.azure.net", "keyName": "k" };
+        for (credentials, kind) in [
+            (
+                doc! { "tenantId": "t", "clientId": "c", "clientSecret": secret },
+                "client credentials",
+            ),
+            (doc! { "accessToken": token }, "access token"),
+        ] {
+            let kms = Arc::new(provider(&credentials));
+            let kek = KmsKek {
+                kms: kms.clone(),
+                master_key: master_key.clone(),
+            };
+            let printed = format!("{kms:?} {kek:?}");
+            assert!(printed.contains(kind), "{printed}");
+            assert!(printed.contains("v.vault.azure.net/keys/k"), "{printed}");
+            assert!(
+                !printed.contains(secret) && !printed.contains(token),
+                "{printed}"
+            );
+        }
+    }
+
+    #[test]
+    fn master_keys_are_stored_as_libmongocrypt_stores_them() {
+        let kms = provider(&doc! { "accessToken": "t" });
+        let stored = kms
+            .master_key(&doc! {
+                "keyVersion": "0123abcd",
+                "keyName": "k",
+                "keyVaultEndpoint": "https://v.vault.azure.net:443/",
+                "provider": "azure",
+            })
+            .unwrap();
+        assert_eq!(
+            stored,
+            doc! {
+                "provider": "azure",
+                "keyVaultEndpoint": "v.vault.azure.net:443",
+                "keyName": "k",
+                "keyVersion": "0123abcd",
+            }
+        );
+        assert_eq!(
+            stored.keys().collect::<Vec<_>>(),
+            ["provider", "keyVaultEndpoint", "keyName", "keyVersion"]
+        );
+        let e = kms
+            .master_key(&doc! { "provider": "azure:other", "keyVaultEndpoint": "v.vault.azure.net", "keyName": "k" })
+            .unwrap_err();
+        assert!(e.to_string().contains("azure"), "{e}");
+    }
+}

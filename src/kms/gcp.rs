@@ -101,7 +101,7 @@ impl GcpKms {
                 // libmongocrypt's audience: the host without the port.
                 audience: format!("https://{}/token", endpoint.host),
                 email,
-                key,
+                key: Box::new(key),
             }
         };
         Ok(Self {
@@ -366,4 +366,83 @@ fn metadata_url(what: &str) -> Result<reqwest::Url> {
                 "{what} is empty (metadata server), and {METADATA_HOST_ENV} is not a host[:port]"
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::kms::{KmsKek, RetryPolicy, TlsOptions};
+
+    fn provider(credentials: &Document) -> GcpKms {
+        let (tls, retry) = (TlsOptions::default(), RetryPolicy::default());
+        let ctx = ProviderContext {
+            name: "gcp",
+            tls: &tls,
+            retry: &retry,
+        };
+        GcpKms::new(&ctx, credentials).unwrap()
+    }
+
+    #[test]
+    fn debug_names_the_credentials_kind_never_the_credentials() {
+        let token = "ya29.access-token-77ab31";
+        let kms = Arc::new(provider(&doc! { "accessToken": token }));
+        let kek = KmsKek {
+            kms: kms.clone(),
+            master_key: doc! {
+                "provider": "gcp", "projectId": "p", "location": "global", "keyRing": "r", "keyName": "k",
+            },
+        };
+        let printed = format!("{kms:?} {kek:?}");
+        assert!(printed.contains("access token"), "{printed}");
+        assert!(
+            printed.contains("projects/p/locations/global/keyRings/r/cryptoKeys/k"),
+            "{printed}"
+        );
+        assert!(!printed.contains(token), "{printed}");
+    }
+
+    #[test]
+    fn master_keys_are_stored_as_libmongocrypt_stores_them() {
+        let kms = provider(&doc! { "accessToken": "t" });
+        let stored = kms
+            .master_key(&doc! {
+                "endpoint": "https://cloudkms.googleapis.com/",
+                "keyVersion": "3",
+                "keyName": "k",
+                "keyRing": "r",
+                "location": "global",
+                "projectId": "p",
+                "provider": "gcp",
+            })
+            .unwrap();
+        assert_eq!(
+            stored.keys().collect::<Vec<_>>(),
+            [
+                "provider",
+                "projectId",
+                "location",
+                "keyRing",
+                "keyName",
+                "keyVersion",
+                "endpoint"
+            ]
+        );
+        assert_eq!(
+            stored.get_str("endpoint").unwrap(),
+            "cloudkms.googleapis.com"
+        );
+    }
+
+    #[test]
+    fn only_an_invalid_argument_400_is_a_bad_ciphertext() {
+        assert!(is_invalid_ciphertext(
+            br#"{"error":{"code":400,"message":"Decryption failed: the ciphertext is invalid.","status":"INVALID_ARGUMENT"}}"#
+        ));
+        assert!(!is_invalid_ciphertext(
+            br#"{"error":{"code":400,"message":"... is not enabled","status":"FAILED_PRECONDITION"}}"#
+        ));
+    }
 }

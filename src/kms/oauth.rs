@@ -63,8 +63,8 @@ pub(crate) enum TokenSource {
         audience: String,
         /// The service account's email (the JWT's `iss`).
         email: String,
-        /// Its private key.
-        key: RsaKeyPair,
+        /// Its private key (boxed: it is large, the other sources are small).
+        key: Box<RsaKeyPair>,
     },
     /// A cloud's instance metadata service (credentials left empty in `kmsProviders`).
     Metadata(Metadata),
