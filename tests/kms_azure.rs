@@ -9,12 +9,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::{doc, Document};
+use bson::{doc, Bson, Document};
 use fieldcrypt::kms::{KmsOptions, KmsProviders, RetryPolicy, TlsOptions};
 use fieldcrypt::mongo::{KeySource as _, KeyVault};
-use fieldcrypt::{Error, KeyMaterial, Keyring as _, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
+use fieldcrypt::{
+    CsfleAlgorithm, CsfleDataKey, Error, KeyMaterial, Keyring as _, CSFLE_KEY_LEN,
+    FIELDCRYPT_KEY_LEN,
+};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::kms::cloud_interop;
 use fieldcrypt_testkit::kms::fake_azure::{FakeAzure, VAULT_RESOURCE};
+use secrecy::{ExposeSecret as _, SecretBox};
 use sha2::{Digest as _, Sha256};
 
 /// Few, quick retries: the failure tests stay fast.
@@ -704,4 +709,95 @@ async fn fail_malformed_master_keys_and_credentials() {
         assert!(e.to_string().contains(field), "{creds}: {e}");
         assert_no_secret(&format!("{e} {e:?}"), &[secret]);
     }
+}
+
+/// A CSFLE data key made from a key vault's unwrapped material.
+fn csfle_key(vault: &KeyVault, id: fieldcrypt::KeyId) -> CsfleDataKey {
+    let material: [u8; CSFLE_KEY_LEN] = vault
+        .key(&id)
+        .unwrap()
+        .material()
+        .unwrap()
+        .expose_secret()
+        .try_into()
+        .unwrap();
+    CsfleDataKey::from_material(id, SecretBox::new(Box::new(material)), Vec::new()).unwrap()
+}
+
+/// libmongocrypt (PyMongo's ClientEncryption, its requests sent to the fake) unwraps a CSFLE
+/// key fieldcrypt wrapped under Azure and decrypts fieldcrypt's ciphertext; fieldcrypt unwraps
+/// a key libmongocrypt created under Azure and decrypts libmongocrypt's ciphertext.
+#[tokio::test]
+async fn libmongocrypt_and_fieldcrypt_read_each_others_azure_keys() {
+    let fake = FakeAzure::start().unwrap();
+    fake.add_key("kek1");
+    let client = new_client().await;
+    let ns = format!("{}.datakeys", unique_db_name("azure_interop"));
+    let vault =
+        KeyVault::with_kms_providers(&client, &providers(&fake), &master_key(&fake, "kek1"))
+            .unwrap()
+            .namespace(&ns)
+            .build()
+            .unwrap();
+    let ours = vault
+        .create_csfle_key(&["made-by-fieldcrypt".to_owned()])
+        .await
+        .unwrap();
+    vault.prefetch_ids(&[ours]).await.unwrap();
+    let ciphertext = csfle_key(&vault, ours)
+        .encrypt_value(
+            CsfleAlgorithm::Random,
+            &Bson::String("made by fieldcrypt".into()),
+        )
+        .unwrap();
+    let mut their_master_key = master_key(&fake, "kek1");
+    their_master_key.remove("provider");
+    fake.https().clear_requests();
+
+    let answer = cloud_interop::answer(&cloud_interop::run(&doc! {
+        "provider": "azure",
+        "kms_providers": { "azure": credentials(&fake) },
+        "master_key": their_master_key,
+        "ca": fake.ca().ca_file().to_str().unwrap(),
+        "key_vault": &ns,
+        "fieldcrypt_ciphertext": ciphertext,
+    }));
+    assert_eq!(answer.get_str("decrypted").unwrap(), "made by fieldcrypt");
+    // libmongocrypt's requests passed the fake's checks: one token; unwrapkey (fieldcrypt's
+    // key), wrapkey (its new key), unwrapkey (its new key, to encrypt).
+    assert_eq!(fake.https().requests_of("token").len(), 1);
+    let calls = fake.https().requests_of("kms");
+    assert_eq!(
+        calls.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(),
+        [
+            "/keys/kek1//unwrapkey",
+            "/keys/kek1//wrapkey",
+            "/keys/kek1//unwrapkey"
+        ]
+    );
+
+    let theirs = match answer.get("key_id") {
+        Some(Bson::Binary(b)) => fieldcrypt::KeyId::from_slice(&b.bytes).unwrap(),
+        other => panic!("key_id: {other:?}"),
+    };
+    let their_ciphertext = match answer.get("ciphertext") {
+        Some(Bson::Binary(b)) => b.clone(),
+        other => panic!("ciphertext: {other:?}"),
+    };
+    let reader = KeyVault::with_kms_providers(
+        &new_client().await,
+        &providers(&fake),
+        &master_key(&fake, "kek1"),
+    )
+    .unwrap()
+    .namespace(&ns)
+    .build()
+    .unwrap();
+    reader.prefetch_ids(&[theirs]).await.unwrap();
+    assert_eq!(
+        csfle_key(&reader, theirs)
+            .decrypt_value(&their_ciphertext)
+            .unwrap(),
+        Bson::String("made by libmongocrypt".into())
+    );
 }

@@ -13,12 +13,17 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use bson::spec::BinarySubtype;
-use bson::{doc, Binary, Document};
+use bson::{doc, Binary, Bson, Document};
 use fieldcrypt::kms::{KmsOptions, KmsProviders, RetryPolicy, TlsOptions};
 use fieldcrypt::mongo::{KeySource as _, KeyVault};
-use fieldcrypt::{Error, KeyMaterial, Keyring as _, CSFLE_KEY_LEN, FIELDCRYPT_KEY_LEN};
+use fieldcrypt::{
+    CsfleAlgorithm, CsfleDataKey, Error, KeyMaterial, Keyring as _, CSFLE_KEY_LEN,
+    FIELDCRYPT_KEY_LEN,
+};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+use fieldcrypt_testkit::kms::cloud_interop;
 use fieldcrypt_testkit::kms::fake_gcp::{key_resource, FakeGcp, KMS_SCOPE, TOKEN_AUDIENCE};
+use secrecy::{ExposeSecret as _, SecretBox};
 
 const PROJECT: &str = "fieldcrypt-test";
 const LOCATION: &str = "global";
@@ -718,4 +723,104 @@ fn fail_malformed_master_keys_and_credentials() {
         let secrets: Vec<&str> = fragments.iter().map(String::as_str).collect();
         assert_no_secret(&format!("{e} {e:?}"), &secrets);
     }
+}
+
+/// A CSFLE data key made from a key vault's unwrapped material.
+fn csfle_key(vault: &KeyVault, id: fieldcrypt::KeyId) -> CsfleDataKey {
+    let material: [u8; CSFLE_KEY_LEN] = vault
+        .key(&id)
+        .unwrap()
+        .material()
+        .unwrap()
+        .expose_secret()
+        .try_into()
+        .unwrap();
+    CsfleDataKey::from_material(id, SecretBox::new(Box::new(material)), Vec::new()).unwrap()
+}
+
+/// libmongocrypt (PyMongo's ClientEncryption, its requests sent to the fake) unwraps a CSFLE
+/// key fieldcrypt wrapped under Cloud KMS and decrypts fieldcrypt's ciphertext; fieldcrypt
+/// unwraps a key libmongocrypt created under Cloud KMS and decrypts libmongocrypt's ciphertext.
+/// libmongocrypt gets the service account key as base64 of its DER, its string form.
+#[tokio::test]
+async fn libmongocrypt_and_fieldcrypt_read_each_others_gcp_keys() {
+    let fake = FakeGcp::start().unwrap();
+    fake.add_key(PROJECT, LOCATION, RING, "kek1");
+    let client = new_client().await;
+    let ns = format!("{}.datakeys", unique_db_name("gcp_interop"));
+    let vault =
+        KeyVault::with_kms_providers(&client, &providers(&fake), &master_key(&fake, "kek1"))
+            .unwrap()
+            .namespace(&ns)
+            .build()
+            .unwrap();
+    let ours = vault
+        .create_csfle_key(&["made-by-fieldcrypt".to_owned()])
+        .await
+        .unwrap();
+    vault.prefetch_ids(&[ours]).await.unwrap();
+    let ciphertext = csfle_key(&vault, ours)
+        .encrypt_value(
+            CsfleAlgorithm::Random,
+            &Bson::String("made by fieldcrypt".into()),
+        )
+        .unwrap();
+    let mut their_master_key = master_key(&fake, "kek1");
+    their_master_key.remove("provider");
+    fake.https().clear_requests();
+
+    let answer = cloud_interop::answer(&cloud_interop::run(&doc! {
+        "provider": "gcp",
+        "kms_providers": { "gcp": {
+            "email": fake.email(),
+            "privateKey": fake.private_key_base64(),
+            "endpoint": fake.endpoint(),
+        } },
+        "master_key": their_master_key,
+        "ca": fake.ca().ca_file().to_str().unwrap(),
+        "key_vault": &ns,
+        "fieldcrypt_ciphertext": ciphertext,
+    }));
+    assert_eq!(answer.get_str("decrypted").unwrap(), "made by fieldcrypt");
+    // libmongocrypt's requests passed the fake's checks (JWT audience and scope as the fake
+    // expects them): one token; decrypt (fieldcrypt's key), encrypt (its new key), decrypt.
+    assert_eq!(fake.https().requests_of("token").len(), 1);
+    let key_path = format!("/v1/{}", resource("kek1"));
+    assert_eq!(
+        fake.https()
+            .requests_of("kms")
+            .iter()
+            .map(|c| c.path.clone())
+            .collect::<Vec<_>>(),
+        [
+            format!("{key_path}:decrypt"),
+            format!("{key_path}:encrypt"),
+            format!("{key_path}:decrypt")
+        ]
+    );
+
+    let theirs = match answer.get("key_id") {
+        Some(Bson::Binary(b)) => fieldcrypt::KeyId::from_slice(&b.bytes).unwrap(),
+        other => panic!("key_id: {other:?}"),
+    };
+    let their_ciphertext = match answer.get("ciphertext") {
+        Some(Bson::Binary(b)) => b.clone(),
+        other => panic!("ciphertext: {other:?}"),
+    };
+    let reader = KeyVault::with_kms_providers(
+        &new_client().await,
+        &providers(&fake),
+        &master_key(&fake, "kek1"),
+    )
+    .unwrap()
+    .namespace(&ns)
+    .build()
+    .unwrap();
+    reader.prefetch_ids(&[theirs]).await.unwrap();
+    assert_eq!(
+        csfle_key(&reader, theirs)
+            .decrypt_value(&their_ciphertext)
+            .unwrap(),
+        Bson::String("made by libmongocrypt".into())
+    );
 }

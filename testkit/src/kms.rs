@@ -5,8 +5,10 @@
 //!
 //! - [`fake_https`]: the small HTTPS/HTTP server (per-run CA) the cloud fakes run on;
 //! - [`fake_azure`]: Azure Key Vault, the Microsoft identity platform and IMDS;
-//! - [`fake_gcp`]: Google Cloud KMS, Google's OAuth 2.0 token endpoint and the GCE metadata server.
+//! - [`fake_gcp`]: Google Cloud KMS, Google's OAuth 2.0 token endpoint and the GCE metadata server;
+//! - [`cloud_interop`]: libmongocrypt (PyMongo's `ClientEncryption`) against those fakes.
 
+pub mod cloud_interop;
 pub mod fake_azure;
 pub mod fake_gcp;
 pub mod fake_https;

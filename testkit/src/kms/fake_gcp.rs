@@ -589,6 +589,11 @@ impl GcpHandler {
     }
 }
 
+/// base64url with or without padding: libmongocrypt pads its JWT's parts, and Google accepts it.
+fn b64url(part: &str) -> Option<Vec<u8>> {
+    URL_SAFE_NO_PAD.decode(part.trim_end_matches('=')).ok()
+}
+
 /// Checks a JWT-bearer assertion as Google's token endpoint does; returns its scopes.
 fn verify_jwt(state: &State, assertion: &str) -> Result<Vec<String>, &'static str> {
     let mut parts = assertion.split('.');
@@ -599,9 +604,7 @@ fn verify_jwt(state: &State, assertion: &str) -> Result<Vec<String>, &'static st
             "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe.",
         );
     };
-    let header: serde_json::Value = URL_SAFE_NO_PAD
-        .decode(header)
-        .ok()
+    let header: serde_json::Value = b64url(header)
         .and_then(|h| serde_json::from_slice(&h).ok())
         .ok_or("Invalid JWT header.")?;
     if header.get("alg").and_then(|a| a.as_str()) != Some("RS256") {
@@ -610,9 +613,7 @@ fn verify_jwt(state: &State, assertion: &str) -> Result<Vec<String>, &'static st
     if header.get("typ").is_some_and(|t| t.as_str() != Some("JWT")) {
         return Err("Invalid JWT header: typ.");
     }
-    let signature = URL_SAFE_NO_PAD
-        .decode(signature)
-        .map_err(|_| "Invalid JWT Signature.")?;
+    let signature = b64url(signature).ok_or("Invalid JWT Signature.")?;
     let signed =
         &assertion[..assertion.len() - assertion.rsplit('.').next().map_or(0, str::len) - 1];
     let verifying = rsa::pkcs1v15::VerifyingKey::<rsa::sha2::Sha256>::new(state.public.clone());
@@ -621,9 +622,7 @@ fn verify_jwt(state: &State, assertion: &str) -> Result<Vec<String>, &'static st
     verifying
         .verify(signed.as_bytes(), &signature)
         .map_err(|_| "Invalid JWT Signature.")?;
-    let claims: serde_json::Value = URL_SAFE_NO_PAD
-        .decode(claims)
-        .ok()
+    let claims: serde_json::Value = b64url(claims)
         .and_then(|c| serde_json::from_slice(&c).ok())
         .ok_or("Invalid JWT claims.")?;
     if claims.get("iss").and_then(|v| v.as_str()) != Some(state.email.as_str()) {
