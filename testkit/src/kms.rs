@@ -12,3 +12,4 @@ pub mod cloud_interop;
 pub mod fake_azure;
 pub mod fake_gcp;
 pub mod fake_https;
+pub mod gate;
