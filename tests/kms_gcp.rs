@@ -338,6 +338,7 @@ async fn every_private_key_form_works() {
     let forms = [
         bson::Bson::String(fake.private_key_pem()),
         bson::Bson::String(fake.private_key_base64()),
+        bson::Bson::String(fake.private_key_pkcs1_pem()),
         bson::Bson::Binary(Binary {
             subtype: BinarySubtype::Generic,
             bytes: fake.private_key_der(),
@@ -354,7 +355,7 @@ async fn every_private_key_form_works() {
         let back = kek.unwrap_with_ad(&mk, &wrapped, b"ad").await.unwrap();
         assert_eq!(back.expose_secret(), dek.expose_secret());
     }
-    assert_eq!(fake.https().requests_of("token").len(), 3);
+    assert_eq!(fake.https().requests_of("token").len(), 4);
 }
 
 #[tokio::test]

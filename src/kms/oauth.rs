@@ -280,7 +280,20 @@ impl Tokens {
                 (url, response)
             }
         };
-        parse_token_response(http.provider(), key_id, url, self.source.kind(), &response)
+        let secrets: &[&str] = match &self.source {
+            TokenSource::ClientCredentials { client_secret, .. } => {
+                &[client_secret.expose_secret()]
+            }
+            _ => &[],
+        };
+        parse_token_response(
+            http.provider(),
+            key_id,
+            url,
+            self.source.kind(),
+            &response,
+            secrets,
+        )
     }
 }
 
@@ -358,6 +371,7 @@ fn parse_token_response(
     url: &reqwest::Url,
     kind: &str,
     response: &HttpResponse,
+    secrets: &[&str],
 ) -> Result<(SecretString, Duration)> {
     if !response.is_success() {
         return Err(kms_error(
@@ -367,7 +381,7 @@ fn parse_token_response(
                 "{kind}: token request to {} refused: HTTP {}{}",
                 origin(url),
                 response.status,
-                error_detail(&response.body, &[])
+                error_detail(&response.body, secrets)
             ),
         ));
     }

@@ -188,6 +188,16 @@ impl FakeGcp {
             .unwrap_or_else(|e| panic!("PKCS#8 encoding: {e}"))
     }
 
+    /// The private key as PKCS#1 PEM (`BEGIN RSA PRIVATE KEY`), as older tools write it.
+    #[must_use]
+    pub fn private_key_pkcs1_pem(&self) -> String {
+        use rsa::pkcs1::EncodeRsaPrivateKey as _;
+        self.private
+            .to_pkcs1_pem(LineEnding::LF)
+            .map(|pem| pem.to_string())
+            .unwrap_or_else(|e| panic!("PKCS#1 encoding: {e}"))
+    }
+
     /// The private key as PKCS#8 DER.
     #[must_use]
     pub fn private_key_der(&self) -> Vec<u8> {
