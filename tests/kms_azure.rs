@@ -19,7 +19,7 @@ use fieldcrypt::{
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use fieldcrypt_testkit::kms::cloud_interop;
 use fieldcrypt_testkit::kms::fake_azure::{FakeAzure, VAULT_RESOURCE};
-use secrecy::{ExposeSecret as _, SecretBox};
+use secrecy::SecretBox;
 use sha2::{Digest as _, Sha256};
 
 /// Few, quick retries: the failure tests stay fast.

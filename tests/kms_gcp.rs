@@ -23,7 +23,7 @@ use fieldcrypt::{
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use fieldcrypt_testkit::kms::cloud_interop;
 use fieldcrypt_testkit::kms::fake_gcp::{key_resource, FakeGcp, KMS_SCOPE, TOKEN_AUDIENCE};
-use secrecy::{ExposeSecret as _, SecretBox};
+use secrecy::SecretBox;
 
 const PROJECT: &str = "fieldcrypt-test";
 const LOCATION: &str = "global";
