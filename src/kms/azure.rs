@@ -229,9 +229,10 @@ impl<'a> KeyRef<'a> {
             required_str(master_key, what, "keyVaultEndpoint")?,
         )?;
         let name = path_segment(what, "keyName", required_str(master_key, what, "keyName")?)?;
+        // An empty keyVersion is the current version, as libmongocrypt accepts it.
         let version = match optional_str(master_key, what, "keyVersion")? {
+            Some("") | None => "",
             Some(v) => path_segment(what, "keyVersion", v)?,
-            None => "",
         };
         Ok(KeyRef {
             endpoint,
@@ -428,6 +429,11 @@ mod tests {
             stored.keys().collect::<Vec<_>>(),
             ["provider", "keyVaultEndpoint", "keyName", "keyVersion"]
         );
+        // libmongocrypt accepts an empty keyVersion (the current one) and stores it as given.
+        let mk = doc! {
+            "provider": "azure", "keyVaultEndpoint": "v.vault.azure.net", "keyName": "k", "keyVersion": "",
+        };
+        assert_eq!(kms.master_key(&mk).unwrap(), mk);
         let e = kms
             .master_key(&doc! { "provider": "azure:other", "keyVaultEndpoint": "v.vault.azure.net", "keyName": "k" })
             .unwrap_err();

@@ -120,7 +120,7 @@ impl GcpKms {
             key.project, key.location, key.ring, key.name
         );
         if method == "encrypt" {
-            if let Some(version) = key.version {
+            if let Some(version) = key.version.filter(|v| !v.is_empty()) {
                 path.push_str("/cryptoKeyVersions/");
                 path.push_str(version);
             }
@@ -212,9 +212,12 @@ impl<'a> KeyRef<'a> {
         let what = "masterKey";
         let segment =
             |field: &str| path_segment(what, field, required_str(master_key, what, field)?);
-        let version = optional_str(master_key, what, "keyVersion")?
-            .map(|v| path_segment(what, "keyVersion", v))
-            .transpose()?;
+        // An empty keyVersion is the primary version, as libmongocrypt accepts it.
+        let version = match optional_str(master_key, what, "keyVersion")? {
+            None => None,
+            Some("") => Some(""),
+            Some(v) => Some(path_segment(what, "keyVersion", v)?),
+        };
         Ok(KeyRef {
             project: segment("projectId")?,
             location: segment("location")?,
@@ -434,6 +437,12 @@ mod tests {
             stored.get_str("endpoint").unwrap(),
             "cloudkms.googleapis.com"
         );
+        // libmongocrypt accepts an empty keyVersion (the primary) and stores it as given.
+        let mk = doc! {
+            "provider": "gcp", "projectId": "p", "location": "l", "keyRing": "r",
+            "keyName": "k", "keyVersion": "",
+        };
+        assert_eq!(kms.master_key(&mk).unwrap(), mk);
     }
 
     #[test]
