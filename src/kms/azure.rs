@@ -34,8 +34,8 @@ use zeroize::Zeroizing;
 
 use super::http::{HttpClient, HttpResponse};
 use super::oauth::{
-    error_detail, only_fields, optional_str, path_segment, required_str, Endpoint, Metadata,
-    TokenSource, Tokens,
+    error_detail, only_fields, optional_str, path_segment, required_str, secret_field, Endpoint,
+    Metadata, TokenSource, Tokens,
 };
 use super::{kms_error, master_key_id, Kms, ProviderContext};
 use crate::error::{Error, Result};
@@ -135,10 +135,11 @@ impl AzureKms {
             key.name, key.version
         ))?;
         // The body holds the plaintext key for wrapkey: wiped once sent.
-        let body = Zeroizing::new(
-            serde_json::json!({"alg": "RSA-OAEP-256", "value": URL_SAFE_NO_PAD.encode(value)})
-                .to_string(),
-        );
+        let b64 = Zeroizing::new(URL_SAFE_NO_PAD.encode(value));
+        let body = Zeroizing::new(format!(
+            r#"{{"alg":"RSA-OAEP-256","value":"{}"}}"#,
+            b64.as_str()
+        ));
         // The token's audience is the vault's domain, as libmongocrypt derives the scope.
         let resource = format!("https://{}", key.endpoint.domain);
         self.tokens
@@ -185,31 +186,26 @@ impl AzureKms {
         }
     }
 
-    /// The `value` of a successful answer, base64url-decoded.
+    /// The `value` of a successful answer, base64url-decoded (the answer is wiped).
     fn value(
         &self,
         key_id: &str,
         operation: &str,
-        response: &HttpResponse,
+        response: &mut HttpResponse,
     ) -> Result<Zeroizing<Vec<u8>>> {
-        let malformed = || {
+        secret_field(&mut response.body, "value", |v| {
+            URL_SAFE_NO_PAD
+                .decode(v)
+                .or_else(|_| URL_SAFE.decode(v))
+                .ok()
+        })
+        .ok_or_else(|| {
             kms_error(
                 &self.name,
                 key_id,
                 format_args!("malformed {operation} response"),
             )
-        };
-        let body: serde_json::Value =
-            serde_json::from_slice(&response.body).map_err(|_| malformed())?;
-        let value = body
-            .get("value")
-            .and_then(|v| v.as_str())
-            .ok_or_else(malformed)?;
-        URL_SAFE_NO_PAD
-            .decode(value)
-            .or_else(|_| URL_SAFE.decode(value))
-            .map(Zeroizing::new)
-            .map_err(|_| malformed())
+        })
     }
 }
 
@@ -288,12 +284,12 @@ impl Kms for AzureKms {
             plain.extend_from_slice(&Sha256::digest(ad));
         }
         plain.extend_from_slice(dek.expose_secret());
-        let response = self.key_operation(master_key, "wrapkey", &plain).await?;
+        let mut response = self.key_operation(master_key, "wrapkey", &plain).await?;
         drop(plain);
         if !response.is_success() {
             return Err(self.refused(&key_id, "wrapkey", &response));
         }
-        let wrapped = self.value(&key_id, "wrapkey", &response)?;
+        let wrapped = self.value(&key_id, "wrapkey", &mut response)?;
         Ok((master_key.clone(), wrapped.to_vec()))
     }
 
@@ -304,7 +300,7 @@ impl Kms for AzureKms {
         ad: &[u8],
     ) -> Result<KeyMaterial> {
         let key_id = master_key_id(master_key);
-        let response = self.key_operation(master_key, "unwrapkey", wrapped).await?;
+        let mut response = self.key_operation(master_key, "unwrapkey", wrapped).await?;
         match response.status {
             // BadParameter: the blob does not decrypt under this key.
             400 => return Err(Error::Decrypt),
@@ -313,7 +309,7 @@ impl Kms for AzureKms {
             }
             _ => {}
         }
-        let plain = self.value(&key_id, "unwrapkey", &response)?;
+        let plain = self.value(&key_id, "unwrapkey", &mut response)?;
         if ad.is_empty() {
             return Ok(KeyMaterial::from_slice(&plain));
         }

@@ -25,7 +25,7 @@ use bson::{Bson, Document};
 use ring::rand::SystemRandom;
 use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use secrecy::{ExposeSecret as _, SecretString};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize as _, Zeroizing};
 
 use super::http::{HttpClient, HttpResponse};
 use super::kms_error;
@@ -202,7 +202,8 @@ impl Tokens {
         resource: &str,
     ) -> Result<(SecretString, Duration)> {
         let (url, response) = match &self.source {
-            TokenSource::Static(_) => unreachable!("Tokens::token returns static tokens itself"),
+            // Tokens::token returns a given token itself; this is only for completeness.
+            TokenSource::Static(token) => return Ok((token.clone(), Duration::ZERO)),
             TokenSource::ClientCredentials {
                 url,
                 client_id,
@@ -220,7 +221,7 @@ impl Tokens {
                                 .append_pair("grant_type", "client_credentials")
                                 .finish(),
                         );
-                        form_request(client, url, &form)
+                        form_request(client, url, &form, http, key_id)
                     })
                     .await?;
                 (url, response)
@@ -244,7 +245,7 @@ impl Tokens {
                                 .append_pair("assertion", &assertion)
                                 .finish(),
                         );
-                        form_request(client, url, &form)
+                        form_request(client, url, &form, http, key_id)
                     })
                     .await?;
                 (url, response)
@@ -305,10 +306,13 @@ impl fmt::Debug for Tokens {
     }
 }
 
+/// A form-encoded POST to a token endpoint.
 fn form_request(
     client: &reqwest::Client,
     url: &reqwest::Url,
     form: &str,
+    http: &HttpClient,
+    key_id: &str,
 ) -> Result<reqwest::Request> {
     client
         .post(url.clone())
@@ -316,11 +320,11 @@ fn form_request(
         .header("Accept", "application/json")
         .body(form.to_owned())
         .build()
-        .map_err(|_| Error::KeyFormat(format!("cannot build a token request to {}", origin(url))))
+        .map_err(|_| request_error(http, key_id))
 }
 
 fn request_error(http: &HttpClient, key_id: &str) -> Error {
-    kms_error(http.provider(), key_id, "cannot build the metadata request")
+    kms_error(http.provider(), key_id, "cannot build the token request")
 }
 
 /// An RS256 JWT for Google's JWT-bearer grant, with libmongocrypt's claims: `iss` the
@@ -409,6 +413,22 @@ fn parse_token_response(
     }
     .map_or(Duration::ZERO, Duration::from_secs);
     Ok((token, lifetime))
+}
+
+/// The base64 text of `field` in a KMS's JSON answer, decoded with `decode`. The body and the
+/// text are wiped: they hold a data key when the KMS unwrapped one.
+pub(crate) fn secret_field(
+    body: &mut Vec<u8>,
+    field: &str,
+    decode: impl Fn(&str) -> Option<Vec<u8>>,
+) -> Option<Zeroizing<Vec<u8>>> {
+    let parsed = serde_json::from_slice::<serde_json::Value>(body);
+    body.zeroize();
+    let text = match parsed.ok()?.get_mut(field) {
+        Some(serde_json::Value::String(s)) => Zeroizing::new(std::mem::take(s)),
+        _ => return None,
+    };
+    decode(&text).map(Zeroizing::new)
 }
 
 /// ` (<code>: <message>)` from a KMS's or token endpoint's JSON error body — Azure's
