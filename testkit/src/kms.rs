@@ -13,3 +13,5 @@ pub mod fake_azure;
 pub mod fake_gcp;
 pub mod fake_https;
 pub mod gate;
+pub mod moto;
+pub mod openbao;
