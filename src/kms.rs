@@ -45,6 +45,12 @@ pub(crate) mod tls;
 // …), dispatched by `remote` below.
 #[cfg(feature = "aws")]
 mod aws;
+#[cfg(feature = "azure")]
+mod azure;
+#[cfg(feature = "gcp")]
+mod gcp;
+#[cfg(any(feature = "azure", feature = "gcp"))]
+mod oauth;
 #[cfg(feature = "vault")]
 mod vault;
 
