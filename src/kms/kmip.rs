@@ -227,6 +227,17 @@ impl KmipKms {
     /// A response's error as [`Error::Kms`].
     fn refused(&self, key_id: &str, op: Operation, e: &ResponseError) -> Error {
         match e {
+            ResponseError::Failed {
+                reason: Some(message::REASON_ITEM_NOT_FOUND),
+                ..
+            } => kms_error(
+                &self.name,
+                key_id,
+                format_args!(
+                    "KMIP {op} refused: {e} (no such object, or not one this client \
+                     certificate may use)"
+                ),
+            ),
             ResponseError::Failed { .. } => {
                 kms_error(&self.name, key_id, format_args!("KMIP {op} refused: {e}"))
             }

@@ -423,47 +423,50 @@ impl<'a> Response<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn unhex(s: &str) -> Vec<u8> {
-        hex::decode(s.split_whitespace().collect::<String>()).unwrap()
+    /// A message of `testdata/libmongocrypt.txt`.
+    pub(crate) fn vector(name: &str) -> Vec<u8> {
+        include_str!("testdata/libmongocrypt.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(|h| hex::decode(h).unwrap())
+            .unwrap_or_else(|| panic!("no vector {name}"))
     }
 
-    /// libmongocrypt's Register request for 96 bytes of 0x11..., as kms_kmip_request.c writes
-    /// it (the layout in its comment, encoded by hand here).
+    const UID: &str = "7FJYvnV6XkaUCWuY96bCSc6AuhvkPpqI";
+
     #[test]
-    fn register_is_byte_for_byte_libmongocrypts() {
-        let secret = [0x11u8; SECRET_DATA_LEN];
+    fn requests_are_byte_for_byte_libmongocrypts() {
+        let secret: [u8; SECRET_DATA_LEN] =
+            vector("register_secretdata_secretdata").try_into().unwrap();
         let req = register_secret_data(&secret).unwrap();
-        let mut expected = unhex(
-            "42007801 00000150
-             42007701 00000038
-               42006901 00000020
-                 42006a02 00000004 00000001 00000000
-                 42006b02 00000004 00000000 00000000
-               42000d02 00000004 00000001 00000000
-             42000f01 00000108
-               42005c05 00000004 00000003 00000000
-               42007901 000000f0
-                 42005705 00000004 00000007 00000000
-                 42009101 00000038
-                   42000801 00000030
-                     42000a07 00000018 43727970746f67726170686963205573616765204d61736b
-                     42000b02 00000004 00000000 00000000
-                 42008501 00000098
-                   42008605 00000004 00000002 00000000
-                   42004001 00000080
-                     42004205 00000004 00000002 00000000
-                     42004501 00000068
-                       42004308 00000060",
-        );
-        expected.extend_from_slice(&secret);
-        assert_eq!(*req.bytes, expected);
+        assert_eq!(*req.bytes, vector("register_secretdata_request"));
+        assert_eq!(*get(UID).unwrap().bytes, vector("get_request"));
+        assert_eq!(*activate(UID).unwrap().bytes, vector("activate_request"));
         assert_eq!(
             format!("{req:?}"),
-            format!("Request {{ operation: Register, len: {} }}", expected.len())
+            format!("Request {{ operation: Register, len: {} }}", req.bytes.len())
         );
+    }
+
+    #[test]
+    fn reads_libmongocrypts_responses() {
+        let r = vector("success_register_response");
+        let r = Response::parse(&r, Operation::Register).unwrap();
+        assert_eq!(r.unique_identifier().unwrap(), "39");
+        let g = vector("success_get_response");
+        let g = Response::parse(&g, Operation::Get).unwrap();
+        assert_eq!(g.secret_data().unwrap(), vector("success_get_response_secretdata"));
+        let e = vector("error_get_response_notfound");
+        let e = Response::parse(&e, Operation::Get).err().unwrap();
+        assert!(
+            matches!(&e, ResponseError::Failed { status: 1, reason: Some(REASON_ITEM_NOT_FOUND), message: Some(_) }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("Item Not Found"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::message::{Operation, Request};
+use super::message::Request;
 use super::ttlv;
 use crate::kms::RetryPolicy;
 

@@ -200,7 +200,8 @@ impl Writer {
     fn string(&mut self, tag: u32, item_type: u8, value: &[u8]) {
         self.header(tag, item_type, value.len());
         self.buf.extend_from_slice(value);
-        self.buf.resize(self.buf.len() + padding(value.len()), 0);
+        let end = self.buf.len() + padding(value.len());
+        self.buf.resize(end, 0);
     }
 
     /// The message.
@@ -245,8 +246,13 @@ pub(crate) enum Value<'a> {
 // Byte strings can hold key material: Debug names the shape only.
 impl fmt::Debug for Item<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#08x}: ", self.tag)?;
-        match &self.value {
+        write!(f, "{:#08x}: {:?}", self.tag, self.value)
+    }
+}
+
+impl fmt::Debug for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
             Value::Structure(items) => f.debug_list().entries(items).finish(),
             Value::Integer(_) => f.write_str("Integer"),
             Value::LongInteger(_) => f.write_str("LongInteger"),
@@ -277,6 +283,7 @@ impl<'a> Item<'a> {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn as_integer(&self) -> Option<i32> {
         match self.value {
             Value::Integer(v) => Some(v),
@@ -451,10 +458,10 @@ mod tests {
         hex::decode(s).unwrap()
     }
 
-    /// libmongocrypt's Get request for unique identifier "1"
-    /// (kms-message/test/test_kms_kmip_request.c builds the same message for its own ids).
+    /// libmongocrypt's Get request (`testdata/libmongocrypt.txt`), written and read here.
     #[test]
-    fn writes_a_get_request_as_libmongocrypt_does() {
+    fn writes_and_reads_libmongocrypts_get_request() {
+        let uid = "7FJYvnV6XkaUCWuY96bCSc6AuhvkPpqI";
         let mut w = Writer::new();
         w.structure(tag::REQUEST_MESSAGE, |w| {
             w.structure(tag::REQUEST_HEADER, |w| {
@@ -467,31 +474,22 @@ mod tests {
             w.structure(tag::BATCH_ITEM, |w| {
                 w.enumeration(tag::OPERATION, 0x0A);
                 w.structure(tag::REQUEST_PAYLOAD, |w| {
-                    w.text(tag::UNIQUE_IDENTIFIER, "1");
+                    w.text(tag::UNIQUE_IDENTIFIER, uid);
                 });
             });
         });
         let bytes = w.finish().unwrap();
-        let expected = unhex(
-            "42007801 00000060
-             42007701 00000038
-               42006901 00000020
-                 42006a02 00000004 00000001 00000000
-                 42006b02 00000004 00000000 00000000
-               42000d02 00000004 00000001 00000000
-             42000f01 00000018
-               42005c05 00000004 0000000a 00000000
-               42007901 00000010
-                 42009407 00000001 31000000 00000000",
-        );
-        assert_eq!(*bytes, expected);
-        // And it reads back.
+        assert_eq!(*bytes, super::super::message::tests::vector("get_request"));
         let item = parse(&bytes).unwrap();
         assert_eq!(item.tag, tag::REQUEST_MESSAGE);
         let batch = item.find(tag::BATCH_ITEM).unwrap();
         assert_eq!(batch.find(tag::OPERATION).unwrap().as_enumeration(), Some(10));
-        let uid = batch.find(tag::REQUEST_PAYLOAD).unwrap().find(tag::UNIQUE_IDENTIFIER);
-        assert_eq!(uid.unwrap().as_text(), Some("1"));
+        let id = batch.find(tag::REQUEST_PAYLOAD).unwrap().find(tag::UNIQUE_IDENTIFIER);
+        assert_eq!(id.unwrap().as_text(), Some(uid));
+        // A one-byte identifier is padded to 8.
+        let mut w = Writer::new();
+        w.text(tag::UNIQUE_IDENTIFIER, "1");
+        assert_eq!(*w.finish().unwrap(), unhex("42009407 00000001 31000000 00000000"));
     }
 
     #[test]
