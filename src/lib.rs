@@ -68,6 +68,8 @@ mod envelope;
 mod error;
 mod key;
 mod keyring;
+#[cfg(feature = "kms")]
+pub mod kms;
 #[cfg(feature = "mongodb")]
 pub mod mongo;
 mod qe;

@@ -38,8 +38,9 @@ mod kek;
 mod key_vault;
 pub use kek::{KekProvider, LocalKek, MASTER_KEY_ENV};
 pub use key_vault::{
-    CacheStats, KeyInfo, KeyVault, KeyVaultBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL,
-    DEFAULT_KEY_VAULT_NAMESPACE, DEFAULT_USAGE_LEASE,
+    CacheStats, KeyInfo, KeyVault, KeyVaultBuilder, RewrapFailure, RewrapOutcome, RewrapReport,
+    RewrappedKey, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, DEFAULT_KEY_VAULT_NAMESPACE,
+    DEFAULT_USAGE_LEASE,
 };
 
 /// A keyring whose keys may have to be fetched (and unwrapped) before synchronous use.

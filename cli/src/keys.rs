@@ -147,7 +147,11 @@ pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
                 Some(n) => LocalKek::named(&n, master)?,
                 None => LocalKek::new(master),
             };
-            let n = vault.rewrap(Arc::new(kek)).await?;
+            let report = vault.rewrap(Arc::new(kek)).await?;
+            if let Some(failed) = report.failed {
+                return Err(failed.error.into());
+            }
+            let n = report.rewrapped();
             if out.json {
                 println!("{}", json!({ "rewrapped": n }));
             } else {

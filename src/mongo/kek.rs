@@ -169,6 +169,33 @@ pub trait KekProvider: Send + Sync {
     async fn unwrap(&self, master_key: &Document, wrapped: &[u8]) -> Result<KeyMaterial> {
         self.unwrap_with_ad(master_key, wrapped, &[]).await
     }
+
+    /// The `masterKey` document every key this KEK wraps gets, when that document tells its
+    /// master key apart from every other (a KMS key's ARN or name); `None` (the default) when
+    /// it does not — two local master keys both write `{provider: "local"}`.
+    /// [`KeyVault::rewrap`](super::KeyVault::rewrap) leaves keys whose masterKey already
+    /// equals it alone, so a rewrap that was interrupted continues where it stopped, without
+    /// a KMS call for the keys already moved.
+    fn wraps_under(&self) -> Option<&Document> {
+        None
+    }
+
+    /// Re-wraps a key wrapped under `master_key` with this KEK inside the KMS, without the
+    /// plaintext leaving it, where the KMS can (Vault Transit's `rewrap`, to the newest version
+    /// of the same Transit key). `Ok(None)`, the default: it cannot, and the key vault unwraps
+    /// and wraps.
+    ///
+    /// # Errors
+    /// KMS errors.
+    async fn rewrap_in_kms(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        associated_data: &[u8],
+    ) -> Result<Option<(Document, Vec<u8>)>> {
+        let _ = (master_key, wrapped, associated_data);
+        Ok(None)
+    }
 }
 
 /// MongoDB's `local` KMS provider: a 96-byte master key held in memory (from a file or the

@@ -28,6 +28,7 @@ mod usage;
 
 use core::fmt;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,7 @@ use crate::keyring::Keyring;
 
 pub use self::cache::CacheStats;
 pub use self::document::KeyInfo;
+pub use self::lifecycle::{RewrapFailure, RewrapOutcome, RewrapReport, RewrappedKey};
 
 /// Where key documents live unless told otherwise: MongoDB's default key vault namespace.
 pub const DEFAULT_KEY_VAULT_NAMESPACE: &str = "keyvault.datakeys";
@@ -121,6 +123,8 @@ pub struct KeyVault {
     cache: Arc<KeyCache>,
     usage_lease: u64,
     indexes: tokio::sync::OnceCell<()>,
+    /// Calls to the KEKs (each a KMS request for a remote provider), for [`CacheStats`].
+    kek_calls: AtomicU64,
     /// After `cache` (fields drop in order): wakes the background task once the cache is
     /// gone, so that it stops at once and lets go of the client.
     _stop: StopOnDrop,
@@ -182,6 +186,14 @@ impl KeyVaultBuilder {
         self
     }
 
+    /// Unwraps keys of every provider that `providers` configures (each key under the master
+    /// key its `masterKey` document names), besides this vault's KEK: what a vault built from a
+    /// `kmsProviders` configuration needs to read keys wrapped by any of them.
+    #[cfg(feature = "kms")]
+    pub fn kms_providers(self, providers: &Arc<crate::kms::KmsProviders>) -> Self {
+        self.unwrap_also_with(providers.unwrapper())
+    }
+
     /// Builds the vault. No I/O happens here; [`KeyVault::ensure_indexes`] runs before the
     /// first key is created. Call it inside a Tokio runtime: it starts the task that drops
     /// expired keys from memory (without a runtime they are dropped only when the vault next
@@ -210,6 +222,7 @@ impl KeyVaultBuilder {
             cache,
             usage_lease: self.usage_lease,
             indexes: tokio::sync::OnceCell::new(),
+            kek_calls: AtomicU64::new(0),
         })
     }
 }
@@ -282,6 +295,22 @@ impl KeyVault {
     /// As [`KeyVaultBuilder::build`].
     pub fn new(client: &Client, kek: Arc<dyn KekProvider>) -> Result<Self> {
         Self::builder(client, kek).build()
+    }
+
+    /// A builder for a vault that wraps new keys with `kek`.
+    /// A builder for a vault configured as MongoDB's drivers are: `providers` (a
+    /// `kmsProviders` document) unwraps keys of every provider it names, and new keys are
+    /// wrapped under `master_key` (`{provider: "aws", region, key}`, `{provider: "local"}`, …).
+    ///
+    /// # Errors
+    /// As [`KmsProviders::kek_for`](crate::kms::KmsProviders::kek_for).
+    #[cfg(feature = "kms")]
+    pub fn with_kms_providers(
+        client: &Client,
+        providers: &Arc<crate::kms::KmsProviders>,
+        master_key: &Document,
+    ) -> Result<KeyVaultBuilder> {
+        Ok(Self::builder(client, providers.kek_for(master_key)?).kms_providers(providers))
     }
 
     /// A builder for a vault that wraps new keys with `kek`.
@@ -383,7 +412,20 @@ impl KeyVault {
     /// The cache's counters.
     #[must_use]
     pub fn cache_stats(&self) -> CacheStats {
-        self.cache.stats()
+        let mut stats = self.cache.stats();
+        stats.kms_calls = self.kek_calls.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Wraps with `kek`, counted in [`CacheStats::kms_calls`].
+    async fn wrap_with(
+        &self,
+        kek: &dyn KekProvider,
+        material: &KeyMaterial,
+        associated_data: &[u8],
+    ) -> Result<(Document, Vec<u8>)> {
+        self.kek_calls.fetch_add(1, Ordering::Relaxed);
+        kek.wrap_with_ad(material, associated_data).await
     }
 
     /// Drops every cached key now (their material is wiped once no operation in flight holds
@@ -488,6 +530,7 @@ impl KeyVault {
             )));
         }
         for kek in candidates {
+            self.kek_calls.fetch_add(1, Ordering::Relaxed);
             match kek
                 .unwrap_with_ad(master_key, wrapped, associated_data)
                 .await

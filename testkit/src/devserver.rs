@@ -383,7 +383,7 @@ fn local_uri(port: u16) -> String {
     format!("mongodb://127.0.0.1:{port}/?directConnection=true")
 }
 
-fn supervisor() -> Command {
+pub(crate) fn supervisor() -> Command {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(SUPERVISOR).arg("fieldcrypt-devserver");
     cmd
@@ -391,18 +391,21 @@ fn supervisor() -> Command {
 
 /// A server process under the `sh` supervisor.
 #[derive(Debug)]
-struct Supervised {
+pub(crate) struct Supervised {
     child: Child,
     /// Held open while the server should run; closing it stops the server.
     stdin: Option<ChildStdin>,
-    log: Arc<LogTail>,
+    pub(crate) log: Arc<LogTail>,
 }
 
 impl Supervised {
     /// Spawns `cmd` with a piped stdin and stderr, and a thread that drains stderr for the
     /// server's whole life, keeping its last lines. If `port_tx` is given, the port of the first
     /// `listening on <host>:<port>` line is sent on it.
-    fn spawn(mut cmd: Command, port_tx: Option<mpsc::Sender<u16>>) -> Result<Supervised> {
+    pub(crate) fn spawn(
+        mut cmd: Command,
+        port_tx: Option<mpsc::Sender<u16>>,
+    ) -> Result<Supervised> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -427,7 +430,7 @@ impl Supervised {
         Ok(Supervised { child, stdin, log })
     }
 
-    fn exited(&mut self) -> bool {
+    pub(crate) fn exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
     }
 
@@ -447,7 +450,7 @@ impl Supervised {
         ))
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         // Closing the pipe makes the supervisor terminate the server and clean up.
         drop(self.stdin.take());
         let deadline = Instant::now() + STOP_TIMEOUT;
@@ -472,7 +475,7 @@ impl Drop for Supervised {
 }
 
 #[derive(Debug, Default)]
-struct LogTail(Mutex<VecDeque<String>>);
+pub(crate) struct LogTail(Mutex<VecDeque<String>>);
 
 impl LogTail {
     fn push(&self, line: String) {
@@ -483,7 +486,7 @@ impl LogTail {
         lines.push_back(line);
     }
 
-    fn snapshot(&self) -> Vec<String> {
+    pub(crate) fn snapshot(&self) -> Vec<String> {
         let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
         lines.iter().cloned().collect()
     }
@@ -515,12 +518,12 @@ fn listening_port(line: &str) -> Option<u16> {
     addr.rsplit_once(':')?.1.parse().ok()
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
 }
 
-fn fresh_temp_dir(prefix: &str) -> Result<PathBuf> {
+pub(crate) fn fresh_temp_dir(prefix: &str) -> Result<PathBuf> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     loop {
         let dir = std::env::temp_dir().join(format!(
@@ -547,7 +550,7 @@ struct Venv {
     config: PathBuf,
 }
 
-fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     if let Some(dir) = env_nonempty("FIELDCRYPT_DEVSERVER_DIR") {
         return PathBuf::from(dir);
     }
@@ -624,7 +627,7 @@ fn ensure_venv() -> Result<Venv> {
     // The lock is released when `lock` is closed.
 }
 
-fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
+pub(crate) fn lock_exclusive(lock: &File, path: &Path) -> Result<()> {
     let deadline = Instant::now() + LOCK_TIMEOUT;
     let mut told = false;
     loop {
@@ -726,7 +729,7 @@ fn install(dir: &Path, lock: &File) -> Result<Venv> {
 
 /// Runs `args` under the supervisor (so it dies with this process), with its output appended to
 /// `log` and the install `lock` inherited, killing it after `timeout`.
-fn run_logged(
+pub(crate) fn run_logged(
     args: &[&OsStr],
     lock: &File,
     log: &Path,
@@ -784,7 +787,7 @@ fn file_tail(path: &Path, lines: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // Environment
 
-fn env_nonempty(name: &str) -> Option<String> {
+pub(crate) fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 

@@ -6,6 +6,8 @@
 //!   production.**
 //! - [`fixtures`]: small set-ups the integration tests share (keyrings, stored documents, the
 //!   libmongocrypt interop fixtures).
+//! - [`service`] and [`kms`]: the local KMS servers (moto, OpenBao, PyKMIP) for the KMS
+//!   providers' tests, installed and supervised as the dev server is.
 //! - [`workloads`]: the benchmark workloads W1 and W2 of `docs/BENCHMARKS.md`, so that the
 //!   criterion benches and `fieldcrypt bench` measure the same thing.
 #![forbid(unsafe_code)]
@@ -13,4 +15,6 @@
 
 pub mod devserver;
 pub mod fixtures;
+pub mod kms;
+pub mod service;
 pub mod workloads;

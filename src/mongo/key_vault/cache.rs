@@ -46,6 +46,10 @@ pub struct CacheStats {
     pub evictions: u64,
     /// Keys in the cache now.
     pub entries: usize,
+    /// Calls to the key vault's KEKs: wraps (new keys, rotation, rewrap) and unwraps, each one
+    /// request to the KMS for a remote provider. A bulk operation makes one per data key it
+    /// needs, not one per document; a cached key makes none until it expires.
+    pub kms_calls: u64,
 }
 
 /// One cached key. `lease` is shared by every snapshot of one unwrapped secret (a state change
@@ -508,6 +512,7 @@ impl KeyCache {
             loads: self.loads.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             entries: self.read().keys.len(),
+            kms_calls: 0,
         }
     }
 }

@@ -82,7 +82,7 @@ impl KeyVault {
         let (master_key, wrapped) = {
             let material = KeyMaterial::generate(FIELDCRYPT_KEY_LEN);
             let ad = document::associated_data(&id, alias, KeyKind::Fieldcrypt);
-            kek.wrap_with_ad(&material, &ad).await?
+            self.wrap_with(&*kek, &material, &ad).await?
             // `material` is wiped here; only the wrapped form is kept.
         };
         // After a duplicate, never retry the same numbers: the keyAltName may be taken by a
@@ -353,19 +353,28 @@ impl KeyVault {
         Ok(infos)
     }
 
-    /// Re-wraps every data key under `new_kek` — MongoDB's `rewrapManyDataKey`. Only
-    /// `keyMaterial`, `masterKey` and `updateDate` of key documents change; the data keys, and
-    /// so every data document, stay as they are. Returns how many keys were re-wrapped.
+    /// Re-wraps every data key under `new_kek` — MongoDB's `rewrapManyDataKey`: local → a
+    /// KMS, one KMS key to another, one provider to another. Only `keyMaterial`, `masterKey`
+    /// and `updateDate` of key documents change; the data keys, and so every data document,
+    /// stay as they are. Returns what happened to each key, in `_id` order.
     ///
     /// Each document is updated only if its `keyMaterial` is still the one that was unwrapped,
-    /// so a concurrent destroy is never undone. `new_kek` unwraps here from the start (so a
-    /// failure half-way leaves every key readable); afterwards this vault wraps new keys with
-    /// it and keeps the previous KEK for unwrapping. Running it again is harmless.
+    /// so a concurrent destroy is never undone. `new_kek` unwraps here from the start, so a
+    /// failure half-way leaves every key readable; once every key has moved, this vault wraps
+    /// new keys with it and keeps the previous KEK for unwrapping.
+    ///
+    /// **Resumable.** A key whose `masterKey` already is `new_kek`'s
+    /// ([`KekProvider::wraps_under`]) is left alone without a KMS call, so running the same
+    /// rewrap again after an interruption (a KMS outage, a killed process) continues where it
+    /// stopped. Where the KMS can move a wrapped key itself ([`KekProvider::rewrap_in_kms`]:
+    /// Vault Transit to its newest key version) the plaintext never leaves it.
     ///
     /// # Errors
-    /// [`Error::KeyFormat`] naming a key that no KEK of this vault unwraps (nothing after it
-    /// is re-wrapped; fix and run again), KEK errors, [`Error::Mongo`].
-    pub async fn rewrap(&self, new_kek: Arc<dyn KekProvider>) -> Result<u64> {
+    /// The first key that cannot be re-wrapped (no KEK of this vault unwraps it, the KMS
+    /// refuses or is unreachable) stops the run: it is [`RewrapReport::failed`], with the keys
+    /// before it in [`RewrapReport::keys`]; fix and run again. [`Error::Mongo`] when the key
+    /// vault cannot be read.
+    pub async fn rewrap(&self, new_kek: Arc<dyn KekProvider>) -> Result<RewrapReport> {
         // Keys already moved must stay readable here even if a later one fails.
         {
             let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
@@ -373,9 +382,9 @@ impl KeyVault {
                 keks.unwrap_also.push(new_kek.clone());
             }
         }
-        let mut count = 0u64;
+        let mut report = RewrapReport::default();
         let mut after: Option<Binary> = None;
-        loop {
+        'batches: loop {
             let mut filter = doc! { KEY_MATERIAL: { "$exists": true } };
             if let Some(last) = after.take() {
                 filter.insert(ID, doc! { "$gt": last });
@@ -401,34 +410,22 @@ impl KeyVault {
             };
             for doc in &batch {
                 let stored = StoredKey::parse(doc)?;
-                let Some(old) = stored.key_material.as_deref() else {
-                    continue;
-                };
-                if self.cache.known_destroyed(&stored.id) {
-                    // Revived behind fieldcrypt's back: do not carry it over to the new KEK.
-                    tracing::error!(key = %stored.id, "not re-wrapped: this process saw the key destroyed");
-                    continue;
+                match self.rewrap_one(&stored, &*new_kek).await {
+                    Ok(Some(key)) => report.keys.push(key),
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::error!(key = %stored.id, error = %error, "rewrap stopped");
+                        report.failed = Some(RewrapFailure {
+                            id: stored.id,
+                            alias: stored.alias.clone(),
+                            error,
+                        });
+                        break 'batches;
+                    }
                 }
-                let ad = stored.wrap_ad()?;
-                let material = self
-                    .unwrap_material(stored.id, &stored.master_key, old, &ad)
-                    .await?;
-                let (master_key, wrapped) = new_kek.wrap_with_ad(&material, &ad).await?;
-                drop(material);
-                let r = self
-                    .coll
-                    .update_one(
-                        doc! { ID: stored.id.to_binary(), KEY_MATERIAL: generic(old) },
-                        doc! {
-                            "$set": { KEY_MATERIAL: generic(&wrapped), MASTER_KEY: master_key },
-                            "$currentDate": { UPDATE_DATE: true },
-                        },
-                    )
-                    .await?;
-                count += r.modified_count;
             }
         }
-        {
+        if report.failed.is_none() {
             let mut keks = self.keks.write().unwrap_or_else(|p| p.into_inner());
             keks.unwrap_also.retain(|k| !Arc::ptr_eq(k, &new_kek));
             let old = std::mem::replace(&mut keks.wrap, new_kek);
@@ -436,8 +433,115 @@ impl KeyVault {
                 keks.unwrap_also.insert(0, old);
             }
         }
-        tracing::info!(keys = count, provider = %self.kek_provider(), "re-wrapped data keys");
-        Ok(count)
+        tracing::info!(
+            keys = report.rewrapped(),
+            unchanged = report.keys.len() - report.rewrapped(),
+            complete = report.failed.is_none(),
+            provider = %self.kek_provider(),
+            "re-wrapped data keys"
+        );
+        Ok(report)
+    }
+
+    /// Re-wraps one key; `None` for a key without material.
+    async fn rewrap_one(
+        &self,
+        stored: &StoredKey,
+        new_kek: &dyn KekProvider,
+    ) -> Result<Option<RewrappedKey>> {
+        let Some(old) = stored.key_material.as_deref() else {
+            return Ok(None);
+        };
+        let entry = |outcome, to: &Document| RewrappedKey {
+            id: stored.id,
+            alias: stored.alias.clone(),
+            from: describe_master_key(&stored.master_key),
+            to: describe_master_key(to),
+            outcome,
+        };
+        if self.cache.known_destroyed(&stored.id) {
+            // Revived behind fieldcrypt's back: do not carry it over to the new KEK.
+            tracing::error!(key = %stored.id, "not re-wrapped: this process saw the key destroyed");
+            return Ok(Some(entry(
+                RewrapOutcome::SkippedDestroyed,
+                &stored.master_key,
+            )));
+        }
+        let ad = stored.wrap_ad()?;
+        self.kek_calls.fetch_add(1, Ordering::Relaxed);
+        let (outcome, (master_key, wrapped)) =
+            match new_kek.rewrap_in_kms(&stored.master_key, old, &ad).await? {
+                Some((mk, w)) if mk == stored.master_key && w == old => {
+                    return Ok(Some(entry(RewrapOutcome::AlreadyThere, &mk)))
+                }
+                Some(moved) => (RewrapOutcome::RewrappedInKms, moved),
+                None if new_kek.wraps_under() == Some(&stored.master_key) => {
+                    // Not a KMS call after all.
+                    self.kek_calls.fetch_sub(1, Ordering::Relaxed);
+                    return Ok(Some(entry(RewrapOutcome::AlreadyThere, &stored.master_key)));
+                }
+                None => {
+                    self.kek_calls.fetch_sub(1, Ordering::Relaxed);
+                    let material = self
+                        .unwrap_material(stored.id, &stored.master_key, old, &ad)
+                        .await?;
+                    let wrapped = self.wrap_with(new_kek, &material, &ad).await?;
+                    (RewrapOutcome::Rewrapped, wrapped)
+                }
+            };
+        let r = self
+            .coll
+            .update_one(
+                doc! { ID: stored.id.to_binary(), KEY_MATERIAL: generic(old) },
+                doc! {
+                    "$set": { KEY_MATERIAL: generic(&wrapped), MASTER_KEY: &master_key },
+                    "$currentDate": { UPDATE_DATE: true },
+                },
+            )
+            .await?;
+        let outcome = if r.modified_count == 1 {
+            outcome
+        } else {
+            RewrapOutcome::ChangedMeanwhile
+        };
+        Ok(Some(entry(outcome, &master_key)))
+    }
+
+    /// Creates a MongoDB CSFLE data key (96 bytes, [`KeyKind::Csfle`]) wrapped by this vault's
+    /// KEK with no associated data, in libmongocrypt's exact layout (`_id`, `keyAltNames`,
+    /// `keyMaterial`, `creationDate`, `updateDate`, `status`, `masterKey`), as a driver's
+    /// `ClientEncryption.createDataKey` does: MongoDB's drivers use it as their own. Its alias
+    /// is its first keyAltName (else its id).
+    ///
+    /// # Errors
+    /// [`Error::KeyVault`] when a key with one of these keyAltNames exists; KEK errors;
+    /// [`Error::Mongo`].
+    pub async fn create_csfle_key(&self, key_alt_names: &[String]) -> Result<KeyId> {
+        let kek = self.keks().wrap;
+        let id = KeyId::random();
+        let (master_key, key_material) = {
+            let material = KeyMaterial::generate(CSFLE_KEY_LEN);
+            self.wrap_with(&*kek, &material, &[]).await?
+        };
+        let now = bson::DateTime::now();
+        let doc = CsfleKeyDocument {
+            id,
+            key_alt_names: key_alt_names.to_vec(),
+            key_material,
+            master_key,
+            status: 0,
+            creation_date: now,
+            update_date: now,
+        };
+        self.ensure_indexes().await?;
+        match self.coll.insert_one(doc.to_document()).await {
+            Ok(_) => {
+                tracing::info!(key = %id, "created CSFLE data key");
+                Ok(id)
+            }
+            Err(e) if is_duplicate_key(&e) => Err(Error::from(KeyVaultError::AlreadyPresent(id))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Imports a CSFLE data key document made by MongoDB's drivers (libmongocrypt) — e.g. from
@@ -471,7 +575,8 @@ impl KeyVault {
                 key.id
             )));
         }
-        let (master_key, wrapped) = self.keks().wrap.wrap_with_ad(&material, &[]).await?;
+        let kek = self.keks().wrap;
+        let (master_key, wrapped) = self.wrap_with(&*kek, &material, &[]).await?;
         drop(material);
         let mut doc = key.clone();
         doc.key_material = wrapped;
@@ -489,4 +594,88 @@ impl KeyVault {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// `provider` or `provider master-key-id`, for reports.
+fn describe_master_key(master_key: &Document) -> String {
+    let provider = master_key.get_str("provider").unwrap_or("?");
+    #[cfg(feature = "kms")]
+    {
+        let id = crate::kms::master_key_id(master_key);
+        if id != provider {
+            return format!("{provider} {id}");
+        }
+    }
+    provider.to_owned()
+}
+
+/// What [`KeyVault::rewrap`] did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct RewrapReport {
+    /// Every key with material that was looked at, in `_id` order.
+    pub keys: Vec<RewrappedKey>,
+    /// The key the run stopped at, and why; `None` when every key was done.
+    pub failed: Option<RewrapFailure>,
+}
+
+impl RewrapReport {
+    /// How many keys were re-wrapped (in the KMS or here).
+    #[must_use]
+    pub fn rewrapped(&self) -> usize {
+        self.keys
+            .iter()
+            .filter(|k| {
+                matches!(
+                    k.outcome,
+                    RewrapOutcome::Rewrapped | RewrapOutcome::RewrappedInKms
+                )
+            })
+            .count()
+    }
+}
+
+/// One key of a [`RewrapReport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RewrappedKey {
+    /// The key's id.
+    pub id: KeyId,
+    /// Its alias.
+    pub alias: String,
+    /// The provider and master key it was wrapped under (`aws arn:aws:kms:…`, `local`).
+    pub from: String,
+    /// The provider and master key it is wrapped under now.
+    pub to: String,
+    /// What happened.
+    pub outcome: RewrapOutcome,
+}
+
+/// What happened to one key in a rewrap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RewrapOutcome {
+    /// Unwrapped and wrapped under the new KEK.
+    Rewrapped,
+    /// Moved inside the KMS (Vault Transit `rewrap`): the plaintext never left it.
+    RewrappedInKms,
+    /// Already under the new master key (an earlier, interrupted run moved it): left alone.
+    AlreadyThere,
+    /// Not re-wrapped: this process saw the key destroyed, and its document has material again.
+    SkippedDestroyed,
+    /// Its `keyMaterial` changed while it was being re-wrapped (destroyed or re-wrapped by
+    /// another process): left as the other writer made it.
+    ChangedMeanwhile,
+}
+
+/// The key a rewrap stopped at.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RewrapFailure {
+    /// The key's id.
+    pub id: KeyId,
+    /// Its alias.
+    pub alias: String,
+    /// Why (a KMS error, a key no KEK unwraps).
+    pub error: Error,
 }
