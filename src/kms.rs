@@ -43,6 +43,8 @@ pub(crate) mod tls;
 
 // The providers, one module and one cargo feature each (`#[cfg(feature = "aws")] mod aws;`
 // …), dispatched by `remote` below.
+#[cfg(feature = "kmip")]
+mod kmip;
 
 /// How KMS requests are retried and bounded in time.
 ///

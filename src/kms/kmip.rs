@@ -94,9 +94,10 @@ impl KmipKms {
         for (k, v) in credentials {
             match (k.as_str(), v) {
                 ("endpoint", Bson::String(s)) => {
-                    endpoint = Some(Endpoint::parse(s).map_err(|why| {
-                        Error::KeyFormat(format!("kmsProviders.{name}: {why}"))
-                    })?);
+                    endpoint =
+                        Some(Endpoint::parse(s).map_err(|why| {
+                            Error::KeyFormat(format!("kmsProviders.{name}: {why}"))
+                        })?);
                 }
                 ("endpoint", _) => {
                     return Err(Error::KeyFormat(format!(
@@ -121,7 +122,10 @@ impl KmipKms {
     }
 
     fn bad_master_key(&self, what: impl fmt::Display) -> Error {
-        Error::KeyFormat(format!("masterKey for KMS provider {:?}: {what}", self.name))
+        Error::KeyFormat(format!(
+            "masterKey for KMS provider {:?}: {what}",
+            self.name
+        ))
     }
 
     fn parse(&self, master_key: &Document) -> Result<MasterKey> {
@@ -135,10 +139,9 @@ impl KmipKms {
             match (k.as_str(), v) {
                 ("provider", Bson::String(p)) if *p == self.name => provider = true,
                 ("provider", _) => {
-                    return Err(self.bad_master_key(format_args!(
-                        "provider must be {:?}",
-                        self.name
-                    )))
+                    return Err(
+                        self.bad_master_key(format_args!("provider must be {:?}", self.name))
+                    )
                 }
                 ("keyId", Bson::String(id)) => {
                     if id.is_empty() || id.len() > MAX_KEY_ID_LEN {
@@ -286,8 +289,8 @@ impl KmipKms {
     /// Gets the 96-byte secret `id`, as the cipher that wraps with it.
     async fn secret(&self, endpoint: &Endpoint, id: &str) -> Result<CsfleKey> {
         let bytes = self.call(endpoint, id, message::get(id)).await?;
-        let response =
-            Response::parse(&bytes, Operation::Get).map_err(|e| self.refused(id, Operation::Get, &e))?;
+        let response = Response::parse(&bytes, Operation::Get)
+            .map_err(|e| self.refused(id, Operation::Get, &e))?;
         let material = response
             .secret_data()
             .map_err(|e| self.refused(id, Operation::Get, &e))?;
@@ -358,7 +361,11 @@ impl Kms for KmipKms {
         ad: &[u8],
     ) -> Result<(Document, Vec<u8>)> {
         let mk = self.parse(master_key)?;
-        let new_id = if mk.delegated { NEW_AES_KEY } else { NEW_SECRET };
+        let new_id = if mk.delegated {
+            NEW_AES_KEY
+        } else {
+            NEW_SECRET
+        };
         let endpoint = self.endpoint(&mk, mk.key_id.as_deref().unwrap_or(new_id))?;
         let plain = dek.expose_secret();
         if !mk.delegated {
@@ -375,7 +382,9 @@ impl Kms for KmipKms {
             Some(id) => id.clone(),
             None => self.create_aes_key(endpoint).await?,
         };
-        let bytes = self.call(endpoint, &id, message::encrypt(&id, plain)).await?;
+        let bytes = self
+            .call(endpoint, &id, message::encrypt(&id, plain))
+            .await?;
         let refused = |e: ResponseError| self.refused(&id, Operation::Encrypt, &e);
         let response = Response::parse(&bytes, Operation::Encrypt).map_err(refused)?;
         let ciphertext = response.data().map_err(refused)?;
@@ -384,7 +393,10 @@ impl Kms for KmipKms {
             return Err(kms_error(
                 &self.name,
                 &id,
-                format_args!("KMIP Encrypt returned an IV of {} bytes, not {IV_LEN}", iv.len()),
+                format_args!(
+                    "KMIP Encrypt returned an IV of {} bytes, not {IV_LEN}",
+                    iv.len()
+                ),
             ));
         }
         let mut wrapped = Vec::with_capacity(IV_LEN + ciphertext.len() + AD_TAG_LEN);
@@ -404,9 +416,9 @@ impl Kms for KmipKms {
     ) -> Result<KeyMaterial> {
         let mk = self.parse(master_key)?;
         let Some(id) = mk.key_id.as_deref() else {
-            return Err(self.bad_master_key(
-                "no keyId (a key document's KMIP masterKey always has one)",
-            ));
+            return Err(
+                self.bad_master_key("no keyId (a key document's KMIP masterKey always has one)")
+            );
         };
         let endpoint = self.endpoint(&mk, id)?;
         if !mk.delegated {
@@ -418,7 +430,10 @@ impl Kms for KmipKms {
         let (body, tag) = if ad.is_empty() {
             (wrapped, None)
         } else {
-            let at = wrapped.len().checked_sub(AD_TAG_LEN).ok_or(Error::Decrypt)?;
+            let at = wrapped
+                .len()
+                .checked_sub(AD_TAG_LEN)
+                .ok_or(Error::Decrypt)?;
             let (b, t) = wrapped.split_at(at);
             (b, Some(t))
         };
@@ -430,16 +445,22 @@ impl Kms for KmipKms {
         let bytes = self
             .call(endpoint, id, message::decrypt(id, ciphertext, iv))
             .await?;
-        let plain = Response::parse(&bytes, Operation::Decrypt)
-            .and_then(|r| r.data())
-            .map_err(|e| match e {
-                // Bad padding: not a ciphertext of this key.
-                ResponseError::Failed {
-                    reason: Some(message::REASON_CRYPTOGRAPHIC_FAILURE),
-                    ..
-                } => Error::Decrypt,
-                e => self.refused(id, Operation::Decrypt, &e),
-            })?;
+        let plain =
+            Response::parse(&bytes, Operation::Decrypt)
+                .and_then(|r| r.data())
+                .map_err(|e| match e {
+                    // Bad padding: not a ciphertext of this key. The specification's reason is
+                    // Cryptographic Failure; PyKMIP reports it as General Failure.
+                    ResponseError::Failed {
+                        reason:
+                            Some(
+                                message::REASON_CRYPTOGRAPHIC_FAILURE
+                                | message::REASON_GENERAL_FAILURE,
+                            ),
+                        ..
+                    } => Error::Decrypt,
+                    e => self.refused(id, Operation::Decrypt, &e),
+                })?;
         if let Some(tag) = tag {
             ad_tag(plain, ad)
                 .verify_slice(tag)
@@ -478,22 +499,46 @@ mod tests {
     fn master_keys_in_libmongocrypts_order() {
         let k = kms(doc! { "endpoint": "127.0.0.1:5696" }).unwrap();
         assert_eq!(
-            k.master_key(&doc! { "keyId": "7", "delegated": true, "endpoint": "h:1", "provider": "kmip" })
-                .unwrap(),
+            k.master_key(
+                &doc! { "keyId": "7", "delegated": true, "endpoint": "h:1", "provider": "kmip" }
+            )
+            .unwrap(),
             doc! { "provider": "kmip", "endpoint": "h:1", "delegated": true, "keyId": "7" }
         );
         assert_eq!(
-            k.master_key(&doc! { "provider": "kmip", "delegated": false }).unwrap(),
+            k.master_key(&doc! { "provider": "kmip", "delegated": false })
+                .unwrap(),
             doc! { "provider": "kmip" }
         );
         for (bad, says) in [
-            (doc! { "provider": "kmip", "keyId": 7 }, "keyId must be a string"),
-            (doc! { "provider": "kmip", "keyId": "" }, "keyId must be 1 to"),
-            (doc! { "provider": "kmip", "delegated": "yes" }, "delegated must be a boolean"),
-            (doc! { "provider": "kmip", "endpoint": 5696 }, "endpoint must be a string"),
-            (doc! { "provider": "kmip", "endpoint": "https://h" }, "no scheme"),
-            (doc! { "provider": "kmip", "key": "x" }, "unknown field \"key\""),
-            (doc! { "provider": "kmip:other" }, "provider must be \"kmip\""),
+            (
+                doc! { "provider": "kmip", "keyId": 7 },
+                "keyId must be a string",
+            ),
+            (
+                doc! { "provider": "kmip", "keyId": "" },
+                "keyId must be 1 to",
+            ),
+            (
+                doc! { "provider": "kmip", "delegated": "yes" },
+                "delegated must be a boolean",
+            ),
+            (
+                doc! { "provider": "kmip", "endpoint": 5696 },
+                "endpoint must be a string",
+            ),
+            (
+                doc! { "provider": "kmip", "endpoint": "https://h" },
+                "no scheme",
+            ),
+            (
+                doc! { "provider": "kmip", "key": "x" },
+                "unknown field \"key\"",
+            ),
+            (
+                doc! { "provider": "kmip:other" },
+                "provider must be \"kmip\"",
+            ),
             (doc! { "keyId": "1" }, "no provider"),
         ] {
             let e = k.master_key(&bad).unwrap_err();
@@ -518,10 +563,16 @@ mod tests {
         for (bad, says) in [
             (doc! { "endpoint": 1 }, "must be a string"),
             (doc! { "endpoint": "h:0" }, "port"),
-            (doc! { "endpoint": "h", "tlsCAFile": "x" }, "no field \"tlsCAFile\""),
+            (
+                doc! { "endpoint": "h", "tlsCAFile": "x" },
+                "no field \"tlsCAFile\"",
+            ),
         ] {
             let e = kms(bad.clone()).unwrap_err();
-            assert!(matches!(&e, Error::KeyFormat(m) if m.contains(says)), "{bad}: {e}");
+            assert!(
+                matches!(&e, Error::KeyFormat(m) if m.contains(says)),
+                "{bad}: {e}"
+            );
         }
         let debug = format!("{:?}", kms(doc! { "endpoint": "h:1" }).unwrap());
         assert_eq!(

@@ -233,6 +233,8 @@ pub(crate) enum ResponseError {
 pub(crate) const REASON_ITEM_NOT_FOUND: u32 = 0x01;
 /// KMIP's Result Reason "Cryptographic Failure".
 pub(crate) const REASON_CRYPTOGRAPHIC_FAILURE: u32 = 0x0A;
+/// KMIP's Result Reason "General Failure".
+pub(crate) const REASON_GENERAL_FAILURE: u32 = 0x100;
 
 /// The longest Result Message kept for an error.
 const MAX_MESSAGE_CHARS: usize = 200;
@@ -347,7 +349,9 @@ impl<'a> Response<'a> {
         if status != 0 {
             return Err(ResponseError::Failed {
                 status,
-                reason: batch.find(tag::RESULT_REASON).and_then(Item::as_enumeration),
+                reason: batch
+                    .find(tag::RESULT_REASON)
+                    .and_then(Item::as_enumeration),
                 message: batch
                     .find(tag::RESULT_MESSAGE)
                     .and_then(Item::as_text)
@@ -448,7 +452,10 @@ pub(crate) mod tests {
         assert_eq!(*activate(UID).unwrap().bytes, vector("activate_request"));
         assert_eq!(
             format!("{req:?}"),
-            format!("Request {{ operation: Register, len: {} }}", req.bytes.len())
+            format!(
+                "Request {{ operation: Register, len: {} }}",
+                req.bytes.len()
+            )
         );
     }
 
@@ -459,11 +466,21 @@ pub(crate) mod tests {
         assert_eq!(r.unique_identifier().unwrap(), "39");
         let g = vector("success_get_response");
         let g = Response::parse(&g, Operation::Get).unwrap();
-        assert_eq!(g.secret_data().unwrap(), vector("success_get_response_secretdata"));
+        assert_eq!(
+            g.secret_data().unwrap(),
+            vector("success_get_response_secretdata")
+        );
         let e = vector("error_get_response_notfound");
         let e = Response::parse(&e, Operation::Get).err().unwrap();
         assert!(
-            matches!(&e, ResponseError::Failed { status: 1, reason: Some(REASON_ITEM_NOT_FOUND), message: Some(_) }),
+            matches!(
+                &e,
+                ResponseError::Failed {
+                    status: 1,
+                    reason: Some(REASON_ITEM_NOT_FOUND),
+                    message: Some(_)
+                }
+            ),
             "{e}"
         );
         assert!(e.to_string().contains("Item Not Found"), "{e}");
@@ -481,26 +498,56 @@ pub(crate) mod tests {
             let item = ttlv::parse(&req.bytes).unwrap();
             let header = item.find(tag::REQUEST_HEADER).unwrap();
             let version = header.find(tag::PROTOCOL_VERSION).unwrap();
-            assert_eq!(version.find(tag::PROTOCOL_VERSION_MAJOR).unwrap().as_integer(), Some(1));
             assert_eq!(
-                version.find(tag::PROTOCOL_VERSION_MINOR).unwrap().as_integer(),
+                version
+                    .find(tag::PROTOCOL_VERSION_MAJOR)
+                    .unwrap()
+                    .as_integer(),
+                Some(1)
+            );
+            assert_eq!(
+                version
+                    .find(tag::PROTOCOL_VERSION_MINOR)
+                    .unwrap()
+                    .as_integer(),
                 Some(minor)
             );
             let batch = item.find(tag::BATCH_ITEM).unwrap();
-            assert_eq!(batch.find(tag::OPERATION).unwrap().as_enumeration(), Some(op));
+            assert_eq!(
+                batch.find(tag::OPERATION).unwrap().as_enumeration(),
+                Some(op)
+            );
         }
         // Encrypt asks for a random IV; Decrypt sends the IV.
         let enc = encrypt("7", &[1; 16]).unwrap();
         let item = ttlv::parse(&enc.bytes).unwrap();
-        let payload = item.find(tag::BATCH_ITEM).unwrap().find(tag::REQUEST_PAYLOAD).unwrap();
+        let payload = item
+            .find(tag::BATCH_ITEM)
+            .unwrap()
+            .find(tag::REQUEST_PAYLOAD)
+            .unwrap();
         let params = payload.find(tag::CRYPTOGRAPHIC_PARAMETERS).unwrap();
-        assert_eq!(params.find(tag::RANDOM_IV).unwrap().value, ttlv::Value::Boolean(true));
+        assert_eq!(
+            params.find(tag::RANDOM_IV).unwrap().value,
+            ttlv::Value::Boolean(true)
+        );
         assert!(payload.find(tag::IV_COUNTER_NONCE).is_none());
         let dec = decrypt("7", &[1; 16], &[2; 16]).unwrap();
         let item = ttlv::parse(&dec.bytes).unwrap();
-        let payload = item.find(tag::BATCH_ITEM).unwrap().find(tag::REQUEST_PAYLOAD).unwrap();
-        assert!(payload.find(tag::CRYPTOGRAPHIC_PARAMETERS).unwrap().find(tag::RANDOM_IV).is_none());
-        assert_eq!(payload.find(tag::IV_COUNTER_NONCE).unwrap().as_bytes(), Some(&[2u8; 16][..]));
+        let payload = item
+            .find(tag::BATCH_ITEM)
+            .unwrap()
+            .find(tag::REQUEST_PAYLOAD)
+            .unwrap();
+        assert!(payload
+            .find(tag::CRYPTOGRAPHIC_PARAMETERS)
+            .unwrap()
+            .find(tag::RANDOM_IV)
+            .is_none());
+        assert_eq!(
+            payload.find(tag::IV_COUNTER_NONCE).unwrap().as_bytes(),
+            Some(&[2u8; 16][..])
+        );
     }
 
     fn response(op: u32, status: u32, body: impl FnOnce(&mut Writer)) -> Vec<u8> {
@@ -576,11 +623,17 @@ pub(crate) mod tests {
         );
         // Without reason and message; and a long message is cut.
         let bytes = response(0x0A, 1, |_| {});
-        let e = Response::parse(&bytes, Operation::Get).err().unwrap().to_string();
+        let e = Response::parse(&bytes, Operation::Get)
+            .err()
+            .unwrap()
+            .to_string();
         assert_eq!(e, "Result Status 1 (Operation Failed)");
         let long = "x".repeat(5000);
         let bytes = response(0x0A, 1, |w| w.text(tag::RESULT_MESSAGE, &long));
-        let e = Response::parse(&bytes, Operation::Get).err().unwrap().to_string();
+        let e = Response::parse(&bytes, Operation::Get)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.len() < 300 && e.ends_with("…\""), "{e}");
     }
 
@@ -598,7 +651,9 @@ pub(crate) mod tests {
             // No status.
             {
                 let mut w = Writer::new();
-                w.structure(tag::RESPONSE_MESSAGE, |w| w.structure(tag::BATCH_ITEM, |_| {}));
+                w.structure(tag::RESPONSE_MESSAGE, |w| {
+                    w.structure(tag::BATCH_ITEM, |_| {})
+                });
                 w.finish().unwrap().to_vec()
             },
             // Success without a payload.
@@ -607,7 +662,10 @@ pub(crate) mod tests {
             response(0x0A, 0, |w| w.text(tag::RESPONSE_PAYLOAD, "x")),
         ] {
             assert!(
-                matches!(Response::parse(&bytes, Operation::Get), Err(ResponseError::Malformed(_))),
+                matches!(
+                    Response::parse(&bytes, Operation::Get),
+                    Err(ResponseError::Malformed(_))
+                ),
                 "{bytes:?}"
             );
         }

@@ -65,7 +65,9 @@ impl Endpoint {
         } else {
             match s.rsplit_once(':') {
                 Some((h, _)) if h.contains(':') => {
-                    return Err(format!("endpoint {s:?}: write an IPv6 address as [addr]:port"))
+                    return Err(format!(
+                        "endpoint {s:?}: write an IPv6 address as [addr]:port"
+                    ))
                 }
                 Some((h, p)) => (h, Some(p)),
                 None => (s, None),
@@ -212,7 +214,9 @@ fn backoff(retry: &RetryPolicy, attempt: u32) -> Duration {
         .saturating_mul(1u32 << (attempt - 1).min(20));
     let cap = exp.min(retry.max_backoff);
     let half = cap / 2;
-    half + cap.saturating_sub(half).mul_f64(rand::thread_rng().gen::<f64>())
+    half + cap
+        .saturating_sub(half)
+        .mul_f64(rand::thread_rng().gen::<f64>())
 }
 
 /// Whether an I/O error is TLS refusing (a certificate, an alert), not the network failing.

@@ -349,7 +349,10 @@ impl<'a> Reader<'a> {
             .checked_add(n)
             .filter(|&s| s <= end)
             .ok_or(TtlvError::Truncated { at })?;
-        let bytes = self.buf.get(self.pos..stop).ok_or(TtlvError::Truncated { at })?;
+        let bytes = self
+            .buf
+            .get(self.pos..stop)
+            .ok_or(TtlvError::Truncated { at })?;
         self.pos = stop;
         Ok(bytes)
     }
@@ -417,9 +420,9 @@ impl<'a> Reader<'a> {
                         1 => Value::Boolean(true),
                         _ => return Err(TtlvError::Length { at, len }),
                     },
-                    item_type::LONG_INTEGER => Value::LongInteger(i64::from_be_bytes(
-                        [b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]],
-                    )),
+                    item_type::LONG_INTEGER => Value::LongInteger(i64::from_be_bytes([
+                        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                    ])),
                     _ => Value::DateTime(i64::from_be_bytes([
                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
                     ])),
@@ -432,7 +435,9 @@ impl<'a> Reader<'a> {
                 Value::BigInteger(self.take(n, end, at)?)
             }
             item_type::TEXT_STRING | item_type::BYTE_STRING => {
-                let padded = n.checked_add(padding(n)).ok_or(TtlvError::Truncated { at })?;
+                let padded = n
+                    .checked_add(padding(n))
+                    .ok_or(TtlvError::Truncated { at })?;
                 let bytes = self.take(padded, end, at)?;
                 let bytes = &bytes[..n];
                 if item_type == item_type::TEXT_STRING {
@@ -443,7 +448,12 @@ impl<'a> Reader<'a> {
                     Value::ByteString(bytes)
                 }
             }
-            other => return Err(TtlvError::Type { at, item_type: other }),
+            other => {
+                return Err(TtlvError::Type {
+                    at,
+                    item_type: other,
+                })
+            }
         };
         Ok(Item { tag, value })
     }
@@ -483,13 +493,22 @@ mod tests {
         let item = parse(&bytes).unwrap();
         assert_eq!(item.tag, tag::REQUEST_MESSAGE);
         let batch = item.find(tag::BATCH_ITEM).unwrap();
-        assert_eq!(batch.find(tag::OPERATION).unwrap().as_enumeration(), Some(10));
-        let id = batch.find(tag::REQUEST_PAYLOAD).unwrap().find(tag::UNIQUE_IDENTIFIER);
+        assert_eq!(
+            batch.find(tag::OPERATION).unwrap().as_enumeration(),
+            Some(10)
+        );
+        let id = batch
+            .find(tag::REQUEST_PAYLOAD)
+            .unwrap()
+            .find(tag::UNIQUE_IDENTIFIER);
         assert_eq!(id.unwrap().as_text(), Some(uid));
         // A one-byte identifier is padded to 8.
         let mut w = Writer::new();
         w.text(tag::UNIQUE_IDENTIFIER, "1");
-        assert_eq!(*w.finish().unwrap(), unhex("42009407 00000001 31000000 00000000"));
+        assert_eq!(
+            *w.finish().unwrap(),
+            unhex("42009407 00000001 31000000 00000000")
+        );
     }
 
     #[test]
@@ -579,11 +598,29 @@ mod tests {
         while at + HEADER_LEN <= bytes.len() {
             headers.push(at);
             let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
-            at += HEADER_LEN + if bytes[at + 3] == 1 { 0 } else { len + padding(len) };
+            at += HEADER_LEN
+                + if bytes[at + 3] == 1 {
+                    0
+                } else {
+                    len + padding(len)
+                };
         }
         assert!(headers.len() >= 7);
         for &h in &headers {
-            for len in [0u32, 1, 3, 4, 7, 8, 9, 95, 97, 0x7fff_fff8, 0xffff_fff8, u32::MAX] {
+            for len in [
+                0u32,
+                1,
+                3,
+                4,
+                7,
+                8,
+                9,
+                95,
+                97,
+                0x7fff_fff8,
+                0xffff_fff8,
+                u32::MAX,
+            ] {
                 let mut b = bytes.clone();
                 b[h + 4..h + 8].copy_from_slice(&len.to_be_bytes());
                 let _ = parse(&b);
@@ -635,11 +672,29 @@ mod tests {
     fn fail_bad_values() {
         // A boolean of 2, an integer of length 8, a non-KMIP tag, invalid UTF-8.
         for (bad, want) in [
-            ("42000606 00000008 00000000 00000002", TtlvError::Length { at: 8, len: 8 }),
-            ("42000d02 00000008 00000000 00000001", TtlvError::Length { at: 8, len: 8 }),
-            ("43000d02 00000004 00000000 00000001", TtlvError::Tag { at: 8 }),
-            ("42007d07 00000002 c328 000000000000", TtlvError::Utf8 { at: 8 }),
-            ("42007d0b 00000000", TtlvError::Type { at: 8, item_type: 0x0b }),
+            (
+                "42000606 00000008 00000000 00000002",
+                TtlvError::Length { at: 8, len: 8 },
+            ),
+            (
+                "42000d02 00000008 00000000 00000001",
+                TtlvError::Length { at: 8, len: 8 },
+            ),
+            (
+                "43000d02 00000004 00000000 00000001",
+                TtlvError::Tag { at: 8 },
+            ),
+            (
+                "42007d07 00000002 c328 000000000000",
+                TtlvError::Utf8 { at: 8 },
+            ),
+            (
+                "42007d0b 00000000",
+                TtlvError::Type {
+                    at: 8,
+                    item_type: 0x0b,
+                },
+            ),
         ] {
             let inner = unhex(bad);
             let mut b = vec![0x42, 0x00, 0x7b, 0x01];
