@@ -560,7 +560,7 @@ fn wipe(doc: &mut Document) {
     }
 }
 
-/// A [`KekProvider`] for one master key of a remote [`Kms`]: wraps under it, and unwraps any
+/// A [`KekProvider`] for one master key of a remote KMS provider: wraps under it, and unwraps any
 /// key the same provider wrapped (its masterKey document says under which of its keys).
 pub struct KmsKek {
     kms: Arc<dyn Kms>,

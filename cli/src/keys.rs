@@ -72,11 +72,22 @@ pub(crate) enum KeysCommand {
     /// Destroy a key: its material is deleted and data under it is unreadable forever
     /// (crypto-shredding). Refused while documents still reference it, unless --force.
     Destroy(StateArgs),
-    /// Re-wrap every key in the key vault under a new master key.
+    /// Re-wrap every key in the key vault under another master key: a new local master key
+    /// (--new-master-key-file) or a KMS master key (--to-master-key-doc, its provider in
+    /// --kms-providers). Data is not touched. Prints what happened to each key; if a key
+    /// cannot be re-wrapped (a KMS outage) it stops there, and running it again resumes.
     Rewrap {
         /// The new local master key (96 bytes, raw or base64).
-        #[arg(long, value_name = "FILE")]
-        new_master_key_file: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "to_master_key_doc"
+        )]
+        new_master_key_file: Option<PathBuf>,
+        /// The masterKey document to move every key to, as JSON, e.g.
+        /// '{"provider":"aws","region":"us-east-1","key":"arn:aws:kms:…"}'.
+        #[arg(long, value_name = "JSON", conflicts_with_all = ["new_master_key_file", "new_provider_name"])]
+        to_master_key_doc: Option<String>,
         /// Name the new master key's provider `local:<NAME>` (to tell two local master keys
         /// apart while keys move between them).
         #[arg(long, value_name = "NAME")]
@@ -132,6 +143,7 @@ pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
         }
         KeysCommand::Rewrap {
             new_master_key_file,
+            to_master_key_doc,
             new_provider_name,
             keys,
             out,
@@ -142,22 +154,27 @@ pub(crate) async fn run(c: KeysCommand) -> Result<Exit> {
                         .into(),
                 ));
             };
-            let master = fieldcrypt::LocalMasterKey::from_file(&new_master_key_file)?;
-            let kek = match new_provider_name {
-                Some(n) => LocalKek::named(&n, master)?,
-                None => LocalKek::new(master),
-            };
-            let report = vault.rewrap(Arc::new(kek)).await?;
-            if let Some(failed) = report.failed {
-                return Err(failed.error.into());
+            let kek: Arc<dyn fieldcrypt::mongo::KekProvider> =
+                match (new_master_key_file, to_master_key_doc) {
+                    (Some(file), _) => {
+                        let master = fieldcrypt::LocalMasterKey::from_file(&file)
+                            .map_err(|e| crate::keysource::in_file(&file, e))?;
+                        Arc::new(match new_provider_name {
+                            Some(n) => LocalKek::named(&n, master)?,
+                            None => LocalKek::new(master),
+                        })
+                    }
+                    (None, Some(json)) => {
+                        crate::keysource::master_key_kek(&json, keys.kms()?.as_ref(), None)?
+                    }
+                    (None, None) => unreachable!("clap requires one of them"),
+                };
+            let report = vault.rewrap(kek).await?;
+            print_rewrap(&report, &out);
+            match report.failed {
+                Some(failed) => Err(failed.error.into()),
+                None => Ok(Exit::Ok),
             }
-            let n = report.rewrapped();
-            if out.json {
-                println!("{}", json!({ "rewrapped": n }));
-            } else {
-                println!("re-wrapped {n} key(s); use the new master key from now on");
-            }
-            Ok(Exit::Ok)
         }
     }
 }
@@ -227,6 +244,62 @@ async fn create_or_rotate(
     Ok(Exit::Ok)
 }
 
+/// Prints a rewrap's report: a line per key, then a summary (stderr); or one JSON document.
+fn print_rewrap(report: &fieldcrypt::mongo::RewrapReport, out: &OutputOpts) {
+    use fieldcrypt::mongo::RewrapOutcome;
+    let outcome = |o: RewrapOutcome| match o {
+        RewrapOutcome::Rewrapped => "rewrapped",
+        RewrapOutcome::RewrappedInKms => "rewrapped-in-kms",
+        RewrapOutcome::AlreadyThere => "already-there",
+        RewrapOutcome::SkippedDestroyed => "skipped-destroyed",
+        RewrapOutcome::ChangedMeanwhile => "changed-meanwhile",
+        _ => "other",
+    };
+    let failed = report
+        .failed
+        .as_ref()
+        .map(|f| json!({ "id": f.id, "alias": f.alias, "error": f.error.to_string() }));
+    if out.json {
+        let keys: Vec<_> = report
+            .keys
+            .iter()
+            .map(|k| json!({ "id": k.id, "alias": k.alias, "from": k.from, "to": k.to, "outcome": outcome(k.outcome) }))
+            .collect();
+        println!(
+            "{}",
+            json!({ "rewrapped": report.rewrapped(), "keys": keys, "failed": failed, "complete": report.failed.is_none() })
+        );
+        return;
+    }
+    for k in &report.keys {
+        println!(
+            "{}  {:<20}  {:<17}  {} -> {}",
+            k.id,
+            k.alias,
+            outcome(k.outcome),
+            k.from,
+            k.to
+        );
+    }
+    if out.quiet {
+        return;
+    }
+    match &report.failed {
+        None => eprintln!(
+            "re-wrapped {} key(s) ({} already there); use the new master key from now on",
+            report.rewrapped(),
+            report.keys.len() - report.rewrapped()
+        ),
+        Some(f) => eprintln!(
+            "stopped at key {} ({:?}) after re-wrapping {} key(s): nothing is lost, every key \
+             still unwraps; fix the cause and run the same command again to resume",
+            f.id,
+            f.alias,
+            report.rewrapped()
+        ),
+    }
+}
+
 fn exists(alias: &str) -> CliError {
     CliError::Usage(format!(
         "alias {alias:?} already has keys; use `fieldcrypt keys rotate {alias}` for a new primary"
@@ -248,6 +321,8 @@ async fn list(
         encryptions: u64,
         created: bson::DateTime,
         version: Option<u64>,
+        provider: String,
+        master_key: String,
     }
     let store = Store::open_for_listing(args).await?;
     let rows: Vec<Row> = match &store {
@@ -261,6 +336,8 @@ async fn list(
                 encryptions,
                 created,
                 version: None,
+                provider: "keyset".to_owned(),
+                master_key: "-".to_owned(),
             })
             .collect(),
         Store::Vault(v) => v
@@ -268,6 +345,8 @@ async fn list(
             .await?
             .into_iter()
             .map(|k| Row {
+                provider: k.provider().to_owned(),
+                master_key: fieldcrypt::kms::master_key_id(&k.master_key),
                 id: k.id,
                 alias: k.alias,
                 kind: k.kind,
@@ -303,24 +382,27 @@ async fn list(
                 json!({
                     "id": r.id, "alias": r.alias, "kind": kind_name(r.kind), "state": r.state.as_str(),
                     "version": r.version, "encryptions": r.encryptions, "created": date(r.created),
+                    "provider": r.provider, "master_key": r.master_key,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(v));
     } else {
         println!(
-            "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  CREATED",
-            "ID", "ALIAS", "KIND", "STATE", "ENCRYPTIONS"
+            "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {:<24}  {:<10}  MASTER KEY",
+            "ID", "ALIAS", "KIND", "STATE", "ENCRYPTIONS", "CREATED", "PROVIDER"
         );
         for r in &rows {
             println!(
-                "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {}",
+                "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {:<24}  {:<10}  {}",
                 r.id.to_string(),
                 r.alias,
                 kind_name(r.kind),
                 r.state.as_str(),
                 r.encryptions,
-                date(r.created)
+                date(r.created),
+                r.provider,
+                r.master_key
             );
         }
     }

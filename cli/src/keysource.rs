@@ -9,8 +9,11 @@
 //! 4. the key vault at `--key-vault-uri` (default: `--uri`), collection
 //!    `--key-vault-namespace` (default `keyvault.datakeys`), unwrapped with the master key.
 //!
-//! The master key (MongoDB's `local` KMS provider: 96 bytes) comes from `--master-key-file` or
-//! `FIELDCRYPT_MASTER_KEY` (base64).
+//! The master keys that wrap the key vault's keys: the local one (MongoDB's `local` KMS
+//! provider: 96 bytes) from `--master-key-file` or `FIELDCRYPT_MASTER_KEY` (base64), and the KMS
+//! providers of `--kms-providers FILE` (MongoDB's `kmsProviders`, docs/KEY_VAULT.md). Every
+//! command that unwraps keys reaches all of them; new keys are wrapped under
+//! `--master-key-doc` (default: the local master key).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -18,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bson::{doc, Bson, Document};
+use fieldcrypt::kms::KmsProviders;
 use fieldcrypt::mongo::{
     KekProvider, KeySource, KeyVault, LocalKek, DEFAULT_KEY_VAULT_NAMESPACE, MASTER_KEY_ENV,
 };
@@ -64,6 +68,16 @@ pub(crate) struct KeyArgs {
     /// from the environment variable FIELDCRYPT_MASTER_KEY (base64).
     #[arg(long, value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// KMS providers that wrap key vault keys: MongoDB's `kmsProviders` as JSON or TOML
+    /// (optionally with `tlsOptions` and `retry`; docs/KEY_VAULT.md). Default from the
+    /// environment variable FIELDCRYPT_KMS_PROVIDERS (a path).
+    #[arg(long, value_name = "FILE", env = "FIELDCRYPT_KMS_PROVIDERS")]
+    pub kms_providers: Option<PathBuf>,
+    /// The masterKey document new keys are wrapped under, as JSON, e.g.
+    /// '{"provider":"aws","region":"us-east-1","key":"arn:aws:kms:…"}' (its provider must be in
+    /// --kms-providers). Default: {"provider":"local"}, the local master key.
+    #[arg(long, value_name = "JSON", env = "FIELDCRYPT_MASTER_KEY_DOC")]
+    pub master_key_doc: Option<String>,
     /// Key documents offline: Extended JSON, one per line (mongoexport of a key vault).
     #[arg(long, value_name = "FILE")]
     pub key_vault_file: Option<PathBuf>,
@@ -98,6 +112,45 @@ impl KeyArgs {
                 other => other.into(),
             }),
         }
+    }
+
+    /// The KMS providers of `--kms-providers`, if given.
+    pub(crate) fn kms(&self) -> Result<Option<Arc<KmsProviders>>> {
+        self.kms_providers
+            .as_ref()
+            .map(|f| {
+                KmsProviders::from_file(f)
+                    .map(Arc::new)
+                    .map_err(|e| in_file(f, e))
+            })
+            .transpose()
+    }
+
+    /// Every configured master key: the KEK that wraps new keys and those that unwrap.
+    pub(crate) fn keks(&self) -> Result<Keks> {
+        let providers = self.kms()?;
+        let local = match self.master() {
+            Ok(k) => Some(Arc::new(k)),
+            // No local master key is fine when KMS providers are configured.
+            Err(CliError::Usage(_)) if providers.is_some() && self.master_key_file.is_none() => {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let wrap: Option<Arc<dyn KekProvider>> = match &self.master_key_doc {
+            Some(json) => Some(master_key_kek(json, providers.as_ref(), local.as_ref())?),
+            None => local.clone().map(|k| k as Arc<dyn KekProvider>),
+        };
+        let mut unwrap: Vec<Arc<dyn KekProvider>> = Vec::new();
+        if let Some(p) = &providers {
+            unwrap.push(p.unwrapper());
+        }
+        if let Some(l) = local {
+            if !providers.as_ref().is_some_and(|p| p.contains("local")) {
+                unwrap.push(Arc::new(AnyLocal(LocalMasterKeyKek(l))));
+            }
+        }
+        Ok(Keks { wrap, unwrap })
     }
 
     fn vault_uri(&self) -> Result<Option<String>> {
@@ -314,8 +367,8 @@ impl Keys {
                 .collect();
             let mut unrecorded = HashMap::new();
             if let Some(f) = &args.key_vault_file {
-                let kek = args.master()?;
-                for key in read_key_vault_file(f, kek).await? {
+                let keks = args.keks()?;
+                for key in read_key_vault_file(f, &keks).await? {
                     budget.remove(&key.id());
                     unrecorded.insert(key.id(), key.encryptions());
                     ring.insert(key);
@@ -731,11 +784,18 @@ impl Store {
             && args.key_vault_file.is_none()
             && KeyArgs::keyset_env().is_none()
             && args.vault_uri().is_ok_and(|u| u.is_some())
-            && args.master().is_err()
+            && args.keks().is_err()
         {
-            // A throw-away KEK: listing reads metadata only and never unwraps.
+            // No KEK: listing reads metadata only and never unwraps.
             return Ok(Store::Vault(
-                build_vault(args, Arc::new(LocalKek::generate())).await?,
+                build_vault(
+                    args,
+                    Keks {
+                        wrap: None,
+                        unwrap: Vec::new(),
+                    },
+                )
+                .await?,
             ));
         }
         Store::open(args).await
@@ -757,7 +817,7 @@ impl Store {
         }
         if let Some(f) = &args.key_vault_file {
             let ring = InMemoryKeyring::new();
-            for key in read_key_vault_file(f, args.master()?).await? {
+            for key in read_key_vault_file(f, &args.keks()?).await? {
                 ring.insert(key);
             }
             return Ok(Store::VaultFile(ring));
@@ -793,19 +853,101 @@ async fn open_vault(args: &KeyArgs) -> Result<Arc<KeyVault>> {
                 .into(),
         ));
     }
-    build_vault(args, Arc::new(args.master()?)).await
+    let keks = args.keks()?;
+    build_vault(args, keks).await
 }
 
-async fn build_vault(args: &KeyArgs, kek: Arc<LocalKek>) -> Result<Arc<KeyVault>> {
+async fn build_vault(args: &KeyArgs, keks: Keks) -> Result<Arc<KeyVault>> {
     let uri = args
         .vault_uri()?
         .ok_or_else(|| CliError::Usage("no key vault: give --uri or --key-vault-uri".into()))?;
     let client = connect(&uri).await?;
-    Ok(Arc::new(
-        KeyVault::builder(&client, kek)
-            .namespace(args.key_vault_namespace.clone())
-            .build()?,
-    ))
+    let wrap = keks.wrap.unwrap_or_else(|| Arc::new(NoWrap));
+    let mut builder = KeyVault::builder(&client, wrap).namespace(args.key_vault_namespace.clone());
+    for kek in keks.unwrap {
+        builder = builder.unwrap_also_with(kek);
+    }
+    Ok(Arc::new(builder.build()?))
+}
+
+/// The configured master keys (see [`KeyArgs::keks`]).
+pub(crate) struct Keks {
+    /// Wraps new keys: `--master-key-doc`, else the local master key; `None` without either.
+    pub(crate) wrap: Option<Arc<dyn KekProvider>>,
+    /// Unwrap besides `wrap`: every KMS provider, and the local master key.
+    pub(crate) unwrap: Vec<Arc<dyn KekProvider>>,
+}
+
+impl Keks {
+    fn all(&self) -> impl Iterator<Item = &Arc<dyn KekProvider>> {
+        self.wrap.iter().chain(&self.unwrap)
+    }
+}
+
+/// The KEK of a `--master-key-doc` / `--to-master-key-doc` value.
+pub(crate) fn master_key_kek(
+    json: &str,
+    providers: Option<&Arc<KmsProviders>>,
+    local: Option<&Arc<LocalKek>>,
+) -> Result<Arc<dyn KekProvider>> {
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+        CliError::Usage(format!(
+            "--master-key-doc is not JSON (column {}): give a document such as              '{{\"provider\":\"aws\",\"region\":\"us-east-1\",\"key\":\"arn:…\"}}'",
+            e.column()
+        ))
+    })?;
+    let Ok(Bson::Document(doc)) = Bson::try_from(value) else {
+        return Err(CliError::Usage(
+            "--master-key-doc must be a JSON document".into(),
+        ));
+    };
+    match (providers, local) {
+        (Some(p), _) if doc.get_str("provider").is_ok_and(|n| p.contains(n)) => {
+            Ok(p.kek_for(&doc)?)
+        }
+        (_, Some(l)) if doc == doc! { "provider": "local" } => Ok(l.clone()),
+        (None, _) => Err(CliError::Usage(format!(
+            "--master-key-doc names provider {:?}: configure it with --kms-providers FILE",
+            doc.get_str("provider").unwrap_or("")
+        ))),
+        (Some(p), _) => Ok(p.kek_for(&doc)?),
+    }
+}
+
+/// The vault's KEK when no master key for new keys is configured: reading works, creating
+/// a key says what to give.
+#[derive(Debug)]
+struct NoWrap;
+
+#[async_trait::async_trait]
+impl KekProvider for NoWrap {
+    fn provider(&self) -> &str {
+        "(none)"
+    }
+
+    fn can_unwrap(&self, _master_key: &Document) -> bool {
+        false
+    }
+
+    async fn wrap_with_ad(
+        &self,
+        _dek: &KeyMaterial,
+        _associated_data: &[u8],
+    ) -> fieldcrypt::Result<(Document, Vec<u8>)> {
+        Err(Error::KeyFormat(
+            "no master key for new keys: give --master-key-doc (a masterKey of a provider in              --kms-providers) or a local master key (--master-key-file / FIELDCRYPT_MASTER_KEY)"
+                .into(),
+        ))
+    }
+
+    async fn unwrap_with_ad(
+        &self,
+        _master_key: &Document,
+        _wrapped: &[u8],
+        _associated_data: &[u8],
+    ) -> fieldcrypt::Result<KeyMaterial> {
+        Err(Error::Decrypt)
+    }
 }
 
 /// Names the file in an error that does not already say where it happened.
@@ -822,7 +964,7 @@ pub(crate) fn in_file(path: &Path, e: Error) -> CliError {
 /// to the document's id, alias and kind) and MongoDB's CSFLE key documents; the newest primary
 /// claim of an alias wins. Keys wrapped by a named local provider (`local:<name>`) unwrap with
 /// the same master key. See docs/KEY_VAULT.md for the layout.
-async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
+async fn read_key_vault_file(path: &Path, keks: &Keks) -> Result<Vec<Key>> {
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| in_file(path, Error::Io(e)))?,
     );
@@ -861,7 +1003,7 @@ async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
             }
         }
     }
-    let kek = AnyLocal(kek);
+    let kek = AnyOf(keks.all().cloned().collect());
     let all: Vec<Document> = docs.iter().map(|(_, d)| d.clone()).collect();
     match KeyVault::keys_from_documents(&all, &kek).await {
         Ok(keys) => Ok(keys),
@@ -884,7 +1026,56 @@ async fn read_key_vault_file(path: &Path, kek: LocalKek) -> Result<Vec<Key>> {
 
 /// The local master key, for key documents wrapped by `local` or by a named local provider
 /// (`local:<name>`, [`LocalKek::named`]): the file holds one master key, whatever it was named.
-struct AnyLocal(LocalKek);
+struct AnyLocal(LocalMasterKeyKek);
+
+/// A shared local KEK.
+struct LocalMasterKeyKek(Arc<LocalKek>);
+
+impl std::ops::Deref for LocalMasterKeyKek {
+    type Target = LocalKek;
+    fn deref(&self) -> &LocalKek {
+        &self.0
+    }
+}
+
+/// Unwraps with the first of its KEKs that accepts the key's masterKey.
+struct AnyOf(Vec<Arc<dyn KekProvider>>);
+
+#[async_trait::async_trait]
+impl KekProvider for AnyOf {
+    fn provider(&self) -> &str {
+        "configured master keys"
+    }
+
+    fn can_unwrap(&self, master_key: &Document) -> bool {
+        self.0.iter().any(|k| k.can_unwrap(master_key))
+    }
+
+    async fn wrap_with_ad(
+        &self,
+        dek: &KeyMaterial,
+        associated_data: &[u8],
+    ) -> fieldcrypt::Result<(Document, Vec<u8>)> {
+        NoWrap.wrap_with_ad(dek, associated_data).await
+    }
+
+    async fn unwrap_with_ad(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        associated_data: &[u8],
+    ) -> fieldcrypt::Result<KeyMaterial> {
+        let Some(kek) = self.0.iter().find(|k| k.can_unwrap(master_key)) else {
+            return Err(Error::KeyFormat(format!(
+                "key is wrapped by KMS provider {:?}, which neither the local master key nor \
+                 --kms-providers configures",
+                master_key.get_str("provider").unwrap_or("?")
+            )));
+        };
+        kek.unwrap_with_ad(master_key, wrapped, associated_data)
+            .await
+    }
+}
 
 #[async_trait::async_trait]
 impl KekProvider for AnyLocal {

@@ -3,4 +3,5 @@
 //! ([`crate::service::PythonEnv`]) and stopped when the test process ends, also on panic.
 //! Azure Key Vault and Google Cloud KMS have no local server; their tests use fakes.
 
+pub mod gate;
 pub mod pykmip;
