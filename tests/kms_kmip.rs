@@ -678,3 +678,132 @@ fn named_providers_and_an_endpoint_in_the_master_key() {
     let e = block_on(unwrapper.unwrap_with_ad(&as_first, &wrapped, b"ad")).unwrap_err();
     assert_kms_error(&e, "kmip", &key_id_of(&mk), "refused");
 }
+
+/// Runs `tests/fixtures/kmip/interop.py` (libmongocrypt through pymongocrypt) against the
+/// shared server as its first client.
+fn libmongocrypt(mode: &str, input: &serde_json::Value) -> serde_json::Value {
+    use std::io::Write as _;
+    let s = server();
+    let python = DevServer::python_env().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/kmip/interop.py"
+    );
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .arg(s.endpoint())
+        .arg(s.ca_file())
+        .arg(s.client_cert_key_file())
+        .arg(mode)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "interop.py {mode}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log_tail().join("\n")
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn extjson_to_bson(v: &serde_json::Value) -> Bson {
+    Bson::try_from(v.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn libmongocrypt_and_fieldcrypt_read_each_others_keys() {
+    use fieldcrypt::{Context, Cryptor, CsfleAlgorithm, CsfleDataKey};
+    let p = providers();
+    let master_keys = [
+        doc! { "provider": "kmip" },
+        doc! { "provider": "kmip", "delegated": true },
+    ];
+    // libmongocrypt creates keys under the server (Register/Activate/Get, or Create/Activate/
+    // Encrypt) and encrypts with them; fieldcrypt's vault unwraps them and decrypts.
+    let input = serde_json::Value::Array(
+        master_keys
+            .iter()
+            .map(|m| Bson::Document(m.clone()).into_canonical_extjson())
+            .collect(),
+    );
+    let out = libmongocrypt("create", &input);
+    let (client, ns) = setup("kmip_interop").await;
+    let mut ids = Vec::new();
+    for (k, mk) in out["keys"].as_array().unwrap().iter().zip(&master_keys) {
+        let Bson::Document(key) = extjson_to_bson(k) else {
+            panic!("not a key document")
+        };
+        // libmongocrypt's masterKey is the one fieldcrypt writes: same fields, same order.
+        let stored_mk = key.get_document("masterKey").unwrap();
+        let mut ours = mk.clone();
+        ours.insert("keyId", key_id_of(stored_mk));
+        assert_eq!(stored_mk, &ours);
+        assert_eq!(
+            stored_mk.keys().collect::<Vec<_>>(),
+            ours.keys().collect::<Vec<_>>()
+        );
+        match key.get("_id") {
+            Some(Bson::Binary(b)) => ids.push(KeyId::from(b.to_uuid().unwrap())),
+            other => panic!("_id {other:?}"),
+        }
+        raw(&client, &ns).insert_one(key).await.unwrap();
+    }
+    let v = vault(&client, &ns, p.unwrapper(), &p);
+    v.prefetch_ids(&ids).await.unwrap();
+    let reader = Cryptor::decrypt_only(v.clone());
+    let values = out["values"].as_array().unwrap();
+    assert_eq!(values.len(), 2);
+    for value in values {
+        let encrypted = extjson_to_bson(&value["encrypted"]);
+        let plain = value["plain"].as_str().unwrap();
+        let back = reader
+            .decrypt_document(&doc! { "v": encrypted }, &Context::none())
+            .unwrap();
+        assert_eq!(back.get_str("v").unwrap(), plain);
+    }
+
+    // fieldcrypt creates keys under the server and encrypts with them; libmongocrypt unwraps
+    // them (Get, or Decrypt) and decrypts.
+    let mut keys = Vec::new();
+    let mut encrypted = Vec::new();
+    let mut plains = Vec::new();
+    for (i, mk) in master_keys.iter().enumerate() {
+        let w = vault(&client, &ns, p.kek_for(mk).unwrap(), &p);
+        let id = w
+            .create_csfle_key(&[format!("fieldcrypt-kmip-{i}")])
+            .await
+            .unwrap();
+        let doc = stored(&client, &ns, &id).await;
+        keys.push(Bson::Document(doc).into_canonical_extjson());
+        let m: [u8; 96] = material(&w, &id).await.try_into().unwrap();
+        let key =
+            CsfleDataKey::from_material(id, secrecy::SecretBox::new(Box::new(m)), vec![]).unwrap();
+        let plain = format!("fieldcrypt wrote this under {mk}");
+        let ct = key
+            .encrypt_value(CsfleAlgorithm::Deterministic, &Bson::String(plain.clone()))
+            .unwrap();
+        encrypted.push(Bson::Binary(ct).into_canonical_extjson());
+        plains.push(plain);
+    }
+    let out = libmongocrypt(
+        "decrypt",
+        &serde_json::json!({ "keys": keys, "values": encrypted }),
+    );
+    let back: Vec<&str> = out["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(back, plains);
+}
