@@ -491,7 +491,11 @@ fn fail_mutual_tls_refusals() {
     // No client certificate: the server ends the handshake, and the error says what is missing.
     let e = attempt(tls(s.ca_file(), None));
     assert_kms_error(&e, "kmip", "1", "TLS with KMIP server");
-    assert!(e.to_string().contains("tlsCertificateKeyFile"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("set tlsOptions.kmip.tlsCertificateKeyFile"),
+        "{e}"
+    );
     // A server certificate from a CA we do not trust.
     let e = attempt(tls(s.untrusted_ca_file(), Some(s.client_cert_key_file())));
     assert_kms_error(&e, "kmip", "1", "invalid peer certificate");

@@ -216,15 +216,23 @@ impl KmipKms {
         request: std::result::Result<Request, TtlvError>,
     ) -> Result<Zeroizing<Vec<u8>>> {
         let request = request.map_err(|e| kms_error(&self.name, key_id, e))?;
-        transport::send(
-            endpoint,
-            &self.tls,
-            self.has_client_cert,
-            &self.retry,
-            &request,
-        )
-        .await
-        .map_err(|e| kms_error(&self.name, key_id, e))
+        transport::send(endpoint, &self.tls, &self.retry, &request)
+            .await
+            .map_err(|e| {
+                if e.tls && !self.has_client_cert {
+                    kms_error(
+                        &self.name,
+                        key_id,
+                        format_args!(
+                            "{e} (KMIP servers require a client certificate: set \
+                             tlsOptions.{}.tlsCertificateKeyFile)",
+                            self.name
+                        ),
+                    )
+                } else {
+                    kms_error(&self.name, key_id, e)
+                }
+            })
     }
 
     /// A response's error as [`Error::Kms`].
@@ -244,7 +252,7 @@ impl KmipKms {
             ResponseError::Failed { .. } => {
                 kms_error(&self.name, key_id, format_args!("KMIP {op} refused: {e}"))
             }
-            ResponseError::Malformed(_) => {
+            ResponseError::Malformed(_) | ResponseError::WrongObject(_) => {
                 kms_error(&self.name, key_id, format_args!("KMIP {op}: {e}"))
             }
         }

@@ -227,6 +227,8 @@ pub(crate) enum ResponseError {
     },
     /// Not a response fieldcrypt can read.
     Malformed(String),
+    /// A well-formed response about another kind of object than asked for.
+    WrongObject(&'static str),
 }
 
 /// KMIP's Result Reason "Item Not Found".
@@ -298,6 +300,7 @@ impl fmt::Display for ResponseError {
                 Ok(())
             }
             ResponseError::Malformed(why) => write!(f, "malformed response: {why}"),
+            ResponseError::WrongObject(why) => f.write_str(why),
         }
     }
 }
@@ -392,10 +395,9 @@ impl<'a> Response<'a> {
     pub(crate) fn secret_data(&self) -> Result<&'a [u8], ResponseError> {
         if let Some(t) = self.payload.find(tag::OBJECT_TYPE) {
             if t.as_enumeration() != Some(OBJECT_TYPE_SECRET_DATA) {
-                return Err(ResponseError::Malformed(
+                return Err(ResponseError::WrongObject(
                     "the object is not a SecretData (a delegated key's id used without \
-                     delegated: true?)"
-                        .into(),
+                     delegated: true?)",
                 ));
             }
         }

@@ -112,6 +112,8 @@ impl fmt::Display for Endpoint {
 #[derive(Debug)]
 pub(crate) struct TransportError {
     pub(crate) message: String,
+    /// TLS refused: a certificate the client does not trust, or one the server refuses.
+    pub(crate) tls: bool,
 }
 
 impl fmt::Display for TransportError {
@@ -140,7 +142,6 @@ enum Failure {
 pub(crate) async fn send(
     endpoint: &Endpoint,
     tls: &Arc<rustls::ClientConfig>,
-    has_client_cert: bool,
     retry: &RetryPolicy,
     request: &Request,
 ) -> Result<Zeroizing<Vec<u8>>, TransportError> {
@@ -167,17 +168,12 @@ pub(crate) async fn send(
             Err(Failure::Connect(why)) => (true, why),
             Err(Failure::Exchange(why)) => (request.operation.idempotent(), why),
             Err(Failure::Tls(why)) => {
-                let hint = if has_client_cert {
-                    ""
-                } else {
-                    " (KMIP servers require a client certificate: set tlsOptions.<provider>.\
-                     tlsCertificateKeyFile)"
-                };
                 return Err(TransportError {
                     message: format!(
-                        "TLS with KMIP server {endpoint} failed during {}: {why}{hint}",
+                        "TLS with KMIP server {endpoint} failed during {}: {why}",
                         request.operation
                     ),
+                    tls: true,
                 });
             }
             Err(Failure::Framing(why)) => {
@@ -186,6 +182,7 @@ pub(crate) async fn send(
                         "KMIP server {endpoint} sent no KMIP response to {}: {why}",
                         request.operation
                     ),
+                    tls: false,
                 })
             }
         };
@@ -200,6 +197,7 @@ pub(crate) async fn send(
                     "KMIP {} to {endpoint} failed after {tries}: {why}",
                     request.operation
                 ),
+                tls: false,
             });
         }
         tokio::time::sleep(backoff(retry, attempt)).await;
