@@ -45,6 +45,9 @@ pub(crate) mod tls;
 // …), dispatched by `remote` below.
 #[cfg(feature = "kmip")]
 mod kmip;
+#[cfg(feature = "kmip")]
+#[doc(hidden)]
+pub use kmip::fuzz_response as __fuzz_kmip_response;
 
 /// How KMS requests are retried and bounded in time.
 ///

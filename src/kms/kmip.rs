@@ -332,6 +332,27 @@ impl KmipKms {
     }
 }
 
+/// Reads `bytes` as the response to each operation fieldcrypt sends, and every field it reads:
+/// what `fuzz/fuzz_targets/kmip_response.rs` runs on arbitrary bytes. Not an API.
+#[doc(hidden)]
+pub fn fuzz_response(bytes: &[u8]) {
+    if let Some(header) = bytes.first_chunk::<{ ttlv::HEADER_LEN }>() {
+        let _ = ttlv::message_len(header);
+    }
+    for op in [
+        Operation::Create,
+        Operation::Register,
+        Operation::Get,
+        Operation::Activate,
+        Operation::Encrypt,
+        Operation::Decrypt,
+    ] {
+        if let Ok(r) = Response::parse(bytes, op) {
+            let _ = (r.unique_identifier(), r.secret_data(), r.data(), r.iv());
+        }
+    }
+}
+
 /// The delegated form's binding of a data key to its associated data.
 fn ad_tag(dek: &[u8], ad: &[u8]) -> Hmac<Sha256> {
     let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(dek)
@@ -613,6 +634,28 @@ mod tests {
             .block_on(k.decrypt(&doc! { "provider": "kmip" }, &[0; 160], &[]))
             .unwrap_err();
         assert!(e.to_string().contains("no keyId"), "{e}");
+    }
+
+    #[test]
+    fn fuzz_entry_point_takes_any_bytes() {
+        use rand::{Rng as _, SeedableRng as _};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5696);
+        for name in [
+            "success_get_response",
+            "success_register_response",
+            "error_get_response_notfound",
+        ] {
+            let v = message::tests::vector(name);
+            for n in 0..=v.len() {
+                fuzz_response(&v[..n]);
+            }
+            for _ in 0..2000 {
+                let mut b = v.clone();
+                let i = rng.gen_range(0..b.len());
+                b[i] = rng.gen();
+                fuzz_response(&b);
+            }
+        }
     }
 
     #[test]
