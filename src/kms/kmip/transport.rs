@@ -5,8 +5,9 @@
 //! 1.0 §10.1, port 5696). Each request gets its own connection, as libmongocrypt's drivers do.
 //! A failed connection (refused, reset, timed out) is tried again with backoff up to the policy's
 //! attempts; a request that may have reached the server is tried again only if sending it twice
-//! does no harm ([`Operation::idempotent`]). TLS failures (an untrusted server, a refused client
-//! certificate) are permanent and reported at once.
+//! does no harm ([`Operation::idempotent`](super::message::Operation::idempotent)). TLS
+//! failures (an untrusted server, a refused client certificate) are permanent and reported at
+//! once.
 
 use core::fmt;
 use std::sync::Arc;
