@@ -328,9 +328,17 @@ mod tests {
             max_backoff: Duration::from_millis(1000),
             timeout: Duration::from_secs(1),
         };
-        for (attempt, lo, hi) in [(1, 50, 100), (2, 100, 200), (4, 500, 1000), (30, 500, 1000)] {
-            let d = backoff(&p, attempt).as_millis();
-            assert!((lo..=hi).contains(&d), "{attempt}: {d}");
+        for (attempt, lo, hi) in [
+            (1, 50, 100),
+            (2, 100, 200),
+            (4, 400, 800),
+            (5, 500, 1000),
+            (30, 500, 1000),
+        ] {
+            for _ in 0..200 {
+                let d = backoff(&p, attempt).as_millis();
+                assert!((lo..=hi).contains(&d), "{attempt}: {d}");
+            }
         }
     }
 }
