@@ -629,17 +629,21 @@ fn master_key_validation_errors() {
 #[test]
 fn named_providers_and_an_endpoint_in_the_master_key() {
     let s = server();
-    // "kmip:other" connects as the second client; its entry is empty, so the endpoint comes
-    // from the masterKey (KMIP has no credentials in the entry and no standard environment).
-    let p = providers_with(
-        doc! { "kmip": { "endpoint": s.endpoint() }, "kmip:other": {} },
+    let tls_options = || {
         vec![
             ("kmip", tls(s.ca_file(), Some(s.client_cert_key_file()))),
             (
                 "kmip:other",
                 tls(s.ca_file(), Some(s.second_client_cert_key_file())),
             ),
-        ],
+        ]
+    };
+    // "kmip:other" connects as the second client. Its entry is empty: new keys need the
+    // endpoint in their masterKey (KMIP has no credentials in the entry and no standard
+    // environment).
+    let p = providers_with(
+        doc! { "kmip": { "endpoint": s.endpoint() }, "kmip:other": {} },
+        tls_options(),
     )
     .unwrap();
     let dek = KeyMaterial::generate(32);
@@ -651,7 +655,7 @@ fn named_providers_and_an_endpoint_in_the_master_key() {
     .unwrap_err();
     assert!(
         e.to_string()
-            .contains("kmsProviders.kmip:other.endpoint or masterKey.endpoint"),
+            .contains("set kmsProviders.kmip:other.endpoint or masterKey.endpoint"),
         "{e}"
     );
     let other = p
@@ -664,6 +668,21 @@ fn named_providers_and_an_endpoint_in_the_master_key() {
         ["provider", "endpoint", "keyId"]
     );
     assert_eq!(mk.get_str("provider").unwrap(), "kmip:other");
+    // A stored masterKey is written by whoever can write the key vault: its endpoint is only
+    // followed when it is the configured server, so this one does not unwrap here...
+    let e = block_on(p.unwrapper().unwrap_with_ad(&mk, &wrapped, b"ad")).unwrap_err();
+    assert_kms_error(
+        &e,
+        "kmip:other",
+        &key_id_of(&mk),
+        "set kmsProviders.kmip:other.endpoint",
+    );
+    // ...and does once kmsProviders names the same server.
+    let p = providers_with(
+        doc! { "kmip": { "endpoint": s.endpoint() }, "kmip:other": { "endpoint": s.endpoint() } },
+        tls_options(),
+    )
+    .unwrap();
     let (mk2, wrapped2) = block_on(
         p.kek_for(&doc! { "provider": "kmip" })
             .unwrap()
@@ -675,9 +694,20 @@ fn named_providers_and_an_endpoint_in_the_master_key() {
         let back = block_on(unwrapper.unwrap_with_ad(m, w, b"ad")).unwrap();
         assert_eq!(back.expose_secret(), dek.expose_secret());
     }
+    // A key document pointing elsewhere is refused before any connection.
+    let mut redirected = mk2.clone();
+    redirected.insert("endpoint", "127.0.0.1:1");
+    let e = block_on(unwrapper.unwrap_with_ad(&redirected, &wrapped2, b"ad")).unwrap_err();
+    assert_kms_error(
+        &e,
+        "kmip",
+        &key_id_of(&mk2),
+        "is not kmsProviders.kmip.endpoint",
+    );
     // The second identity's secret is not readable as the first: the masterKey's provider
     // name picks the identity.
     let mut as_first = mk.clone();
+    as_first.remove("endpoint");
     as_first.insert("provider", "kmip");
     let e = block_on(unwrapper.unwrap_with_ad(&as_first, &wrapped, b"ad")).unwrap_err();
     assert_kms_error(&e, "kmip", &key_id_of(&mk), "refused");

@@ -191,6 +191,30 @@ impl KmipKms {
         out
     }
 
+    /// The server to unwrap a stored key at: the configured one. A stored masterKey is written
+    /// by whoever can write the key vault; following its `endpoint` to another server would
+    /// let that server choose the secret (or, delegated, the plaintext) and so the data key.
+    /// So its `endpoint`, if any, must name the configured server (libmongocrypt follows it).
+    fn unwrap_endpoint(&self, mk: &MasterKey, key_id: &str) -> Result<&Endpoint> {
+        let refuse = |what: fmt::Arguments<'_>| Err(kms_error(&self.name, key_id, what));
+        match (&self.endpoint, &mk.endpoint) {
+            (Some(configured), None) => Ok(configured),
+            (Some(configured), Some((_, stored))) if configured.same_server(stored) => {
+                Ok(configured)
+            }
+            (Some(configured), Some((raw, _))) => refuse(format_args!(
+                "the key's masterKey.endpoint {raw:?} is not kmsProviders.{}.endpoint                  ({configured}): refused, so that a key document cannot send this client's                  requests to another server",
+                self.name
+            )),
+            (None, _) => refuse(format_args!(
+                "no KMIP endpoint to unwrap at: set kmsProviders.{}.endpoint (a stored                  masterKey's endpoint is used only when it names that server)",
+                self.name
+            )),
+        }
+    }
+
+    /// The server to wrap a new key at: the masterKey's (the caller's configuration), else the
+    /// provider's.
     fn endpoint<'m>(&'m self, mk: &'m MasterKey, key_id: &str) -> Result<&'m Endpoint> {
         mk.endpoint
             .as_ref()
@@ -449,7 +473,7 @@ impl Kms for KmipKms {
                 self.bad_master_key("no keyId (a key document's KMIP masterKey always has one)")
             );
         };
-        let endpoint = self.endpoint(&mk, id)?;
+        let endpoint = self.unwrap_endpoint(&mk, id)?;
         if !mk.delegated {
             let key = self.secret(endpoint, id).await?;
             let mut plain = Zeroizing::new(Vec::with_capacity(wrapped.len()));
@@ -630,6 +654,18 @@ mod tests {
             .block_on(k.decrypt(&doc! { "provider": "kmip", "keyId": "12" }, &[0; 160], &[]))
             .unwrap_err();
         assert!(e.to_string().contains("key 12: no KMIP endpoint"), "{e}");
+        // A stored masterKey's endpoint does not replace a missing configured one.
+        let e = rt
+            .block_on(k.decrypt(
+                &doc! { "provider": "kmip", "keyId": "12", "endpoint": "127.0.0.1:1" },
+                &[0; 160],
+                &[],
+            ))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("set kmsProviders.kmip.endpoint"),
+            "{e}"
+        );
         let e = rt
             .block_on(k.decrypt(&doc! { "provider": "kmip" }, &[0; 160], &[]))
             .unwrap_err();
@@ -656,6 +692,32 @@ mod tests {
                 fuzz_response(&b);
             }
         }
+    }
+
+    #[test]
+    fn fail_a_stored_endpoint_that_is_not_the_configured_server() {
+        let k = kms(doc! { "endpoint": "kms.example.com" }).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for other in ["evil.example.com", "kms.example.com:5697", "127.0.0.1"] {
+            let mk = doc! { "provider": "kmip", "keyId": "9", "endpoint": other };
+            let e = rt.block_on(k.decrypt(&mk, &[0; 160], &[])).unwrap_err();
+            assert!(
+                matches!(&e, Error::Kms { reason, .. } if reason.contains("key 9: the key's \
+                    masterKey.endpoint") && reason.contains("kms.example.com:5696")),
+                "{other}: {e}"
+            );
+        }
+        let k = kms(doc! { "endpoint": "KMS.example.com:5696" }).unwrap();
+        let mk = k
+            .parse(&doc! { "provider": "kmip", "endpoint": "kms.EXAMPLE.com" })
+            .unwrap();
+        assert_eq!(
+            k.unwrap_endpoint(&mk, "9").unwrap().to_string(),
+            "KMS.example.com:5696"
+        );
     }
 
     #[test]

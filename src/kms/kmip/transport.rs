@@ -93,6 +93,11 @@ impl Endpoint {
         })
     }
 
+    /// Whether both name the same host (case-insensitively) and port.
+    pub(crate) fn same_server(&self, other: &Endpoint) -> bool {
+        self.port == other.port && self.host.eq_ignore_ascii_case(&other.host)
+    }
+
     fn server_name(&self) -> Option<ServerName<'static>> {
         ServerName::try_from(self.host.clone()).ok()
     }
