@@ -43,8 +43,12 @@ pub(crate) mod tls;
 
 // The providers, one module and one cargo feature each (`#[cfg(feature = "aws")] mod aws;`
 // …), dispatched by `remote` below.
+#[cfg(feature = "aws")]
+mod aws;
 #[cfg(feature = "kmip")]
 mod kmip;
+#[cfg(feature = "vault")]
+mod vault;
 #[cfg(feature = "kmip")]
 #[doc(hidden)]
 pub use kmip::fuzz_response as __fuzz_kmip_response;
@@ -614,9 +618,16 @@ impl KekProvider for KmsKek {
     }
 
     fn wraps_under(&self) -> Option<&Document> {
-        // A KMIP masterKey without keyId registers a new secret at every wrap.
-        (provider_type(self.kms.name()) != "kmip" || self.master_key.contains_key("keyId"))
-            .then_some(&self.master_key)
+        // A KMIP masterKey without keyId registers a new secret at every wrap. A Vault masterKey
+        // names a Transit key, not its version: after a rotation, keys under the same masterKey
+        // still have to move to the newest version (Transit `rewrap` where it can, else unwrap
+        // and wrap), or retiring the old version (`min_decryption_version`) loses them.
+        match provider_type(self.kms.name()) {
+            "kmip" => self.master_key.contains_key("keyId"),
+            "vault" => false,
+            _ => true,
+        }
+        .then_some(&self.master_key)
     }
 
     async fn rewrap_in_kms(

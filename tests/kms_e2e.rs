@@ -134,6 +134,33 @@ async fn aws_key_a_to_key_b_then_a_second_run_makes_no_kms_call() {
     assert_eq!(fresh.cache_stats().loads, 3);
 }
 
+#[cfg(feature = "vault")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_end_to_end_with_outages() {
+    use fieldcrypt_testkit::kms::openbao::{OpenBao, TRANSIT};
+    let bao = OpenBao::shared().unwrap();
+    let gate = gate_to(bao.addr());
+    let key = format!("e2e-{:08x}", rand::random::<u32>());
+    bao.create_key(TRANSIT, &key, "aes256-gcm96").unwrap();
+    let (local, local_secret) = local_entry();
+    let p = Provider {
+        name: "vault",
+        kms_providers: doc! {
+            // The token goes to the configured address only: the gate's.
+            "vault": { "endpoint": format!("http://127.0.0.1:{}", gate.port()), "token": bao.root_token() },
+            "local": local,
+        },
+        options: KmsOptions {
+            retry: quick_retry(),
+            ..KmsOptions::default()
+        },
+        master_key: doc! { "provider": "vault", "keyName": &key },
+        gate,
+        secrets: vec![bao.root_token().to_owned(), local_secret],
+    };
+    end_to_end(&p, &doc! { "provider": "local" }).await;
+}
+
 /// The KMIP provider at the test kit's PyKMIP server, over mutual TLS through the gate (the
 /// server's certificate names 127.0.0.1, which the gate listens on).
 #[cfg(feature = "kmip")]

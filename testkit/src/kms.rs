@@ -4,4 +4,6 @@
 //! Azure Key Vault and Google Cloud KMS have no local server; their tests use fakes.
 
 pub mod gate;
+pub mod moto;
+pub mod openbao;
 pub mod pykmip;
