@@ -45,8 +45,14 @@ pub(crate) mod tls;
 // …), dispatched by `remote` below.
 #[cfg(feature = "aws")]
 mod aws;
+#[cfg(feature = "azure")]
+mod azure;
+#[cfg(feature = "gcp")]
+mod gcp;
 #[cfg(feature = "kmip")]
 mod kmip;
+#[cfg(any(feature = "azure", feature = "gcp"))]
+mod oauth;
 #[cfg(feature = "vault")]
 mod vault;
 #[cfg(feature = "kmip")]

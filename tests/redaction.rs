@@ -223,3 +223,68 @@ fn bulk_write_models_print_no_documents_or_filters() {
         assert!(!printed.is_empty());
     }
 }
+
+/// Every KMS provider's credentials — AWS secret keys and session tokens, Vault tokens, Azure
+/// client secrets and access tokens, GCP access tokens, local master keys — stay out of the
+/// configuration's `Debug`, and out of the errors of configurations that are refused.
+#[cfg(feature = "kms")]
+#[test]
+fn kms_provider_configurations_print_no_credentials() {
+    use fieldcrypt::kms::KmsProviders;
+
+    let local = LocalMasterKey::generate();
+    let b64 = local.expose_base64();
+    let secrets: Vec<String> = [
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEYsecret",
+        "FwoGZXIvYXdzEBYaDHsessiontokenAWSsecretvalue12",
+        "hvs.CAESIvaultTOKENsecretvalue0123456789abcdef",
+        "azureCLIENTsecret~value.0123456789abcdefghijkl",
+        "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.azureaccess",
+        "ya29.gcpACCESStokenSECRETvalue0123456789abcdefg",
+    ]
+    .map(str::to_owned)
+    .into_iter()
+    .chain([b64.to_string()])
+    .collect();
+    #[allow(unused_mut)]
+    let mut doc = doc! { "local": { "key": &secrets[6] } };
+    #[cfg(feature = "aws")]
+    doc.insert(
+        "aws",
+        doc! { "accessKeyId": "AKIAEXAMPLE", "secretAccessKey": &secrets[0], "sessionToken": &secrets[1] },
+    );
+    #[cfg(feature = "vault")]
+    doc.insert(
+        "vault",
+        doc! { "endpoint": "https://vault.example:8200", "token": &secrets[2] },
+    );
+    #[cfg(feature = "azure")]
+    {
+        doc.insert(
+            "azure",
+            doc! { "tenantId": "t", "clientId": "c", "clientSecret": &secrets[3] },
+        );
+        doc.insert("azure:token", doc! { "accessToken": &secrets[4] });
+    }
+    #[cfg(feature = "gcp")]
+    doc.insert("gcp", doc! { "accessToken": &secrets[5] });
+    let providers = KmsProviders::from_document(&doc).unwrap();
+    let printed = format!("{providers:?}");
+    for s in &secrets {
+        assert_clean(&printed, s.as_bytes(), "KmsProviders");
+    }
+    // Refused configurations name the field, never its value.
+    let mut bad = Vec::new();
+    for (name, entry) in &doc {
+        let mut broken = entry.as_document().unwrap().clone();
+        broken.insert("unexpected", "x");
+        bad.push(doc! { name: broken });
+    }
+    bad.push(doc! { "local": { "key": &secrets[0] } });
+    for d in &bad {
+        let e = KmsProviders::from_document(d).expect_err("an unknown field is refused");
+        for s in &secrets {
+            assert_clean(&format!("{e} {e:?}"), s.as_bytes(), "a configuration error");
+        }
+    }
+}
