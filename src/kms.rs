@@ -49,10 +49,15 @@ mod aws;
 mod azure;
 #[cfg(feature = "gcp")]
 mod gcp;
+#[cfg(feature = "kmip")]
+mod kmip;
 #[cfg(any(feature = "azure", feature = "gcp"))]
 mod oauth;
 #[cfg(feature = "vault")]
 mod vault;
+#[cfg(feature = "kmip")]
+#[doc(hidden)]
+pub use kmip::fuzz_response as __fuzz_kmip_response;
 
 /// How KMS requests are retried and bounded in time.
 ///

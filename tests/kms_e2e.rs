@@ -250,3 +250,57 @@ async fn vault_end_to_end_with_outages() {
     };
     end_to_end(&p, &doc! { "provider": "local" }).await;
 }
+
+/// The KMIP provider at the test kit's PyKMIP server, over mutual TLS through the gate (the
+/// server's certificate names 127.0.0.1, which the gate listens on).
+#[cfg(feature = "kmip")]
+fn kmip_provider(master_key: Document) -> Provider<'static> {
+    use fieldcrypt::kms::TlsOptions;
+    use fieldcrypt_testkit::kms::pykmip::PyKmip;
+    let server = PyKmip::shared().unwrap();
+    let gate = gate_to(server.endpoint());
+    let (local, local_secret) = local_entry();
+    // A line of the client's private key: it must not appear anywhere.
+    let pem = std::fs::read_to_string(server.client_cert_key_file()).unwrap();
+    let key_line = pem
+        .split("-----BEGIN PRIVATE KEY-----")
+        .nth(1)
+        .and_then(|k| k.lines().nth(1))
+        .unwrap()
+        .to_owned();
+    Provider {
+        name: "kmip",
+        kms_providers: doc! {
+            "kmip": { "endpoint": format!("127.0.0.1:{}", gate.port()) },
+            "local": local,
+        },
+        options: KmsOptions {
+            retry: quick_retry(),
+            tls: [(
+                "kmip".to_owned(),
+                TlsOptions {
+                    ca_file: Some(server.ca_file()),
+                    certificate_key_file: Some(server.client_cert_key_file()),
+                },
+            )]
+            .into(),
+        },
+        master_key,
+        gate,
+        secrets: vec![local_secret, key_line],
+    }
+}
+
+#[cfg(feature = "kmip")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_end_to_end_with_outages() {
+    let p = kmip_provider(doc! { "provider": "kmip" });
+    end_to_end(&p, &doc! { "provider": "local" }).await;
+}
+
+#[cfg(feature = "kmip")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_delegated_end_to_end_with_outages() {
+    let p = kmip_provider(doc! { "provider": "kmip", "delegated": true });
+    end_to_end(&p, &doc! { "provider": "local" }).await;
+}

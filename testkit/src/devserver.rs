@@ -141,7 +141,9 @@ pid=$!
 } >/dev/null 2>&1 4>&- &
 watcher=$!
 exec 3<&- 4>&-
-wait $pid
+# dash reports a killed job ("Terminated") on stderr: once the owner is gone, nobody reads
+# that pipe, and the write would kill the script (SIGPIPE) before the clean-up below.
+wait $pid 2>/dev/null
 status=$?
 kill $watcher 2>/dev/null
 if [ -n "${FIELDCRYPT_DEVSERVER_CLEANUP:-}" ]; then rm -rf "$FIELDCRYPT_DEVSERVER_CLEANUP"; fi

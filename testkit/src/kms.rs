@@ -15,3 +15,4 @@ pub mod fake_https;
 pub mod gate;
 pub mod moto;
 pub mod openbao;
+pub mod pykmip;
