@@ -333,6 +333,33 @@ impl KmsProviders {
         result
     }
 
+    /// Reads the configuration from the environment variable `var` (the CLI's is
+    /// `FIELDCRYPT_KMS_PROVIDERS`): inline JSON when its value starts with `{` (relative
+    /// `tlsOptions` paths are then relative to the working directory), else the path of a
+    /// configuration file as [`KmsProviders::from_file`] reads it. `Ok(None)` when it is not
+    /// set or empty.
+    ///
+    /// # Errors
+    /// As [`KmsProviders::from_file`]; the errors name the variable, never its value.
+    pub fn from_env_var(var: &str) -> Result<Option<Self>> {
+        let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) else {
+            return Ok(None);
+        };
+        let value = Zeroizing::new(
+            value
+                .into_string()
+                .map_err(|_| Error::KeyFormat(format!("{var} is not UTF-8")))?,
+        );
+        if !value.trim_start().starts_with('{') {
+            return Self::from_file(value.trim()).map(Some);
+        }
+        let mut doc =
+            parse_config(&value).map_err(|why| Error::KeyFormat(format!("{var}: {why}")))?;
+        let result = Self::from_config(&doc, Path::new("."));
+        wipe(&mut doc);
+        result.map(Some)
+    }
+
     fn from_config(doc: &Document, base: &Path) -> Result<Self> {
         let Some(Bson::Document(providers)) = doc.get("kmsProviders") else {
             if doc.contains_key("tlsOptions") || doc.contains_key("retry") {
@@ -819,6 +846,35 @@ mod tests {
         .unwrap();
         let e = KmsProviders::from_file(&json).unwrap_err().to_string();
         assert!(e.contains("tlsOptions.kmip"), "{e}");
+    }
+
+    #[test]
+    fn config_from_an_environment_variable() {
+        let key = LocalMasterKey::generate();
+        let b64 = key.expose_base64();
+        let var = "FIELDCRYPT_TEST_KMS_PROVIDERS_INLINE";
+        assert!(KmsProviders::from_env_var(var).unwrap().is_none());
+        std::env::set_var(
+            var,
+            format!(
+                r#"{{"kmsProviders": {{"local:env": {{"key": "{}"}}}}}}"#,
+                b64.as_str()
+            ),
+        );
+        let p = KmsProviders::from_env_var(var).unwrap().unwrap();
+        assert!(p.contains("local:env"));
+        std::env::set_var(var, format!(r#"{{"local": {{"key": "{}"}}"#, b64.as_str()));
+        let e = KmsProviders::from_env_var(var).err().unwrap().to_string();
+        assert!(e.contains(var) && !e.contains(&b64[..20]), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kms.toml");
+        std::fs::write(&file, format!("[local]\nkey = \"{}\"\n", b64.as_str())).unwrap();
+        std::env::set_var(var, &file);
+        assert!(KmsProviders::from_env_var(var)
+            .unwrap()
+            .unwrap()
+            .contains("local"));
+        std::env::remove_var(var);
     }
 
     #[test]

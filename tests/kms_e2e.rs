@@ -304,3 +304,94 @@ async fn kmip_delegated_end_to_end_with_outages() {
     let p = kmip_provider(doc! { "provider": "kmip", "delegated": true });
     end_to_end(&p, &doc! { "provider": "local" }).await;
 }
+
+/// From one KMS to another: keys made under AWS KMS (moto) move to Vault Transit (OpenBao),
+/// and a process configured with Vault alone reads the data.
+#[cfg(all(feature = "aws", feature = "vault"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_to_vault_then_vault_alone_reads_everything() {
+    use fieldcrypt::kms::KmsProviders;
+    use fieldcrypt::mongo::{EncryptedCollection, KeyVault, RewrapOutcome};
+    use fieldcrypt::{Field, Schema};
+    use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
+    use fieldcrypt_testkit::kms::moto::{Moto, REGION};
+    use fieldcrypt_testkit::kms::openbao::{OpenBao, TRANSIT};
+    use futures_util::TryStreamExt;
+
+    let moto = Moto::shared().unwrap();
+    let creds = moto.credentials();
+    let arn = moto.create_key().unwrap();
+    let bao = OpenBao::shared().unwrap();
+    let transit_key = format!("from-aws-{:08x}", rand::random::<u32>());
+    bao.create_key(TRANSIT, &transit_key, "aes256-gcm96")
+        .unwrap();
+    let vault_entry = doc! { "endpoint": bao.addr(), "token": bao.root_token() };
+    let both = Arc::new(
+        KmsProviders::from_document(&doc! {
+            "aws": { "accessKeyId": &creds.access_key_id, "secretAccessKey": &creds.secret_access_key },
+            "vault": vault_entry.clone(),
+        })
+        .unwrap(),
+    );
+    let aws_key =
+        doc! { "provider": "aws", "region": REGION, "key": &arn, "endpoint": moto.endpoint() };
+    let vault_key = doc! { "provider": "vault", "keyName": &transit_key };
+    let client = mongodb::Client::with_uri_str(DevServer::shared().unwrap().uri())
+        .await
+        .unwrap();
+    let db = client.database(&unique_db_name("kms_aws_to_vault"));
+    let ns = format!("{}.datakeys", db.name());
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let docs: Vec<Document> = (0..30)
+        .map(|i| doc! { "_id": i, "ssn": format!("{i:03}-00-0000") })
+        .collect();
+
+    let v = Arc::new(
+        KeyVault::with_kms_providers(&client, &both, &aws_key)
+            .unwrap()
+            .namespace(&ns)
+            .build()
+            .unwrap(),
+    );
+    v.ensure_alias("pii").await.unwrap();
+    v.rotate("pii").await.unwrap();
+    let people = db.collection::<Document>("people");
+    EncryptedCollection::<Document>::new(people.clone(), v.clone(), schema.clone())
+        .insert_many(&docs)
+        .await
+        .unwrap();
+    let report = v.rewrap(both.kek_for(&vault_key).unwrap()).await.unwrap();
+    assert!(report.failed.is_none(), "{report:?}");
+    assert_eq!(report.rewrapped(), 2);
+    for k in &report.keys {
+        assert_eq!(k.outcome, RewrapOutcome::Rewrapped);
+        assert_eq!(
+            (k.from.as_str(), k.to.as_str()),
+            (
+                format!("aws {arn}").as_str(),
+                format!("vault transit/{transit_key}").as_str()
+            )
+        );
+    }
+    // Vault alone now: no AWS configured at all.
+    let vault_only = Arc::new(KmsProviders::from_document(&doc! { "vault": vault_entry }).unwrap());
+    let fresh = Arc::new(
+        KeyVault::with_kms_providers(&client, &vault_only, &vault_key)
+            .unwrap()
+            .namespace(&ns)
+            .build()
+            .unwrap(),
+    );
+    let read: Vec<Document> = EncryptedCollection::<Document>::new(people, fresh, schema)
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(read, docs);
+}

@@ -378,7 +378,15 @@ async fn list(
             "fieldcrypt"
         }
     };
-    let date = |d: bson::DateTime| d.try_to_rfc3339_string().unwrap_or_default();
+    // To the second, so that the table's columns line up (RFC 3339 prints milliseconds only
+    // when they are not zero).
+    let date = |d: bson::DateTime| {
+        let s = d.try_to_rfc3339_string().unwrap_or_default();
+        match s.get(..19) {
+            Some(seconds) => format!("{seconds}Z"),
+            None => s,
+        }
+    };
     if out.json {
         let v: Vec<_> = rows
             .iter()

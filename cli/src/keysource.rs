@@ -37,6 +37,10 @@ use crate::uri::ConnectionString;
 /// The environment variable holding a keyset (base64 of its JSON).
 pub(crate) const KEYSET_ENV: &str = "FIELDCRYPT_KEYSET";
 
+/// The environment variable holding the KMS configuration (`--kms-providers`): a path, or
+/// the JSON itself.
+pub(crate) const KMS_PROVIDERS_ENV: &str = "FIELDCRYPT_KMS_PROVIDERS";
+
 /// The environment variable holding the key vault's connection string (`--key-vault-uri`).
 pub(crate) const KEY_VAULT_URI_ENV: &str = "FIELDCRYPT_KEY_VAULT_URI";
 
@@ -68,10 +72,10 @@ pub(crate) struct KeyArgs {
     /// from the environment variable FIELDCRYPT_MASTER_KEY (base64).
     #[arg(long, value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// KMS providers that wrap key vault keys: MongoDB's `kmsProviders` as JSON or TOML
-    /// (optionally with `tlsOptions` and `retry`; docs/KEY_VAULT.md). Default from the
-    /// environment variable FIELDCRYPT_KMS_PROVIDERS (a path).
-    #[arg(long, value_name = "FILE", env = "FIELDCRYPT_KMS_PROVIDERS")]
+    /// KMS providers that wrap key vault keys: a file of MongoDB's `kmsProviders` as JSON or
+    /// TOML (optionally with `tlsOptions` and `retry`; docs/KEY_VAULT.md). Default from the
+    /// environment variable FIELDCRYPT_KMS_PROVIDERS: a path, or the JSON itself.
+    #[arg(long, value_name = "FILE")]
     pub kms_providers: Option<PathBuf>,
     /// The masterKey document new keys are wrapped under, as JSON, e.g.
     /// '{"provider":"aws","region":"us-east-1","key":"arn:aws:kms:…"}' (its provider must be in
@@ -116,14 +120,13 @@ impl KeyArgs {
 
     /// The KMS providers of `--kms-providers`, if given.
     pub(crate) fn kms(&self) -> Result<Option<Arc<KmsProviders>>> {
-        self.kms_providers
-            .as_ref()
-            .map(|f| {
-                KmsProviders::from_file(f)
-                    .map(Arc::new)
-                    .map_err(|e| in_file(f, e))
-            })
-            .transpose()
+        match &self.kms_providers {
+            Some(f) => KmsProviders::from_file(f)
+                .map(|p| Some(Arc::new(p)))
+                .map_err(|e| in_file(f, e)),
+            // Inline JSON, or a path.
+            None => Ok(KmsProviders::from_env_var(KMS_PROVIDERS_ENV)?.map(Arc::new)),
+        }
     }
 
     /// Every configured master key: the KEK that wraps new keys and those that unwrap.

@@ -111,6 +111,26 @@ async fn kms_keys_import_reencrypt_through_an_outage_and_rewrap() {
     let list: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(list[0]["provider"], "aws", "{list}");
     assert_eq!(list[0]["master_key"], arn.as_str(), "{list}");
+    // The configuration inline in the environment works as the file does.
+    let inline = std::fs::read_to_string(d.join("kms.json")).unwrap();
+    let o = run(
+        d,
+        &[
+            "keys",
+            "rotate",
+            "pii",
+            "--master-key-doc",
+            &master_key,
+            "-q",
+        ],
+        None,
+        &[
+            ("MONGODB_URI", uri.as_str()),
+            ("FIELDCRYPT_KMS_PROVIDERS", inline.as_str()),
+        ],
+    );
+    ok(&o);
+    no_secret(&o, &secrets);
     let o = with(&["keys", "list"]);
     assert!(
         o.stdout.contains("aws") && o.stdout.contains(&arn),
@@ -240,7 +260,7 @@ async fn kms_keys_import_reencrypt_through_an_outage_and_rewrap() {
             .lines()
             .filter(|l| l.contains("rewrapped") && l.contains("-> local"))
             .count(),
-        2,
+        3,
         "{}",
         o.stdout
     );
