@@ -401,12 +401,12 @@ async fn list(
         println!("{}", serde_json::Value::Array(v));
     } else {
         println!(
-            "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {:<24}  {:<10}  MASTER KEY",
+            "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {:<20}  {:<10}  MASTER KEY",
             "ID", "ALIAS", "KIND", "STATE", "ENCRYPTIONS", "CREATED", "PROVIDER"
         );
         for r in &rows {
             println!(
-                "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {:<24}  {:<10}  {}",
+                "{:<36}  {:<20}  {:<10}  {:<9}  {:>12}  {:<20}  {:<10}  {}",
                 r.id.to_string(),
                 r.alias,
                 kind_name(r.kind),
