@@ -1052,6 +1052,96 @@ fn partition_from_the_job_index_is_checked_before_anything_runs() {
     }
 }
 
+/// `examples/k8s/reencrypt-indexed-job.yaml`: an Indexed Job whose completions, parallelism and
+/// FIELDCRYPT_PARTITIONS agree, whose secrets come from a Secret through the environment, and
+/// whose arguments the CLI accepts in every pod (up to the missing server).
+#[test]
+fn the_indexed_job_example_is_consistent_and_keeps_secrets_off_the_command_line() {
+    let yaml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/k8s/reencrypt-indexed-job.yaml"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = yaml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let value = |key: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key}"))
+            .trim()
+            .trim_matches('"')
+            .to_owned()
+    };
+    assert_eq!(value("kind:"), "Job");
+    assert_eq!(value("completionMode:"), "Indexed");
+    let n: u32 = value("completions:").parse().unwrap();
+    assert_eq!(value("parallelism:"), n.to_string());
+    // The value line after `- name: FIELDCRYPT_PARTITIONS`.
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == "- name: FIELDCRYPT_PARTITIONS")
+        .unwrap();
+    assert_eq!(
+        lines[at + 1].trim().strip_prefix("value:").unwrap().trim(),
+        format!("\"{n}\"")
+    );
+    // Secrets: from secretKeyRef, in the environment.
+    for var in ["MONGODB_URI", "FIELDCRYPT_MASTER_KEY"] {
+        let at = lines
+            .iter()
+            .position(|l| l.trim() == format!("- name: {var}"))
+            .unwrap_or_else(|| panic!("no {var}"));
+        assert!(lines[at + 1..at + 4]
+            .iter()
+            .any(|l| l.trim() == "secretKeyRef:"));
+    }
+    // The container's arguments: the list after `args:`.
+    let at = lines.iter().position(|l| l.trim() == "args:").unwrap();
+    let args: Vec<String> = lines[at + 1..]
+        .iter()
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim().trim_start_matches("- ").to_owned())
+        .collect();
+    assert_eq!(args[0], "reencrypt");
+    assert!(args.iter().any(|a| a == "--resume"));
+    for a in &args {
+        assert!(
+            !a.contains("mongodb") && !a.contains("master-key") && !a.contains("--partition"),
+            "{a}"
+        );
+    }
+    // Every pod's arguments pass the CLI's checks (the schema path is the pod's: use ours).
+    let dir = workdir();
+    let mut args: Vec<&str> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--schema=") {
+                "--schema=schema.toml"
+            } else {
+                a.as_str()
+            }
+        })
+        .collect();
+    args.extend(["--keyset", "keys.json"]);
+    let n_text = n.to_string();
+    for i in [0, n - 1] {
+        let i = i.to_string();
+        let o = run(
+            dir.path(),
+            &args,
+            None,
+            &[
+                ("JOB_COMPLETION_INDEX", i.as_str()),
+                ("FIELDCRYPT_PARTITIONS", n_text.as_str()),
+            ],
+        );
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        assert!(o.stderr.contains("no server"), "{}", o.stderr);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexed_job_pods_split_a_rotation_between_them_exactly() {
     const N: i64 = 600;
