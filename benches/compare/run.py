@@ -544,7 +544,9 @@ def fieldcrypt_cli(cli: str, opts) -> dict:
 def fieldcrypt_w4(cli: str, opts) -> dict:
     """W4 (rotation against a plain copy and a plain rewrite) on a dev server the CLI starts."""
     print(f"  fieldcrypt W4, {opts.w4_docs} documents", file=sys.stderr)
-    return cli_json(cli, "w4", "--documents", opts.w4_docs, "--trials", str(opts.w4_trials))
+    split = ["--partitions", opts.w4_partitions] if opts.w4_partitions else []
+    return cli_json(cli, "w4", "--documents", opts.w4_docs, "--trials", str(opts.w4_trials),
+                    *split)
 
 
 def fieldcrypt_criterion(opts) -> dict:
@@ -656,6 +658,11 @@ def print_table(res: dict) -> None:
             p = size["passes"][name]
             line("W4", f"{what}, {n:,} docs, peak {p['peak_rss_kib'] / 1024:.1f} MiB", 1,
                  p["documents_per_second"]["median"], None)
+        for p in size.get("partitioned", []):
+            lines.append(f"W4   {p['workers']} hash partitions at once, {n:,} docs: "
+                         f"{p['seconds']['median']:.3f} s, "
+                         f"{p['speedup_over_one_worker']['median']:.2f}× one worker's speed; "
+                         f"documents per partition {p['median_trial_documents_per_partition']}")
         r = size["ratios"]
         lines.append(f"W4   rotation time ÷ copy {r['rotate_over_copy']['median']:.2f}×, "
                      f"÷ rewrite {r['rotate_over_rewrite']['median']:.2f}× ({n:,} docs)")
@@ -678,6 +685,8 @@ def main() -> None:
     ap.add_argument("--criterion", action="store_true", help="use criterion even if the CLI exists")
     ap.add_argument("--w4-docs", default="2000,8000", help="W4 collection sizes (default 2000,8000)")
     ap.add_argument("--w4-trials", type=int, default=3, help="W4 trials (default 3)")
+    ap.add_argument("--w4-partitions", default="",
+                    help="W4: also N hash-partitioned workers at once, e.g. 2,4 (default none)")
     ap.add_argument("--skip", default="",
                     help="comma list of: libmongocrypt,wheel,fernet,aesgcm,fieldcrypt,w4 "
                          "(wheel: the wheel's library when PYMONGOCRYPT_LIB is given)")
