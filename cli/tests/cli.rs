@@ -2130,6 +2130,52 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
         "{ratio} vs {b}/{f}"
     );
 
+    // What the numbers were measured on, with each figure: the CPU and the features the AEAD
+    // crates pick their code by (on x86-64 Linux, where /proc/cpuinfo has them).
+    let m = &w1["machine"];
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        assert!(
+            m["cpu_vendor"].is_string() && m["cpu_family"].is_string(),
+            "{m}"
+        );
+        let flags = m["cpu_flags"].as_array().unwrap();
+        assert!(
+            flags.iter().any(|f| f == "aes") == (m["aes_backend"] != "software"),
+            "{m}"
+        );
+        assert!(
+            ["VAES-512", "VAES-256", "AES-NI", "software"]
+                .contains(&m["aes_backend"].as_str().unwrap()),
+            "{m}"
+        );
+    }
+
+    // MongoDB's benchmark thread counts go up to 64: each thread has its own loop and rate.
+    let w1 = json_of(&run(
+        dir.path(),
+        &[
+            &["bench", "w1", "--format", "qe-unindexed", "--threads", "8"][..],
+            &[
+                "--documents",
+                "1",
+                "--trials",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ],
+        ]
+        .concat(),
+        None,
+        &[],
+    ));
+    assert_eq!(w1["threads"], 8);
+    for row in w1["results"].as_array().unwrap() {
+        let per = row["median_trial_per_thread"].as_array().unwrap();
+        assert_eq!(per.len(), 8, "{row}");
+        assert!(per.iter().all(positive), "{row}");
+    }
+
     // Every suite, fieldcrypt and its bare baseline (each seals and opens the document's
     // values; a failed open is an error, not a number).
     for suite in [
@@ -2180,6 +2226,17 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
     ] {
         assert!(names.iter().any(|n| n.contains(want)), "{names:?}");
     }
+    // The seal baseline draws a random nonce per value, as fieldcrypt must.
+    let seal = w2["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "bare_aead_seal")
+        .unwrap();
+    assert!(
+        seal["what"].as_str().unwrap().contains("random nonces"),
+        "{seal}"
+    );
 
     // Contradictory options are refused with a message, not measured.
     let bad = run(
