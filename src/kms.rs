@@ -43,6 +43,10 @@ pub(crate) mod tls;
 
 // The providers, one module and one cargo feature each (`#[cfg(feature = "aws")] mod aws;`
 // …), dispatched by `remote` below.
+#[cfg(feature = "aws")]
+mod aws;
+#[cfg(feature = "vault")]
+mod vault;
 
 /// How KMS requests are retried and bounded in time.
 ///
@@ -558,7 +562,7 @@ fn wipe(doc: &mut Document) {
     }
 }
 
-/// A [`KekProvider`] for one master key of a remote [`Kms`]: wraps under it, and unwraps any
+/// A [`KekProvider`] for one master key of a remote KMS provider: wraps under it, and unwraps any
 /// key the same provider wrapped (its masterKey document says under which of its keys).
 pub struct KmsKek {
     kms: Arc<dyn Kms>,
@@ -609,9 +613,16 @@ impl KekProvider for KmsKek {
     }
 
     fn wraps_under(&self) -> Option<&Document> {
-        // A KMIP masterKey without keyId registers a new secret at every wrap.
-        (provider_type(self.kms.name()) != "kmip" || self.master_key.contains_key("keyId"))
-            .then_some(&self.master_key)
+        // A KMIP masterKey without keyId registers a new secret at every wrap. A Vault masterKey
+        // names a Transit key, not its version: after a rotation, keys under the same masterKey
+        // still have to move to the newest version (Transit `rewrap` where it can, else unwrap
+        // and wrap), or retiring the old version (`min_decryption_version`) loses them.
+        match provider_type(self.kms.name()) {
+            "kmip" => self.master_key.contains_key("keyId"),
+            "vault" => false,
+            _ => true,
+        }
+        .then_some(&self.master_key)
     }
 
     async fn rewrap_in_kms(

@@ -15,7 +15,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine as _;
 use bson::spec::BinarySubtype;
 use bson::{doc, Binary, Bson, Document};
-use fieldcrypt::mongo::{tenant_alias, KekProvider, KeySource, KeyVault, LocalKek};
+use fieldcrypt::mongo::{tenant_alias, KekProvider, KeySource, KeyVault, LocalKek, RewrapOutcome};
 use fieldcrypt::{
     ArgumentError, Context, Cryptor, CsfleKeyDocument, Error, Field, KeyId, KeyKind, KeyMaterial,
     KeyState, KeyVaultError, Keyring, LocalMasterKey, Schema, Suite, RANDOM_NONCE_LIMIT,
@@ -557,12 +557,17 @@ async fn rewrap_moves_every_key_to_the_new_kek() {
     people.insert_one(sealed.clone()).await.unwrap();
     let before = all_docs(&coll, doc! {}).await;
 
-    let n = v.rewrap(new_kek.clone()).await.unwrap();
+    let report = v.rewrap(new_kek.clone()).await.unwrap();
+    assert!(report.failed.is_none(), "{report:?}");
     assert_eq!(
-        n,
-        2 + csfle.len() as u64,
+        report.rewrapped(),
+        2 + csfle.len(),
         "every key with material, not the destroyed one"
     );
+    assert!(report
+        .keys
+        .iter()
+        .all(|k| k.outcome == RewrapOutcome::Rewrapped && k.from == "local" && k.to == "local"));
     assert_eq!(all_docs(&people, doc! {}).await, vec![sealed.clone()]);
 
     let after = all_docs(&coll, doc! {}).await;
@@ -616,9 +621,10 @@ async fn rewrap_moves_every_key_to_the_new_kek() {
     v.clear_cache();
     assert!(decrypt(&v, &sealed).await.is_ok());
     // Running it again is harmless.
+    // (Two local master keys write the same masterKey document, so every key is re-wrapped.)
     assert_eq!(
-        v.rewrap(new_kek.clone()).await.unwrap(),
-        3 + csfle.len() as u64
+        v.rewrap(new_kek.clone()).await.unwrap().rewrapped(),
+        3 + csfle.len()
     );
     assert!(decrypt(&fresh, &sealed).await.is_ok());
 }
@@ -1193,11 +1199,18 @@ async fn fail_rewrap_half_way_keeps_every_key_readable() {
     foreign.remove("keyAltNames");
     coll.insert_one(foreign).await.unwrap();
 
-    let e = v.rewrap(new_kek.clone()).await.unwrap_err();
-    assert!(
-        matches!(&e, Error::KeyFormat(m) if m.contains("ffffffff")),
-        "{e}"
+    let report = v.rewrap(new_kek.clone()).await.unwrap();
+    let failed = report.failed.expect("the foreign key stops the run");
+    assert_eq!(
+        failed.id.to_string(),
+        "ffffffff-ffff-ffff-ffff-ffffffffffff"
     );
+    assert!(
+        matches!(&failed.error, Error::KeyFormat(m) if m.contains("ffffffff")),
+        "{}",
+        failed.error
+    );
+    assert_eq!(report.keys.len(), 2);
     // The two keys before it moved; this vault still reads them (and so its data).
     let moved = all_docs(&coll, doc! { "fieldcrypt": { "$exists": true } }).await;
     assert_eq!(moved.len(), 2);
@@ -1340,7 +1353,7 @@ async fn kek_providers_get_the_key_identity_as_associated_data() {
     assert!(KeyVault::associated_data(&csfle.id, "x", KeyKind::Csfle).is_empty());
     // Re-wrapping keeps each key's binding.
     let new_local = Arc::new(LocalKek::generate());
-    assert_eq!(v.rewrap(new_local.clone()).await.unwrap(), 2);
+    assert_eq!(v.rewrap(new_local.clone()).await.unwrap().rewrapped(), 2);
     for d in all_docs(&coll, doc! {}).await {
         unwrap_doc(&new_local, &d).await.unwrap();
     }
@@ -1449,7 +1462,13 @@ async fn destroyed_keys_stay_destroyed_in_this_process() {
         Err(Error::KeyDestroyed(_))
     ));
     // Not carried over to a new KEK either; destroying it again works.
-    assert_eq!(v.rewrap(Arc::new(LocalKek::generate())).await.unwrap(), 1);
+    assert_eq!(
+        v.rewrap(Arc::new(LocalKek::generate()))
+            .await
+            .unwrap()
+            .rewrapped(),
+        1
+    );
     v.destroy(&id).await.unwrap();
     assert!(!doc_of(&coll, id).await.contains_key("keyMaterial"));
     v.prefetch_ids(&[keep]).await.unwrap();
@@ -1621,4 +1640,133 @@ async fn usage_leases_renew_as_soon_as_half_is_used() {
     assert_eq!(used, 16_100);
     let stored = stored_reaches(used).await;
     assert!(stored >= used, "{stored} < {used}");
+}
+
+/// A KEK that stands for a KMS: it writes one masterKey document (so a rewrap can tell which
+/// keys it already holds) and goes down after `up_for` wraps, as a KMS outage would.
+#[derive(Debug)]
+struct OutageKek {
+    inner: LocalKek,
+    master_key: Document,
+    up_for: std::sync::atomic::AtomicI64,
+}
+
+impl OutageKek {
+    fn new(up_for: i64) -> Self {
+        let inner = LocalKek::named("kms", LocalMasterKey::generate()).unwrap();
+        Self {
+            inner,
+            master_key: doc! { "provider": "local:kms" },
+            up_for: std::sync::atomic::AtomicI64::new(up_for),
+        }
+    }
+
+    fn heal(&self) {
+        self.up_for
+            .store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl KekProvider for OutageKek {
+    fn provider(&self) -> &str {
+        self.inner.provider()
+    }
+
+    fn wraps_under(&self) -> Option<&Document> {
+        Some(&self.master_key)
+    }
+
+    async fn wrap_with_ad(
+        &self,
+        dek: &KeyMaterial,
+        ad: &[u8],
+    ) -> fieldcrypt::Result<(Document, Vec<u8>)> {
+        if self
+            .up_for
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            <= 0
+        {
+            return Err(Error::Kms {
+                provider: "local:kms".into(),
+                reason: "key local:kms: cannot connect (4 attempts)".into(),
+            });
+        }
+        self.inner.wrap_with_ad(dek, ad).await
+    }
+
+    async fn unwrap_with_ad(
+        &self,
+        master_key: &Document,
+        wrapped: &[u8],
+        ad: &[u8],
+    ) -> fieldcrypt::Result<KeyMaterial> {
+        self.inner.unwrap_with_ad(master_key, wrapped, ad).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrap_stops_cleanly_at_a_kms_outage_and_resumes() {
+    let (client, ns) = setup("kv_rewrap_resume").await;
+    let old = Arc::new(LocalKek::generate());
+    let v = Arc::new(vault(&client, &ns, &old));
+    let mut sealed = Vec::new();
+    for alias in ["a", "b", "c", "d"] {
+        v.create_key(alias).await.unwrap();
+        sealed.push(encrypt(&v, alias, alias).await);
+    }
+    let csfle = v.create_csfle_key(&["mongo".to_owned()]).await.unwrap();
+    let calls_before = v.cache_stats().kms_calls;
+
+    // The KMS goes down after two wraps.
+    let kms = Arc::new(OutageKek::new(2));
+    let report = v.rewrap(kms.clone()).await.unwrap();
+    let failed = report.failed.as_ref().expect("the outage stops the run");
+    assert!(
+        matches!(&failed.error, Error::Kms { provider, .. } if provider == "local:kms"),
+        "{failed:?}"
+    );
+    assert_eq!(report.rewrapped(), 2, "{report:?}");
+    assert_eq!(report.keys.len(), 2);
+    // Nothing is lost: a process with both KEKs reads every key; the vault still wraps new keys
+    // with the old KEK (the move is not complete).
+    let both = Arc::new(
+        KeyVault::builder(&client, old.clone())
+            .namespace(&ns)
+            .unwrap_also_with(kms.clone())
+            .build()
+            .unwrap(),
+    );
+    for s in &sealed {
+        decrypt(&both, s).await.unwrap();
+    }
+    assert_eq!(v.kek_provider(), "local");
+
+    // The KMS is back: the same rewrap resumes, without touching the keys already moved.
+    kms.heal();
+    let report = v.rewrap(kms.clone()).await.unwrap();
+    assert!(report.failed.is_none(), "{report:?}");
+    let already = report
+        .keys
+        .iter()
+        .filter(|k| k.outcome == RewrapOutcome::AlreadyThere)
+        .count();
+    assert_eq!((already, report.rewrapped()), (2, 3), "{report:?}");
+    assert!(report.keys.iter().all(|k| k.to == "local:kms"));
+    assert!(report.keys.iter().any(|k| k.id == csfle));
+    assert_eq!(v.kek_provider(), "local:kms");
+    // Every key unwraps with the new KEK alone.
+    let fresh = Arc::new(
+        KeyVault::builder(&client, kms.clone())
+            .namespace(&ns)
+            .build()
+            .unwrap(),
+    );
+    for s in &sealed {
+        decrypt(&fresh, s).await.unwrap();
+    }
+    // KEK calls were counted: per key re-wrapped, one unwrap and one wrap (plus the failed
+    // wrap); none for the keys already there.
+    let calls = v.cache_stats().kms_calls - calls_before;
+    assert_eq!(calls, 2 * 2 + 2 + 2 * 3, "{calls}");
 }

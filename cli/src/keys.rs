@@ -328,17 +328,21 @@ async fn list(
     let rows: Vec<Row> = match &store {
         Store::Keyset { ring, .. } | Store::VaultFile(ring) => ring_rows(ring)
             .into_iter()
-            .map(|(id, alias, kind, state, encryptions, created)| Row {
-                id,
-                alias,
-                kind,
-                state,
-                encryptions,
-                created,
-                version: None,
-                provider: "keyset".to_owned(),
-                master_key: "-".to_owned(),
-            })
+            // Keys in clear (a keyset), or already unwrapped from a --key-vault-file.
+            .map(|r| (r, matches!(store, Store::Keyset { .. })))
+            .map(
+                |((id, alias, kind, state, encryptions, created), keyset)| Row {
+                    id,
+                    alias,
+                    kind,
+                    state,
+                    encryptions,
+                    created,
+                    version: None,
+                    provider: if keyset { "keyset" } else { "file" }.to_owned(),
+                    master_key: "-".to_owned(),
+                },
+            )
             .collect(),
         Store::Vault(v) => v
             .list()
