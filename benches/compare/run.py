@@ -82,17 +82,26 @@ def ensure_peers(args) -> None:
     os.execv(str(venv / "bin/python"), [str(venv / "bin/python"), *sys.argv])
 
 
+# The CPU features the AEAD code paths are chosen by, recorded with every run.
+CPU_FLAGS = ("aes", "pclmulqdq", "avx2", "avx512f", "vaes", "vpclmulqdq", "sha_ni", "bmi2")
+
+
 def machine() -> dict:
-    model = None
+    fields = {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
+    flags = fields.get("Flags", "").split()
     return {
-        "cpu_model": model,
+        "cpu_model": fields.get("Model name"),
+        "lscpu": {k: fields.get(k) for k in ("Vendor ID", "Model name", "CPU family", "Model",
+                                             "Stepping", "CPU(s)", "Thread(s) per core",
+                                             "L2 cache", "L3 cache", "Hypervisor vendor")},
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
