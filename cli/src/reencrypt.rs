@@ -166,15 +166,16 @@ fn resolve_partition(a: &RunArgs, job_index: Option<&str>) -> Result<Partition> 
                 Partition::Hash { index, count } => (*index, *count),
                 _ => (0, 1),
             };
+            let label = p.label();
             if let Some(n) = total.filter(|&n| n != count) {
                 return Err(CliError::Usage(format!(
-                    "--partition {index}/{count} conflicts with --partitions / FIELDCRYPT_PARTITIONS = {n}: give one"
+                    "--partition {label} conflicts with --partitions / FIELDCRYPT_PARTITIONS = {n}: give one"
                 )));
             }
             if let Some(text) = job_index {
                 if text.trim().parse::<u32>().ok() != Some(index) {
                     return Err(CliError::Usage(format!(
-                        "--partition {index}/{count} conflicts with {JOB_INDEX_VAR}={text:?}: give every pod of an Indexed Job its own partition (--partitions N reads the index from {JOB_INDEX_VAR})"
+                        "--partition {label} conflicts with {JOB_INDEX_VAR}={text:?}: give every pod of an Indexed Job its own partition (--partitions N reads the index from {JOB_INDEX_VAR})"
                     )));
                 }
             }

@@ -989,6 +989,12 @@ fn partition_from_the_job_index_is_checked_before_anything_runs() {
         ),
         (
             "reencrypt",
+            &["--partition", "all"],
+            &[("JOB_COMPLETION_INDEX", "3")],
+            "--partition all conflicts with JOB_COMPLETION_INDEX=\"3\"",
+        ),
+        (
+            "reencrypt",
             &["--partitions", "2", "--id-from", "{\"$oid\":\"65f000000000000000000001\"}"],
             &[("JOB_COMPLETION_INDEX", "0")],
             "--id-from / --id-to (a range) select documents in two ways: give one",
