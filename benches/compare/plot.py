@@ -39,7 +39,9 @@ def w1_bars(res: dict) -> list:
             label = "fieldcrypt, CSFLE deterministic" if fmt == "csfle" else f"fieldcrypt, {fmt}"
             bars.append((label, med(r), "fieldcrypt"))
     ref = res.get("native_libmongocrypt_reference")
-    if ref:
+    native_run = any((res.get(k) or {}).get("native_crypto")
+                     for k in ("libmongocrypt", "libmongocrypt_wheel"))
+    if ref and not native_run:
         bars.append((f"libmongocrypt {ref['version']} native (quoted)",
                      ref["documents_per_second"], "quoted"))
     py = res.get("python", {})
@@ -47,10 +49,13 @@ def w1_bars(res: dict) -> list:
         if kind in py and first(py[kind]["w1"]):
             bars.append((f"Python cryptography {name} per field", med(first(py[kind]["w1"])),
                          "python"))
-    lm = res.get("libmongocrypt")
-    if lm and first(lm["runs"]):
-        bars.append((f"libmongocrypt {lm['libmongocrypt']} (pymongocrypt wheel)",
-                     med(first(lm["runs"])), "libmongocrypt"))
+    for key in ("libmongocrypt", "libmongocrypt_wheel"):
+        lm = res.get(key)
+        if lm and first(lm["runs"]):
+            kind = ("native, OpenSSL, this run" if lm.get("native_crypto")
+                    else "pymongocrypt wheel, Python crypto")
+            bars.append((f"libmongocrypt {lm['libmongocrypt']} ({kind})",
+                         med(first(lm["runs"])), "libmongocrypt"))
     return bars
 
 

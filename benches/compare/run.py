@@ -10,13 +10,20 @@ Workloads (as in fieldcrypt's own benchmarks):
 Peers:
   fieldcrypt               `fieldcrypt bench` (the CLI), else criterion's `cargo bench --bench transform`
   libmongocrypt            through PyPI's pymongocrypt, whole-document decryption with
-                           mongocrypt_ctx_decrypt_init (MongoDB's benchmark, bindings form)
+                           mongocrypt_ctx_decrypt_init (MongoDB's benchmark, bindings form):
+                           the wheel's own library (crypto through Python callbacks), and with
+                           PYMONGOCRYPT_LIB=/path/to/libmongocrypt.so a native build as well,
+                           each in its own process (pymongocrypt loads one library per process)
   Python AES-GCM / Fernet  pyca/cryptography (OpenSSL) per field, BSON decoded and re-encoded
 
 Prints a table with ratios and writes benches/compare/results.json; plot.py draws it.
 
     python3 benches/compare/run.py            # sets up target/compare-venv on first use
     python3 benches/compare/run.py --quick    # a smoke run (short trials, fewer documents)
+    PYMONGOCRYPT_LIB=/opt/libmongocrypt-1.18.2/libmongocrypt.so python3 benches/compare/run.py
+
+W1 runs at MongoDB's thread counts, 1, 2, 8 and 64 (libmongocrypt's bindings/python/test/
+performance/perf_test.py), for every format; W2 at 1 and 2 (--w2-threads).
 """
 from __future__ import annotations
 
@@ -39,8 +46,10 @@ REPO = HERE.parent.parent
 PEERS = ("pymongocrypt", "pymongo", "cryptography")
 SUITES = ("AES-256-GCM", "ChaCha20-Poly1305", "XChaCha20-Poly1305", "AES-256-SIV-deterministic")
 W1_FIELDS = 1500
-# Measured on these machines with a native libmongocrypt 1.18.2 (OpenSSL crypto), one thread;
-# quoted, not measured by this script (no native build is installable here).
+# W1's formats in `fieldcrypt bench w1`: MongoDB's two, then the fieldcrypt suites.
+W1_FORMATS = ("csfle", "qe-unindexed", *SUITES)
+# Measured on the earlier (Zen 1) machines with a native libmongocrypt 1.18.2 (OpenSSL crypto),
+# one thread; quoted in the table only when this run has no native library (PYMONGOCRYPT_LIB).
 NATIVE_LIBMONGOCRYPT_W1 = {"documents_per_second": 127.0, "version": "1.18.2", "threads": 1}
 
 
@@ -73,17 +82,26 @@ def ensure_peers(args) -> None:
     os.execv(str(venv / "bin/python"), [str(venv / "bin/python"), *sys.argv])
 
 
+# The CPU features the AEAD code paths are chosen by, recorded with every run.
+CPU_FLAGS = ("aes", "pclmulqdq", "avx2", "avx512f", "vaes", "vpclmulqdq", "sha_ni", "bmi2")
+
+
 def machine() -> dict:
-    model = None
+    fields = {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
+    flags = fields.get("Flags", "").split()
     return {
-        "cpu_model": model,
+        "cpu_model": fields.get("Model name"),
+        "lscpu": {k: fields.get(k) for k in ("Vendor ID", "Model name", "CPU family", "Model",
+                                             "Stepping", "CPU(s)", "Thread(s) per core",
+                                             "L2 cache", "L3 cache", "Hypervisor vendor")},
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -313,6 +331,54 @@ class KeyVaultServer:
                 self.proc.kill()
 
 
+def loaded_library(fragment: str) -> str | None:
+    """The path of the first shared object mapped into this process whose name holds `fragment`."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split(None, 5)[-1].strip() if len(line.split(None, 5)) == 6 else ""
+                if fragment in Path(path).name:
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def library_info(lib, native: bool) -> dict:
+    """Which libmongocrypt this process runs, and whose crypto it uses."""
+    from pymongocrypt.binding import libmongocrypt_version
+
+    path = loaded_library("libmongocrypt")
+    info = {
+        "pymongocrypt_lib_env": os.environ.get("PYMONGOCRYPT_LIB"),
+        "path": path and str(Path(path).resolve()),
+        "mongocrypt_version": libmongocrypt_version(),
+        "native_crypto": native,
+    }
+    if native:
+        crypto = loaded_library("libcrypto")
+        openssl = None
+        if crypto:
+            try:
+                import ctypes
+
+                c = ctypes.CDLL(crypto)
+                c.OpenSSL_version.restype = ctypes.c_char_p
+                c.OpenSSL_version.argtypes = [ctypes.c_int]
+                openssl = c.OpenSSL_version(0).decode()
+            except (OSError, AttributeError):
+                pass
+        info["crypto_backend"] = (f"native, in libmongocrypt: {openssl or 'libcrypto'} "
+                                  "(the libcrypto mapped into the process)")
+        info["libcrypto"] = crypto
+    else:
+        import cryptography
+
+        info["crypto_backend"] = ("pymongocrypt's Python crypto callbacks "
+                                  f"(pyca/cryptography {cryptography.__version__})")
+    return info
+
+
 def libmongocrypt_w1(opts) -> dict:
     import bson
     import pymongocrypt
@@ -343,6 +409,9 @@ def libmongocrypt_w1(opts) -> dict:
         callback = ce._io_callbacks  # pymongo's MongoCryptCallback over the key vault
         handle = MongoCrypt(MongoCryptOptions(kms), callback)
         crypto_native = bool(lib.mongocrypt_is_crypto_available())
+        library = library_info(lib, crypto_native)
+        print(f"  libmongocrypt {library['mongocrypt_version']} from {library['path']}, "
+              f"crypto: {library['crypto_backend']}", file=sys.stderr)
 
         def decrypt_whole(raw: bytes) -> bytes:
             with handle.decryption_context(raw) as ctx:
@@ -360,8 +429,11 @@ def libmongocrypt_w1(opts) -> dict:
 
             return step
 
-        runs = [measure(make_step, threads=t, seconds=opts.seconds, trials=opts.trials,
-                        warmup=opts.warmup) for t in opts.threads]
+        runs = []
+        for t in opts.threads:
+            print(f"  libmongocrypt W1, {t} thread(s)", file=sys.stderr)
+            runs.append(measure(make_step, threads=t, seconds=opts.seconds, trials=opts.trials,
+                                warmup=opts.warmup))
 
         # Also what an application calling ClientEncryption.decrypt per value gets.
         values = list(doc.values())
@@ -388,11 +460,35 @@ def libmongocrypt_w1(opts) -> dict:
             "pymongocrypt": pymongocrypt.__version__,
             "libmongocrypt": libmongocrypt_version(),
             "native_crypto": crypto_native,
+            "library": library,
             "runs": runs,
             "explicit_decrypt_per_value": explicit,
         }
     finally:
         server.stop()
+
+
+def libmongocrypt_in_subprocess(opts, env_lib: str | None) -> dict:
+    """libmongocrypt_w1 in a child process with PYMONGOCRYPT_LIB set to `env_lib` (or unset: the
+    wheel's library), since pymongocrypt loads its library once per process."""
+    env = dict(os.environ)
+    env.pop("PYMONGOCRYPT_LIB", None)
+    if env_lib:
+        env["PYMONGOCRYPT_LIB"] = env_lib
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="fieldcrypt-compare-", suffix=".json")
+    os.close(fd)
+    out = Path(name)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--libmongocrypt-only",
+            "--seconds", str(opts.seconds), "--trials", str(opts.trials),
+            "--warmup", str(opts.warmup), "--threads", ",".join(map(str, opts.threads)),
+            "--out", str(out)]
+    subprocess.run(argv, env=env, check=True)
+    try:
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,11 +524,10 @@ def fieldcrypt_cli(cli: str, opts) -> dict:
     common = ["--seconds", str(opts.seconds), "--trials", str(opts.trials),
               "--warmup", str(opts.warmup)]
     w1 = {}
-    for fmt in ["csfle", *SUITES]:
-        fargs = ["--format", "csfle"] if fmt == "csfle" else ["--suite", fmt]
-        threads = opts.threads if fmt in ("csfle", "AES-256-GCM") else [1]
+    for fmt in W1_FORMATS:
+        fargs = ["--format", fmt] if fmt in ("csfle", "qe-unindexed") else ["--suite", fmt]
         w1[fmt] = []
-        for t in threads:
+        for t in opts.threads:
             print(f"  fieldcrypt W1 {fmt}, {t} thread(s)", file=sys.stderr)
             rep = cli_json(cli, "w1", *fargs, "--threads", str(t), *common)
             r = row(rep, "decrypt_raw")
@@ -443,9 +538,10 @@ def fieldcrypt_cli(cli: str, opts) -> dict:
                 "trials": r["trials"],
                 "bare_aead_documents_per_second": row(rep, "bare_aead_open")["documents_per_second"],
                 "over_bare_aead": rep["ratios"].get("decrypt_raw_over_bare_aead"),
+                "bare_aead": row(rep, "bare_aead_open")["what"],
             })
     w2 = {}
-    for t in opts.threads:
+    for t in opts.w2_threads:
         print(f"  fieldcrypt W2 AES-256-GCM, {t} thread(s)", file=sys.stderr)
         rep = cli_json(cli, "w2", "--docs", str(opts.w2_docs), "--threads", str(t), *common)
         w2[str(t)] = {name: {k: row(rep, name)[k] for k in
@@ -457,7 +553,9 @@ def fieldcrypt_cli(cli: str, opts) -> dict:
 def fieldcrypt_w4(cli: str, opts) -> dict:
     """W4 (rotation against a plain copy and a plain rewrite) on a dev server the CLI starts."""
     print(f"  fieldcrypt W4, {opts.w4_docs} documents", file=sys.stderr)
-    return cli_json(cli, "w4", "--documents", opts.w4_docs, "--trials", str(opts.w4_trials))
+    split = ["--partitions", opts.w4_partitions] if opts.w4_partitions else []
+    return cli_json(cli, "w4", "--documents", opts.w4_docs, "--trials", str(opts.w4_trials),
+                    *split)
 
 
 def fieldcrypt_criterion(opts) -> dict:
@@ -520,16 +618,23 @@ def print_table(res: dict) -> None:
                 if r["threads"] == t:
                     name = "fieldcrypt CSFLE (deterministic)" if fmt == "csfle" else f"fieldcrypt {fmt}"
                     line("W1", name, t, med(r), ref if fmt == "csfle" else None)
-        lm = res.get("libmongocrypt")
-        if lm:
+        native_run = False
+        for key in ("libmongocrypt", "libmongocrypt_wheel"):
+            lm = res.get(key)
+            if not lm:
+                continue
+            native = lm.get("native_crypto")
+            native_run = native_run or native
+            label = (f"libmongocrypt {lm['libmongocrypt']} native ({'OpenSSL' if native else '?'})"
+                     if native else f"libmongocrypt {lm['libmongocrypt']} (wheel, Python crypto)")
             for r in lm["runs"]:
                 if r["threads"] == t:
-                    line("W1", "libmongocrypt (pymongocrypt wheel, Python crypto)", t, med(r), ref,
-                         "vs fieldcrypt CSFLE")
+                    line("W1", label, t, med(r), ref, "vs fieldcrypt CSFLE")
             if t == 1:
-                line("W1", "libmongocrypt ClientEncryption.decrypt per value", 1,
+                line("W1", f"libmongocrypt {'native' if native else 'wheel'}: "
+                       "ClientEncryption.decrypt per value", 1,
                      med(lm["explicit_decrypt_per_value"]), ref, "vs fieldcrypt CSFLE")
-        if t == 1:
+        if t == 1 and not native_run:
             line("W1", "libmongocrypt native 1.18.2 (quoted, not this run)", 1,
                  NATIVE_LIBMONGOCRYPT_W1["documents_per_second"], ref, "vs fieldcrypt CSFLE")
         for kind in ("aesgcm", "fernet"):
@@ -562,6 +667,11 @@ def print_table(res: dict) -> None:
             p = size["passes"][name]
             line("W4", f"{what}, {n:,} docs, peak {p['peak_rss_kib'] / 1024:.1f} MiB", 1,
                  p["documents_per_second"]["median"], None)
+        for p in size.get("partitioned", []):
+            lines.append(f"W4   {p['workers']} hash partitions at once, {n:,} docs: "
+                         f"{p['seconds']['median']:.3f} s, "
+                         f"{p['speedup_over_one_worker']['median']:.2f}× one worker's speed; "
+                         f"documents per partition {p['median_trial_documents_per_partition']}")
         r = size["ratios"]
         lines.append(f"W4   rotation time ÷ copy {r['rotate_over_copy']['median']:.2f}×, "
                      f"÷ rewrite {r['rotate_over_rewrite']['median']:.2f}× ({n:,} docs)")
@@ -575,29 +685,45 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per trial (default 1)")
     ap.add_argument("--trials", type=int, default=5, help="trials; medians reported (default 5)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per case")
-    ap.add_argument("--threads", default="1,2", help="thread counts for W1 (default 1,2)")
+    ap.add_argument("--threads", default="1,2,8,64",
+                    help="thread counts for W1, every format (default MongoDB's: 1,2,8,64)")
+    ap.add_argument("--w2-threads", default="1,2", help="thread counts for W2 (default 1,2)")
     ap.add_argument("--w2-docs", type=int, default=100_000, help="W2 distinct documents")
     ap.add_argument("--fieldcrypt-bin", help="a fieldcrypt binary with `bench` (or FIELDCRYPT_BIN)")
     ap.add_argument("--no-build", action="store_true", help="don't run cargo build first")
     ap.add_argument("--criterion", action="store_true", help="use criterion even if the CLI exists")
     ap.add_argument("--w4-docs", default="2000,8000", help="W4 collection sizes (default 2000,8000)")
     ap.add_argument("--w4-trials", type=int, default=3, help="W4 trials (default 3)")
+    ap.add_argument("--w4-partitions", default="",
+                    help="W4: also N hash-partitioned workers at once, e.g. 2,4 (default none)")
     ap.add_argument("--skip", default="",
-                    help="comma list of: libmongocrypt,fernet,aesgcm,fieldcrypt,w4")
+                    help="comma list of: libmongocrypt,wheel,fernet,aesgcm,fieldcrypt,w4 "
+                         "(wheel: the wheel's library when PYMONGOCRYPT_LIB is given)")
     ap.add_argument("--venv", help="virtualenv to use or create (default target/compare-venv)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 0.3 s × 3 trials, 5,000 W2 docs")
+    ap.add_argument("--libmongocrypt-only", action="store_true",
+                    help="measure only libmongocrypt (the library pymongocrypt loads: "
+                         "PYMONGOCRYPT_LIB, else the wheel's) and write its JSON to --out")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     opts = ap.parse_args()
     if opts.quick:
         opts.seconds, opts.trials, opts.warmup, opts.w2_docs = 0.3, 3, 0.2, 5_000
         opts.w4_docs, opts.w4_trials = "200,800", 1
     opts.threads = [int(t) for t in opts.threads.split(",") if t]
+    opts.w2_threads = [int(t) for t in opts.w2_threads.split(",") if t]
     skip = set(filter(None, opts.skip.split(",")))
+    native_lib = os.environ.get("PYMONGOCRYPT_LIB")
+    if native_lib and not Path(native_lib).exists():
+        sys.exit(f"PYMONGOCRYPT_LIB={native_lib}: no such file")
     ensure_peers(opts)
+    if opts.libmongocrypt_only:
+        Path(opts.out).write_text(json.dumps(libmongocrypt_w1(opts), indent=2) + "\n")
+        return
 
     res = {
         "params": {"seconds": opts.seconds, "trials": opts.trials, "warmup": opts.warmup,
-                   "threads": opts.threads, "w2_documents": opts.w2_docs},
+                   "threads": opts.threads, "w2_threads": opts.w2_threads,
+                   "w2_documents": opts.w2_docs},
         "machine": machine(),
         "load_average_1m": {"start": load_average()},
         "fieldcrypt_commit": git_commit(),
@@ -612,9 +738,15 @@ def main() -> None:
             res["fieldcrypt"]["w4"] = fieldcrypt_w4(cli, opts)
         res["load_average_1m"]["after_fieldcrypt"] = load_average()
     if "libmongocrypt" not in skip:
+        # The library pymongocrypt loaded here (PYMONGOCRYPT_LIB, else the wheel's); with a
+        # native one, the wheel's too, in a child process, so that both are in this run.
         print("libmongocrypt (pymongocrypt) …", file=sys.stderr)
         res["libmongocrypt"] = libmongocrypt_w1(opts)
         res["load_average_1m"]["after_libmongocrypt"] = load_average()
+        if native_lib and "wheel" not in skip:
+            print("libmongocrypt (the pymongocrypt wheel's own library) …", file=sys.stderr)
+            res["libmongocrypt_wheel"] = libmongocrypt_in_subprocess(opts, None)
+            res["load_average_1m"]["after_libmongocrypt_wheel"] = load_average()
     import cryptography
 
     res["python"] = {"cryptography": cryptography.__version__}

@@ -473,13 +473,68 @@ fn machine() -> Value {
             .and_then(|l| l.split(':').nth(1))
             .map(|m| m.trim().to_owned())
     });
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(name))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_owned())
+    };
+    // The CPU features the AEAD crates choose their code paths by.
+    let flags: Vec<&str> = field("flags")
+        .map(|f| {
+            const RELEVANT: [&str; 8] = [
+                "aes",
+                "pclmulqdq",
+                "avx2",
+                "avx512f",
+                "vaes",
+                "vpclmulqdq",
+                "sha_ni",
+                "bmi2",
+            ];
+            RELEVANT
+                .into_iter()
+                .filter(|r| f.split_whitespace().any(|x| x == *r))
+                .collect()
+        })
+        .unwrap_or_default();
     json!({
         "available_parallelism": cpus,
         "cpu_model": model,
+        "cpu_vendor": field("vendor_id"),
+        "cpu_family": field("cpu family"),
+        "cpu_model_number": field("model"),
+        "cpu_flags": flags,
+        "aes_backend": aes_backend(),
         "load_average_1m_at_end": load,
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
     })
+}
+
+/// The backend the `aes` crate (0.9.3 and later) picks at run time on this CPU: VAES-512 when
+/// AVX-512F and VAES are present, else VAES-256, else AES-NI, else its software code.
+fn aes_backend() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("vaes")
+        {
+            "VAES-512"
+        } else if std::arch::is_x86_feature_detected!("vaes") {
+            "VAES-256"
+        } else if std::arch::is_x86_feature_detected!("aes") {
+            "AES-NI"
+        } else {
+            "software"
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "not x86_64"
+    }
 }
 
 // ---- W1 ----
@@ -766,20 +821,19 @@ fn w2(suite: Suite, n: u32, path: PathArg, opts: &RunOpts) -> Result<Report, Cli
         name: "bare_aead_seal",
         baseline: true,
         describe: format!(
-            "baseline: {} seal × 3 per document, same sizes",
+            "baseline: {} seal × 3 per document, same sizes, random nonces (thread_rng)",
             bare.name()
         ),
         make: Box::new(move |t| {
             let d = &data[t];
-            let (mut at, mut nonce) = (0, 0u64);
+            let mut at = 0;
             let mut buf = Vec::with_capacity(64);
             Box::new(move || {
                 let r = cycle(d.values.len(), &mut at);
                 let k = r.len() as u64;
                 for vals in &d.values[r] {
                     for (p, ad) in vals {
-                        nonce += 1;
-                        bare.seal_into(nonce, ad, p, &mut buf)?;
+                        bare.seal_random_into(ad, p, &mut buf)?;
                         black_box(&buf);
                     }
                 }
@@ -990,8 +1044,8 @@ impl Bare {
         }
     }
 
-    /// A nonce (or CBC IV) from a counter, and its length: the baseline leaves out nonce
-    /// generation.
+    /// A nonce (or CBC IV) from a counter, and its length: for the values sealed before the
+    /// clock starts, and the CBC IVs (fieldcrypt never encrypts CSFLE or QE values in W1/W2).
     fn nonce(&self, n: u64) -> ([u8; 24], usize) {
         let len = match self {
             Bare::Gcm(_) | Bare::ChaCha(_) => 12,
@@ -1014,11 +1068,32 @@ impl Bare {
         })
     }
 
-    /// Seals `pt` into `out` (cleared first).
+    /// Seals `pt` into `out` (cleared first) under the counter nonce `n`.
     fn seal_into(&self, n: u64, ad: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), CliError> {
+        let (nonce_buf, _) = self.nonce(n);
+        self.seal_with(&nonce_buf, ad, pt, out)
+    }
+
+    /// Seals `pt` into `out` (cleared first) under a random nonce drawn as fieldcrypt draws
+    /// its own (`rand::thread_rng`, per value): part of the work every random-nonce suite
+    /// must do, so the W2 seal baseline does it too.
+    fn seal_random_into(&self, ad: &[u8], pt: &[u8], out: &mut Vec<u8>) -> Result<(), CliError> {
+        use rand::RngCore as _;
+        let mut nonce = [0u8; 24];
+        let (_, len) = self.nonce(0);
+        rand::thread_rng().fill_bytes(&mut nonce[..len]);
+        self.seal_with(&nonce, ad, pt, out)
+    }
+
+    fn seal_with(
+        &self,
+        nonce_buf: &[u8; 24],
+        ad: &[u8],
+        pt: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CliError> {
         let fail = |_| CliError::Usage("bare AEAD failed to seal".into());
         out.clear();
-        let (nonce_buf, _) = self.nonce(n);
         match self {
             Bare::Gcm(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,
             Bare::ChaCha(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,

@@ -35,9 +35,16 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     resume: bool,
     /// Process only share i of N (0-based), by a hash of `_id`: run N workers, i = 0..N-1, at
-    /// the same time, each with its own checkpoint.
+    /// the same time, each with its own checkpoint. In a Kubernetes Indexed Job use
+    /// --partitions N instead.
     #[arg(long, value_name = "i/N", conflicts_with_all = ["id_from", "id_to"])]
     partition: Option<Partition>,
+    /// The number of hash partitions N, with this worker's index i taken from
+    /// `JOB_COMPLETION_INDEX` (set in each pod of a Kubernetes Indexed Job): the same as
+    /// `--partition $JOB_COMPLETION_INDEX/N`. Give the Job's `completions`.
+    #[arg(long, value_name = "N", env = "FIELDCRYPT_PARTITIONS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    partitions: Option<u32>,
     /// Process only `_id` >= this value (Extended JSON, e.g. '{"$oid":"…"}'): range
     /// partitions, e.g. along a sharded cluster's chunks.
     #[arg(long, value_name = "EXTJSON")]
@@ -121,19 +128,93 @@ fn ext_json(flag: &str, text: &str) -> Result<Bson> {
     Bson::try_from(v).map_err(|_| CliError::Usage(format!("{flag}: not valid Extended JSON")))
 }
 
-async fn run(a: RunArgs, command: &str, m: Migrate) -> Result<Exit> {
-    let schema = Arc::new(load_schema(&a.schema)?);
-    let partition = match (&a.partition, &a.id_from, &a.id_to) {
-        (Some(p), _, _) => p.clone(),
-        (None, None, None) => Partition::All,
-        (None, from, to) => Partition::Range {
-            from: from
+/// The variable a Kubernetes Indexed Job sets in each pod: its index, `0..completions`.
+const JOB_INDEX_VAR: &str = "JOB_COMPLETION_INDEX";
+
+/// The partition a worker runs, from `--partition`, `--id-from`/`--id-to`, or `--partitions`
+/// (`FIELDCRYPT_PARTITIONS`) with the index in `job_index` (`JOB_COMPLETION_INDEX`).
+///
+/// An explicit `--partition` must agree with the environment when both are set, so that a
+/// manifest that gives every pod the same `--partition` fails instead of running one share N
+/// times and leaving the others undone.
+///
+/// # Errors
+/// [`CliError::Usage`] for a missing total, a missing or malformed index, an index not below the
+/// total, and conflicting options.
+fn resolve_partition(a: &RunArgs, job_index: Option<&str>) -> Result<Partition> {
+    let ranged = a.id_from.is_some() || a.id_to.is_some();
+    let index = || -> Result<u32> {
+        let text = job_index.ok_or_else(|| {
+            CliError::Usage(format!(
+                "--partitions / FIELDCRYPT_PARTITIONS gives the number of partitions; this worker's index comes from {JOB_INDEX_VAR}, which is not set (a Kubernetes Indexed Job sets it; elsewhere give --partition i/N)"
+            ))
+        })?;
+        text.trim().parse::<u32>().map_err(|_| {
+            CliError::Usage(format!(
+                "{JOB_INDEX_VAR}={text:?} is not a partition index (a number from 0)"
+            ))
+        })
+    };
+    match (&a.partition, a.partitions) {
+        (Some(_), _) | (None, Some(_)) if ranged => Err(CliError::Usage(
+            "--partition / --partitions (hash partitions) and --id-from / --id-to (a range) \
+             select documents in two ways: give one"
+                .into(),
+        )),
+        (Some(p), total) => {
+            let (index, count) = match p {
+                Partition::Hash { index, count } => (*index, *count),
+                _ => (0, 1),
+            };
+            let label = p.label();
+            if let Some(n) = total.filter(|&n| n != count) {
+                return Err(CliError::Usage(format!(
+                    "--partition {label} conflicts with --partitions / FIELDCRYPT_PARTITIONS = {n}: give one"
+                )));
+            }
+            if let Some(text) = job_index {
+                if text.trim().parse::<u32>().ok() != Some(index) {
+                    return Err(CliError::Usage(format!(
+                        "--partition {label} conflicts with {JOB_INDEX_VAR}={text:?}: give every pod of an Indexed Job its own partition (--partitions N reads the index from {JOB_INDEX_VAR})"
+                    )));
+                }
+            }
+            Ok(p.clone())
+        }
+        (None, Some(count)) => {
+            let index = index()?;
+            if index >= count {
+                return Err(CliError::Usage(format!(
+                    "{JOB_INDEX_VAR}={index} is not below the number of partitions, {count} (--partitions / FIELDCRYPT_PARTITIONS must equal the Job's completions)"
+                )));
+            }
+            Partition::hash(index, count).map_err(CliError::from)
+        }
+        (None, None) if ranged => Ok(Partition::Range {
+            from: a
+                .id_from
                 .as_deref()
                 .map(|t| ext_json("--id-from", t))
                 .transpose()?,
-            to: to.as_deref().map(|t| ext_json("--id-to", t)).transpose()?,
+            to: a
+                .id_to
+                .as_deref()
+                .map(|t| ext_json("--id-to", t))
+                .transpose()?,
+        }),
+        (None, None) => match job_index {
+            Some(_) => Err(CliError::Usage(format!(
+                "{JOB_INDEX_VAR} is set (a Kubernetes Indexed Job) but the number of partitions is not: give --partitions N or FIELDCRYPT_PARTITIONS=N (the Job's completions), or --partition i/N"
+            ))),
+            None => Ok(Partition::All),
         },
-    };
+    }
+}
+
+async fn run(a: RunArgs, command: &str, m: Migrate) -> Result<Exit> {
+    let schema = Arc::new(load_schema(&a.schema)?);
+    let job_index = std::env::var(JOB_INDEX_VAR).ok().filter(|v| !v.is_empty());
+    let partition = resolve_partition(&a, job_index.as_deref())?;
     let keys = Keys::open(&a.keys).await?;
     let client = connect(&a.keys.data_uri()?).await?;
     let mut targets = Vec::new();

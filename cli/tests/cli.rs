@@ -908,6 +908,377 @@ async fn reencrypt_killed_at_random_points_resumes_to_an_exact_result() {
     assert_eq!(stored(&uri, &ns).await, docs);
 }
 
+// Kubernetes Indexed Jobs: the partition from JOB_COMPLETION_INDEX and a total.
+
+/// Environment variables of one run.
+type Env<'a> = &'a [(&'a str, &'a str)];
+
+#[test]
+fn partition_from_the_job_index_is_checked_before_anything_runs() {
+    let dir = workdir();
+    let d = dir.path();
+    let base = [
+        "--schema",
+        "schema.toml",
+        "--namespace",
+        "a.b",
+        "--keyset",
+        "keys.json",
+    ];
+    let go = |cmd: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec![cmd];
+        args.extend_from_slice(&base);
+        args.extend_from_slice(extra);
+        run(d, &args, None, env)
+    };
+    // (command, flags, environment, what stderr must say)
+    let cases: &[(&str, &[&str], Env<'_>, &str)] = &[
+        (
+            "reencrypt",
+            &[],
+            &[("FIELDCRYPT_PARTITIONS", "4")],
+            "JOB_COMPLETION_INDEX, which is not set",
+        ),
+        (
+            "reencrypt",
+            &["--partitions", "4"],
+            &[],
+            "JOB_COMPLETION_INDEX, which is not set",
+        ),
+        (
+            "reencrypt",
+            &[],
+            &[("JOB_COMPLETION_INDEX", "4"), ("FIELDCRYPT_PARTITIONS", "4")],
+            "JOB_COMPLETION_INDEX=4 is not below the number of partitions, 4",
+        ),
+        (
+            "migrate",
+            &["--partitions", "3"],
+            &[("JOB_COMPLETION_INDEX", "7")],
+            "JOB_COMPLETION_INDEX=7 is not below the number of partitions, 3",
+        ),
+        (
+            "reencrypt",
+            &[],
+            &[("JOB_COMPLETION_INDEX", "1")],
+            "JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the number of partitions is not",
+        ),
+        (
+            "reencrypt",
+            &["--partitions", "2"],
+            &[("JOB_COMPLETION_INDEX", "one")],
+            "JOB_COMPLETION_INDEX=\"one\" is not a partition index",
+        ),
+        (
+            "reencrypt",
+            &["--partition", "1/4"],
+            &[("JOB_COMPLETION_INDEX", "2")],
+            "--partition 1/4 conflicts with JOB_COMPLETION_INDEX=\"2\"",
+        ),
+        (
+            "reencrypt",
+            &["--partition", "1/4"],
+            &[("FIELDCRYPT_PARTITIONS", "3")],
+            "--partition 1/4 conflicts with --partitions / FIELDCRYPT_PARTITIONS = 3",
+        ),
+        (
+            "migrate",
+            &["--partition", "1/4", "--partitions", "2"],
+            &[],
+            "--partition 1/4 conflicts with --partitions / FIELDCRYPT_PARTITIONS = 2",
+        ),
+        (
+            "reencrypt",
+            &["--partition", "all"],
+            &[("JOB_COMPLETION_INDEX", "3")],
+            "--partition all conflicts with JOB_COMPLETION_INDEX=\"3\"",
+        ),
+        (
+            "reencrypt",
+            &["--partitions", "2", "--id-from", "{\"$oid\":\"65f000000000000000000001\"}"],
+            &[("JOB_COMPLETION_INDEX", "0")],
+            "--id-from / --id-to (a range) select documents in two ways: give one",
+        ),
+        (
+            "reencrypt",
+            &["--partitions", "0"],
+            &[("JOB_COMPLETION_INDEX", "0")],
+            "invalid value '0' for '--partitions <N>'",
+        ),
+    ];
+    for (cmd, flags, env, want) in cases {
+        let o = go(cmd, flags, env);
+        // Exit 2 for what the argument parser refuses, 1 for the CLI's own checks.
+        let code = if want.starts_with("invalid value") {
+            2
+        } else {
+            1
+        };
+        assert_eq!(o.code, code, "{cmd} {flags:?} {env:?}: {}", o.stderr);
+        assert!(
+            o.stderr.contains(want),
+            "{cmd} {flags:?} {env:?}: {}",
+            o.stderr
+        );
+        assert_eq!(o.stdout, "", "{cmd} {flags:?} {env:?}");
+    }
+    // Consistent settings get past the partition check, to the missing server; so does a
+    // range in an Indexed Job (the index is not used), and an empty index (as if unset).
+    let fine: &[(&[&str], Env<'_>)] = &[
+        (
+            &["--partition", "1/4"],
+            &[
+                ("JOB_COMPLETION_INDEX", "1"),
+                ("FIELDCRYPT_PARTITIONS", "4"),
+            ],
+        ),
+        (&["--partitions", "4"], &[("JOB_COMPLETION_INDEX", "3")]),
+        (
+            &[],
+            &[
+                ("JOB_COMPLETION_INDEX", "0"),
+                ("FIELDCRYPT_PARTITIONS", "1"),
+            ],
+        ),
+        (
+            &["--id-to", "{\"$oid\":\"65f000000000000000000001\"}"],
+            &[("JOB_COMPLETION_INDEX", "5")],
+        ),
+        (&[], &[("JOB_COMPLETION_INDEX", "")]),
+    ];
+    for (flags, env) in fine {
+        let o = go("reencrypt", flags, env);
+        assert_eq!(o.code, 1, "{flags:?} {env:?}: {}", o.stderr);
+        assert!(
+            o.stderr
+                .contains("no server: give --uri or set MONGODB_URI"),
+            "{flags:?} {env:?}: {}",
+            o.stderr
+        );
+    }
+}
+
+/// `examples/k8s/reencrypt-indexed-job.yaml`: an Indexed Job whose completions, parallelism and
+/// FIELDCRYPT_PARTITIONS agree, whose secrets come from a Secret through the environment, and
+/// whose arguments the CLI accepts in every pod (up to the missing server).
+#[test]
+fn the_indexed_job_example_is_consistent_and_keeps_secrets_off_the_command_line() {
+    let yaml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/k8s/reencrypt-indexed-job.yaml"),
+    )
+    .unwrap();
+    let lines: Vec<&str> = yaml
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let value = |key: &str| -> String {
+        lines
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key}"))
+            .trim()
+            .trim_matches('"')
+            .to_owned()
+    };
+    assert_eq!(value("kind:"), "Job");
+    assert_eq!(value("completionMode:"), "Indexed");
+    let n: u32 = value("completions:").parse().unwrap();
+    assert_eq!(value("parallelism:"), n.to_string());
+    // The value line after `- name: FIELDCRYPT_PARTITIONS`.
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == "- name: FIELDCRYPT_PARTITIONS")
+        .unwrap();
+    assert_eq!(
+        lines[at + 1].trim().strip_prefix("value:").unwrap().trim(),
+        format!("\"{n}\"")
+    );
+    // Secrets: from secretKeyRef, in the environment.
+    for var in ["MONGODB_URI", "FIELDCRYPT_MASTER_KEY"] {
+        let at = lines
+            .iter()
+            .position(|l| l.trim() == format!("- name: {var}"))
+            .unwrap_or_else(|| panic!("no {var}"));
+        assert!(lines[at + 1..at + 4]
+            .iter()
+            .any(|l| l.trim() == "secretKeyRef:"));
+    }
+    // The container's arguments: the list after `args:`.
+    let at = lines.iter().position(|l| l.trim() == "args:").unwrap();
+    let args: Vec<String> = lines[at + 1..]
+        .iter()
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim().trim_start_matches("- ").to_owned())
+        .collect();
+    assert_eq!(args[0], "reencrypt");
+    assert!(args.iter().any(|a| a == "--resume"));
+    for a in &args {
+        assert!(
+            !a.contains("mongodb") && !a.contains("master-key") && !a.contains("--partition"),
+            "{a}"
+        );
+    }
+    // Every pod's arguments pass the CLI's checks (the schema path is the pod's: use ours).
+    let dir = workdir();
+    let mut args: Vec<&str> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--schema=") {
+                "--schema=schema.toml"
+            } else {
+                a.as_str()
+            }
+        })
+        .collect();
+    args.extend(["--keyset", "keys.json"]);
+    let n_text = n.to_string();
+    for i in [0, n - 1] {
+        let i = i.to_string();
+        let o = run(
+            dir.path(),
+            &args,
+            None,
+            &[
+                ("JOB_COMPLETION_INDEX", i.as_str()),
+                ("FIELDCRYPT_PARTITIONS", n_text.as_str()),
+            ],
+        );
+        assert_eq!(o.code, 1, "{}", o.stderr);
+        assert!(o.stderr.contains("no server"), "{}", o.stderr);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexed_job_pods_split_a_rotation_between_them_exactly() {
+    const N: i64 = 600;
+    const PODS: usize = 3;
+    let uri = server_uri();
+    let dir = workdir();
+    let d = dir.path().to_owned();
+    let ns = format!("{}.people", unique_db_name("cli_indexed_job"));
+    generate(&d.join("people.jsonl"), N);
+    let env = [("MONGODB_URI", uri.as_str())];
+    let o = run(
+        &d,
+        &[
+            "import",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--in",
+            "people.jsonl",
+            "--keyset",
+            "keys.json",
+        ],
+        None,
+        &env,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for alias in ["pii", "idx"] {
+        let o = run(
+            &d,
+            &["keys", "rotate", alias, "--keyset", "keys.json", "-q"],
+            None,
+            &[],
+        );
+        assert_eq!(o.code, 0, "{}", o.stderr);
+    }
+    // The pods of one Indexed Job, at the same time: the total from FIELDCRYPT_PARTITIONS
+    // (the manifest's way) for two of them and from --partitions for the third.
+    let pods: Vec<_> = (0..PODS)
+        .map(|i| {
+            let mut cmd = Command::new(BIN);
+            cmd.current_dir(&d)
+                .args([
+                    "reencrypt",
+                    "--schema",
+                    "schema.toml",
+                    "--namespace",
+                    &ns,
+                    "--keyset",
+                    "keys.json",
+                    "--batch",
+                    "50",
+                    "--json",
+                ])
+                .env("MONGODB_URI", &uri)
+                .env("JOB_COMPLETION_INDEX", i.to_string())
+                .env_remove("FIELDCRYPT_KEYSET")
+                .env_remove("FIELDCRYPT_PARTITIONS")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            if i == 2 {
+                cmd.args(["--partitions", &PODS.to_string()]);
+            } else {
+                cmd.env("FIELDCRYPT_PARTITIONS", PODS.to_string());
+            }
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    let mut rewritten = 0;
+    for (i, pod) in pods.into_iter().enumerate() {
+        let out = pod.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "pod {i}: {stderr}");
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["complete"], true, "pod {i}");
+        let t = &summary["targets"][0];
+        assert_eq!(t["partition"], format!("{i}/{PODS}"), "pod {i}");
+        let n = t["stats"]["rewritten"].as_i64().unwrap();
+        // A hash split: each pod gets about a third (600 documents: far from 0 or all).
+        assert!(n > N / 6 && n < N / 2, "pod {i} rewrote {n}");
+        assert_eq!(t["stats"]["failed"], 0, "pod {i}");
+        rewritten += n;
+    }
+    assert_eq!(rewritten, N, "every document exactly once");
+
+    // Every document is under the new keys and decrypts.
+    let docs = stored(&uri, &ns).await;
+    assert_eq!(docs.len(), N as usize);
+    let ring = InMemoryKeyring::load(d.join("keys.json")).unwrap();
+    let current = [
+        ring.primary("pii").unwrap().id(),
+        ring.primary("idx").unwrap().id(),
+    ];
+    let cryptor = Cryptor::new(ring, Schema::from_toml_str(SCHEMA).unwrap());
+    let ctx = Context::namespace(ns.clone());
+    for (i, raw) in docs.iter().enumerate() {
+        for k in Cryptor::referenced_keys(raw).unwrap() {
+            assert!(current.contains(&k), "document {i} still under {k}");
+        }
+        let plain = cryptor.decrypt_raw(raw, &ctx).unwrap();
+        assert_eq!(plain.get_str("phone").unwrap(), format!("+1555{i:07}"));
+    }
+    // A pod restarted by the Job (same index) resumes from its own checkpoint: nothing to do.
+    let o = run(
+        &d,
+        &[
+            "reencrypt",
+            "--schema",
+            "schema.toml",
+            "--namespace",
+            &ns,
+            "--keyset",
+            "keys.json",
+            "--resume",
+        ],
+        None,
+        &[
+            ("MONGODB_URI", uri.as_str()),
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("FIELDCRYPT_PARTITIONS", "3"),
+        ],
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout.contains("[1/3]: scanned 0, rewrote 0")
+            && o.stdout.contains("already complete: nothing to do"),
+        "{}",
+        o.stdout
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn online_commands_import_audit_disable_export() {
     let uri = server_uri();
@@ -1765,6 +2136,52 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
         "{ratio} vs {b}/{f}"
     );
 
+    // What the numbers were measured on, with each figure: the CPU and the features the AEAD
+    // crates pick their code by (on x86-64 Linux, where /proc/cpuinfo has them).
+    let m = &w1["machine"];
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        assert!(
+            m["cpu_vendor"].is_string() && m["cpu_family"].is_string(),
+            "{m}"
+        );
+        let flags = m["cpu_flags"].as_array().unwrap();
+        assert!(
+            flags.iter().any(|f| f == "aes") == (m["aes_backend"] != "software"),
+            "{m}"
+        );
+        assert!(
+            ["VAES-512", "VAES-256", "AES-NI", "software"]
+                .contains(&m["aes_backend"].as_str().unwrap()),
+            "{m}"
+        );
+    }
+
+    // MongoDB's benchmark thread counts go up to 64: each thread has its own loop and rate.
+    let w1 = json_of(&run(
+        dir.path(),
+        &[
+            &["bench", "w1", "--format", "qe-unindexed", "--threads", "8"][..],
+            &[
+                "--documents",
+                "1",
+                "--trials",
+                "1",
+                "--warmup",
+                "0",
+                "--json",
+            ],
+        ]
+        .concat(),
+        None,
+        &[],
+    ));
+    assert_eq!(w1["threads"], 8);
+    for row in w1["results"].as_array().unwrap() {
+        let per = row["median_trial_per_thread"].as_array().unwrap();
+        assert_eq!(per.len(), 8, "{row}");
+        assert!(per.iter().all(positive), "{row}");
+    }
+
     // Every suite, fieldcrypt and its bare baseline (each seals and opens the document's
     // values; a failed open is an error, not a number).
     for suite in [
@@ -1815,6 +2232,17 @@ fn bench_w1_w2_measure_fieldcrypt_against_the_bare_aead() {
     ] {
         assert!(names.iter().any(|n| n.contains(want)), "{names:?}");
     }
+    // The seal baseline draws a random nonce per value, as fieldcrypt must.
+    let seal = w2["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "bare_aead_seal")
+        .unwrap();
+    assert!(
+        seal["what"].as_str().unwrap().contains("random nonces"),
+        "{seal}"
+    );
 
     // Contradictory options are refused with a message, not measured.
     let bad = run(
@@ -1844,12 +2272,15 @@ fn bench_w4_rotates_a_collection_and_reports_copy_ratios_and_peak_memory() {
             "25",
             "--trials",
             "1",
+            "--partitions",
+            "2,3",
             "--json",
         ],
         None,
         &[],
     ));
     assert_eq!(out["workload"], "W4");
+    assert_eq!(out["params"]["partitions"], serde_json::json!([2, 3]));
     let results = out["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for (r, n) in results.iter().zip([40, 120]) {
@@ -1879,6 +2310,32 @@ fn bench_w4_rotates_a_collection_and_reports_copy_ratios_and_peak_memory() {
             let want = secs("rotate") / secs(baseline);
             assert!(positive(&r["ratios"][ratio]["median"]), "{ratio}");
             assert!((got / want - 1.0).abs() < 0.15, "{ratio}: {got} vs {want}");
+        }
+        // N partitioned workers: their documents add up to the collection, each one's share
+        // is its own (a hash split), and the speed-up is that trial's rotate time over theirs.
+        let split = r["partitioned"].as_array().unwrap();
+        assert_eq!(split.len(), 2);
+        for (p, workers) in split.iter().zip([2u64, 3]) {
+            assert_eq!(p["workers"], workers);
+            let docs: Vec<u64> = p["median_trial_documents_per_partition"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(docs.len() as u64, workers, "{p}");
+            assert_eq!(docs.iter().sum::<u64>(), n, "{p}");
+            assert!(docs.iter().all(|&k| k > 0 && k < n), "{p}");
+            let secs = p["median_trial_partition_seconds"].as_array().unwrap();
+            assert_eq!(secs.len() as u64, workers);
+            let wall = p["seconds"]["median"].as_f64().unwrap();
+            assert!(
+                wall > 0.0 && secs.iter().all(|s| s.as_f64().unwrap() <= wall + 1e-3),
+                "{p}"
+            );
+            let speedup = p["speedup_over_one_worker"]["median"].as_f64().unwrap();
+            let want = r["passes"]["rotate"]["seconds"]["median"].as_f64().unwrap() / wall;
+            assert!((speedup / want - 1.0).abs() < 0.15, "{speedup} vs {want}");
         }
     }
     // The scratch database is gone.

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bson::{doc, Bson, Document, RawDocument, RawDocumentBuf};
-use fieldcrypt::rotation::{Flow, RotationOptions, Rotator, Target};
+use fieldcrypt::rotation::{Flow, Partition, RotationOptions, Rotator, Target};
 use fieldcrypt::{Cryptor, Error, InMemoryKeyring, Schema, Suite};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
 use fieldcrypt_testkit::workloads;
@@ -58,9 +58,21 @@ pub(super) struct W4Args {
     /// The suite of the three encrypted fields.
     #[arg(long, default_value_t = Suite::Aes256Gcm)]
     suite: Suite,
+    /// Also rotate with N hash-partitioned workers at once (what `reencrypt --partition i/N`
+    /// runs, i = 0..N-1, here in one process), for each N given, comma-separated (e.g. `2,4`):
+    /// documents per partition and wall time against the one-worker rotation.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(2..=64))]
+    partitions: Vec<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(super) json: bool,
+}
+
+/// One partitioned rotation: wall time, and per partition its documents and time.
+struct Split {
+    seconds: f64,
+    documents: Vec<u64>,
+    partition_seconds: Vec<f64>,
 }
 
 /// The three passes, in their order within an even trial.
@@ -107,6 +119,7 @@ pub(super) fn run(args: &W4Args) -> Result<(), CliError> {
             "batch_size": args.batch_size,
             "trials": args.trials,
             "suite": args.suite.to_string(),
+            "partitions": args.partitions,
         },
         "results": results,
         "memory": if peak_memory_available() { "peak resident set (VmHWM), KiB" } else { "unavailable on this OS" },
@@ -147,6 +160,8 @@ async fn measure_sizes(db: &Database, args: &W4Args) -> Result<Vec<Value>, CliEr
     for &n in &args.documents {
         let mut passes: [Vec<Pass>; 3] = Default::default();
         let mut ratios: [Vec<f64>; 2] = Default::default();
+        let mut splits: Vec<Vec<(f64, Split)>> =
+            args.partitions.iter().map(|_| Vec::new()).collect();
         for trial in 0..args.trials {
             let src = load(db, &cryptor, n).await?;
             let mut order = [0, 1, 2];
@@ -169,8 +184,23 @@ async fn measure_sizes(db: &Database, args: &W4Args) -> Result<Vec<Value>, CliEr
             }
             ratios[0].push(this[2] / this[0]);
             ratios[1].push(this[2] / this[1]);
+            // After the passes: the collection is current again, so each split rotates it all.
+            for (&workers, out) in args.partitions.iter().zip(&mut splits) {
+                let split =
+                    rotate_split(db, &keys, &schema, &src, args.batch_size, n, workers).await?;
+                out.push((this[2], split));
+            }
         }
-        results.push(size_result(n, &passes, &ratios));
+        let mut result = size_result(n, &passes, &ratios);
+        if !splits.is_empty() {
+            result["partitioned"] = args
+                .partitions
+                .iter()
+                .zip(&splits)
+                .map(|(&w, s)| split_result(w, s))
+                .collect();
+        }
+        results.push(result);
     }
     Ok(results)
 }
@@ -204,6 +234,24 @@ fn size_result(n: u32, passes: &[Vec<Pass>; 3], ratios: &[Vec<f64>; 2]) -> Value
             "rotate_over_copy": stats(ratios[0].clone()).to_json_precise(),
             "rotate_over_rewrite": stats(ratios[1].clone()).to_json_precise(),
         },
+    })
+}
+
+/// `workers` partitions over the trials: each trial's wall time and its ratio to that trial's
+/// one-worker rotation; the documents and seconds of each partition in the median trial.
+fn split_result(workers: u32, trials: &[(f64, Split)]) -> Value {
+    let secs: Vec<f64> = trials.iter().map(|(_, s)| s.seconds).collect();
+    let speedup: Vec<f64> = trials.iter().map(|(one, s)| one / s.seconds).collect();
+    let mut order: Vec<usize> = (0..trials.len()).collect();
+    order.sort_by(|&a, &b| secs[a].total_cmp(&secs[b]));
+    let median = &trials[order[order.len() / 2]].1;
+    json!({
+        "workers": workers,
+        "seconds": stats(secs.clone()).to_json_precise(),
+        "speedup_over_one_worker": stats(speedup).to_json_precise(),
+        "median_trial_documents_per_partition": median.documents,
+        "median_trial_partition_seconds": median.partition_seconds.iter().map(|&s| round6(s)).collect::<Vec<_>>(),
+        "trials_seconds": secs.iter().map(|&s| round6(s)).collect::<Vec<_>>(),
     })
 }
 
@@ -250,6 +298,22 @@ fn print(args: &W4Args, results: &[Value]) {
                     .unwrap_or(f64::NAN),
                 mib(&p["peak_rss_kib"]),
                 mib(&p["peak_growth_kib"]),
+            );
+        }
+        for p in r["partitioned"].as_array().into_iter().flatten() {
+            let secs = p["seconds"]["median"].as_f64().unwrap_or(f64::NAN);
+            #[allow(clippy::cast_precision_loss)] // small counts
+            let rate = n as f64 / secs;
+            println!(
+                "{:>10} {:<8} {:>10.3} {:>12.0} {:>14} {:>14}   speedup over one worker {:.2}×; documents per partition {}",
+                n,
+                format!("{}×part", p["workers"]),
+                secs,
+                rate,
+                "-",
+                "-",
+                p["speedup_over_one_worker"]["median"].as_f64().unwrap_or(f64::NAN),
+                p["median_trial_documents_per_partition"],
             );
         }
         println!(
@@ -461,6 +525,63 @@ async fn rotate(
         )));
     }
     check_count("rotate (documents rewritten)", s.rewritten, n)
+}
+
+/// A new primary, then `workers` rotations at once, one per hash partition (as `workers`
+/// processes of `reencrypt --partition i/N` would run, each with its own checkpoint).
+async fn rotate_split(
+    db: &Database,
+    keys: &Arc<InMemoryKeyring>,
+    schema: &Arc<Schema>,
+    src: &Collection<RawDocumentBuf>,
+    batch: u32,
+    n: u32,
+    workers: u32,
+) -> Result<Split, CliError> {
+    keys.rotate("pii");
+    let start = Instant::now();
+    let runs = (0..workers).map(|i| async move {
+        let started = Instant::now();
+        let rotator = Rotator::new(keys.clone())
+            .options(
+                RotationOptions::default()
+                    .job(format!("split{workers}"))
+                    .batch_size(batch.try_into().unwrap_or(usize::MAX))
+                    .partition(Partition::hash(i, workers)?),
+            )
+            .checkpoint_collection(db.collection::<Document>("checkpoints"));
+        let report = rotator
+            .run(
+                &[Target::new(src, schema.clone()).context(workloads::w2_context())],
+                |_| Flow::Continue,
+            )
+            .await?;
+        Ok::<_, CliError>((report.stats(), started.elapsed().as_secs_f64()))
+    });
+    let done = futures_util::future::try_join_all(runs).await?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut documents = Vec::with_capacity(done.len());
+    let mut partition_seconds = Vec::with_capacity(done.len());
+    for (s, secs) in &done {
+        if s.failed != 0 || s.conflicts != 0 {
+            return Err(CliError::Usage(format!(
+                "W4 rotation in {workers} partitions: {} failed, {} conflicts",
+                s.failed, s.conflicts
+            )));
+        }
+        documents.push(s.rewritten);
+        partition_seconds.push(*secs);
+    }
+    check_count(
+        &format!("rotate in {workers} partitions (documents rewritten)"),
+        documents.iter().sum(),
+        n,
+    )?;
+    Ok(Split {
+        seconds,
+        documents,
+        partition_seconds,
+    })
 }
 
 fn check_count(what: &str, got: u64, want: u32) -> Result<(), CliError> {

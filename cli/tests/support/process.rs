@@ -23,6 +23,8 @@ pub fn run(dir: &Path, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)])
         .env_remove("FIELDCRYPT_KEYSET")
         .env_remove("FIELDCRYPT_KMS_PROVIDERS")
         .env_remove("FIELDCRYPT_MASTER_KEY_DOC")
+        .env_remove("FIELDCRYPT_PARTITIONS")
+        .env_remove("JOB_COMPLETION_INDEX")
         .env("NO_COLOR", "1")
         .stdin(if stdin.is_some() {
             Stdio::piped()
