@@ -34,8 +34,8 @@ use zeroize::Zeroizing;
 
 use super::http::{HttpClient, HttpResponse};
 use super::oauth::{
-    error_detail, only_fields, optional_str, path_segment, required_str, secret_field, Endpoint,
-    Metadata, TokenSource, Tokens,
+    error_detail, only_fields, optional_str, path_segment, required_str, secret_field,
+    static_token, Endpoint, Metadata, TokenSource, Tokens,
 };
 use super::{kms_error, master_key_id, Kms, ProviderContext};
 use crate::error::{Error, Result};
@@ -75,12 +75,8 @@ impl AzureKms {
         let what = format!("kmsProviders.{}", ctx.name);
         let source = if credentials.is_empty() {
             TokenSource::Metadata(Metadata::AzureImds(imds_url(&what)?))
-        } else if let Some(token) = optional_str(credentials, &what, "accessToken")? {
-            only_fields(credentials, &what, &["accessToken"])?;
-            if token.is_empty() {
-                return Err(Error::KeyFormat(format!("{what}.accessToken is empty")));
-            }
-            TokenSource::Static(SecretString::from(token.to_owned()))
+        } else if let Some(token) = static_token(credentials, &what)? {
+            token
         } else {
             only_fields(
                 credentials,

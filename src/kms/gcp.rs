@@ -30,13 +30,13 @@ use core::fmt;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use bson::{doc, Document};
-use secrecy::{ExposeSecret as _, SecretString};
+use secrecy::ExposeSecret as _;
 use zeroize::Zeroizing;
 
 use super::http::{HttpClient, HttpResponse};
 use super::oauth::{
     error_detail, only_fields, optional_str, path_segment, required_str, rsa_private_key,
-    secret_field, Endpoint, Metadata, TokenSource, Tokens,
+    secret_field, static_token, Endpoint, Metadata, TokenSource, Tokens,
 };
 use super::{kms_error, master_key_id, Kms, ProviderContext};
 use crate::error::{Error, Result};
@@ -76,12 +76,8 @@ impl GcpKms {
         let what = format!("kmsProviders.{}", ctx.name);
         let source = if credentials.is_empty() {
             TokenSource::Metadata(Metadata::Gce(metadata_url(&what)?))
-        } else if let Some(token) = optional_str(credentials, &what, "accessToken")? {
-            only_fields(credentials, &what, &["accessToken"])?;
-            if token.is_empty() {
-                return Err(Error::KeyFormat(format!("{what}.accessToken is empty")));
-            }
-            TokenSource::Static(SecretString::from(token.to_owned()))
+        } else if let Some(token) = static_token(credentials, &what)? {
+            token
         } else {
             only_fields(credentials, &what, &["email", "privateKey", "endpoint"])?;
             let email = required_str(credentials, &what, "email")?.to_owned();

@@ -549,6 +549,26 @@ impl Endpoint {
     }
 }
 
+/// The `{accessToken}` form of a `kmsProviders` entry, which Azure and GCP share: the token
+/// alone (no other field), used as given and never refreshed. `None` when the entry has no
+/// `accessToken`.
+///
+/// # Errors
+/// [`Error::KeyFormat`] when `accessToken` is not a string, is empty, or comes with another
+/// field.
+pub(crate) fn static_token(credentials: &Document, what: &str) -> Result<Option<TokenSource>> {
+    let Some(token) = optional_str(credentials, what, "accessToken")? else {
+        return Ok(None);
+    };
+    only_fields(credentials, what, &["accessToken"])?;
+    if token.is_empty() {
+        return Err(Error::KeyFormat(format!("{what}.accessToken is empty")));
+    }
+    Ok(Some(TokenSource::Static(SecretString::from(
+        token.to_owned(),
+    ))))
+}
+
 /// Reads a configuration document's optional string field.
 ///
 /// # Errors
