@@ -11,8 +11,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -20,7 +19,7 @@ use bson::{doc, Bson, Document, RawDocumentBuf};
 use fieldcrypt::mongo::EncryptedCollection;
 use fieldcrypt::{BlindIndex, Field, Schema, Suite};
 use fieldcrypt_testkit::devserver::{unique_db_name, DevServer};
-use fieldcrypt_testkit::fixtures::{keyring_with, stored};
+use fieldcrypt_testkit::fixtures::{keyring_with, log_capture, stored};
 use futures_util::TryStreamExt;
 use mongodb::event::command::CommandEvent;
 use mongodb::event::EventHandler;
@@ -167,53 +166,6 @@ fn record(traffic: &Mutex<Traffic>, doc: Document) {
     let mut t = traffic.lock().unwrap();
     t.parts.push(bson::to_vec(&doc).unwrap());
     t.parts.push(json.into_bytes());
-}
-
-/// A tracing subscriber that keeps every event and span field fieldcrypt (or anything else)
-/// emits.
-struct LogCapture(Arc<Mutex<String>>);
-
-struct Visit<'a>(&'a mut String);
-
-impl tracing::field::Visit for Visit<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        let _ = write!(self.0, " {}={:?}", field.name(), value);
-    }
-}
-
-impl tracing::Subscriber for LogCapture {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        let mut log = self.0.lock().unwrap();
-        log.push_str(span.metadata().name());
-        span.record(&mut Visit(&mut log));
-        log.push('\n');
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
-        values.record(&mut Visit(&mut self.0.lock().unwrap()));
-    }
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        let mut log = self.0.lock().unwrap();
-        log.push_str(event.metadata().target());
-        event.record(&mut Visit(&mut log));
-        log.push('\n');
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-fn log_capture() -> Arc<Mutex<String>> {
-    static LOG: OnceLock<Arc<Mutex<String>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let log = Arc::new(Mutex::new(String::new()));
-        tracing::subscriber::set_global_default(LogCapture(log.clone())).unwrap();
-        log
-    })
-    .clone()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 //! and `tests/fixtures/qe/`, each made by the `generate.py` beside them) for the library's
 //! tests and the CLI's alike.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bson::{Bson, Document};
 use fieldcrypt::{
@@ -348,4 +349,62 @@ impl Interop {
         #[allow(clippy::expect_used)] // as above
         out.expect("running verify_fieldcrypt_output.py")
     }
+}
+
+/// A tracing subscriber that keeps every event and span field fieldcrypt (or anything else)
+/// emits.
+struct LogCapture(Arc<Mutex<String>>);
+
+struct Visit<'a>(&'a mut String);
+
+impl tracing::field::Visit for Visit<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let _ = write!(self.0, " {}={:?}", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for LogCapture {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        log.push_str(span.metadata().name());
+        span.record(&mut Visit(&mut log));
+        log.push('\n');
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        values.record(&mut Visit(
+            &mut self.0.lock().unwrap_or_else(PoisonError::into_inner),
+        ));
+    }
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut log = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        log.push_str(event.metadata().target());
+        event.record(&mut Visit(&mut log));
+        log.push('\n');
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Everything logged through `tracing` in this test process from the first call on: the
+/// first call installs a capturing subscriber as the global default (so call it before the
+/// code under test logs anything).
+///
+/// # Panics
+/// If another global subscriber is already installed.
+#[must_use]
+pub fn log_capture() -> Arc<Mutex<String>> {
+    static LOG: OnceLock<Arc<Mutex<String>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(String::new()));
+        #[allow(clippy::expect_used)] // test helper: a second subscriber is a test bug
+        tracing::subscriber::set_global_default(LogCapture(log.clone()))
+            .expect("no other global tracing subscriber");
+        log
+    })
+    .clone()
 }

@@ -20,7 +20,7 @@ use fieldcrypt::mongo::{EncryptedCollection, KekProvider, KeySource, KeyVault, R
 use fieldcrypt::rotation::{Flow, Phase, RotationOptions, Rotator, Target};
 use fieldcrypt::{Error, Field, KeyMaterial, Schema};
 use fieldcrypt_testkit::devserver::unique_db_name;
-use fieldcrypt_testkit::fixtures::{recording_client, Sent};
+use fieldcrypt_testkit::fixtures::{log_capture, recording_client, Sent};
 use fieldcrypt_testkit::kms::gate::Gate;
 use futures_util::TryStreamExt;
 use mongodb::{Client, Database};
@@ -82,6 +82,7 @@ fn assert_no_secret(p: &Provider<'_>, text: &str) {
 
 /// Runs the scenario; `to` is a masterKey of another configured provider (e.g. `local`).
 pub async fn end_to_end(p: &Provider<'_>, to: &Document) {
+    let log = log_capture();
     let providers =
         Arc::new(KmsProviders::from_document_with(&p.kms_providers, &p.options).unwrap());
     assert_no_secret(p, &format!("{providers:?}"));
@@ -288,6 +289,10 @@ pub async fn end_to_end(p: &Provider<'_>, to: &Document) {
     for info in again.list().await.unwrap() {
         assert_eq!(info.provider(), p.name, "{info:?}");
     }
+    // Nothing logged holds a credential (the outages above logged their retries).
+    let logged = log.lock().unwrap().clone();
+    assert!(logged.contains("retrying"), "the capture works: {logged}");
+    assert_no_secret(p, &logged);
     // Nothing sent to MongoDB holds a credential of the provider (in raw, hex or base64 form).
     let commands = sent.commands();
     assert!(commands.len() > 50, "{} commands recorded", commands.len());
