@@ -150,7 +150,7 @@ impl KeyArgs {
         }
         if let Some(l) = local {
             if !providers.as_ref().is_some_and(|p| p.contains("local")) {
-                unwrap.push(Arc::new(AnyLocal(LocalMasterKeyKek(l))));
+                unwrap.push(Arc::new(AnyLocal(l)));
             }
         }
         Ok(Keks { wrap, unwrap })
@@ -1029,17 +1029,7 @@ async fn read_key_vault_file(path: &Path, keks: &Keks) -> Result<Vec<Key>> {
 
 /// The local master key, for key documents wrapped by `local` or by a named local provider
 /// (`local:<name>`, [`LocalKek::named`]): the file holds one master key, whatever it was named.
-struct AnyLocal(LocalMasterKeyKek);
-
-/// A shared local KEK.
-struct LocalMasterKeyKek(Arc<LocalKek>);
-
-impl std::ops::Deref for LocalMasterKeyKek {
-    type Target = LocalKek;
-    fn deref(&self) -> &LocalKek {
-        &self.0
-    }
-}
+struct AnyLocal(Arc<LocalKek>);
 
 /// Unwraps with the first of its KEKs that accepts the key's masterKey.
 struct AnyOf(Vec<Arc<dyn KekProvider>>);

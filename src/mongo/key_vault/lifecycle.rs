@@ -468,20 +468,19 @@ impl KeyVault {
             )));
         }
         let ad = stored.wrap_ad()?;
-        self.kek_calls.fetch_add(1, Ordering::Relaxed);
+        if new_kek.wraps_under() == Some(&stored.master_key) {
+            return Ok(Some(entry(RewrapOutcome::AlreadyThere, &stored.master_key)));
+        }
         let (outcome, (master_key, wrapped)) =
             match new_kek.rewrap_in_kms(&stored.master_key, old, &ad).await? {
-                Some((mk, w)) if mk == stored.master_key && w == old => {
-                    return Ok(Some(entry(RewrapOutcome::AlreadyThere, &mk)))
-                }
-                Some(moved) => (RewrapOutcome::RewrappedInKms, moved),
-                None if new_kek.wraps_under() == Some(&stored.master_key) => {
-                    // Not a KMS call after all.
-                    self.kek_calls.fetch_sub(1, Ordering::Relaxed);
-                    return Ok(Some(entry(RewrapOutcome::AlreadyThere, &stored.master_key)));
+                Some((mk, w)) => {
+                    self.kek_calls.fetch_add(1, Ordering::Relaxed);
+                    if mk == stored.master_key && w == old {
+                        return Ok(Some(entry(RewrapOutcome::AlreadyThere, &mk)));
+                    }
+                    (RewrapOutcome::RewrappedInKms, (mk, w))
                 }
                 None => {
-                    self.kek_calls.fetch_sub(1, Ordering::Relaxed);
                     let material = self
                         .unwrap_material(stored.id, &stored.master_key, old, &ad)
                         .await?;
