@@ -90,6 +90,20 @@ impl Default for RetryPolicy {
     }
 }
 
+impl RetryPolicy {
+    /// The pause after failed attempt `attempt` (1-based): `initial_backoff · 2^(attempt-1)`,
+    /// capped at `max_backoff`, then a random point in its upper half ("equal jitter"), so
+    /// that clients that failed together do not retry together.
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+        let cap = exp.min(self.max_backoff);
+        let half = cap / 2;
+        half + rand::Rng::gen_range(&mut rand::thread_rng(), Duration::ZERO..=half)
+    }
+}
+
 /// A provider's TLS options: MongoDB's drivers' `tlsOptions` per KMS provider.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
@@ -150,6 +164,15 @@ pub(crate) trait Kms: Send + Sync + fmt::Debug {
         wrapped: &[u8],
         ad: &[u8],
     ) -> Result<KeyMaterial>;
+
+    /// Whether every key wrapped under `master_key` is under the same key of the KMS, so that
+    /// a key document with this masterKey needs no rewrap to it ([`KekProvider::wraps_under`]).
+    /// The default, true, fits a masterKey that names one KMS key (AWS, Azure, GCP). Not for
+    /// a masterKey that names a key whose versions move on (a Vault Transit key), or that makes a
+    /// new KMS key at every wrap (a KMIP masterKey without `keyId`).
+    fn fixed_master_key(&self, _master_key: &Document) -> bool {
+        true
+    }
 
     /// Moves a wrapped key from `from` to `to` inside the KMS, without the plaintext leaving
     /// it, where the KMS can (Vault Transit's `rewrap`). `Ok(None)`: it cannot, and the caller
@@ -651,16 +674,9 @@ impl KekProvider for KmsKek {
     }
 
     fn wraps_under(&self) -> Option<&Document> {
-        // A KMIP masterKey without keyId registers a new secret at every wrap. A Vault masterKey
-        // names a Transit key, not its version: after a rotation, keys under the same masterKey
-        // still have to move to the newest version (Transit `rewrap` where it can, else unwrap
-        // and wrap), or retiring the old version (`min_decryption_version`) loses them.
-        match provider_type(self.kms.name()) {
-            "kmip" => self.master_key.contains_key("keyId"),
-            "vault" => false,
-            _ => true,
-        }
-        .then_some(&self.master_key)
+        self.kms
+            .fixed_master_key(&self.master_key)
+            .then_some(&self.master_key)
     }
 
     async fn rewrap_in_kms(

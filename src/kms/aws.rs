@@ -183,7 +183,6 @@ impl AwsKms {
             .await?;
         let ok = response.is_success();
         let HttpResponse { status, body } = response;
-        let body = Zeroizing::new(body);
         if ok {
             return Ok(body);
         }
@@ -587,16 +586,16 @@ mod tests {
         }
         let throttled = HttpResponse {
             status: 400,
-            body: br#"{"__type":"ThrottlingException"}"#.to_vec(),
+            body: br#"{"__type":"ThrottlingException"}"#.to_vec().into(),
         };
         let denied = HttpResponse {
             status: 400,
-            body: br#"{"__type":"AccessDeniedException"}"#.to_vec(),
+            body: br#"{"__type":"AccessDeniedException"}"#.to_vec().into(),
         };
         assert!(retryable(&throttled) && !retryable(&denied));
         assert!(retryable(&HttpResponse {
             status: 503,
-            body: Vec::new()
+            body: Vec::new().into()
         }));
     }
 

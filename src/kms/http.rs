@@ -5,7 +5,7 @@
 use core::fmt;
 use std::time::Duration;
 
-use rand::Rng as _;
+use zeroize::Zeroizing;
 
 use super::{kms_error, ProviderContext, RetryPolicy};
 use crate::error::{Error, Result};
@@ -14,8 +14,9 @@ use crate::error::{Error, Result};
 pub(crate) struct HttpResponse {
     /// The HTTP status.
     pub status: u16,
-    /// The body (a few hundred bytes of JSON for every KMS used here).
-    pub body: Vec<u8>,
+    /// The body (a few hundred bytes of JSON for every KMS used here), wiped on drop: a
+    /// decrypt's answer holds a data key, a token endpoint's a token.
+    pub body: Zeroizing<Vec<u8>>,
 }
 
 impl HttpResponse {
@@ -120,7 +121,7 @@ impl HttpClient {
                         Ok(body) => {
                             let r = HttpResponse {
                                 status,
-                                body: body.to_vec(),
+                                body: Zeroizing::new(body.to_vec()),
                             };
                             if last || !retryable(&r) {
                                 return Ok(r);
@@ -164,20 +165,6 @@ impl fmt::Debug for HttpClient {
     }
 }
 
-impl RetryPolicy {
-    /// The pause after failed attempt `attempt` (1-based): `initial_backoff · 2^(attempt-1)`,
-    /// capped at `max_backoff`, then a random point in its upper half ("equal jitter"), so
-    /// that clients that failed together do not retry together.
-    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let cap = exp.min(self.max_backoff);
-        let half = cap / 2;
-        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
-    }
-}
-
 /// What went wrong, without the URL (which [`HttpClient::transport`] prints as its origin).
 fn describe(e: &reqwest::Error) -> &'static str {
     if e.is_timeout() {
@@ -192,7 +179,7 @@ fn describe(e: &reqwest::Error) -> &'static str {
 }
 
 /// `scheme://host:port` of a URL: never its path or query.
-fn origin(url: &reqwest::Url) -> String {
+pub(crate) fn origin(url: &reqwest::Url) -> String {
     match (url.host_str(), url.port_or_known_default()) {
         (Some(h), Some(p)) => format!("{}://{h}:{p}", url.scheme()),
         (Some(h), None) => format!("{}://{h}", url.scheme()),

@@ -203,11 +203,14 @@ impl KmipKms {
                 Ok(configured)
             }
             (Some(configured), Some((raw, _))) => refuse(format_args!(
-                "the key's masterKey.endpoint {raw:?} is not kmsProviders.{}.endpoint                  ({configured}): refused, so that a key document cannot send this client's                  requests to another server",
+                "the key's masterKey.endpoint {raw:?} is not kmsProviders.{}.endpoint \
+                 ({configured}): refused, so that a key document cannot send this client's \
+                 requests to another server",
                 self.name
             )),
             (None, _) => refuse(format_args!(
-                "no KMIP endpoint to unwrap at: set kmsProviders.{}.endpoint (a stored                  masterKey's endpoint is used only when it names that server)",
+                "no KMIP endpoint to unwrap at: set kmsProviders.{}.endpoint (a stored \
+                 masterKey's endpoint is used only when it names that server)",
                 self.name
             )),
         }
@@ -402,6 +405,11 @@ impl Kms for KmipKms {
         &self.name
     }
 
+    /// Without `keyId`, every wrap registers a new secret.
+    fn fixed_master_key(&self, master_key: &Document) -> bool {
+        master_key.contains_key("keyId")
+    }
+
     fn master_key(&self, master_key: &Document) -> Result<Document> {
         let mk = self.parse(master_key)?;
         Ok(self.document(&mk, None))
@@ -449,6 +457,16 @@ impl Kms for KmipKms {
                 format_args!(
                     "KMIP Encrypt returned an IV of {} bytes, not {IV_LEN}",
                     iv.len()
+                ),
+            ));
+        }
+        if ciphertext.is_empty() || ciphertext.len() % IV_LEN != 0 {
+            return Err(kms_error(
+                &self.name,
+                &id,
+                format_args!(
+                    "KMIP Encrypt returned {} bytes of AES-CBC ciphertext, not whole blocks",
+                    ciphertext.len()
                 ),
             ));
         }

@@ -332,7 +332,7 @@ impl VaultKms {
             Op::Decrypt | Op::Rewrap => self.http.send_with(&key_id, &build, &retryable).await?,
         };
         let (success, status) = (response.is_success(), response.status);
-        let body = Zeroizing::new(response.body);
+        let body = response.body;
         if success {
             Ok(body)
         } else {
@@ -409,6 +409,14 @@ impl VaultKms {
 impl Kms for VaultKms {
     fn name(&self) -> &str {
         self.http.provider()
+    }
+
+    /// A Vault masterKey names a Transit key, not its version: after a rotation, keys under
+    /// the same masterKey still have to move to the newest version (Transit `rewrap` where it
+    /// can, else unwrap and wrap), or retiring the old version (`min_decryption_version`) loses
+    /// them.
+    fn fixed_master_key(&self, _master_key: &Document) -> bool {
+        false
     }
 
     fn master_key(&self, master_key: &Document) -> Result<Document> {
@@ -877,7 +885,7 @@ mod tests {
     fn rsa_decryption_failures_are_not_retried() {
         let answer = |status, body: &str| HttpResponse {
             status,
-            body: body.as_bytes().to_vec(),
+            body: body.as_bytes().to_vec().into(),
         };
         let rsa = r#"{"errors":["1 error occurred:\n\t* failed to RSA decrypt the ciphertext: crypto/rsa: decryption error\n\n"]}"#;
         assert!(!retryable(&answer(500, rsa)));

@@ -358,12 +358,14 @@ impl Chain {
                     .map_or(0, |d| d.as_millis())
             ),
         };
-        let url = self.sts_endpoint();
+        // The shared rule: https, or plain http to loopback only (the token and the
+        // credentials STS answers with must not cross a network in clear).
+        let url = crate::kms::http::endpoint_url(provider, &self.sts_endpoint())?;
         let response = self
             .sts
             .send(key_id, &|client: &reqwest::Client| {
                 client
-                    .post(&url)
+                    .post(url.clone())
                     .header(reqwest::header::ACCEPT, "application/xml")
                     .form(&[
                         ("Action", "AssumeRoleWithWebIdentity"),
@@ -377,7 +379,7 @@ impl Chain {
             })
             .await?;
         let status = response.status;
-        let raw = Zeroizing::new(response.body);
+        let raw = response.body;
         let body = Zeroizing::new(String::from_utf8_lossy(&raw).into_owned());
         drop(raw);
         if status != 200 {
@@ -421,7 +423,16 @@ impl Chain {
             .get("AWS_REGION")
             .or_else(|| self.env.get("AWS_DEFAULT_REGION"))
         {
-            Some(region) => format!("https://sts.{region}.amazonaws.com/"),
+            // A region name only: nothing that could move the host.
+            Some(region)
+                if !region.is_empty()
+                    && region
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+            {
+                format!("https://sts.{region}.amazonaws.com/")
+            }
+            Some(_) => "https://sts.amazonaws.com/".to_owned(),
             None => "https://sts.amazonaws.com/".to_owned(),
         }
     }
@@ -539,7 +550,7 @@ impl Chain {
             if response.status != 200 {
                 return Err(fail(format!("HTTP {}", response.status)));
             }
-            Zeroizing::new(response.body)
+            response.body
         } else {
             let mut req = self.metadata.get(parsed.clone());
             if let Some(t) = &token {

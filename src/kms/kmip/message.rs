@@ -45,9 +45,14 @@ impl Operation {
     }
 
     /// Whether sending it twice does no harm: Register and Create make a new object each time,
-    /// so they are retried only when the first attempt never reached the server.
+    /// and Activate works only on a pre-active object (a second one, after a lost answer to
+    /// the first, fails), so they are retried only when the first attempt never reached the
+    /// server.
     pub(crate) fn idempotent(self) -> bool {
-        !matches!(self, Operation::Create | Operation::Register)
+        !matches!(
+            self,
+            Operation::Create | Operation::Register | Operation::Activate
+        )
     }
 }
 

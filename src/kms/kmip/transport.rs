@@ -11,9 +11,7 @@
 
 use core::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use rand::Rng as _;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -206,21 +204,8 @@ pub(crate) async fn send(
                 tls: false,
             });
         }
-        tokio::time::sleep(backoff(retry, attempt)).await;
+        tokio::time::sleep(retry.backoff(attempt)).await;
     }
-}
-
-/// The pause after failed attempt `attempt` (1-based): `initial_backoff · 2^(attempt-1)`,
-/// capped at `max_backoff`, at a random point in its upper half.
-fn backoff(retry: &RetryPolicy, attempt: u32) -> Duration {
-    let exp = retry
-        .initial_backoff
-        .saturating_mul(1u32 << (attempt - 1).min(20));
-    let cap = exp.min(retry.max_backoff);
-    let half = cap / 2;
-    half + cap
-        .saturating_sub(half)
-        .mul_f64(rand::thread_rng().gen::<f64>())
 }
 
 /// Whether an I/O error is TLS refusing (a certificate, an alert), not the network failing.
@@ -294,6 +279,8 @@ async fn exchange(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -341,7 +328,7 @@ mod tests {
             (30, 500, 1000),
         ] {
             for _ in 0..200 {
-                let d = backoff(&p, attempt).as_millis();
+                let d = p.backoff(attempt).as_millis();
                 assert!((lo..=hi).contains(&d), "{attempt}: {d}");
             }
         }
