@@ -27,7 +27,7 @@ use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use secrecy::{ExposeSecret as _, SecretString};
 use zeroize::{Zeroize as _, Zeroizing};
 
-use super::http::{HttpClient, HttpResponse};
+use super::http::{origin, HttpClient, HttpResponse};
 use super::kms_error;
 use crate::error::{Error, Result};
 
@@ -152,7 +152,10 @@ impl Tokens {
                     resource.to_owned(),
                     Cached {
                         token: token.clone(),
-                        refresh_at: Instant::now() + valid,
+                        // A lifetime too far out for the clock is kept for a day.
+                        refresh_at: Instant::now()
+                            .checked_add(valid)
+                            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
                     },
                 );
             }
@@ -486,15 +489,6 @@ pub(crate) fn error_detail(body: &[u8], secrets: &[&str]) -> String {
     }
 }
 
-/// `scheme://host:port` of a URL: never its path or query.
-pub(crate) fn origin(url: &reqwest::Url) -> String {
-    match (url.host_str(), url.port_or_known_default()) {
-        (Some(h), Some(p)) => format!("{}://{h}:{p}", url.scheme()),
-        (Some(h), None) => format!("{}://{h}", url.scheme()),
-        _ => url.scheme().to_owned(),
-    }
-}
-
 // ---- what the two providers' configuration parsing shares ----
 
 /// An endpoint as libmongocrypt parses `keyVaultEndpoint`, `identityPlatformEndpoint` and the
@@ -516,6 +510,12 @@ impl Endpoint {
     /// [`Error::KeyFormat`] naming the field: a scheme other than `https`, no host, a host
     /// without a dot, a bad port.
     pub(crate) fn parse(what: &str, field: &str, value: &str) -> Result<Self> {
+        // A value with userinfo (`user:password@host`) is never quoted.
+        if value.contains('@') {
+            return Err(Error::KeyFormat(format!(
+                "{what}.{field}: an endpoint must not hold credentials"
+            )));
+        }
         let bad = |why: &str| Error::KeyFormat(format!("{what}.{field} {value:?}: {why}"));
         let rest = match value.split_once("://") {
             Some(("https", rest)) => rest,
@@ -703,6 +703,11 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{bad}"));
             assert!(e.to_string().contains("m.endpoint"), "{e}");
+        }
+        // Userinfo is never quoted back.
+        for bad in ["user:hunter2@a.b", "https://user:hunter2@a.b/x"] {
+            let e = Endpoint::parse("m", "endpoint", bad).err().unwrap();
+            assert!(!e.to_string().contains("hunter2"), "{e}");
         }
     }
 
