@@ -280,6 +280,19 @@ fn bench_single_values(c: &mut Criterion) {
             )
         });
     });
+    g.bench_function("bare_aes256gcm_open", |b| {
+        let mut buf = plain.to_vec();
+        let tag = bare
+            .encrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into())
+            .unwrap();
+        let sealed = buf.clone();
+        b.iter(|| {
+            buf.copy_from_slice(&sealed);
+            bare.decrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into(), &tag)
+                .unwrap();
+            black_box(&buf);
+        });
+    });
     g.finish();
 }
 

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -39,6 +40,14 @@ pub trait Keyring: Send + Sync {
     /// # Errors
     /// [`Error::UnknownAlias`].
     fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>>;
+
+    /// A number that changes whenever a lookup could answer differently (a key added,
+    /// replaced, promoted or destroyed), or `None` when the keyring cannot say. While it stays
+    /// the same, a [`Cryptor`](crate::Cryptor) reuses the keys its walks on a thread looked up
+    /// instead of asking again per document; with `None` (the default) it asks every time.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A keyring behind a pointer is that keyring.
@@ -54,16 +63,24 @@ macro_rules! forward_keyring {
             fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {
                 (**self).readable_keys(alias)
             }
+            fn generation(&self) -> Option<u64> {
+                (**self).generation()
+            }
         }
     )*};
 }
 
 forward_keyring!(Arc<K>, &K);
 
+/// The keyring's maps hash with foldhash (seeded per process) rather than SipHash: a lookup
+/// runs once per document encrypted or decrypted, and SipHash was most of its cost (see
+/// docs/BENCHMARKS.md, "Profile").
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Default)]
 struct Inner {
-    keys: HashMap<KeyId, Arc<Key>>,
-    primary: HashMap<String, KeyId>,
+    keys: FastMap<KeyId, Arc<Key>>,
+    primary: FastMap<String, KeyId>,
 }
 
 impl Inner {
@@ -104,6 +121,8 @@ impl Inner {
 #[derive(Default)]
 pub struct InMemoryKeyring {
     inner: RwLock<Inner>,
+    /// [`Keyring::generation`]: counted up under the write lock, before each change.
+    generation: AtomicU64,
 }
 
 impl core::fmt::Debug for InMemoryKeyring {
@@ -128,7 +147,12 @@ impl InMemoryKeyring {
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Inner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+        let inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        // Before the change and under the lock: a reader that still sees the old number may
+        // have looked up old or new keys, and drops them at its next look (see
+        // `Keyring::generation`); one that sees the new number looks up after the change.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        inner
     }
 
     /// Adds (or replaces) a key. A primary key demotes the alias's previous primary to active.
@@ -371,6 +395,10 @@ impl Keyring for InMemoryKeyring {
             }
             None => Err(Error::UnknownAlias(alias.to_owned())),
         }
+    }
+
+    fn generation(&self) -> Option<u64> {
+        Some(self.generation.load(Ordering::Acquire))
     }
 
     fn readable_keys(&self, alias: &str) -> Result<Vec<Arc<Key>>> {

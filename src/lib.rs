@@ -63,6 +63,7 @@
 #![allow(clippy::unnecessary_lazy_evaluations)]
 
 mod blind_index;
+mod cache_line;
 mod csfle;
 mod envelope;
 mod error;

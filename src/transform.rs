@@ -15,13 +15,15 @@
 //! ```
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use rayon::prelude::*;
+use thread_local::ThreadLocal;
 use zeroize::Zeroizing;
 
 use crate::blind_index::{self, BLIND_INDEX_SUBTYPE};
+use crate::cache_line::OwnLine;
 use crate::csfle;
 use crate::envelope::{self, Binding, Envelope, SealParams, ENVELOPE_SUBTYPE};
 use crate::error::{Error, Result};
@@ -92,6 +94,33 @@ impl Context {
 pub struct Cryptor {
     keyring: Arc<dyn Keyring>,
     schema: Arc<Schema>,
+    /// Per thread, the keys the last walk used (see [`KeyCache`]); shared by clones, which
+    /// have the same keyring. Each thread's cache is alone on its cache lines: the crate keeps
+    /// them side by side, and two threads locking neighbours made two threads slower than one
+    /// thread twice (docs/BENCHMARKS.md).
+    keys: Arc<ThreadLocal<OwnLine<Mutex<KeyCache>>>>,
+}
+
+/// The keys a cryptor's last walk on one thread looked up, kept for the next walk while the
+/// keyring's [`Keyring::generation`] stays the same. A walk moves them out and back in: no
+/// reference count, lock or map shared between threads is touched per document, which is
+/// what kept two threads from reaching twice one thread's rate (docs/BENCHMARKS.md). When the
+/// generation changes, the next walk on any thread drops every thread's stale keys; all of
+/// them go when the last clone of the cryptor is dropped (docs/SECURITY.md, "Key material in
+/// memory").
+#[derive(Default)]
+struct KeyCache {
+    generation: u64,
+    /// Primary keys by alias, with nothing reserved.
+    primaries: Vec<Primary>,
+    last: Option<Arc<Key>>,
+}
+
+impl KeyCache {
+    fn clear(&mut self) {
+        self.primaries.clear();
+        self.last = None;
+    }
 }
 
 impl core::fmt::Debug for Cryptor {
@@ -105,15 +134,16 @@ impl core::fmt::Debug for Cryptor {
 impl Cryptor {
     /// A cryptor that encrypts per `schema` and decrypts with `keyring`.
     pub fn new(keyring: impl Keyring + 'static, schema: Schema) -> Self {
-        Cryptor {
-            keyring: Arc::new(keyring),
-            schema: Arc::new(schema),
-        }
+        Self::with_shared(Arc::new(keyring), Arc::new(schema))
     }
 
     /// A cryptor sharing an existing keyring handle.
     pub fn with_shared(keyring: Arc<dyn Keyring>, schema: Arc<Schema>) -> Self {
-        Cryptor { keyring, schema }
+        Cryptor {
+            keyring,
+            schema,
+            keys: Arc::default(),
+        }
     }
 
     /// A cryptor that only decrypts (its schema is empty).
@@ -416,9 +446,10 @@ impl Cryptor {
                     owner: as_raw(&owner),
                 };
                 let mut plain = Zeroizing::new(Vec::with_capacity(env.ciphertext.len()));
-                let mut ad = Vec::with_capacity(envelope::AD_CAPACITY);
-                let t = env.open_into(&key, &binding, &mut ad, &mut plain)?;
-                rawbson::decode_value(t, &plain)
+                let mut ad = scratch_ad();
+                let opened = env.open_into(&key, &binding, &mut ad, &mut plain);
+                return_scratch_ad(ad);
+                rawbson::decode_value(opened?, &plain)
             }
             CSFLE_SUBTYPE if matches!(bytes.first(), Some(1 | 2)) => {
                 let p = csfle::parse_payload(bytes)?;
@@ -572,7 +603,7 @@ impl<'r> ValueSealer<'r> {
             value: rawbson::encode_value(value)?,
             id: id.map(rawbson::encode_value).transpose()?,
             owner: owner.map(rawbson::encode_value).transpose()?,
-            ad: Vec::with_capacity(envelope::AD_CAPACITY),
+            ad: scratch_ad(),
         })
     }
 
@@ -602,6 +633,39 @@ impl<'r> ValueSealer<'r> {
     }
 }
 
+impl Drop for ValueSealer<'_> {
+    fn drop(&mut self) {
+        return_scratch_ad(std::mem::take(&mut self.ad));
+    }
+}
+
+/// The thread's associated-data buffer (see [`Scratch`]), or a new one when a walk holds it:
+/// a single value then costs no allocation for its associated data.
+fn scratch_ad() -> Vec<u8> {
+    SCRATCH
+        .try_with(|c| {
+            let mut s = c.take()?;
+            let ad = std::mem::take(&mut s.ad);
+            c.set(Some(s));
+            Some(ad)
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(envelope::AD_CAPACITY))
+}
+
+/// Gives an associated-data buffer from [`scratch_ad`] back to the thread (cleared).
+fn return_scratch_ad(mut ad: Vec<u8>) {
+    ad.clear();
+    let _ = SCRATCH.try_with(|c| {
+        let mut s = c.take().unwrap_or_default();
+        if s.ad.capacity() < ad.capacity() {
+            s.ad = ad;
+        }
+        c.set(Some(s));
+    });
+}
+
 /// Per-call state of a document walk; scratch buffers are reused across fields.
 struct Walker<'c> {
     cryptor: &'c Cryptor,
@@ -621,6 +685,9 @@ struct Walker<'c> {
     depth: u32,
     /// Primary keys by alias, looked up once per document (aliases are few).
     primaries: Vec<Primary>,
+    /// The keyring's generation when the walk began, if it has one: the keys above may then
+    /// come from, and go back to, the cryptor's [`KeyCache`].
+    generation: Option<u64>,
 }
 
 /// A walk's buffers, kept per thread between walks so that a document costs no allocation
@@ -663,7 +730,7 @@ impl<'c> Walker<'c> {
             .unwrap_or_default();
         path.clear();
         ad.clear();
-        Walker {
+        let mut w = Walker {
             cryptor,
             ctx,
             id: None,
@@ -675,6 +742,51 @@ impl<'c> Walker<'c> {
             ad,
             last_key: None,
             primaries,
+            generation: cryptor.keyring.generation(),
+        };
+        w.take_cached_keys();
+        w
+    }
+
+    /// Takes the keys the last walk on this thread left, if the keyring has not changed since;
+    /// otherwise drops every thread's stale keys.
+    fn take_cached_keys(&mut self) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        // Busy only while another thread drops stale keys, or in a walk inside a walk.
+        let Ok(mut cache) = self.cryptor.keys.get_or_default().try_lock() else {
+            return;
+        };
+        if cache.generation == generation {
+            std::mem::swap(&mut self.primaries, &mut cache.primaries);
+            self.last_key = cache.last.take();
+            return;
+        }
+        cache.clear();
+        cache.generation = generation;
+        drop(cache);
+        for other in self.cryptor.keys.iter() {
+            if let Ok(mut c) = other.try_lock() {
+                if c.generation != generation {
+                    c.clear();
+                }
+            }
+        }
+    }
+
+    /// Gives the walk's keys back to the cryptor's cache for this thread (with nothing
+    /// reserved), when the cache is free and still of the walk's generation.
+    fn return_cached_keys(&mut self) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        let Ok(mut cache) = self.cryptor.keys.get_or_default().try_lock() else {
+            return;
+        };
+        if cache.generation == generation && cache.primaries.is_empty() && cache.last.is_none() {
+            std::mem::swap(&mut self.primaries, &mut cache.primaries);
+            cache.last = self.last_key.take();
         }
     }
 
@@ -895,11 +1007,16 @@ impl<'c> Walker<'c> {
 
 impl Drop for Walker<'_> {
     fn drop(&mut self) {
-        for p in self.primaries.drain(..) {
+        for p in &mut self.primaries {
             if p.reserved > 0 {
                 p.key.release_reserved(p.reserved);
+                p.reserved = 0;
             }
         }
+        self.return_cached_keys();
+        // What the cache did not take back is dropped here.
+        self.primaries.clear();
+        self.last_key = None;
         let scratch = Scratch {
             path: std::mem::take(&mut self.path),
             ad: std::mem::take(&mut self.ad),

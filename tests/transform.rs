@@ -881,3 +881,65 @@ fn fail_documents_nested_too_deep() {
         )
         .is_ok());
 }
+
+/// A cryptor keeps, per thread, the keys its last walk used (no shared lock or counter per
+/// document). A keyring change on one thread is seen by the next document on every thread,
+/// and the next walk anywhere drops every thread's stale handles.
+#[test]
+fn keys_cached_per_thread_follow_keyring_changes_and_go_at_the_next_walk() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys.clone(), schema);
+    let ctx = Context::none();
+    let id_of = |d: &Document| {
+        Cryptor::referenced_keys(&RawDocumentBuf::from_document(d).unwrap()).unwrap()
+    };
+    let old_key = keys.primary("pii").unwrap().id();
+    let held = keys.key(&old_key).unwrap();
+    let (to_worker, from_main) = std::sync::mpsc::channel::<()>();
+    let (to_main, from_worker) = std::sync::mpsc::channel::<Document>();
+    std::thread::scope(|s| {
+        let (c, ctx, to_main) = (&c, &ctx, to_main);
+        s.spawn(move || {
+            for _ in 0..2 {
+                from_main.recv().unwrap();
+                let d = c.encrypt_document(&doc! { "ssn": "x" }, ctx).unwrap();
+                to_main.send(d).unwrap();
+            }
+        });
+        to_worker.send(()).unwrap();
+        let first = from_worker.recv().unwrap();
+        assert_eq!(id_of(&first), vec![old_key]);
+        // The keyring's handle, ours, and the one the worker's walk left in its cache.
+        assert_eq!(Arc::strong_count(&held), 3);
+        let new_key = keys.rotate("pii"); // the keyring now holds an `active` copy
+        assert_eq!(Arc::strong_count(&held), 2, "ours and the worker's");
+        // A walk on this thread drops the worker's stale handle, though the worker is idle.
+        assert_eq!(
+            c.decrypt_document(&first, ctx)
+                .unwrap()
+                .get_str("ssn")
+                .unwrap(),
+            "x"
+        );
+        assert_eq!(Arc::strong_count(&held), 1, "only our own handle is left");
+        to_worker.send(()).unwrap();
+        let second = from_worker.recv().unwrap();
+        assert_eq!(id_of(&second), vec![new_key], "the worker saw the rotation");
+        keys.destroy(&old_key).unwrap();
+        assert!(matches!(
+            c.decrypt_document(&first, ctx),
+            Err(Error::KeyDestroyed(_))
+        ));
+        assert_eq!(
+            c.decrypt_document(&second, ctx)
+                .unwrap()
+                .get_str("ssn")
+                .unwrap(),
+            "x"
+        );
+    });
+}

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::{KeyKind, CSFLE_KEY_LEN};
+use crate::cache_line::OwnLine;
 use crate::csfle::CsfleKey;
 use crate::qe::QeKey;
 use crate::suite::{KeyMaterial, SuiteKeys};
@@ -14,7 +15,10 @@ use crate::suite::{KeyMaterial, SuiteKeys};
 pub(crate) struct KeySecret {
     material: KeyMaterial,
     kind: KeyKind,
-    encryptions: AtomicU64,
+    /// Written by every document a walk encrypts, from every thread: on a cache line of its
+    /// own, so that those writes do not evict the cipher states beside it from the other
+    /// cores' caches (false sharing).
+    encryptions: OwnLine<AtomicU64>,
     /// Set when the key may make no more random-nonce encryptions anywhere (the key vault said
     /// its budget is spent): refuses every reservation, whatever the counter says after walks
     /// give back what they reserved.
@@ -29,7 +33,7 @@ impl KeySecret {
         KeySecret {
             material,
             kind,
-            encryptions: AtomicU64::new(encryptions),
+            encryptions: OwnLine(AtomicU64::new(encryptions)),
             exhausted: AtomicBool::new(false),
             suites: SuiteKeys::default(),
             csfle: OnceLock::new(),
