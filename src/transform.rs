@@ -947,13 +947,20 @@ impl<'c> Walker<'c> {
                     self.decrypt_doc(e.document()?, e.ty == ty::ARRAY, out)?;
                     self.path.truncate(mark);
                 }
+                // A top-level field's path is its name: no copy into the path buffer.
+                (_, Some((ENVELOPE_SUBTYPE, payload))) if !is_array && self.path.is_empty() => {
+                    self.open(e.key, e.key, payload, out)?;
+                }
                 (_, Some((ENVELOPE_SUBTYPE, payload))) => {
                     let mark = if is_array {
                         self.path.len()
                     } else {
                         walk::push(&mut self.path, e.key)
                     };
-                    self.open(e.key, payload, out)?;
+                    let path = std::mem::take(&mut self.path);
+                    let opened = self.open(e.key, &path, payload, out);
+                    self.path = path;
+                    opened?;
                     self.path.truncate(mark);
                 }
                 // FLE1 values (blob subtypes 1 and 2); Queryable Encryption payloads and
@@ -972,9 +979,10 @@ impl<'c> Walker<'c> {
         rawbson::end_doc(out, at)
     }
 
-    fn open(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    /// Opens the envelope `payload` of the element `name`, whose path is `path`.
+    fn open(&mut self, name: &str, path: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
-        check_minimum_bindings(self.cryptor, self.ctx, &self.path, &env)?;
+        check_minimum_bindings(self.cryptor, self.ctx, path, &env)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
         if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
             if let Some((doc, owner_field)) = self.unresolved.take() {
@@ -985,7 +993,7 @@ impl<'c> Walker<'c> {
             }
         }
         let binding = Binding {
-            path: &self.path,
+            path,
             namespace: self.ctx.namespace.as_deref(),
             id: self.id,
             owner: self.owner,
