@@ -508,24 +508,24 @@ fn machine() -> Value {
         "cpu_model_number": field("model"),
         "cpu_flags": flags,
         "aes_backend": aes_backend(),
+        "aes_crate": AES_CRATE_VERSION,
         "load_average_1m_at_end": load,
         "os": std::env::consts::OS,
         "arch": std::env::consts::ARCH,
     })
 }
 
-/// The backend the `aes` crate (0.9.3 and later) picks at run time on this CPU: VAES-512 when
-/// AVX-512F and VAES are present, else VAES-256, else AES-NI, else its software code.
+/// The `aes` crate this workspace builds with: its `Cargo.lock` holds it at 0.9.2, whose x86
+/// backend is AES-NI (0.9.3 and 0.9.4 pick VAES-512 where AVX-512 is present, which is slower for
+/// field-sized values: docs/BENCHMARKS.md, "The `aes` crate's VAES backends"). Checked against the
+/// lock file by a test.
+const AES_CRATE_VERSION: &str = "0.9.2";
+
+/// The backend `aes` 0.9.2 picks at run time on this CPU: AES-NI, else its software code.
 fn aes_backend() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("vaes")
-        {
-            "VAES-512"
-        } else if std::arch::is_x86_feature_detected!("vaes") {
-            "VAES-256"
-        } else if std::arch::is_x86_feature_detected!("aes") {
+        if std::arch::is_x86_feature_detected!("aes") {
             "AES-NI"
         } else {
             "software"
@@ -534,6 +534,22 @@ fn aes_backend() -> &'static str {
     #[cfg(not(target_arch = "x86_64"))]
     {
         "not x86_64"
+    }
+}
+
+#[cfg(test)]
+mod aes_pin {
+    /// What the bench reports as the `aes` crate is what the workspace's lock file builds.
+    #[test]
+    fn the_reported_aes_version_is_the_locked_one() {
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
+            .expect("the workspace's Cargo.lock");
+        let locked: Vec<&str> = lock
+            .split("[[package]]")
+            .filter(|p| p.contains("\nname = \"aes\"\n"))
+            .filter_map(|p| p.split("version = \"").nth(1)?.split('"').next())
+            .collect();
+        assert_eq!(locked, [super::AES_CRATE_VERSION]);
     }
 }
 
