@@ -6,7 +6,13 @@
 //!
 //! Each suite gets its own subkey, derived from the 32-byte root key with HKDF-SHA-256 and a
 //! suite-specific label, so one root key never feeds two algorithms directly.
+//!
+//! The AEADs are RustCrypto's. With the cargo feature `aead-aws-lc`, AES-256-GCM and
+//! ChaCha20-Poly1305 are aws-lc-rs's instead (same subkeys, same wire format, same test
+//! vectors); [`Suite::backend`] tells which library serves a suite in this build.
 
+#[cfg(feature = "aead-aws-lc")]
+mod aws_lc;
 mod material;
 
 use core::fmt;
@@ -133,6 +139,19 @@ impl Suite {
         }
     }
 
+    /// The library that implements this suite in this build: `"RustCrypto"`, or for
+    /// AES-256-GCM and ChaCha20-Poly1305 with the cargo feature `aead-aws-lc`
+    /// `"aws-lc-rs (AWS-LC <version>)"`, with the version of the AWS-LC that is linked in.
+    /// XChaCha20-Poly1305 and AES-SIV are always RustCrypto's (AWS-LC has neither).
+    #[must_use]
+    pub fn backend(self) -> &'static str {
+        match self {
+            #[cfg(feature = "aead-aws-lc")]
+            Suite::Aes256Gcm | Suite::ChaCha20Poly1305 => aws_lc::name(),
+            _ => RUSTCRYPTO,
+        }
+    }
+
     const fn hkdf_label(self) -> &'static [u8] {
         match self {
             Suite::Aes256Gcm => b"fieldcrypt/v1/suite/AES-256-GCM",
@@ -161,6 +180,82 @@ impl core::str::FromStr for Suite {
 
 const BLIND_INDEX_LABEL: &[u8] = b"fieldcrypt/v1/blind-index/HMAC-SHA-256";
 
+/// [`Suite::backend`] for the suites RustCrypto serves.
+const RUSTCRYPTO: &str = "RustCrypto";
+
+/// The AES-256-GCM and ChaCha20-Poly1305 states: RustCrypto's, or aws-lc-rs's with the feature.
+#[cfg(not(feature = "aead-aws-lc"))]
+type GcmState = Aes256Gcm;
+#[cfg(not(feature = "aead-aws-lc"))]
+type ChaChaState = ChaCha20Poly1305;
+#[cfg(feature = "aead-aws-lc")]
+type GcmState = aws_lc::Key;
+#[cfg(feature = "aead-aws-lc")]
+type ChaChaState = aws_lc::Key;
+
+#[cfg(not(feature = "aead-aws-lc"))]
+fn gcm_state(k: &[u8; 32]) -> GcmState {
+    Aes256Gcm::new(k.into())
+}
+#[cfg(not(feature = "aead-aws-lc"))]
+fn chacha_state(k: &[u8; 32]) -> ChaChaState {
+    ChaCha20Poly1305::new(k.into())
+}
+#[cfg(feature = "aead-aws-lc")]
+fn gcm_state(k: &[u8; 32]) -> GcmState {
+    aws_lc::Key::aes_256_gcm(k)
+}
+#[cfg(feature = "aead-aws-lc")]
+fn chacha_state(k: &[u8; 32]) -> ChaChaState {
+    aws_lc::Key::chacha20_poly1305(k)
+}
+
+/// A nonce-based AEAD whose 16-byte tag is stored apart from the ciphertext, as the envelope
+/// stores it. The nonce is the caller's: no implementation draws one.
+trait DetachedAead {
+    /// Encrypts `buf` in place under `nonce` and writes the tag into `tag`.
+    fn seal_detached(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &mut [u8])
+        -> Result<()>;
+    /// Checks `tag` and decrypts `buf` in place; on failure `buf` holds no plaintext.
+    fn open_detached(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<()>;
+}
+
+/// The RustCrypto AEADs with nonces (every one but AES-SIV).
+macro_rules! rustcrypto_detached {
+    ($($t:ty),*) => {$(
+        impl DetachedAead for $t {
+            #[inline]
+            fn seal_detached(
+                &self,
+                nonce: &[u8],
+                aad: &[u8],
+                buf: &mut [u8],
+                tag: &mut [u8],
+            ) -> Result<()> {
+                let tag = sized_mut(tag)?;
+                // The aead crates fail only on inputs beyond their length limits (~64 GiB).
+                *tag = self
+                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
+                    .map_err(|_| Error::TooLong("value"))?;
+                Ok(())
+            }
+
+            #[inline]
+            fn open_detached(
+                &self,
+                nonce: &[u8],
+                aad: &[u8],
+                buf: &mut [u8],
+                tag: &[u8],
+            ) -> Result<()> {
+                self.decrypt_inout_detached(sized(nonce)?, aad, buf.into(), sized(tag)?)
+                    .map_err(|_| Error::Decrypt)
+            }
+        }
+    )*};
+}
+rustcrypto_detached!(Aes256Gcm, ChaCha20Poly1305, XChaCha20Poly1305);
+
 /// Derives `N` bytes for `label` from a root key.
 fn derive<const N: usize>(root: &KeyMaterial, label: &[u8]) -> Zeroizing<[u8; N]> {
     let mut out = Zeroizing::new([0u8; N]);
@@ -171,11 +266,12 @@ fn derive<const N: usize>(root: &KeyMaterial, label: &[u8]) -> Zeroizing<[u8; N]
 }
 
 /// The cipher states of one root key, each built on first use and kept until the key drops.
-/// The RustCrypto types wipe their expanded keys on drop (`zeroize` features).
+/// The RustCrypto types wipe their expanded keys on drop (`zeroize` features); so do the
+/// aws-lc-rs keys of feature `aead-aws-lc` (AWS-LC cleanses the context it frees).
 #[derive(Default)]
 pub(crate) struct SuiteKeys {
-    gcm: OnceLock<Aes256Gcm>,
-    chacha: OnceLock<ChaCha20Poly1305>,
+    gcm: OnceLock<GcmState>,
+    chacha: OnceLock<ChaChaState>,
     xchacha: OnceLock<XChaCha20Poly1305>,
     // aes-siv's `Siv` needs `&mut self`, so the subkey is kept and a `Siv` made per call.
     siv: OnceLock<Zeroizing<[u8; 64]>>,
@@ -183,17 +279,17 @@ pub(crate) struct SuiteKeys {
 }
 
 impl SuiteKeys {
-    fn gcm(&self, root: &KeyMaterial) -> &Aes256Gcm {
+    fn gcm(&self, root: &KeyMaterial) -> &GcmState {
         self.gcm.get_or_init(|| {
             let k = derive::<32>(root, Suite::Aes256Gcm.hkdf_label());
-            Aes256Gcm::new((&*k).into())
+            gcm_state(&k)
         })
     }
 
-    fn chacha(&self, root: &KeyMaterial) -> &ChaCha20Poly1305 {
+    fn chacha(&self, root: &KeyMaterial) -> &ChaChaState {
         self.chacha.get_or_init(|| {
             let k = derive::<32>(root, Suite::ChaCha20Poly1305.hkdf_label());
-            ChaCha20Poly1305::new((&*k).into())
+            chacha_state(&k)
         })
     }
 
@@ -231,42 +327,30 @@ impl SuiteKeys {
         buf: &mut [u8],
         tag: &mut [u8],
     ) -> Result<()> {
-        // The aead crates fail only on inputs beyond their length limits (~64 GiB).
-        let too_long = |_| Error::TooLong("value");
+        // The nonce is drawn here, for every backend: no AEAD library chooses it.
         match suite {
             Suite::Aes256Gcm => {
                 rand::thread_rng().fill_bytes(nonce);
-                let t = self
-                    .gcm(root)
-                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
-                    .map_err(too_long)?;
-                tag.copy_from_slice(&t);
+                self.gcm(root).seal_detached(nonce, aad, buf, tag)
             }
             Suite::ChaCha20Poly1305 => {
                 rand::thread_rng().fill_bytes(nonce);
-                let t = self
-                    .chacha(root)
-                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
-                    .map_err(too_long)?;
-                tag.copy_from_slice(&t);
+                self.chacha(root).seal_detached(nonce, aad, buf, tag)
             }
             Suite::XChaCha20Poly1305 => {
                 rand::thread_rng().fill_bytes(nonce);
-                let t = self
-                    .xchacha(root)
-                    .encrypt_inout_detached(sized(nonce)?, aad, buf.into())
-                    .map_err(too_long)?;
-                tag.copy_from_slice(&t);
+                self.xchacha(root).seal_detached(nonce, aad, buf, tag)
             }
             Suite::Aes256SivDeterministic => {
-                let siv = self
+                let iv = sized_mut(nonce)?;
+                // aes-siv fails only on inputs beyond its length limits.
+                *iv = self
                     .siv(root)
                     .encrypt_inout_detached([aad], buf.into())
-                    .map_err(too_long)?;
-                nonce.copy_from_slice(&siv);
+                    .map_err(|_| Error::TooLong("value"))?;
+                Ok(())
             }
         }
-        Ok(())
     }
 
     /// Decrypts `buf` in place after checking the tag. On failure `buf` holds no plaintext.
@@ -279,37 +363,31 @@ impl SuiteKeys {
         buf: &mut [u8],
         tag: &[u8],
     ) -> Result<()> {
-        let ok = match suite {
-            Suite::Aes256Gcm => {
-                self.gcm(root)
-                    .decrypt_inout_detached(sized(nonce)?, aad, buf.into(), sized(tag)?)
-            }
-            Suite::ChaCha20Poly1305 => self.chacha(root).decrypt_inout_detached(
-                sized(nonce)?,
-                aad,
-                buf.into(),
-                sized(tag)?,
-            ),
-            Suite::XChaCha20Poly1305 => self.xchacha(root).decrypt_inout_detached(
-                sized(nonce)?,
-                aad,
-                buf.into(),
-                sized(tag)?,
-            ),
-            Suite::Aes256SivDeterministic => {
-                self.siv(root)
-                    .decrypt_inout_detached([aad], buf.into(), sized(nonce)?)
-            }
-        };
-        ok.map_err(|_| Error::Decrypt)
+        match suite {
+            Suite::Aes256Gcm => self.gcm(root).open_detached(nonce, aad, buf, tag),
+            Suite::ChaCha20Poly1305 => self.chacha(root).open_detached(nonce, aad, buf, tag),
+            Suite::XChaCha20Poly1305 => self.xchacha(root).open_detached(nonce, aad, buf, tag),
+            Suite::Aes256SivDeterministic => self
+                .siv(root)
+                .decrypt_inout_detached([aad], buf.into(), sized(nonce)?)
+                .map_err(|_| Error::Decrypt),
+        }
     }
 }
 
 /// `b` as the fixed-size array an AEAD takes. Envelopes are parsed and built with each suite's
 /// lengths, so a mismatch is a malformed input, never a reason to panic.
 fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>> {
-    b.try_into()
-        .map_err(|_| Error::MalformedCiphertext("nonce or tag of the wrong length for its suite"))
+    b.try_into().map_err(|_| wrong_length())
+}
+
+/// [`sized`] for an output (the tag, or AES-SIV's synthetic IV).
+fn sized_mut<N: ArraySize>(b: &mut [u8]) -> Result<&mut Array<u8, N>> {
+    b.try_into().map_err(|_| wrong_length())
+}
+
+fn wrong_length() -> Error {
+    Error::MalformedCiphertext("nonce or tag of the wrong length for its suite")
 }
 
 #[cfg(test)]
@@ -366,6 +444,49 @@ mod tests {
         wiped_on_drop::<Aes256Siv>();
         wiped_on_drop::<cmac::block_api::CmacCore<aes::Aes256>>();
         wiped_on_drop::<aes::Aes256>();
+    }
+
+    #[test]
+    fn backend_is_rustcrypto_except_with_the_aws_lc_feature() {
+        for suite in Suite::ALL {
+            let aws_lc = cfg!(feature = "aead-aws-lc")
+                && matches!(suite, Suite::Aes256Gcm | Suite::ChaCha20Poly1305);
+            assert_eq!(suite.backend() == "RustCrypto", !aws_lc, "{suite}");
+        }
+    }
+
+    /// A nonce, tag or synthetic-IV buffer of the wrong length is a malformed input for every
+    /// suite, in `seal` as in `open`: never a panic.
+    #[test]
+    fn wrong_lengths_are_errors_not_panics() {
+        let root = KeyMaterial::generate(32);
+        let keys = SuiteKeys::default();
+        for suite in Suite::ALL {
+            let (n, t) = (suite.nonce_len(), suite.tag_len());
+            for (nonce_len, tag_len) in [(n + 1, t), (n - 1, t), (n, t + 1), (0, 0)] {
+                if (nonce_len, tag_len) == (n, t) {
+                    continue;
+                }
+                let mut nonce = vec![0u8; nonce_len];
+                let mut tag = vec![0u8; tag_len];
+                let mut buf = b"value".to_vec();
+                let sealed = keys.seal(suite, &root, b"ad", &mut nonce, &mut buf, &mut tag);
+                // AES-SIV has no tag buffer to check, so only its IV length can be wrong.
+                if suite != Suite::Aes256SivDeterministic || nonce_len != n {
+                    assert!(
+                        matches!(sealed, Err(Error::MalformedCiphertext(_))),
+                        "{suite} seal ({nonce_len}, {tag_len}): {sealed:?}"
+                    );
+                }
+                let opened = keys.open(suite, &root, b"ad", &nonce, &mut buf, &tag);
+                if suite != Suite::Aes256SivDeterministic || nonce_len != n {
+                    assert!(
+                        matches!(opened, Err(Error::MalformedCiphertext(_))),
+                        "{suite} open ({nonce_len}, {tag_len}): {opened:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

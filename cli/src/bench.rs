@@ -414,11 +414,13 @@ impl Report {
             "machine": machine(),
             "fieldcrypt_version": env!("CARGO_PKG_VERSION"),
             "optimized_build": !cfg!(debug_assertions),
+            "aead_backend": aead_backends(),
         })
     }
 
     fn print(&self) {
         println!("{}", self.title);
+        println!("{}", aead_backend_line());
         println!(
             "{} thread(s); documents/s: median of trials (min–max); per thread: median over threads and trials\n",
             self.threads
@@ -995,6 +997,144 @@ fn open_detached<A: AeadInOut>(
         .map_err(|_| CliError::Lib(Error::Decrypt))
 }
 
+/// A bare AEAD with a nonce, sealing into ciphertext ‖ tag and opening from it.
+trait BareAead {
+    fn seal_bare(
+        &self,
+        nonce: &[u8],
+        ad: &[u8],
+        pt: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CliError>;
+    fn open_bare(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), CliError>;
+}
+
+macro_rules! rustcrypto_bare {
+    ($($t:ty),*) => {$(
+        impl BareAead for $t {
+            #[inline]
+            fn seal_bare(
+                &self,
+                nonce: &[u8],
+                ad: &[u8],
+                pt: &[u8],
+                out: &mut Vec<u8>,
+            ) -> Result<(), CliError> {
+                seal_detached(self, nonce, ad, pt, out)
+            }
+
+            #[inline]
+            fn open_bare(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), CliError> {
+                open_detached(self, s, ad, buf)
+            }
+        }
+    )*};
+}
+rustcrypto_bare!(Aes256Gcm, ChaCha20Poly1305, XChaCha20Poly1305);
+
+/// The bare AES-256-GCM and ChaCha20-Poly1305: the library fieldcrypt's own suites use in this
+/// build (`Suite::backend`), RustCrypto's or, with feature `aead-aws-lc`, aws-lc-rs's.
+#[cfg(not(feature = "aead-aws-lc"))]
+type BareGcm = Aes256Gcm;
+#[cfg(not(feature = "aead-aws-lc"))]
+type BareChaCha = ChaCha20Poly1305;
+#[cfg(feature = "aead-aws-lc")]
+type BareGcm = aws_lc_rs::aead::LessSafeKey;
+#[cfg(feature = "aead-aws-lc")]
+type BareChaCha = aws_lc_rs::aead::LessSafeKey;
+
+#[cfg(not(feature = "aead-aws-lc"))]
+fn bare_gcm(k: &[u8]) -> BareGcm {
+    Aes256Gcm::new_from_slice(k).unwrap_or_else(|_| unreachable!("a 32-byte key"))
+}
+#[cfg(not(feature = "aead-aws-lc"))]
+fn bare_chacha(k: &[u8]) -> BareChaCha {
+    ChaCha20Poly1305::new_from_slice(k).unwrap_or_else(|_| unreachable!("a 32-byte key"))
+}
+#[cfg(feature = "aead-aws-lc")]
+fn bare_gcm(k: &[u8]) -> BareGcm {
+    aws_lc_key(&aws_lc_rs::aead::AES_256_GCM, k)
+}
+#[cfg(feature = "aead-aws-lc")]
+fn bare_chacha(k: &[u8]) -> BareChaCha {
+    aws_lc_key(&aws_lc_rs::aead::CHACHA20_POLY1305, k)
+}
+#[cfg(feature = "aead-aws-lc")]
+fn aws_lc_key(alg: &'static aws_lc_rs::aead::Algorithm, k: &[u8]) -> aws_lc_rs::aead::LessSafeKey {
+    let key =
+        aws_lc_rs::aead::UnboundKey::new(alg, k).unwrap_or_else(|_| unreachable!("a 32-byte key"));
+    aws_lc_rs::aead::LessSafeKey::new(key)
+}
+
+/// aws-lc-rs as fieldcrypt calls it (`src/suite/aws_lc.rs`): the caller's nonce, in place,
+/// the tag apart.
+#[cfg(feature = "aead-aws-lc")]
+impl BareAead for aws_lc_rs::aead::LessSafeKey {
+    #[inline]
+    fn seal_bare(
+        &self,
+        nonce: &[u8],
+        ad: &[u8],
+        pt: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CliError> {
+        use aws_lc_rs::aead::{Aad, Nonce};
+        let fail = || CliError::Usage("bare AEAD failed to seal".into());
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| fail())?;
+        let start = out.len();
+        out.extend_from_slice(pt);
+        let tag = self
+            .seal_in_place_separate_tag(nonce, Aad::from(ad), &mut out[start..])
+            .map_err(|_| fail())?;
+        out.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    #[inline]
+    fn open_bare(&self, s: &Sealed, ad: &[u8], buf: &mut Vec<u8>) -> Result<(), CliError> {
+        use aws_lc_rs::aead::{Aad, Nonce};
+        let (ct, tag) = s
+            .body
+            .split_at_checked(s.body.len().wrapping_sub(16))
+            .ok_or(CliError::Lib(Error::Decrypt))?;
+        let nonce = Nonce::try_assume_unique_for_key(&s.nonce)
+            .map_err(|_| CliError::Lib(Error::Decrypt))?;
+        buf.extend_from_slice(ct);
+        self.open_in_place_separate_tag(nonce, Aad::from(ad), tag, buf.as_mut_slice())
+            .map(|_| ())
+            .map_err(|_| CliError::Lib(Error::Decrypt))
+    }
+}
+
+/// Which library serves each fieldcrypt suite in this build, for the JSON report; the bare
+/// baselines use the same one for every suite (CSFLE and QE are always RustCrypto's).
+fn aead_backends() -> Value {
+    let suites: serde_json::Map<String, Value> = Suite::ALL
+        .into_iter()
+        .map(|s| (s.name().to_owned(), json!(s.backend())))
+        .collect();
+    json!({ "suites": suites, "csfle_qe": "RustCrypto", "baselines": "same as fieldcrypt" })
+}
+
+/// The printed header's line naming the AEAD libraries (fieldcrypt and its baselines alike).
+fn aead_backend_line() -> String {
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for s in Suite::ALL {
+        match groups.iter_mut().find(|(b, _)| *b == s.backend()) {
+            Some((_, names)) => names.push(s.name()),
+            None => groups.push((s.backend(), vec![s.name()])),
+        }
+    }
+    let groups: Vec<String> = groups
+        .into_iter()
+        .map(|(b, names)| format!("{b} for {}", names.join(", ")))
+        .collect();
+    format!(
+        "AEAD backend (fieldcrypt and baseline): {}; CSFLE and QE: RustCrypto",
+        groups.join("; ")
+    )
+}
+
 /// `b` as the fixed-size array a cipher takes (nonces, IVs and tags here have their suite's
 /// length by construction).
 fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>, CliError> {
@@ -1004,8 +1144,8 @@ fn sized<N: ArraySize>(b: &[u8]) -> Result<&Array<u8, N>, CliError> {
 
 /// The cipher alone, keyed once, with no envelope, BSON or key lookup around it.
 enum Bare {
-    Gcm(Box<Aes256Gcm>),
-    ChaCha(Box<ChaCha20Poly1305>),
+    Gcm(Box<BareGcm>),
+    ChaCha(Box<BareChaCha>),
     XChaCha(Box<XChaCha20Poly1305>),
     /// aes-siv's `Siv` needs `&mut self`, so one is built per call (as fieldcrypt does).
     Siv([u8; 64]),
@@ -1038,21 +1178,27 @@ impl Bare {
                 Bare::Qe(Box::new((mac, aes::Aes256::new(k32))))
             }
             Format::Fieldcrypt(Suite::ChaCha20Poly1305) => {
-                Bare::ChaCha(Box::new(ChaCha20Poly1305::new(k32)))
+                Bare::ChaCha(Box::new(bare_chacha(&BENCH_KEY[..32])))
             }
             Format::Fieldcrypt(Suite::XChaCha20Poly1305) => {
                 Bare::XChaCha(Box::new(XChaCha20Poly1305::new(k32)))
             }
             Format::Fieldcrypt(Suite::Aes256SivDeterministic) => Bare::Siv(BENCH_KEY),
             // AES-256-GCM, and any suite added later.
-            Format::Fieldcrypt(_) => Bare::Gcm(Box::new(Aes256Gcm::new(k32))),
+            Format::Fieldcrypt(_) => Bare::Gcm(Box::new(bare_gcm(&BENCH_KEY[..32]))),
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
+            #[cfg(not(feature = "aead-aws-lc"))]
             Bare::Gcm(_) => "AES-256-GCM",
+            #[cfg(not(feature = "aead-aws-lc"))]
             Bare::ChaCha(_) => "ChaCha20-Poly1305",
+            #[cfg(feature = "aead-aws-lc")]
+            Bare::Gcm(_) => "AES-256-GCM (aws-lc-rs)",
+            #[cfg(feature = "aead-aws-lc")]
+            Bare::ChaCha(_) => "ChaCha20-Poly1305 (aws-lc-rs)",
             Bare::XChaCha(_) => "XChaCha20-Poly1305",
             Bare::Siv(_) => "AES-256-SIV",
             Bare::Csfle(_) => "AES-256-CBC+HMAC-SHA-512",
@@ -1111,9 +1257,9 @@ impl Bare {
         let fail = |_| CliError::Usage("bare AEAD failed to seal".into());
         out.clear();
         match self {
-            Bare::Gcm(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,
-            Bare::ChaCha(c) => seal_detached(&**c, &nonce_buf[..12], ad, pt, out)?,
-            Bare::XChaCha(c) => seal_detached(&**c, &nonce_buf[..], ad, pt, out)?,
+            Bare::Gcm(c) => c.seal_bare(&nonce_buf[..12], ad, pt, out)?,
+            Bare::ChaCha(c) => c.seal_bare(&nonce_buf[..12], ad, pt, out)?,
+            Bare::XChaCha(c) => c.seal_bare(&nonce_buf[..], ad, pt, out)?,
             Bare::Siv(k) => {
                 out.extend_from_slice(&[0; 16]);
                 out.extend_from_slice(pt);
@@ -1151,9 +1297,9 @@ impl Bare {
         buf.clear();
         let decrypt = |_| CliError::Lib(Error::Decrypt);
         match self {
-            Bare::Gcm(c) => open_detached(&**c, s, ad, buf),
-            Bare::ChaCha(c) => open_detached(&**c, s, ad, buf),
-            Bare::XChaCha(c) => open_detached(&**c, s, ad, buf),
+            Bare::Gcm(c) => c.open_bare(s, ad, buf),
+            Bare::ChaCha(c) => c.open_bare(s, ad, buf),
+            Bare::XChaCha(c) => c.open_bare(s, ad, buf),
             Bare::Siv(k) => {
                 let (siv, ct) = s
                     .body
