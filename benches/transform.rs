@@ -17,12 +17,82 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::{Aes256Gcm, KeyInit};
 use bson::{doc, Document, RawDocumentBuf};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fieldcrypt::{Context, Cryptor, Field, InMemoryKeyring, Schema, Suite};
 use fieldcrypt_testkit::workloads::{self, Format};
+
+/// The bare AES-256-GCM the per-field and single-value baselines call: the library fieldcrypt's
+/// build uses for that suite (RustCrypto `aes-gcm`, or aws-lc-rs with feature `aead-aws-lc`),
+/// with a fresh random nonce per seal, as fieldcrypt must.
+struct BareGcm {
+    #[cfg(not(feature = "aead-aws-lc"))]
+    key: aes_gcm::Aes256Gcm,
+    #[cfg(feature = "aead-aws-lc")]
+    key: aws_lc_rs::aead::LessSafeKey,
+}
+
+impl BareGcm {
+    fn new() -> Self {
+        let k = [7u8; 32];
+        #[cfg(not(feature = "aead-aws-lc"))]
+        let key = aes_gcm::KeyInit::new(&k.into());
+        #[cfg(feature = "aead-aws-lc")]
+        let key = aws_lc_rs::aead::LessSafeKey::new(
+            aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &k).unwrap(),
+        );
+        BareGcm { key }
+    }
+
+    /// Seals `buf` in place under a random nonce; returns the nonce and tag.
+    fn seal(&self, ad: &[u8], buf: &mut [u8]) -> ([u8; 12], [u8; 16]) {
+        let mut nonce = [0u8; 12];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+        #[cfg(not(feature = "aead-aws-lc"))]
+        let tag: [u8; 16] = aes_gcm::aead::AeadInOut::encrypt_inout_detached(
+            &self.key,
+            &nonce.into(),
+            ad,
+            buf.into(),
+        )
+        .unwrap()
+        .into();
+        #[cfg(feature = "aead-aws-lc")]
+        let tag: [u8; 16] = self
+            .key
+            .seal_in_place_separate_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(ad),
+                buf,
+            )
+            .unwrap()
+            .as_ref()
+            .try_into()
+            .unwrap();
+        (nonce, tag)
+    }
+
+    fn open(&self, nonce: [u8; 12], ad: &[u8], buf: &mut [u8], tag: &[u8; 16]) {
+        #[cfg(not(feature = "aead-aws-lc"))]
+        aes_gcm::aead::AeadInOut::decrypt_inout_detached(
+            &self.key,
+            &nonce.into(),
+            ad,
+            buf.into(),
+            tag.into(),
+        )
+        .unwrap();
+        #[cfg(feature = "aead-aws-lc")]
+        self.key
+            .open_in_place_separate_tag(
+                aws_lc_rs::aead::Nonce::assume_unique_for_key(nonce),
+                aws_lc_rs::aead::Aad::from(ad),
+                tag,
+                buf,
+            )
+            .unwrap();
+    }
+}
 
 fn bench_w1(c: &mut Criterion) {
     let mut g = c.benchmark_group("W1_bulk_decrypt");
@@ -134,7 +204,7 @@ fn bench_w3(c: &mut Criterion) {
                 .unwrap(),
         ),
     );
-    let bare = Aes256Gcm::new(&[7u8; 32].into());
+    let bare = BareGcm::new();
     let ctx = Context::none();
     let mut g = c.benchmark_group("W3_per_field");
     for size in [16usize, 32, 64, 256, 1024, 4096] {
@@ -142,7 +212,6 @@ fn bench_w3(c: &mut Criterion) {
         // The bare calls get associated data of the length fieldcrypt's has for field `v`
         // (20-byte header, u32 length, path).
         let ad = [0u8; 25];
-        let nonce = [1u8; 12].into();
         let plain = RawDocumentBuf::from_document(&doc! { "v": value.clone() }).unwrap();
         let enc = one.encrypt_raw(&plain, &ctx).unwrap();
         let mut wide = Document::new();
@@ -152,9 +221,7 @@ fn bench_w3(c: &mut Criterion) {
         let plain_many = RawDocumentBuf::from_document(&wide).unwrap();
         let enc_many = many.encrypt_raw(&plain_many, &ctx).unwrap();
         let mut sealed = value.as_bytes().to_vec();
-        let tag = bare
-            .encrypt_inout_detached(&nonce, &ad, sealed.as_mut_slice().into())
-            .unwrap();
+        let (nonce, tag) = bare.seal(&ad, &mut sealed);
 
         g.throughput(Throughput::Elements(1));
         g.bench_with_input(
@@ -164,10 +231,7 @@ fn bench_w3(c: &mut Criterion) {
                 let mut buf = value.as_bytes().to_vec();
                 b.iter(|| {
                     buf.copy_from_slice(value.as_bytes());
-                    black_box(
-                        bare.encrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into())
-                            .unwrap(),
-                    )
+                    black_box(bare.seal(&ad, &mut buf))
                 });
             },
         );
@@ -178,8 +242,7 @@ fn bench_w3(c: &mut Criterion) {
                 let mut buf = sealed.clone();
                 b.iter(|| {
                     buf.copy_from_slice(&sealed);
-                    bare.decrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into(), &tag)
-                        .unwrap();
+                    bare.open(nonce, &ad, &mut buf, &tag);
                     black_box(&buf);
                 });
             },
@@ -252,8 +315,7 @@ fn bench_single_values(c: &mut Criterion) {
     let ctx = Context::namespace("app.users");
     let value = bson::Bson::String("x".repeat(32));
     let sealed = cr.encrypt_value("v", &value, &ctx, None, None).unwrap();
-    let bare = Aes256Gcm::new(&[7u8; 32].into());
-    let nonce = [1u8; 12].into();
+    let bare = BareGcm::new();
     let ad = [0u8; 38]; // header, path and namespace, as fieldcrypt's
     let plain = [b'x'; 37]; // the BSON string's bytes
     let mut g = c.benchmark_group("single_value_32B");
@@ -270,29 +332,20 @@ fn bench_single_values(c: &mut Criterion) {
                 .unwrap()
         });
     });
-    // The seal baseline draws a random nonce per value, as fieldcrypt must.
     g.bench_function("bare_aes256gcm_seal", |b| {
         let mut buf = plain.to_vec();
-        let mut n = [0u8; 12];
         b.iter(|| {
-            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut n);
             buf.copy_from_slice(&plain);
-            black_box(
-                bare.encrypt_inout_detached(&n.into(), &ad, buf.as_mut_slice().into())
-                    .unwrap(),
-            )
+            black_box(bare.seal(&ad, &mut buf))
         });
     });
     g.bench_function("bare_aes256gcm_open", |b| {
         let mut buf = plain.to_vec();
-        let tag = bare
-            .encrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into())
-            .unwrap();
+        let (nonce, tag) = bare.seal(&ad, &mut buf);
         let sealed = buf.clone();
         b.iter(|| {
             buf.copy_from_slice(&sealed);
-            bare.decrypt_inout_detached(&nonce, &ad, buf.as_mut_slice().into(), &tag)
-                .unwrap();
+            bare.open(nonce, &ad, &mut buf, &tag);
             black_box(&buf);
         });
     });
