@@ -15,7 +15,7 @@
 //! ```
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use rayon::prelude::*;
@@ -748,14 +748,19 @@ impl<'c> Walker<'c> {
         w
     }
 
+    /// This thread's entry of the cryptor's key cache, locked, with the walk's generation; `None`
+    /// when the keyring reports no generation, or when the entry is busy (another thread is
+    /// dropping stale keys, or this is a walk inside a walk).
+    fn own_cache(&self) -> Option<(u64, MutexGuard<'c, KeyCache>)> {
+        let generation = self.generation?;
+        let cache = self.cryptor.keys.get_or_default().try_lock().ok()?;
+        Some((generation, cache))
+    }
+
     /// Takes the keys the last walk on this thread left, if the keyring has not changed since;
     /// otherwise drops every thread's stale keys.
     fn take_cached_keys(&mut self) {
-        let Some(generation) = self.generation else {
-            return;
-        };
-        // Busy only while another thread drops stale keys, or in a walk inside a walk.
-        let Ok(mut cache) = self.cryptor.keys.get_or_default().try_lock() else {
+        let Some((generation, mut cache)) = self.own_cache() else {
             return;
         };
         if cache.generation == generation {
@@ -776,15 +781,17 @@ impl<'c> Walker<'c> {
     }
 
     /// Gives the walk's keys back to the cryptor's cache for this thread (with nothing
-    /// reserved), when the cache is free and still of the walk's generation.
+    /// reserved), when the cache is free and the keyring is still at the walk's generation:
+    /// keys of a walk that a keyring change overtook are dropped here rather than kept.
     fn return_cached_keys(&mut self) {
-        let Some(generation) = self.generation else {
+        let Some((generation, mut cache)) = self.own_cache() else {
             return;
         };
-        let Ok(mut cache) = self.cryptor.keys.get_or_default().try_lock() else {
-            return;
-        };
-        if cache.generation == generation && cache.primaries.is_empty() && cache.last.is_none() {
+        if cache.generation == generation
+            && self.cryptor.keyring.generation() == Some(generation)
+            && cache.primaries.is_empty()
+            && cache.last.is_none()
+        {
             std::mem::swap(&mut self.primaries, &mut cache.primaries);
             cache.last = self.last_key.take();
         }

@@ -943,3 +943,55 @@ fn keys_cached_per_thread_follow_keyring_changes_and_go_at_the_next_walk() {
         );
     });
 }
+
+/// A keyring that rotates its alias while a walk looks the primary up: the walk's keys are
+/// then of a generation the keyring has left, and must not be kept for the next walk.
+struct RotatesDuringLookup {
+    inner: Arc<InMemoryKeyring>,
+    rotated: std::sync::atomic::AtomicBool,
+}
+
+impl Keyring for RotatesDuringLookup {
+    fn key(&self, id: &KeyId) -> fieldcrypt::Result<Arc<Key>> {
+        self.inner.key(id)
+    }
+    fn primary(&self, alias: &str) -> fieldcrypt::Result<Arc<Key>> {
+        let key = self.inner.primary(alias)?;
+        if !self.rotated.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.inner.rotate(alias);
+        }
+        Ok(key)
+    }
+    fn readable_keys(&self, alias: &str) -> fieldcrypt::Result<Vec<Arc<Key>>> {
+        self.inner.readable_keys(alias)
+    }
+    fn generation(&self) -> Option<u64> {
+        self.inner.generation()
+    }
+}
+
+#[test]
+fn keys_of_a_walk_overtaken_by_a_keyring_change_are_not_kept() {
+    let keys = ring();
+    let held = keys.primary("pii").unwrap();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(
+        RotatesDuringLookup {
+            inner: keys.clone(),
+            rotated: false.into(),
+        },
+        schema,
+    );
+    let d = c
+        .encrypt_document(&doc! { "ssn": "x" }, &Context::none())
+        .unwrap();
+    assert_eq!(
+        Cryptor::referenced_keys(&RawDocumentBuf::from_document(&d).unwrap()).unwrap(),
+        vec![held.id()]
+    );
+    // The keyring holds an `active` copy now; the walk's handle was not cached.
+    assert_eq!(Arc::strong_count(&held), 1);
+}
