@@ -60,19 +60,13 @@ impl DetachedAead for Key {
         tag: &mut [u8],
     ) -> Result<()> {
         let nonce = nonce_of(nonce)?;
-        if tag.len() != TAG_LEN {
-            return Err(wrong_length());
-        }
+        let tag: &mut [u8; TAG_LEN] = tag.try_into().map_err(|_| wrong_length())?;
         let t = self
             .0
             .seal_in_place_separate_tag(nonce, Aad::from(aad), buf)
             .map_err(|_| Error::TooLong("value"))?;
-        let t = t.as_ref();
-        if t.len() != TAG_LEN {
-            // Both algorithms' tags are 16 bytes; a different one would be a broken AWS-LC.
-            return Err(Error::TooLong("value"));
-        }
-        tag.copy_from_slice(t);
+        // Both algorithms' tags are 16 bytes (checked by the tests below).
+        *tag = t.as_ref().try_into().map_err(|_| wrong_length())?;
         Ok(())
     }
 
