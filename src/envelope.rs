@@ -44,7 +44,7 @@ pub(crate) mod flags {
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Binding<'a> {
     /// The field path with array indexes left out (`addresses.street`).
-    pub path: &'a str,
+    pub path: &'a [u8],
     /// `db.collection`, when known.
     pub namespace: Option<&'a str>,
     /// The document's `_id`, when the field is bound to it.
@@ -56,7 +56,7 @@ pub(crate) struct Binding<'a> {
 impl core::fmt::Debug for Binding<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Binding")
-            .field("path", &self.path)
+            .field("path", &String::from_utf8_lossy(self.path))
             .field("namespace", &self.namespace)
             .field("id", &self.id)
             .field("owner", &self.owner)
@@ -84,7 +84,7 @@ impl Binding<'_> {
         ad.clear();
         let f = header[2];
         ad.extend_from_slice(header);
-        put_bytes(ad, self.path.as_bytes())?;
+        put_bytes(ad, self.path)?;
         if f & flags::NAMESPACE != 0 {
             // Errors built lazily (see lib.rs): this runs once per value sealed or opened.
             let ns = self.namespace.ok_or_else(|| {

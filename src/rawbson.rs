@@ -59,7 +59,9 @@ pub(crate) fn is_value_type(t: u8) -> bool {
 /// One element of a document, as slices of the document's bytes.
 #[derive(Clone, Copy)]
 pub(crate) struct Element<'a> {
-    pub key: &'a str,
+    /// The element's name, as stored: UTF-8 (the iterator checks it), kept as bytes because
+    /// the hot paths only compare and copy it. [`Element::key`] gives it as a `str`.
+    pub name: &'a [u8],
     pub ty: u8,
     /// The value's own bytes.
     pub value: &'a [u8],
@@ -73,7 +75,7 @@ impl core::fmt::Debug for Element<'_> {
         write!(
             f,
             "Element {{ key: {:?}, ty: {:#04x}, len: {} }}",
-            self.key,
+            self.key(),
             self.ty,
             self.value.len()
         )
@@ -81,6 +83,12 @@ impl core::fmt::Debug for Element<'_> {
 }
 
 impl<'a> Element<'a> {
+    /// The element's name as a `str`. [`elements`] makes elements only of UTF-8 names, so
+    /// this never falls back to the empty name it would give otherwise.
+    pub(crate) fn key(&self) -> &'a str {
+        core::str::from_utf8(self.name).unwrap_or_default()
+    }
+
     pub(crate) fn raw_value(&self) -> RawValue<'a> {
         RawValue {
             ty: self.ty,
@@ -135,6 +143,32 @@ impl<'a> Elements<'a> {
         le_i32(self.bytes.get(at..self.end)?)
     }
 
+    /// Where the element name starting at `from` ends (its NUL), and whether every byte before
+    /// it is ASCII. Names are read eight bytes at a time: the scan and the ASCII test were,
+    /// byte by byte with `str::from_utf8`, a fifth of W2's instructions (docs/BENCHMARKS.md).
+    fn name_end(&self, from: usize) -> Option<(usize, bool)> {
+        const LOW: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let mut high = 0u64;
+        let mut at = from;
+        while let Some(word) = self.bytes.get(at..self.end).and_then(<[u8]>::first_chunk) {
+            let w = u64::from_le_bytes(*word);
+            // The lowest bit set marks the first NUL byte exactly (borrows only run upwards).
+            let zero = w.wrapping_sub(LOW) & !w & HIGH;
+            if zero != 0 {
+                let n = zero.trailing_zeros() / 8;
+                let before = (1u64 << (n * 8)) - 1;
+                high |= w & before & HIGH;
+                return Some((at + n as usize, high == 0));
+            }
+            high |= w & HIGH;
+            at += 8;
+        }
+        let end = self.cstring_end(at)?;
+        let tail_ascii = self.bytes[at..end].is_ascii();
+        Some((end, high == 0 && tail_ascii))
+    }
+
     fn cstring_end(&self, from: usize) -> Option<usize> {
         self.bytes
             .get(from..self.end)?
@@ -153,12 +187,14 @@ impl<'a> Iterator for Elements<'a> {
         }
         let start = self.pos;
         let t = self.bytes[start];
-        let Some(key_end) = self.cstring_end(start + 1) else {
+        let Some((key_end, ascii)) = self.name_end(start + 1) else {
             return self.fail("element name is not terminated");
         };
-        let Ok(key) = core::str::from_utf8(&self.bytes[start + 1..key_end]) else {
+        let name = &self.bytes[start + 1..key_end];
+        // ASCII is UTF-8; only other names need the full check.
+        if !ascii && core::str::from_utf8(name).is_err() {
             return self.fail("element name is not UTF-8");
-        };
+        }
         let v = key_end + 1;
         let len = match t {
             ty::DOUBLE | ty::DATETIME | ty::TIMESTAMP | ty::INT64 => Some(8),
@@ -187,7 +223,7 @@ impl<'a> Iterator for Elements<'a> {
         };
         self.pos = end;
         Some(Ok(Element {
-            key,
+            name,
             ty: t,
             value: &self.bytes[v..end],
             raw: &self.bytes[start..end],
@@ -199,7 +235,7 @@ impl<'a> Iterator for Elements<'a> {
 pub(crate) fn find<'a>(doc: &'a RawDocument, key: &str) -> Result<Option<Element<'a>>> {
     for e in elements(doc) {
         let e = e?;
-        if e.key == key {
+        if e.name == key.as_bytes() {
             return Ok(Some(e));
         }
     }
@@ -388,9 +424,9 @@ pub(crate) fn decode_value(t: u8, value: &[u8]) -> Result<bson::Bson> {
 }
 
 /// Appends an element header: type byte and key.
-pub(crate) fn put_key(out: &mut Vec<u8>, t: u8, key: &str) {
+pub(crate) fn put_key(out: &mut Vec<u8>, t: u8, key: &(impl AsRef<[u8]> + ?Sized)) {
     out.push(t);
-    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(key.as_ref());
     out.push(0);
 }
 
@@ -508,7 +544,7 @@ mod tests {
         assert_eq!(els[1].value, b"\x03\x00\x00\x00hi\x00");
         assert_eq!(els[3].binary(), Some((0x8F, &[1u8, 2, 3][..])));
         for e in &els {
-            assert!(value_is_well_formed(e.ty, e.value), "{}", e.key);
+            assert!(value_is_well_formed(e.ty, e.value), "{}", e.key());
         }
         let total: usize = els.iter().map(|e| e.raw.len()).sum();
         assert_eq!(total + 5, doc.as_bytes().len());
@@ -555,12 +591,77 @@ mod tests {
                     proptest::prop_assert_eq!(ours.len(), theirs.len());
                     for (o, t) in ours.iter().zip(&theirs) {
                         let (o, t) = (o.as_ref().unwrap(), t.as_ref().unwrap());
-                        proptest::prop_assert_eq!(o.key, t.key());
+                        proptest::prop_assert_eq!(o.key(), t.key());
                         proptest::prop_assert_eq!(o.value.len(), t.len());
                     }
                 }
             }
         }
+    }
+
+    /// The eight-bytes-at-a-time name scan gives what a byte-by-byte scan and `str::from_utf8`
+    /// give, for names of every length up to three words with an ASCII, a multi-byte UTF-8, an
+    /// invalid byte or a missing NUL at every offset.
+    #[test]
+    fn names_of_every_length_are_read_as_byte_by_byte() {
+        fn doc_with(name: &[u8], terminated: bool) -> Vec<u8> {
+            let mut d = vec![0; 4];
+            d.push(ty::INT32);
+            d.extend_from_slice(name);
+            if terminated {
+                d.push(0);
+                d.extend_from_slice(&7i32.to_le_bytes());
+            }
+            d.push(0);
+            let n = i32::try_from(d.len()).unwrap();
+            d[..4].copy_from_slice(&n.to_le_bytes());
+            d
+        }
+        let mut cases = 0;
+        for len in 0..=24 {
+            for at in 0..=len {
+                for odd in [
+                    &b""[..],
+                    "é".as_bytes(),
+                    "€".as_bytes(),
+                    b"\xff",
+                    b"\xc3",
+                    b"\x80",
+                ] {
+                    let mut name: Vec<u8> = (b'a'..=b'z').cycle().take(len).collect();
+                    name.splice(at..at, odd.iter().copied());
+                    for terminated in [true, false] {
+                        let bytes = doc_with(&name, terminated);
+                        let doc = RawDocument::from_bytes(&bytes).unwrap();
+                        let got: Vec<_> = elements(doc).collect();
+                        match (terminated, core::str::from_utf8(&name)) {
+                            (true, Ok(key)) => {
+                                assert_eq!(got.len(), 1, "{name:?}");
+                                let e = got[0].as_ref().unwrap();
+                                assert_eq!(
+                                    (e.name, e.key(), e.value),
+                                    (&name[..], key, &7i32.to_le_bytes()[..])
+                                );
+                            }
+                            (true, Err(_)) => {
+                                assert!(
+                                    matches!(&got[..], [Err(Error::MalformedBson(why))] if why.contains("not UTF-8")),
+                                    "{name:?}: {got:?}"
+                                );
+                            }
+                            (false, _) => {
+                                assert!(
+                                    matches!(&got[..], [Err(Error::MalformedBson(why))] if why.contains("not terminated")),
+                                    "{name:?}: {got:?}"
+                                );
+                            }
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, (1..=25).sum::<usize>() * 6 * 2);
     }
 
     #[test]

@@ -237,31 +237,35 @@ pub(crate) struct Node {
 impl Node {
     /// The child for `key`. Children are kept sorted: a binary search for wide nodes (W1 has
     /// 1500 fields at the top), a scan for the usual handful, which is cheaper.
-    pub(crate) fn child(&self, key: &str) -> Option<&Node> {
+    pub(crate) fn child(&self, key: impl AsRef<[u8]>) -> Option<&Node> {
         let mut from_start = usize::MAX; // no hint
-        self.child_after(key, &mut from_start)
+        self.child_after(key.as_ref(), &mut from_start)
+            .map(|(_, n)| n)
     }
 
-    /// [`Node::child`] for the elements of one document in turn: `next` is where the search
-    /// starts, and is moved past each match. Documents tend to hold their fields in the order
-    /// of the schema's (sorted) names — always when written from the same code — so that a
-    /// match usually costs one comparison instead of a search.
-    pub(crate) fn child_after(&self, key: &str, next: &mut usize) -> Option<&Node> {
+    /// [`Node::child`] for the elements of one document in turn, by the element's name as
+    /// stored: `next` is where the search starts, and is moved past each match. Documents tend
+    /// to hold their fields in the order of the schema's (sorted) names — always when written
+    /// from the same code — so that a match usually costs one comparison instead of a search.
+    /// Gives the child's name too (the same bytes, as a `str`).
+    pub(crate) fn child_after(&self, key: &[u8], next: &mut usize) -> Option<(&str, &Node)> {
         if let Some((k, n)) = self.children.get(*next) {
-            if k == key {
+            if k.as_bytes() == key {
                 *next += 1;
-                return Some(n);
+                return Some((k, n));
             }
         }
+        // Byte order is `str` order, in which the children are sorted.
         let i = if self.children.len() <= 8 {
-            self.children.iter().position(|(k, _)| k == key)
+            self.children.iter().position(|(k, _)| k.as_bytes() == key)
         } else {
             self.children
-                .binary_search_by(|(k, _)| k.as_str().cmp(key))
+                .binary_search_by(|(k, _)| k.as_bytes().cmp(key))
                 .ok()
         }?;
         *next = i + 1;
-        Some(&self.children[i].1)
+        let (k, n) = &self.children[i];
+        Some((k, n))
     }
 }
 

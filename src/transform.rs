@@ -426,7 +426,7 @@ impl Cryptor {
         match u8::from(value.subtype) {
             ENVELOPE_SUBTYPE => {
                 let env = Envelope::parse(bytes)?;
-                check_minimum_bindings(self, ctx, &path, &env)?;
+                check_minimum_bindings(self, ctx, path.as_bytes(), &env)?;
                 let key = self.keyring.key(&env.key_id)?;
                 // Encoded only when the envelope binds them. As in a document walk, the owner
                 // counts only where there is an owner field.
@@ -440,7 +440,7 @@ impl Cryptor {
                 let id = bound(envelope::flags::ID, id)?;
                 let owner = bound(envelope::flags::OWNER, owner)?;
                 let binding = Binding {
-                    path: &path,
+                    path: path.as_bytes(),
                     namespace: ctx.namespace.as_deref(),
                     id: as_raw(&id),
                     owner: as_raw(&owner),
@@ -609,7 +609,7 @@ impl<'r> ValueSealer<'r> {
 
     fn seal(&mut self, key: &Key, suite: crate::suite::Suite) -> Result<bson::Binary> {
         let binding = Binding {
-            path: &self.rule.normalized,
+            path: self.rule.normalized.as_bytes(),
             namespace: self.namespace,
             id: as_raw(&self.id),
             owner: as_raw(&self.owner),
@@ -867,20 +867,20 @@ impl<'c> Walker<'c> {
                 pad_to: rule.field.pad_to,
             };
             if rule.each_element && e.ty == ty::ARRAY {
-                rawbson::put_key(out, ty::ARRAY, e.key);
+                rawbson::put_key(out, ty::ARRAY, e.name);
                 let at = rawbson::begin_len(out);
                 for item in rawbson::elements(e.document()?) {
                     let item = item?;
                     if is_encrypted(&item) {
                         out.extend_from_slice(item.raw);
                     } else {
-                        rawbson::put_key(out, ty::BINARY, item.key);
+                        rawbson::put_key(out, ty::BINARY, item.name);
                         self.seal(key, params, rule.field.bind_id, item.raw_value(), out)?;
                     }
                 }
                 rawbson::end_doc(out, at)?;
             } else {
-                rawbson::put_key(out, ty::BINARY, e.key);
+                rawbson::put_key(out, ty::BINARY, e.name);
                 self.seal(key, params, rule.field.bind_id, e.raw_value(), out)?;
             }
         }
@@ -914,7 +914,7 @@ impl<'c> Walker<'c> {
             self.reserve(key, limit)?;
         }
         let binding = Binding {
-            path: &self.path,
+            path: self.path.as_bytes(),
             namespace: self.ctx.namespace.as_deref(),
             id: if bind_id { self.id } else { None },
             owner: self.owner,
@@ -942,30 +942,30 @@ impl<'c> Walker<'c> {
                 (ty::ARRAY, _)
                     if self.depth == 1
                         && !is_array
-                        && e.key == SAFE_CONTENT_FIELD
+                        && e.name == SAFE_CONTENT_FIELD.as_bytes()
                         && !self.ctx.keep_safe_content => {}
                 (ty::DOCUMENT | ty::ARRAY, _) => {
                     let mark = if is_array {
                         self.path.len()
                     } else {
-                        walk::push(&mut self.path, e.key)
+                        walk::push(&mut self.path, e.key())
                     };
-                    rawbson::put_key(out, e.ty, e.key);
+                    rawbson::put_key(out, e.ty, e.name);
                     self.decrypt_doc(e.document()?, e.ty == ty::ARRAY, out)?;
                     self.path.truncate(mark);
                 }
                 // A top-level field's path is its name: no copy into the path buffer.
                 (_, Some((ENVELOPE_SUBTYPE, payload))) if !is_array && self.path.is_empty() => {
-                    self.open(e.key, e.key, payload, out)?;
+                    self.open(e.name, e.name, payload, out)?;
                 }
                 (_, Some((ENVELOPE_SUBTYPE, payload))) => {
                     let mark = if is_array {
                         self.path.len()
                     } else {
-                        walk::push(&mut self.path, e.key)
+                        walk::push(&mut self.path, e.key())
                     };
                     let path = std::mem::take(&mut self.path);
-                    let opened = self.open(e.key, &path, payload, out);
+                    let opened = self.open(e.name, path.as_bytes(), payload, out);
                     self.path = path;
                     opened?;
                     self.path.truncate(mark);
@@ -973,11 +973,11 @@ impl<'c> Walker<'c> {
                 // FLE1 values (blob subtypes 1 and 2); Queryable Encryption payloads and
                 // other subtype-6 values are MongoDB's own business and pass through.
                 (_, Some((CSFLE_SUBTYPE, payload))) if matches!(payload.first(), Some(1 | 2)) => {
-                    self.open_csfle(e.key, payload, out)?;
+                    self.open_csfle(e.name, payload, out)?;
                 }
                 // Stored Queryable Encryption values (blob subtypes 14 to 17).
                 (_, Some((CSFLE_SUBTYPE, payload))) if QeValueKind::of(payload).is_some() => {
-                    self.open_qe(e.key, payload, out)?;
+                    self.open_qe(e.name, payload, out)?;
                 }
                 _ => out.extend_from_slice(e.raw),
             }
@@ -987,7 +987,7 @@ impl<'c> Walker<'c> {
     }
 
     /// Opens the envelope `payload` of the element `name`, whose path is `path`.
-    fn open(&mut self, name: &str, path: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    fn open(&mut self, name: &[u8], path: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
         check_minimum_bindings(self.cryptor, self.ctx, path, &env)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
@@ -1075,7 +1075,7 @@ impl<'c> Visitor<'c, 'c> for Sealer<'_, 'c> {
     }
 
     fn skip(&self, level: &Self::Level, e: &Element<'c>) -> bool {
-        level.contains(&e.key) // replaced by a freshly computed index
+        level.iter().any(|n| n.as_bytes() == e.name) // replaced by a freshly computed index
     }
 
     fn rule(&mut self, rule: usize, e: Element<'c>) -> Result<()> {
@@ -1083,10 +1083,10 @@ impl<'c> Visitor<'c, 'c> for Sealer<'_, 'c> {
     }
 
     fn dotted(&mut self, node: &'c Node, dot: usize, e: Element<'c>) -> Result<()> {
-        if node.child(&e.key[..dot]).is_some() {
+        if node.child(&e.name[..dot]).is_some() {
             // Left alone, the value would be stored in clear although the path is encrypted.
             return Err(Error::schema(
-                e.key,
+                e.key(),
                 "a dotted field name spells a path the schema encrypts; use nested documents",
             ));
         }
@@ -1099,7 +1099,7 @@ impl<'c> Visitor<'c, 'c> for Sealer<'_, 'c> {
     }
 
     fn open(&mut self, e: &Element<'c>) -> Result<usize> {
-        rawbson::put_key(self.out, e.ty, e.key);
+        rawbson::put_key(self.out, e.ty, e.name);
         Ok(rawbson::begin_len(self.out))
     }
 
@@ -1110,7 +1110,7 @@ impl<'c> Visitor<'c, 'c> for Sealer<'_, 'c> {
 
 impl Walker<'_> {
     /// Decrypts a stored MongoDB Queryable Encryption value with 96-byte keys from the keyring.
-    fn open_qe(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    fn open_qe(&mut self, name: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = qe::parse_payload(payload)?;
         let type_at = out.len();
         rawbson::put_key(out, p.bson_type, name);
@@ -1126,7 +1126,7 @@ impl Walker<'_> {
     }
 
     /// Decrypts a MongoDB CSFLE (FLE1) value with a 96-byte CSFLE key from the same keyring.
-    fn open_csfle(&mut self, name: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
+    fn open_csfle(&mut self, name: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let p = csfle::parse_payload(payload)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, p.key_id)?;
         let cipher = csfle_cipher(key)?;
@@ -1202,13 +1202,13 @@ fn normalized(path: &str) -> std::borrow::Cow<'_, str> {
 fn check_minimum_bindings(
     cryptor: &Cryptor,
     ctx: &Context,
-    path: &str,
+    path: &[u8],
     env: &Envelope<'_>,
 ) -> Result<()> {
     use envelope::flags;
     let missing = |what| {
         Err(Error::UnboundCiphertext {
-            path: path.to_owned(),
+            path: String::from_utf8_lossy(path).into_owned(),
             missing: what,
         })
     };
@@ -1221,9 +1221,9 @@ fn check_minimum_bindings(
     }
     if cryptor.schema.needs_id()
         && env.flags & flags::ID == 0
-        && cryptor
-            .schema
-            .rule_at(path)
+        && core::str::from_utf8(path)
+            .ok()
+            .and_then(|p| cryptor.schema.rule_at(p))
             .is_some_and(|r| r.field.bind_id)
     {
         return missing("_id");

@@ -675,7 +675,7 @@ fn scan_tokens(
             if !path.is_empty() {
                 path.push('.');
             }
-            path.push_str(e.key);
+            path.push_str(e.key());
         }
         if path != "_id"
             && schema.rule(path).is_none()

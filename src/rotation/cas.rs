@@ -58,7 +58,7 @@ fn diff_into(
     };
     for n in rawbson::elements(new) {
         let n = n?;
-        match rawbson::find(old, n.key)? {
+        match rawbson::find(old, n.key())? {
             Some(o) if o.ty == n.ty && o.value == n.value => {}
             Some(o)
                 if o.ty == ty::DOCUMENT
@@ -66,24 +66,24 @@ fn diff_into(
                     && addressable(o.document()?)?
                     && addressable(n.document()?)? =>
             {
-                diff_into(o.document()?, n.document()?, &join(n.key), out)?;
+                diff_into(o.document()?, n.document()?, &join(n.key()), out)?;
             }
             o => out.push(Change {
-                path: join(n.key),
+                path: join(n.key()),
                 old: o.map(|o| (o.ty, o.value.to_vec())),
                 new: Some((n.ty, n.value.to_vec())),
-                addressable: is_plain_key(n.key),
+                addressable: is_plain_key(n.key()),
             }),
         }
     }
     for o in rawbson::elements(old) {
         let o = o?;
-        if rawbson::find(new, o.key)?.is_none() {
+        if rawbson::find(new, o.key())?.is_none() {
             out.push(Change {
-                path: join(o.key),
+                path: join(o.key()),
                 old: Some((o.ty, o.value.to_vec())),
                 new: None,
-                addressable: is_plain_key(o.key),
+                addressable: is_plain_key(o.key()),
             });
         }
     }
@@ -97,7 +97,7 @@ fn is_plain_key(k: &str) -> bool {
 /// Whether every key of a document can be named in a dotted path.
 fn addressable(doc: &RawDocument) -> Result<bool> {
     for e in rawbson::elements(doc) {
-        if !is_plain_key(e?.key) {
+        if !is_plain_key(e?.key()) {
             return Ok(false);
         }
     }
@@ -106,7 +106,7 @@ fn addressable(doc: &RawDocument) -> Result<bool> {
 
 /// Whether every change can be written with a dotted path (and none touches `_id`).
 pub(crate) fn writable(id: &Element<'_>, changes: &[Change]) -> bool {
-    id.key == "_id"
+    id.name == b"_id"
         && !changes.is_empty()
         && changes
             .iter()

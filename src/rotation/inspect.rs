@@ -249,9 +249,9 @@ impl<'a> Inspector<'a> {
     /// fails with the core's reason.
     fn literal_dots(&self, e: &Element<'_>, path: &str, out: &mut Scan) {
         let full = if path.is_empty() {
-            e.key.to_owned()
+            e.key().to_owned()
         } else {
-            format!("{path}.{}", e.key)
+            format!("{path}.{}", e.key())
         };
         let encrypted = self
             .schema
@@ -349,10 +349,10 @@ impl<'a> Inspector<'a> {
             let mark = if is_array {
                 path.len()
             } else {
-                push(path, e.key)
+                push(path, e.key())
             };
             match (e.ty, e.binary()) {
-                (ty::ARRAY, _) if depth == 0 && e.key == SAFE_CONTENT_FIELD => {
+                (ty::ARRAY, _) if depth == 0 && e.name == SAFE_CONTENT_FIELD.as_bytes() => {
                     out.safe_content = true;
                 }
                 (ty::DOCUMENT | ty::ARRAY, _) => {
@@ -539,7 +539,7 @@ fn collect_references(
         let mark = if is_array {
             path.len()
         } else {
-            push(path, e.key)
+            push(path, e.key())
         };
         match (e.ty, e.binary()) {
             (ty::DOCUMENT | ty::ARRAY, _) => match e.document() {

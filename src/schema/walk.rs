@@ -7,14 +7,14 @@
 //!  walk(doc, node)
 //!   ├─ each child of `node` with a blind index ─▶ Visitor::blind_index (before the elements)
 //!   └─ each element e of doc (Visitor::skip may drop it)
-//!       ├─ e.key names a child:  rule ─▶ Visitor::rule
+//!       ├─ e.name names a child: rule ─▶ Visitor::rule
 //!       │                        document ─▶ open, walk(e, child), close
 //!       │                        array ─▶ open, every item at any array depth:
 //!       │                                  document ─▶ open, walk(item, child), close
 //!       │                                  array ─▶ open, (the same again), close
 //!       │                                  anything else ─▶ Visitor::other
 //!       │                        anything else ─▶ Visitor::other
-//!       ├─ e.key holds a '.' ─▶ Visitor::dotted (a literal name that may spell a schema path)
+//!       ├─ e.name holds a '.' ─▶ Visitor::dotted (a literal name that may spell a schema path)
 //!       └─ otherwise ─▶ Visitor::other
 //! ```
 //!
@@ -155,16 +155,17 @@ pub(crate) fn walk<'d, 's, V: Visitor<'d, 's>>(
         if v.skip(&level, &e) {
             continue;
         }
-        let Some(child) = node.child_after(e.key, &mut next_child) else {
+        let Some((name, child)) = node.child_after(e.name, &mut next_child) else {
             // A byte scan: `str::find` costs several times more on names this short, and a
             // '.' byte is always a char boundary.
-            match e.key.bytes().position(|b| b == b'.') {
+            match e.name.iter().position(|&b| b == b'.') {
                 Some(dot) => v.dotted(node, dot, e)?,
                 None => v.other(e)?,
             }
             continue;
         };
-        let mark = push(v.path(), e.key);
+        // The schema's copy of the name: already a `str`.
+        let mark = push(v.path(), name);
         if let Some(ri) = child.rule {
             v.rule(ri, e)?;
         } else if e.ty == ty::DOCUMENT {
@@ -258,7 +259,7 @@ mod tests {
         }
         fn dotted(&mut self, _: &'s Node, dot: usize, e: Element<'d>) -> Result<()> {
             self.seen
-                .push(format!("dotted:{}|{}", self.path, &e.key[..dot]));
+                .push(format!("dotted:{}|{}", self.path, &e.key()[..dot]));
             Ok(())
         }
     }

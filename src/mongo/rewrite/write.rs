@@ -626,10 +626,10 @@ impl<'d, 's> Visitor<'d, 's> for LiteralDots<'_> {
 
     fn dotted(&mut self, node: &'s Node, dot: usize, e: Element<'d>) -> Result<()> {
         let mut path = self.path.clone();
-        walk::push(&mut path, e.key);
+        walk::push(&mut path, e.key());
         let field = match self.rewriter.classify_normalized(&path).rule() {
             Some(rule) => rule.normalized.clone(),
-            None if node.child(&e.key[..dot]).is_some() => path,
+            None if node.child(&e.name[..dot]).is_some() => path,
             None => return Ok(()),
         };
         Err(refuse(
