@@ -258,11 +258,12 @@ pub(crate) fn encrypting_secret(key: &Key) -> Result<&crate::key::KeySecret> {
     Ok(secret)
 }
 
-/// Encrypts `value` under `key` and appends the envelope bytes to `out`.
+/// Encrypts `value` under `key` and appends the envelope bytes to `out`. The common scalars
+/// are encoded straight into `out` and sealed there: no plaintext copy is made beside it.
 pub(crate) fn seal_into(
     key: &Key,
     params: SealParams,
-    value: RawValue<'_>,
+    value: &bson::Bson,
     binding: &Binding<'_>,
     ad: &mut Vec<u8>,
     out: &mut Vec<u8>,
@@ -276,11 +277,25 @@ pub(crate) fn seal_into(
                 limit,
             })?;
     }
-    seal_reserved_into(key, params, value, binding, ad, out)
+    if let Some(len) = rawbson::scalar_len(value) {
+        let ty = rawbson::value_type(value);
+        let write = |out: &mut Vec<u8>| rawbson::put_scalar(value, out);
+        return seal_with(key, params, Plain { ty, len, write }, binding, ad, out);
+    }
+    let (ty, bytes) = rawbson::encode_value(value)?;
+    seal_reserved_into(
+        key,
+        params,
+        RawValue { ty, bytes: &bytes },
+        binding,
+        ad,
+        out,
+    )
 }
 
-/// [`seal_into`] for a caller that has already counted this encryption against the key's usage
-/// limit (a document walk reserves for all its values at once).
+/// [`seal_into`] for value bytes already encoded, and for a caller that has already counted
+/// this encryption against the key's usage limit (a document walk reserves for all its values
+/// at once).
 pub(crate) fn seal_reserved_into(
     key: &Key,
     params: SealParams,
@@ -289,23 +304,63 @@ pub(crate) fn seal_reserved_into(
     ad: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<()> {
+    let plain = Plain {
+        ty: value.ty,
+        len: value.bytes.len(),
+        write: |out: &mut Vec<u8>| out.extend_from_slice(value.bytes),
+    };
+    seal_with(key, params, plain, binding, ad, out)
+}
+
+/// A plaintext as [`seal_with`] takes it: the value's BSON type, its length, and what appends
+/// its bytes.
+struct Plain<W> {
+    ty: u8,
+    len: usize,
+    write: W,
+}
+
+/// Appends an envelope of `plain`, written in place and sealed there. Room for the whole
+/// envelope is reserved first: had `out` grown with the plaintext in it, the allocation it
+/// left would keep a copy. On an error `out` is as it was, and the plaintext written is wiped.
+fn seal_with(
+    key: &Key,
+    params: SealParams,
+    plain: Plain<impl FnOnce(&mut Vec<u8>)>,
+    binding: &Binding<'_>,
+    ad: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let secret = encrypting_secret(key)?;
     let suite = params.suite;
     let mut fl = binding.flags();
-    if params.pad_to.is_some() {
-        fl |= flags::PADDED;
-    }
+    let body_len = match params.pad_to {
+        Some(bucket) => {
+            fl |= flags::PADDED;
+            padded_len(plain.len, bucket as usize)
+        }
+        None => plain.len,
+    };
     let start = out.len();
+    out.reserve(HEADER_LEN + suite.nonce_len() + body_len + suite.tag_len());
     out.push(FORMAT_VERSION);
     out.push(suite.id());
     out.push(fl);
-    out.push(value.ty);
+    out.push(plain.ty);
     out.extend_from_slice(key.id().as_bytes());
-    binding.write_ad(&out[start..start + HEADER_LEN], ad)?;
+    if let Err(e) = binding.write_ad(&out[start..start + HEADER_LEN], ad) {
+        out.truncate(start);
+        return Err(e);
+    }
     let nonce_at = out.len();
     out.resize(nonce_at + suite.nonce_len(), 0);
     let pt_at = out.len();
-    out.extend_from_slice(value.bytes);
+    (plain.write)(out);
+    debug_assert_eq!(
+        out.len() - pt_at,
+        plain.len,
+        "the plaintext has the length given"
+    );
     if let Some(bucket) = params.pad_to {
         pad(out, pt_at, bucket as usize);
     }
@@ -313,15 +368,24 @@ pub(crate) fn seal_reserved_into(
     out.resize(tag_at + suite.tag_len(), 0);
     let (head, tail) = out[nonce_at..].split_at_mut(pt_at - nonce_at);
     let (body, tag) = tail.split_at_mut(tag_at - pt_at);
-    secret
+    let sealed = secret
         .suites()
-        .seal(suite, secret.material(), ad, head, body, tag)
+        .seal(suite, secret.material(), ad, head, body, tag);
+    if sealed.is_err() {
+        out[start..].zeroize();
+        out.truncate(start);
+    }
+    sealed
+}
+
+/// The length of `len` bytes padded by [`pad`] to a multiple of `bucket`.
+fn padded_len(len: usize, bucket: usize) -> usize {
+    (len + 1).div_ceil(bucket.max(1)) * bucket.max(1)
 }
 
 /// ISO/IEC 7816-4 padding: `0x80` then zeros up to a multiple of `bucket` (at least one byte).
 fn pad(out: &mut Vec<u8>, pt_at: usize, bucket: usize) {
-    let len = out.len() - pt_at + 1;
-    let padded = len.div_ceil(bucket.max(1)) * bucket.max(1);
+    let padded = padded_len(out.len() - pt_at, bucket);
     out.push(0x80);
     out.resize(pt_at + padded, 0);
 }

@@ -333,26 +333,56 @@ pub(crate) fn encode_value(value: &bson::Bson) -> Result<(u8, Zeroizing<Vec<u8>>
 /// The common scalar types written directly, byte for byte as bson serializes them (single
 /// values, such as query ciphertexts, skip building a document); `None` for the rest.
 fn encode_scalar(value: &bson::Bson) -> Option<(u8, Zeroizing<Vec<u8>>)> {
+    let len = scalar_len(value)?;
+    // Exactly the room it needs: a `Zeroizing` vector that grew would leave a copy behind.
+    let mut bytes = Zeroizing::new(Vec::with_capacity(len));
+    put_scalar(value, &mut bytes);
+    Some((value_type(value), bytes))
+}
+
+/// The BSON type byte of `value`.
+pub(crate) fn value_type(value: &bson::Bson) -> u8 {
+    value.element_type() as u8
+}
+
+/// The encoded length of the scalars that [`put_scalar`] writes; `None` for other values
+/// (encode those with [`encode_value`]).
+pub(crate) fn scalar_len(value: &bson::Bson) -> Option<usize> {
     use bson::Bson;
-    let (t, bytes) = match value {
+    Some(match value {
         Bson::String(s) => {
-            let len = i32::try_from(s.len() + 1).ok()?;
-            let mut b = Vec::with_capacity(s.len() + 5);
-            b.extend_from_slice(&len.to_le_bytes());
-            b.extend_from_slice(s.as_bytes());
-            b.push(0);
-            (ty::STRING, b)
+            // int32 length (of the text and its NUL), text, NUL.
+            i32::try_from(s.len() + 1).ok()?;
+            s.len() + 5
         }
-        Bson::Int32(i) => (ty::INT32, i.to_le_bytes().to_vec()),
-        Bson::Int64(i) => (ty::INT64, i.to_le_bytes().to_vec()),
-        Bson::Double(d) => (ty::DOUBLE, d.to_le_bytes().to_vec()),
-        Bson::Boolean(b) => (ty::BOOLEAN, vec![u8::from(*b)]),
-        Bson::Null => (ty::NULL, Vec::new()),
-        Bson::DateTime(d) => (ty::DATETIME, d.timestamp_millis().to_le_bytes().to_vec()),
-        Bson::ObjectId(o) => (ty::OBJECT_ID, o.bytes().to_vec()),
+        Bson::Int32(_) => 4,
+        Bson::Int64(_) | Bson::Double(_) | Bson::DateTime(_) => 8,
+        Bson::Boolean(_) => 1,
+        Bson::Null => 0,
+        Bson::ObjectId(_) => 12,
         _ => return None,
-    };
-    Some((t, Zeroizing::new(bytes)))
+    })
+}
+
+/// Appends the value bytes of a scalar for which [`scalar_len`] gave its length (appends
+/// nothing for other values).
+pub(crate) fn put_scalar(value: &bson::Bson, out: &mut Vec<u8>) {
+    use bson::Bson;
+    match value {
+        Bson::String(s) => {
+            let len = i32::try_from(s.len() + 1).unwrap_or(i32::MAX);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+            out.push(0);
+        }
+        Bson::Int32(i) => out.extend_from_slice(&i.to_le_bytes()),
+        Bson::Int64(i) => out.extend_from_slice(&i.to_le_bytes()),
+        Bson::Double(d) => out.extend_from_slice(&d.to_le_bytes()),
+        Bson::Boolean(b) => out.push(u8::from(*b)),
+        Bson::DateTime(d) => out.extend_from_slice(&d.timestamp_millis().to_le_bytes()),
+        Bson::ObjectId(o) => out.extend_from_slice(&o.bytes()),
+        _ => {}
+    }
 }
 
 /// The scalars of [`encode_scalar`] read back directly; `None` for other types. Malformed

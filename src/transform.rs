@@ -576,12 +576,12 @@ fn binary(subtype: u8, bytes: Vec<u8>) -> bson::Binary {
     }
 }
 
-/// One value encoded once, then sealed under one or more keys (explicit encryption and query
-/// rewriting).
+/// One value sealed under one or more keys (explicit encryption and query rewriting); its
+/// bindings are encoded once.
 struct ValueSealer<'r> {
     rule: &'r FieldRule,
     namespace: Option<&'r str>,
-    value: (u8, Zeroizing<Vec<u8>>),
+    value: &'r Bson,
     id: Option<(u8, Zeroizing<Vec<u8>>)>,
     owner: Option<(u8, Zeroizing<Vec<u8>>)>,
     ad: Vec<u8>,
@@ -591,7 +591,7 @@ impl<'r> ValueSealer<'r> {
     fn new(
         cryptor: &Cryptor,
         rule: &'r FieldRule,
-        value: &Bson,
+        value: &'r Bson,
         ctx: &'r Context,
         id: Option<&Bson>,
         owner: Option<&Bson>,
@@ -600,7 +600,7 @@ impl<'r> ValueSealer<'r> {
         Ok(ValueSealer {
             rule,
             namespace: ctx.namespace.as_deref(),
-            value: rawbson::encode_value(value)?,
+            value,
             id: id.map(rawbson::encode_value).transpose()?,
             owner: owner.map(rawbson::encode_value).transpose()?,
             ad: scratch_ad(),
@@ -614,17 +614,15 @@ impl<'r> ValueSealer<'r> {
             id: as_raw(&self.id),
             owner: as_raw(&self.owner),
         };
-        let mut payload = Vec::with_capacity(self.value.1.len() + 64);
+        // `seal_into` reserves the envelope's exact size.
+        let mut payload = Vec::new();
         envelope::seal_into(
             key,
             SealParams {
                 suite,
                 pad_to: self.rule.field.pad_to,
             },
-            RawValue {
-                ty: self.value.0,
-                bytes: &self.value.1,
-            },
+            self.value,
             &binding,
             &mut self.ad,
             &mut payload,
@@ -1184,7 +1182,8 @@ fn as_raw(v: &Option<(u8, Zeroizing<Vec<u8>>)>) -> Option<RawValue<'_>> {
 
 /// A schema path without its `$[]` segments: the path bound into the associated data.
 fn normalized(path: &str) -> std::borrow::Cow<'_, str> {
-    if path.split('.').any(|s| s == crate::schema::EACH) {
+    // Most paths have no `$[]` segment: one byte scan says so.
+    if path.as_bytes().contains(&b'$') && path.split('.').any(|s| s == crate::schema::EACH) {
         let segments: Vec<&str> = path
             .split('.')
             .filter(|s| *s != crate::schema::EACH)

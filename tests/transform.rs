@@ -603,6 +603,51 @@ fn explicit_value_api_round_trips() {
         .is_err());
 }
 
+/// An explicit value is encoded straight into its envelope, which is sized before the
+/// plaintext goes in: the ciphertext is one allocation of exactly its length (a vector that
+/// grew while it held the plaintext would have left a copy in the allocation it gave up). The
+/// same bytes decrypt, for every suite, padding and type, and match what a document holds.
+#[test]
+fn explicit_values_are_sealed_in_one_allocation_for_every_suite_padding_and_type() {
+    let ctx = Context::namespace("db.c");
+    let doc = every_type();
+    let extra = [Bson::String("x".repeat(300)), Bson::String(String::new())];
+    let values: Vec<&Bson> = doc.values().chain(&extra).collect();
+    for suite in Suite::ALL {
+        for pad in [None, Some(1), Some(16), Some(256)] {
+            let field = Field::randomized("pii").suite(suite);
+            let field = match pad {
+                Some(p) => field.pad_to(p),
+                None => field,
+            };
+            let c = Cryptor::new(ring(), Schema::builder().field("v", field).build().unwrap());
+            for &v in &values {
+                let ct = c.encrypt_value("v", v, &ctx, None, None).unwrap();
+                assert_eq!(
+                    ct.bytes.capacity(),
+                    ct.bytes.len(),
+                    "{suite:?} {pad:?} {v:?}"
+                );
+                assert_eq!(&c.decrypt_value("v", &ct, &ctx, None, None).unwrap(), v);
+                let in_doc = c
+                    .decrypt_document(&doc! { "v": Bson::Binary(ct.clone()) }, &ctx)
+                    .unwrap();
+                assert_eq!(in_doc.get("v"), Some(v));
+                // The envelope's length is the document path's for the same value.
+                let enc = c.encrypt_document(&doc! { "v": v.clone() }, &ctx).unwrap();
+                let Some(Bson::Binary(from_doc)) = enc.get("v") else {
+                    panic!("{enc:?}")
+                };
+                assert_eq!(
+                    from_doc.bytes.len(),
+                    ct.bytes.len(),
+                    "{suite:?} {pad:?} {v:?}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn explicit_values_agree_with_documents_for_every_type_and_check_bindings() {
     let schema = Schema::builder()
