@@ -80,7 +80,7 @@ impl Binding<'_> {
     }
 
     /// Writes the associated data for `header` into `ad` (cleared first).
-    fn write_ad(&self, header: &[u8], ad: &mut Vec<u8>) -> Result<()> {
+    fn write_ad(&self, header: &[u8; HEADER_LEN], ad: &mut Vec<u8>) -> Result<()> {
         ad.clear();
         let f = header[2];
         ad.extend_from_slice(header);
@@ -124,7 +124,7 @@ fn put_bytes(ad: &mut Vec<u8>, b: &[u8]) -> Result<()> {
 /// A parsed (not yet authenticated) envelope, borrowing its bytes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Envelope<'a> {
-    pub header: &'a [u8],
+    pub header: &'a [u8; HEADER_LEN],
     pub suite: Suite,
     pub flags: u8,
     pub bson_type: u8,
@@ -137,12 +137,11 @@ pub(crate) struct Envelope<'a> {
 impl<'a> Envelope<'a> {
     /// Parses envelope bytes (the Binary's payload). Checks structure only.
     pub(crate) fn parse(bytes: &'a [u8]) -> Result<Self> {
-        if bytes.len() < HEADER_LEN {
+        let Some((header, rest)) = bytes.split_first_chunk::<HEADER_LEN>() else {
             return Err(Error::MalformedCiphertext(
                 "envelope shorter than its header",
             ));
-        }
-        let (header, rest) = bytes.split_at(HEADER_LEN);
+        };
         if header[0] != FORMAT_VERSION {
             return Err(Error::MalformedCiphertext("unsupported envelope version"));
         }
@@ -155,7 +154,9 @@ impl<'a> Envelope<'a> {
         if !rawbson::is_value_type(bson_type) {
             return Err(Error::MalformedCiphertext("invalid BSON type in envelope"));
         }
-        let key_id = KeyId::from_slice(&header[4..20])?;
+        let mut id = [0; 16];
+        id.copy_from_slice(&header[4..]);
+        let key_id = KeyId::from_bytes(id);
         let (n, t) = (suite.nonce_len(), suite.tag_len());
         if rest.len() < n + t {
             return Err(Error::MalformedCiphertext("envelope truncated"));
@@ -341,17 +342,13 @@ fn seal_with(
         }
         None => plain.len,
     };
+    let mut header = [0; HEADER_LEN];
+    header[..4].copy_from_slice(&[FORMAT_VERSION, suite.id(), fl, plain.ty]);
+    header[4..].copy_from_slice(key.id().as_bytes());
+    binding.write_ad(&header, ad)?;
     let start = out.len();
     out.reserve(HEADER_LEN + suite.nonce_len() + body_len + suite.tag_len());
-    out.push(FORMAT_VERSION);
-    out.push(suite.id());
-    out.push(fl);
-    out.push(plain.ty);
-    out.extend_from_slice(key.id().as_bytes());
-    if let Err(e) = binding.write_ad(&out[start..start + HEADER_LEN], ad) {
-        out.truncate(start);
-        return Err(e);
-    }
+    out.extend_from_slice(&header);
     let nonce_at = out.len();
     out.resize(nonce_at + suite.nonce_len(), 0);
     let pt_at = out.len();
