@@ -111,7 +111,7 @@ pub struct Cryptor {
 #[derive(Default)]
 struct KeyCache {
     generation: u64,
-    /// Primary keys by alias, with nothing reserved.
+    /// Primary keys by alias, with their usage leases.
     primaries: Vec<Primary>,
     last: Option<Arc<Key>>,
 }
@@ -120,6 +120,10 @@ impl KeyCache {
     fn clear(&mut self) {
         self.primaries.clear();
         self.last = None;
+    }
+
+    fn settle(&mut self) {
+        self.primaries.iter_mut().for_each(Primary::settle);
     }
 }
 
@@ -281,7 +285,28 @@ impl Cryptor {
         docs: &[D],
         ctx: &Context,
     ) -> Vec<Result<RawDocumentBuf>> {
-        self.map_many(docs, |d| self.encrypt_raw(d, ctx))
+        let out = self.map_many(docs, |d| self.encrypt_raw(d, ctx));
+        // The keys' usage counters are exact after a batch (a keyset file records them).
+        self.settle_usage();
+        out
+    }
+
+    /// Gives back the random-nonce encryptions this cryptor's threads hold leased and have not
+    /// made, so that every key's usage counter is exact (when no walk is running).
+    ///
+    /// Walks lease encryptions for many documents at once and keep the lease between
+    /// documents, so that threads encrypting under one key do not update its counter for every
+    /// document; a counter therefore runs ahead of the encryptions made by at most
+    /// 64 documents' worth (and at most 4,096 encryptions, or one document's if more) per
+    /// thread and key. Leases also go back when the keyring changes and when the cryptor is
+    /// dropped, and [`Cryptor::encrypt_many`] settles at the end of every batch. Near a key's
+    /// limit nothing is leased beyond the document being encrypted.
+    pub fn settle_usage(&self) {
+        for cache in self.keys.iter() {
+            if let Ok(mut c) = cache.try_lock() {
+                c.settle();
+            }
+        }
     }
 
     /// Decrypts many documents, in parallel on all cores when there are at least
@@ -698,16 +723,48 @@ struct Scratch {
     primaries: Vec<Primary>,
 }
 
-/// A primary key a walk encrypts with, and how many random-nonce encryptions it has reserved
-/// on the key's usage counter and not made yet. Reserving for all of a document's fields at
-/// once, and giving back what is left when the walk ends, makes one atomic update of the
-/// (shared) counter per document instead of one per value. The counter is never below the
-/// encryptions made and is exact again when the walk ends; a copy of it taken while walks run
-/// (a key vault's saved floor) may count their reservations too, which only errs on the safe
-/// side.
+/// A primary key a walk encrypts with, and how many random-nonce encryptions it holds
+/// reserved on the key's usage counter and not made yet: a lease, taken for many documents
+/// at once ([`usage_lease`]) and kept with the key in this thread's [`KeyCache`] between
+/// walks, so that threads encrypting under one key do not update its (shared) counter per
+/// document. The counter is never below the encryptions made; it runs ahead by what the leases
+/// hold until they go back: when dropped (the cache cleared after a keyring change, the
+/// cryptor dropped), or by [`Cryptor::settle_usage`], which `encrypt_many` calls. A copy of it
+/// taken meanwhile (a key vault's saved floor) errs on the safe side.
 struct Primary {
     key: Arc<Key>,
     reserved: u64,
+    /// The reservation is a whole lease, kept between walks; near the key's limit it is one
+    /// document's, given back when the walk ends (as much as is left is then for any thread).
+    leased: bool,
+}
+
+impl Primary {
+    /// Gives back what the lease holds.
+    fn settle(&mut self) {
+        if self.reserved > 0 {
+            self.key.release_reserved(self.reserved);
+            self.reserved = 0;
+        }
+    }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// Documents' worth of random-nonce encryptions a walk leases at once for a key, and the most
+/// encryptions one lease holds (unless a single document needs more).
+const LEASE_DOCUMENTS: u64 = 64;
+const MAX_LEASE: u64 = 4096;
+
+/// The lease for a document that makes `per_document` random-nonce encryptions under a key.
+fn usage_lease(per_document: u64) -> u64 {
+    (per_document * LEASE_DOCUMENTS)
+        .min(MAX_LEASE)
+        .max(per_document)
 }
 
 thread_local! {
@@ -764,6 +821,13 @@ impl<'c> Walker<'c> {
         if cache.generation == generation {
             std::mem::swap(&mut self.primaries, &mut cache.primaries);
             self.last_key = cache.last.take();
+            // A key the key vault has since reported spent makes no more encryptions, leased
+            // or not (a walk in flight finishes its document).
+            for p in &mut self.primaries {
+                if envelope::encrypting_secret(&p.key).is_ok_and(|s| s.is_exhausted()) {
+                    p.reserved = 0;
+                }
+            }
             return;
         }
         cache.clear();
@@ -778,9 +842,9 @@ impl<'c> Walker<'c> {
         }
     }
 
-    /// Gives the walk's keys back to the cryptor's cache for this thread (with nothing
-    /// reserved), when the cache is free and the keyring is still at the walk's generation:
-    /// keys of a walk that a keyring change overtook are dropped here rather than kept.
+    /// Gives the walk's keys and their leases back to the cryptor's cache for this thread, when
+    /// the cache is free and the keyring is still at the walk's generation: keys of a walk that
+    /// a keyring change overtook are dropped here (their leases given back) rather than kept.
     fn return_cached_keys(&mut self) {
         let Some((generation, mut cache)) = self.own_cache() else {
             return;
@@ -801,25 +865,31 @@ impl<'c> Walker<'c> {
             return Ok(i);
         }
         let key = self.cryptor.keyring.primary(alias)?;
-        self.primaries.push(Primary { key, reserved: 0 });
+        self.primaries.push(Primary {
+            key,
+            reserved: 0,
+            leased: false,
+        });
         Ok(self.primaries.len() - 1)
     }
 
-    /// Counts one random-nonce encryption with primary `i` against `limit`, reserving for the
-    /// schema's fields under its alias when nothing is left (or for as many as the limit still
-    /// allows).
+    /// Counts one random-nonce encryption with primary `i` against `limit`, leasing when the
+    /// lease is used up (see [`Primary`]; near the limit, for the schema's fields under the
+    /// alias, or as many as the limit still allows).
     fn reserve(&mut self, i: usize, limit: u64) -> Result<()> {
         let p = &mut self.primaries[i];
         if p.reserved == 0 {
             let secret = envelope::encrypting_secret(&p.key)?;
             let want = self.cryptor.schema.random_nonce_fields(p.key.alias());
+            let lease = usage_lease(want);
             p.reserved =
                 secret
-                    .reserve_up_to(want, limit)
+                    .reserve_lease(want, lease, limit)
                     .map_err(|limit| Error::KeyUsageLimit {
                         key: p.key.id(),
                         limit,
                     })?;
+            p.leased = p.reserved >= lease;
         }
         p.reserved -= 1;
         Ok(())
@@ -1020,14 +1090,11 @@ impl<'c> Walker<'c> {
 
 impl Drop for Walker<'_> {
     fn drop(&mut self) {
-        for p in &mut self.primaries {
-            if p.reserved > 0 {
-                p.key.release_reserved(p.reserved);
-                p.reserved = 0;
-            }
+        for p in self.primaries.iter_mut().filter(|p| !p.leased) {
+            p.settle();
         }
         self.return_cached_keys();
-        // What the cache did not take back is dropped here.
+        // What the cache did not take back is dropped here, its leases given back.
         self.primaries.clear();
         self.last_key = None;
         let scratch = Scratch {

@@ -333,9 +333,9 @@ fn worn_key(used: u64) -> (Arc<InMemoryKeyring>, KeyId) {
 }
 
 #[test]
-fn usage_counts_are_exact_per_value_though_reserved_per_document() {
-    // Three random-nonce fields and a deterministic one under `pii`: a document walk reserves
-    // three encryptions at once and gives back those it did not make.
+fn usage_counts_are_exact_once_leases_are_settled_and_never_below_what_was_made() {
+    // Three random-nonce fields and a deterministic one under `pii`: a walk leases 64
+    // documents' worth (192 encryptions) and keeps the rest for the thread's next documents.
     let schema = Schema::builder()
         .field("x", Field::randomized("pii"))
         .field("y", Field::randomized("pii"))
@@ -349,19 +349,38 @@ fn usage_counts_are_exact_per_value_though_reserved_per_document() {
     let used = || keys.key(&id).unwrap().encryptions();
 
     c.encrypt_document(&doc! { "x": 1 }, &ctx).unwrap();
+    assert_eq!(used(), 192, "one lease, held by this thread");
+    c.settle_usage();
     assert_eq!(used(), 1);
     c.encrypt_document(&doc! { "d": 1 }, &ctx).unwrap();
+    c.settle_usage();
     assert_eq!(used(), 1, "deterministic values use no nonce");
-    // More values than fields (array elements): a second reservation within the document.
-    c.encrypt_document(&doc! { "x": 1, "y": 2, "z": [1, 2, 3, 4, 5] }, &ctx)
-        .unwrap();
-    assert_eq!(used(), 8);
-    // Many documents on all cores: still exact.
+    // More values than fields (array elements), and documents beyond one lease: the counter
+    // never falls below what was made.
+    let mut made = 1;
+    for i in 0..100 {
+        c.encrypt_document(&doc! { "x": 1, "y": 2, "z": [1, 2, 3, 4, 5] }, &ctx)
+            .unwrap();
+        made += 7;
+        assert!(
+            (made..made + 192).contains(&used()),
+            "{i}: {} / {made}",
+            used()
+        );
+    }
+    c.settle_usage();
+    assert_eq!(used(), made);
+    // Many documents on all cores: exact after the batch (`encrypt_many` settles).
     let docs: Vec<RawDocumentBuf> = (0..500)
         .map(|i| RawDocumentBuf::from_document(&doc! { "x": i, "d": i, "n": i }).unwrap())
         .collect();
     assert!(c.encrypt_many(&docs, &ctx).iter().all(Result::is_ok));
-    assert_eq!(used(), 508);
+    assert_eq!(used(), made + 500);
+    // Dropping the cryptor gives its threads' leases back too.
+    c.encrypt_document(&doc! { "x": 1 }, &ctx).unwrap();
+    assert!(used() > made + 501);
+    drop(c);
+    assert_eq!(used(), made + 501);
 
     // Near the limit a document gets what is left, one value at a time, and no more.
     let (keys, id) = worn_key(fieldcrypt::RANDOM_NONCE_LIMIT - 2);

@@ -9,6 +9,10 @@ use crate::csfle::CsfleKey;
 use crate::qe::QeKey;
 use crate::suite::{KeyMaterial, SuiteKeys};
 
+/// How many leases a key must have left beyond its count for [`KeySecret::reserve_lease`] to
+/// grant a whole lease.
+pub(crate) const LEASE_HEADROOM: u64 = 1024;
+
 /// A key's secret plus everything expanded from it: the cipher states of each suite (built
 /// once, on first use, and wiped on drop by the RustCrypto types), and the counter of
 /// random-nonce encryptions.
@@ -93,6 +97,36 @@ impl KeySecret {
             .map_err(|_| limit)
     }
 
+    /// [`KeySecret::reserve_up_to`] for a thread's lease: `lease` encryptions while the key
+    /// has plenty left (at least [`LEASE_HEADROOM`] leases beyond the count), otherwise up to
+    /// `n`, as `reserve_up_to` gives them. Near the limit, then, no thread holds more than one
+    /// document's worth that other threads could have used.
+    pub(crate) fn reserve_lease(&self, n: u64, lease: u64, limit: u64) -> Result<u64, u64> {
+        if self.exhausted.load(Ordering::Acquire) {
+            return Err(limit);
+        }
+        let n = n.max(1);
+        let grant = move |c: u64| {
+            let left = limit - c;
+            if left / LEASE_HEADROOM >= lease {
+                lease.max(n)
+            } else {
+                n.min(left)
+            }
+        };
+        self.encryptions
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c < limit).then(|| c + grant(c))
+            })
+            .map(grant)
+            .map_err(|_| limit)
+    }
+
+    /// Whether the key vault has said this key may make no more random-nonce encryptions.
+    pub(crate) fn is_exhausted(&self) -> bool {
+        self.exhausted.load(Ordering::Acquire)
+    }
+
     /// Gives back `n` encryptions reserved with [`KeySecret::reserve_up_to`] and not made.
     /// After [`KeySecret::exhaust`] the count stays where it is.
     pub(crate) fn release(&self, n: u64) {
@@ -130,6 +164,30 @@ mod tests {
         s.release(2);
         assert_eq!(s.encryptions(), 98);
         assert_eq!(s.reserve_up_to(0, 100), Ok(1), "asks for at least one");
+    }
+
+    #[test]
+    fn leases_are_whole_while_plenty_is_left_and_a_document_near_the_limit() {
+        let limit = 100 * LEASE_HEADROOM;
+        let s = secret(0);
+        assert_eq!(s.reserve_lease(3, 60, limit), Ok(60));
+        assert_eq!(s.encryptions(), 60);
+        assert_eq!(
+            s.reserve_lease(80, 60, limit),
+            Ok(80),
+            "never less than a document"
+        );
+        // Fewer than LEASE_HEADROOM leases left: one document's worth, then what is left.
+        let s = secret(limit - 60 * LEASE_HEADROOM + 1);
+        assert_eq!(s.reserve_lease(3, 60, limit), Ok(3));
+        let s = secret(limit - 2);
+        assert_eq!(s.reserve_lease(3, 60, limit), Ok(2));
+        assert_eq!(s.reserve_lease(3, 60, limit), Err(limit));
+        s.release(2);
+        assert_eq!(s.encryptions(), limit - 2);
+        s.exhaust(limit);
+        assert_eq!(s.reserve_lease(1, 1, limit), Err(limit));
+        assert!(s.is_exhausted());
     }
 
     #[test]
