@@ -1301,3 +1301,37 @@ fn check_minimum_bindings(
 fn is_encrypted(e: &Element<'_>) -> bool {
     matches!(e.binary(), Some((ENVELOPE_SUBTYPE | CSFLE_SUBTYPE, _)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keyring::InMemoryKeyring;
+    use crate::schema::Field;
+    use crate::suite::RANDOM_NONCE_LIMIT;
+
+    /// A thread's lease does not outlive the key vault's word that the key is spent: the next
+    /// document is refused although the lease still holds encryptions.
+    #[test]
+    fn an_exhausted_key_refuses_the_next_document_whatever_the_lease_holds() {
+        let keys = Arc::new(InMemoryKeyring::new());
+        keys.generate("pii");
+        let schema = Schema::builder()
+            .field("x", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let c = Cryptor::with_shared(keys.clone(), Arc::new(schema));
+        let ctx = Context::none();
+        c.encrypt_document(&bson::doc! { "x": 1 }, &ctx).unwrap();
+        let key = keys.primary("pii").unwrap();
+        assert_eq!(key.encryptions(), usage_lease(1), "a lease is held");
+        envelope::encrypting_secret(&key)
+            .unwrap()
+            .exhaust(RANDOM_NONCE_LIMIT);
+        let err = c
+            .encrypt_document(&bson::doc! { "x": 2 }, &ctx)
+            .unwrap_err();
+        assert!(matches!(err, Error::KeyUsageLimit { .. }), "{err:?}");
+        c.settle_usage();
+        assert_eq!(key.encryptions(), RANDOM_NONCE_LIMIT);
+    }
+}
