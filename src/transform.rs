@@ -723,6 +723,23 @@ struct Scratch {
     primaries: Vec<Primary>,
 }
 
+impl Scratch {
+    /// A thread's first walk buffers, made at their working size at once rather than grown
+    /// by the first documents. Grown from empty, they ended where two threads walking at once
+    /// ran at 1.45× one thread's rate instead of 2× (W1 AES-256-GCM on this machine;
+    /// docs/BENCHMARKS.md, "Thread scaling": the effect is measured, its mechanism not).
+    fn presized() -> Self {
+        Scratch {
+            path: String::with_capacity(PATH_CAPACITY),
+            ad: Vec::with_capacity(envelope::AD_CAPACITY),
+            primaries: Vec::with_capacity(4),
+        }
+    }
+}
+
+/// A first capacity for a walk's path buffer: dotted paths of ordinary depth fit.
+const PATH_CAPACITY: usize = 64;
+
 /// A primary key a walk encrypts with, and how many random-nonce encryptions it holds
 /// reserved on the key's usage counter and not made yet: a lease, taken for many documents
 /// at once ([`usage_lease`]) and kept with the key in this thread's [`KeyCache`] between
@@ -782,7 +799,7 @@ impl<'c> Walker<'c> {
             .try_with(Cell::take)
             .ok()
             .flatten()
-            .unwrap_or_default();
+            .unwrap_or_else(Scratch::presized);
         path.clear();
         ad.clear();
         let mut w = Walker {
