@@ -622,6 +622,21 @@ fn explicit_value_api_round_trips() {
         .is_err());
 }
 
+/// Checks that `ct`, `v` encrypted alone at `v`, decrypts alone and inside a document, and
+/// gives the ciphertext the document path makes for `v`.
+fn alone_and_in_a_document(c: &Cryptor, ctx: &Context, v: &Bson, ct: &Binary) -> Binary {
+    assert_eq!(&c.decrypt_value("v", ct, ctx, None, None).unwrap(), v);
+    let in_doc = c
+        .decrypt_document(&doc! { "v": Bson::Binary(ct.clone()) }, ctx)
+        .unwrap();
+    assert_eq!(in_doc.get("v"), Some(v));
+    let enc = c.encrypt_document(&doc! { "v": v.clone() }, ctx).unwrap();
+    match enc.get("v") {
+        Some(Bson::Binary(from_doc)) => from_doc.clone(),
+        _ => panic!("{enc:?}"),
+    }
+}
+
 /// An explicit value is encoded straight into its envelope, which is sized before the
 /// plaintext goes in: the ciphertext is one allocation of exactly its length (a vector that
 /// grew while it held the plaintext would have left a copy in the allocation it gave up). The
@@ -647,16 +662,8 @@ fn explicit_values_are_sealed_in_one_allocation_for_every_suite_padding_and_type
                     ct.bytes.len(),
                     "{suite:?} {pad:?} {v:?}"
                 );
-                assert_eq!(&c.decrypt_value("v", &ct, &ctx, None, None).unwrap(), v);
-                let in_doc = c
-                    .decrypt_document(&doc! { "v": Bson::Binary(ct.clone()) }, &ctx)
-                    .unwrap();
-                assert_eq!(in_doc.get("v"), Some(v));
+                let from_doc = alone_and_in_a_document(&c, &ctx, v, &ct);
                 // The envelope's length is the document path's for the same value.
-                let enc = c.encrypt_document(&doc! { "v": v.clone() }, &ctx).unwrap();
-                let Some(Bson::Binary(from_doc)) = enc.get("v") else {
-                    panic!("{enc:?}")
-                };
                 assert_eq!(
                     from_doc.bytes.len(),
                     ct.bytes.len(),
@@ -711,17 +718,9 @@ fn explicit_values_agree_with_documents_for_every_type_and_check_bindings() {
     for v in &values {
         // A value encrypted alone decrypts alone and inside its document, and back.
         let ct = c.encrypt_value("v", v, &ctx, None, None).unwrap();
-        assert_eq!(&c.decrypt_value("v", &ct, &ctx, None, None).unwrap(), v);
-        let in_doc = c
-            .decrypt_document(&doc! { "v": Bson::Binary(ct) }, &ctx)
-            .unwrap();
-        assert_eq!(in_doc.get("v"), Some(v));
-        let enc = c.encrypt_document(&doc! { "v": v.clone() }, &ctx).unwrap();
-        let Some(Bson::Binary(from_doc)) = enc.get("v") else {
-            panic!("{enc:?}")
-        };
+        let from_doc = alone_and_in_a_document(&c, &ctx, v, &ct);
         assert_eq!(
-            &c.decrypt_value("v", from_doc, &ctx, None, None).unwrap(),
+            &c.decrypt_value("v", &from_doc, &ctx, None, None).unwrap(),
             v
         );
         // Deterministic per-element values: the same ciphertext either way; `$[]` optional.
