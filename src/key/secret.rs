@@ -85,21 +85,13 @@ impl KeySecret {
     /// Counts up to `n` (at least 1) random-nonce encryptions against `limit`: as many as are
     /// left, refusing only when none is.
     pub(crate) fn reserve_up_to(&self, n: u64, limit: u64) -> Result<u64, u64> {
-        if self.exhausted.load(Ordering::Acquire) {
-            return Err(limit);
-        }
-        let n = n.max(1);
-        self.encryptions
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
-                (c < limit).then(|| c + n.min(limit - c))
-            })
-            .map(|c| n.min(limit - c))
-            .map_err(|_| limit)
+        // A lease of one reservation's size is exactly that.
+        self.reserve_lease(n, n, limit)
     }
 
-    /// [`KeySecret::reserve_up_to`] for a thread's lease: `lease` encryptions while the key
-    /// has plenty left (at least [`LEASE_HEADROOM`] leases beyond the count), otherwise up to
-    /// `n`, as `reserve_up_to` gives them. Near the limit, then, no thread holds more than one
+    /// [`KeySecret::reserve_up_to`] for a thread's lease: `lease` encryptions (at least `n`)
+    /// while the key has plenty left (at least [`LEASE_HEADROOM`] leases beyond the count),
+    /// otherwise up to `n`, as `reserve_up_to` gives them. Near the limit, then, no thread holds more than one
     /// document's worth that other threads could have used.
     pub(crate) fn reserve_lease(&self, n: u64, lease: u64, limit: u64) -> Result<u64, u64> {
         if self.exhausted.load(Ordering::Acquire) {
