@@ -278,10 +278,13 @@ pub(crate) fn seal_into(
                 limit,
             })?;
     }
-    if let Some(len) = rawbson::scalar_len(value) {
-        let ty = rawbson::value_type(value);
-        let write = |out: &mut Vec<u8>| rawbson::put_scalar(value, out);
-        return seal_with(key, params, Plain { ty, len, write }, binding, ad, out);
+    if let Some(scalar) = rawbson::Scalar::of(value) {
+        let plain = Plain {
+            ty: scalar.ty,
+            len: scalar.len(),
+            write: |out: &mut Vec<u8>| scalar.write(out),
+        };
+        return seal_with(key, params, plain, binding, ad, out);
     }
     let (ty, bytes) = rawbson::encode_value(value)?;
     seal_reserved_into(

@@ -3,7 +3,7 @@
 //! this module only adds the byte offsets it does not expose.
 
 use bson::RawDocument;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
 
@@ -333,55 +333,73 @@ pub(crate) fn encode_value(value: &bson::Bson) -> Result<(u8, Zeroizing<Vec<u8>>
 /// The common scalar types written directly, byte for byte as bson serializes them (single
 /// values, such as query ciphertexts, skip building a document); `None` for the rest.
 fn encode_scalar(value: &bson::Bson) -> Option<(u8, Zeroizing<Vec<u8>>)> {
-    let len = scalar_len(value)?;
+    let scalar = Scalar::of(value)?;
     // Exactly the room it needs: a `Zeroizing` vector that grew would leave a copy behind.
-    let mut bytes = Zeroizing::new(Vec::with_capacity(len));
-    put_scalar(value, &mut bytes);
-    Some((value_type(value), bytes))
+    let mut bytes = Zeroizing::new(Vec::with_capacity(scalar.len()));
+    scalar.write(&mut bytes);
+    Some((scalar.ty, bytes))
 }
 
-/// The BSON type byte of `value`.
-pub(crate) fn value_type(value: &bson::Bson) -> u8 {
-    value.element_type() as u8
+/// The value bytes of one of the common scalars, read from a [`bson::Bson`] without encoding
+/// it anywhere: a fixed head (the number, or a string's length) and, for a string, its text
+/// (written with its NUL). The head is a copy of the value: wiped on drop.
+pub(crate) struct Scalar<'a> {
+    pub ty: u8,
+    head: [u8; 12],
+    head_len: usize,
+    text: Option<&'a [u8]>,
 }
 
-/// The encoded length of the scalars that [`put_scalar`] writes; `None` for other values
-/// (encode those with [`encode_value`]).
-pub(crate) fn scalar_len(value: &bson::Bson) -> Option<usize> {
-    use bson::Bson;
-    Some(match value {
-        Bson::String(s) => {
-            // int32 length (of the text and its NUL), text, NUL.
-            i32::try_from(s.len() + 1).ok()?;
-            s.len() + 5
-        }
-        Bson::Int32(_) => 4,
-        Bson::Int64(_) | Bson::Double(_) | Bson::DateTime(_) => 8,
-        Bson::Boolean(_) => 1,
-        Bson::Null => 0,
-        Bson::ObjectId(_) => 12,
-        _ => return None,
-    })
-}
+impl<'a> Scalar<'a> {
+    /// `value` as a scalar; `None` for other types (encode those with [`encode_value`]) and for
+    /// strings too long for BSON.
+    pub(crate) fn of(value: &'a bson::Bson) -> Option<Self> {
+        use bson::Bson;
+        let mut head = [0; 12];
+        let mut put = |b: &[u8]| {
+            head[..b.len()].copy_from_slice(b);
+            b.len()
+        };
+        let (ty, head_len, text) = match value {
+            Bson::String(s) => {
+                let len = i32::try_from(s.len() + 1).ok()?;
+                (ty::STRING, put(&len.to_le_bytes()), Some(s.as_bytes()))
+            }
+            Bson::Int32(i) => (ty::INT32, put(&i.to_le_bytes()), None),
+            Bson::Int64(i) => (ty::INT64, put(&i.to_le_bytes()), None),
+            Bson::Double(d) => (ty::DOUBLE, put(&d.to_le_bytes()), None),
+            Bson::Boolean(b) => (ty::BOOLEAN, put(&[u8::from(*b)]), None),
+            Bson::Null => (ty::NULL, 0, None),
+            Bson::DateTime(d) => (ty::DATETIME, put(&d.timestamp_millis().to_le_bytes()), None),
+            Bson::ObjectId(o) => (ty::OBJECT_ID, put(&o.bytes()), None),
+            _ => return None,
+        };
+        Some(Scalar {
+            ty,
+            head,
+            head_len,
+            text,
+        })
+    }
 
-/// Appends the value bytes of a scalar for which [`scalar_len`] gave its length (appends
-/// nothing for other values).
-pub(crate) fn put_scalar(value: &bson::Bson, out: &mut Vec<u8>) {
-    use bson::Bson;
-    match value {
-        Bson::String(s) => {
-            let len = i32::try_from(s.len() + 1).unwrap_or(i32::MAX);
-            out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
+    /// The length of the value bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.head_len + self.text.map_or(0, |t| t.len() + 1)
+    }
+
+    /// Appends the value bytes.
+    pub(crate) fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.head[..self.head_len]);
+        if let Some(text) = self.text {
+            out.extend_from_slice(text);
             out.push(0);
         }
-        Bson::Int32(i) => out.extend_from_slice(&i.to_le_bytes()),
-        Bson::Int64(i) => out.extend_from_slice(&i.to_le_bytes()),
-        Bson::Double(d) => out.extend_from_slice(&d.to_le_bytes()),
-        Bson::Boolean(b) => out.push(u8::from(*b)),
-        Bson::DateTime(d) => out.extend_from_slice(&d.timestamp_millis().to_le_bytes()),
-        Bson::ObjectId(o) => out.extend_from_slice(&o.bytes()),
-        _ => {}
+    }
+}
+
+impl Drop for Scalar<'_> {
+    fn drop(&mut self) {
+        self.head.zeroize();
     }
 }
 
