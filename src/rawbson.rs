@@ -232,10 +232,11 @@ impl<'a> Iterator for Elements<'a> {
 }
 
 /// Finds a top-level element by key.
-pub(crate) fn find<'a>(doc: &'a RawDocument, key: &str) -> Result<Option<Element<'a>>> {
+pub(crate) fn find<'a>(doc: &'a RawDocument, key: impl AsRef<[u8]>) -> Result<Option<Element<'a>>> {
+    let key = key.as_ref();
     for e in elements(doc) {
         let e = e?;
-        if e.name == key.as_bytes() {
+        if e.name == key {
             return Ok(Some(e));
         }
     }

@@ -58,7 +58,8 @@ fn diff_into(
     };
     for n in rawbson::elements(new) {
         let n = n?;
-        match rawbson::find(old, n.key())? {
+        let key = n.key();
+        match rawbson::find(old, n.name)? {
             Some(o) if o.ty == n.ty && o.value == n.value => {}
             Some(o)
                 if o.ty == ty::DOCUMENT
@@ -66,24 +67,25 @@ fn diff_into(
                     && addressable(o.document()?)?
                     && addressable(n.document()?)? =>
             {
-                diff_into(o.document()?, n.document()?, &join(n.key()), out)?;
+                diff_into(o.document()?, n.document()?, &join(key), out)?;
             }
             o => out.push(Change {
-                path: join(n.key()),
+                path: join(key),
                 old: o.map(|o| (o.ty, o.value.to_vec())),
                 new: Some((n.ty, n.value.to_vec())),
-                addressable: is_plain_key(n.key()),
+                addressable: is_plain_key(key),
             }),
         }
     }
     for o in rawbson::elements(old) {
         let o = o?;
-        if rawbson::find(new, o.key())?.is_none() {
+        if rawbson::find(new, o.name)?.is_none() {
+            let key = o.key();
             out.push(Change {
-                path: join(o.key()),
+                path: join(key),
                 old: Some((o.ty, o.value.to_vec())),
                 new: None,
-                addressable: is_plain_key(o.key()),
+                addressable: is_plain_key(key),
             });
         }
     }
