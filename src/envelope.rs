@@ -259,9 +259,25 @@ pub(crate) fn encrypting_secret(key: &Key) -> Result<&crate::key::KeySecret> {
     Ok(secret)
 }
 
-/// Encrypts `value` under `key` and appends the envelope bytes to `out`. The common scalars
-/// are encoded straight into `out` and sealed there: no plaintext copy is made beside it.
-pub(crate) fn seal_into(
+/// Counts one random-nonce encryption with `key` against the suite's usage limit, if it has
+/// one (for a value sealed alone; document walks and explicit values lease instead).
+pub(crate) fn count_encryption(key: &Key, suite: Suite) -> Result<()> {
+    if let Some(limit) = suite.usage_limit() {
+        encrypting_secret(key)?
+            .reserve_up_to(1, limit)
+            .map_err(|limit| Error::KeyUsageLimit {
+                key: key.id(),
+                limit,
+            })?;
+    }
+    Ok(())
+}
+
+/// Encrypts `value` under `key` and appends the envelope bytes to `out`, for a caller that
+/// has counted the encryption against the key's usage limit ([`count_encryption`], or a
+/// lease). The common scalars are encoded straight into `out` and sealed there: no plaintext
+/// copy is made beside it.
+pub(crate) fn seal_value_into(
     key: &Key,
     params: SealParams,
     value: &bson::Bson,
@@ -269,15 +285,6 @@ pub(crate) fn seal_into(
     ad: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let secret = encrypting_secret(key)?;
-    if let Some(limit) = params.suite.usage_limit() {
-        secret
-            .reserve_up_to(1, limit)
-            .map_err(|limit| Error::KeyUsageLimit {
-                key: key.id(),
-                limit,
-            })?;
-    }
     if let Some(scalar) = rawbson::Scalar::of(value) {
         let plain = Plain {
             ty: scalar.ty,
@@ -350,10 +357,16 @@ fn seal_with(
     header[4..].copy_from_slice(key.id().as_bytes());
     binding.write_ad(&header, ad)?;
     let start = out.len();
-    out.reserve(HEADER_LEN + suite.nonce_len() + body_len + suite.tag_len());
+    let len = HEADER_LEN + suite.nonce_len() + body_len + suite.tag_len();
+    if out.capacity() == 0 {
+        // An explicit value's own buffer: one allocation of exactly its size.
+        *out = Vec::with_capacity(len);
+    } else {
+        out.reserve(len);
+    }
     out.extend_from_slice(&header);
     let nonce_at = out.len();
-    out.resize(nonce_at + suite.nonce_len(), 0);
+    put_zeros(out, suite.nonce_len());
     let pt_at = out.len();
     (plain.write)(out);
     debug_assert_eq!(
@@ -365,7 +378,7 @@ fn seal_with(
         pad(out, pt_at, bucket as usize);
     }
     let tag_at = out.len();
-    out.resize(tag_at + suite.tag_len(), 0);
+    put_zeros(out, suite.tag_len());
     let (head, tail) = out[nonce_at..].split_at_mut(pt_at - nonce_at);
     let (body, tag) = tail.split_at_mut(tag_at - pt_at);
     let sealed = secret
@@ -376,6 +389,18 @@ fn seal_with(
         out.truncate(start);
     }
     sealed
+}
+
+/// Appends `n` zero bytes: a nonce's or tag's room, of the suites' sizes written as
+/// constants (a couple of stores rather than a call to `memset`).
+#[inline]
+fn put_zeros(out: &mut Vec<u8>, n: usize) {
+    match n {
+        12 => out.extend_from_slice(&[0; 12]),
+        16 => out.extend_from_slice(&[0; 16]),
+        24 => out.extend_from_slice(&[0; 24]),
+        _ => out.resize(out.len() + n, 0),
+    }
 }
 
 /// The length of `len` bytes padded by [`pad`] to a multiple of `bucket`.

@@ -15,7 +15,9 @@
 //! ```
 
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use spin::mutex::{SpinMutex as TryMutex, SpinMutexGuard as TryMutexGuard};
 
 use bson::{Bson, Document, RawDocument, RawDocumentBuf};
 use rayon::prelude::*;
@@ -33,6 +35,7 @@ use crate::qe::{self, QeValueKind, SAFE_CONTENT_FIELD};
 use crate::rawbson::{self, ty, Element, RawValue};
 use crate::schema::walk::{self, Visitor};
 use crate::schema::{FieldRule, Node, Schema};
+use crate::suite::Suite;
 
 /// The BSON Binary subtype MongoDB uses for its own encrypted values (CSFLE / Queryable
 /// Encryption).
@@ -98,7 +101,7 @@ pub struct Cryptor {
     /// have the same keyring. Each thread's cache is alone on its cache lines: the crate keeps
     /// them side by side, and two threads locking neighbours made two threads slower than one
     /// thread twice (docs/BENCHMARKS.md).
-    keys: Arc<ThreadLocal<OwnLine<Mutex<KeyCache>>>>,
+    keys: Arc<ThreadLocal<OwnLine<TryMutex<KeyCache>>>>,
 }
 
 /// The keys a cryptor's last walk on one thread looked up, kept for the next walk while the
@@ -114,6 +117,9 @@ struct KeyCache {
     /// Primary keys by alias, with their usage leases.
     primaries: Vec<Primary>,
     last: Option<Arc<Key>>,
+    /// Associated data of the explicit values sealed on this thread (field paths, namespaces
+    /// and bound values, stored in the clear beside the ciphertexts).
+    ad: Vec<u8>,
 }
 
 impl KeyCache {
@@ -295,15 +301,15 @@ impl Cryptor {
     /// made, so that every key's usage counter is exact (when no walk is running).
     ///
     /// Walks lease encryptions for many documents at once and keep the lease between
-    /// documents, so that threads encrypting under one key do not update its counter for every
-    /// document; a counter therefore runs ahead of the encryptions made by at most
+    /// documents (explicit values draw on it too), so that threads encrypting under one key do
+    /// not update its counter for every document; a counter therefore runs ahead of the encryptions made by at most
     /// 64 documents' worth (and at most 4,096 encryptions, or one document's if more) per
     /// thread and key. Leases also go back when the keyring changes and when the cryptor is
     /// dropped, and [`Cryptor::encrypt_many`] settles at the end of every batch. Near a key's
     /// limit nothing is leased beyond the document being encrypted.
     pub fn settle_usage(&self) {
         for cache in self.keys.iter() {
-            if let Ok(mut c) = cache.try_lock() {
+            if let Some(mut c) = cache.try_lock() {
                 c.settle();
             }
         }
@@ -320,6 +326,28 @@ impl Cryptor {
         self.map_many(docs, |d| self.decrypt_raw(d, ctx))
     }
 
+    /// This thread's entry of the key cache, locked, holding keys of the keyring's generation
+    /// `generation` only: when the keyring has changed since they were cached, they and every
+    /// other thread's stale keys are dropped first. `None` when the keyring reports no
+    /// generation, or when the entry is busy (another thread is dropping stale keys, or this
+    /// is a call inside a walk).
+    fn thread_keys(&self, generation: Option<u64>) -> Option<TryMutexGuard<'_, KeyCache>> {
+        let generation = generation?;
+        let mut cache = self.keys.get_or_default().try_lock()?;
+        if cache.generation != generation {
+            cache.clear();
+            cache.generation = generation;
+            for other in self.keys.iter() {
+                if let Some(mut c) = other.try_lock() {
+                    if c.generation != generation {
+                        c.clear();
+                    }
+                }
+            }
+        }
+        Some(cache)
+    }
+
     fn map_many<D, F>(&self, docs: &[D], f: F) -> Vec<Result<RawDocumentBuf>>
     where
         D: AsRef<RawDocument> + Sync,
@@ -334,6 +362,9 @@ impl Cryptor {
 
     /// Encrypts one value as it would be stored at `path` (a schema path), for explicit use
     /// and for query rewriting. `id` and `owner` are needed when the field binds them.
+    ///
+    /// The encryption is counted on the thread's usage lease, as a document walk's are (see
+    /// [`Cryptor::settle_usage`]).
     ///
     /// # Errors
     /// [`Error::Schema`] when `path` is not an encrypted field; key errors.
@@ -354,10 +385,30 @@ impl Cryptor {
                 "this field is bound to _id; give the document's _id",
             ));
         }
-        let key = self.keyring.primary(&enc.key)?;
         let id = if rule.field.bind_id { id } else { None };
-        let mut sealer = ValueSealer::new(self, rule, value, ctx, id, owner)?;
-        sealer.seal(&key, enc.suite)
+        let sealer = ValueSealer::new(self, rule, value, ctx, id, owner)?;
+        // The key, its usage lease and the associated-data buffer of this thread's cache: no
+        // lock, count or reference count shared between threads is touched per value.
+        let Some(mut cache) = self.thread_keys(self.keyring.generation()) else {
+            let key = self.keyring.primary(&enc.key)?;
+            let mut ad = scratch_ad();
+            let sealed = sealer.seal(&key, enc.suite, &mut ad);
+            return_scratch_ad(ad);
+            return sealed;
+        };
+        let KeyCache { primaries, ad, .. } = &mut *cache;
+        let i = primary_in(primaries, &*self.keyring, &enc.key)?;
+        let p = &mut primaries[i];
+        p.drop_lease_if_spent();
+        if let Some(limit) = enc.suite.usage_limit() {
+            p.reserve(|_| 1, limit)?;
+        }
+        let sealed = sealer.seal_counted(&p.key, enc.suite, ad);
+        if !p.leased {
+            // Near the limit: what is left is for any thread.
+            p.settle();
+        }
+        sealed
     }
 
     /// The ciphertexts a deterministic field would hold for `value`, one per readable key of its
@@ -384,14 +435,21 @@ impl Cryptor {
                 })
             }
         };
-        let mut sealer = ValueSealer::new(self, rule, value, ctx, None, owner)?;
-        self.keyring
+        let sealer = ValueSealer::new(self, rule, value, ctx, None, owner)?;
+        let mut ad = scratch_ad();
+        let sealed = self
+            .keyring
             .readable_keys(&enc.key)?
             .iter()
             // A deterministic encryption under a demoted key, for matching only: sealed with a
             // primary-state view of the same secret. Nothing is stored with it.
-            .map(|key| sealer.seal(&key.with_state(crate::key::KeyState::Primary), enc.suite))
-            .collect()
+            .map(|key| {
+                let key = key.with_state(crate::key::KeyState::Primary);
+                sealer.seal(&key, enc.suite, &mut ad)
+            })
+            .collect();
+        return_scratch_ad(ad);
+        sealed
     }
 
     /// The blind-index values for `value` at `path`, one per readable key of the index alias
@@ -452,7 +510,6 @@ impl Cryptor {
             ENVELOPE_SUBTYPE => {
                 let env = Envelope::parse(bytes)?;
                 check_minimum_bindings(self, ctx, path.as_bytes(), &env)?;
-                let key = self.keyring.key(&env.key_id)?;
                 // Encoded only when the envelope binds them. As in a document walk, the owner
                 // counts only where there is an owner field.
                 let bound = |flag: u8, v: Option<&Bson>| {
@@ -470,6 +527,7 @@ impl Cryptor {
                     id: as_raw(&id),
                     owner: as_raw(&owner),
                 };
+                let key = self.keyring.key(&env.key_id)?;
                 let mut plain = Zeroizing::new(Vec::with_capacity(env.ciphertext.len()));
                 let mut ad = scratch_ad();
                 let opened = env.open_into(&key, &binding, &mut ad, &mut plain);
@@ -609,7 +667,6 @@ struct ValueSealer<'r> {
     value: &'r Bson,
     id: Option<(u8, Zeroizing<Vec<u8>>)>,
     owner: Option<(u8, Zeroizing<Vec<u8>>)>,
-    ad: Vec<u8>,
 }
 
 impl<'r> ValueSealer<'r> {
@@ -628,37 +685,32 @@ impl<'r> ValueSealer<'r> {
             value,
             id: id.map(rawbson::encode_value).transpose()?,
             owner: owner.map(rawbson::encode_value).transpose()?,
-            ad: scratch_ad(),
         })
     }
 
-    fn seal(&mut self, key: &Key, suite: crate::suite::Suite) -> Result<bson::Binary> {
+    /// Seals under `key`, counting the encryption against the key's usage limit; `ad` is a
+    /// buffer for the associated data.
+    fn seal(&self, key: &Key, suite: Suite, ad: &mut Vec<u8>) -> Result<bson::Binary> {
+        envelope::count_encryption(key, suite)?;
+        self.seal_counted(key, suite, ad)
+    }
+
+    /// Seals under `key`, whose usage counter already counts this encryption.
+    fn seal_counted(&self, key: &Key, suite: Suite, ad: &mut Vec<u8>) -> Result<bson::Binary> {
         let binding = Binding {
             path: self.rule.normalized.as_bytes(),
             namespace: self.namespace,
             id: as_raw(&self.id),
             owner: as_raw(&self.owner),
         };
-        // `seal_into` reserves the envelope's exact size.
+        let params = SealParams {
+            suite,
+            pad_to: self.rule.field.pad_to,
+        };
+        // `seal_value_into` makes the envelope's buffer at its exact size.
         let mut payload = Vec::new();
-        envelope::seal_into(
-            key,
-            SealParams {
-                suite,
-                pad_to: self.rule.field.pad_to,
-            },
-            self.value,
-            &binding,
-            &mut self.ad,
-            &mut payload,
-        )?;
+        envelope::seal_value_into(key, params, self.value, &binding, ad, &mut payload)?;
         Ok(binary(ENVELOPE_SUBTYPE, payload))
-    }
-}
-
-impl Drop for ValueSealer<'_> {
-    fn drop(&mut self) {
-        return_scratch_ad(std::mem::take(&mut self.ad));
     }
 }
 
@@ -757,6 +809,34 @@ struct Primary {
 }
 
 impl Primary {
+    /// Counts one random-nonce encryption against `limit`, leasing when the lease is used up:
+    /// for `per_use(alias)` encryptions at a time (a document's under this key), or near the
+    /// limit for those only, or as many as the limit still allows.
+    fn reserve(&mut self, per_use: impl FnOnce(&str) -> u64, limit: u64) -> Result<()> {
+        if self.reserved == 0 {
+            let secret = envelope::encrypting_secret(&self.key)?;
+            let per_use = per_use(self.key.alias());
+            let lease = usage_lease(per_use);
+            self.reserved = secret
+                .reserve_lease(per_use, lease, limit)
+                .map_err(|limit| Error::KeyUsageLimit {
+                    key: self.key.id(),
+                    limit,
+                })?;
+            self.leased = self.reserved >= lease;
+        }
+        self.reserved -= 1;
+        Ok(())
+    }
+
+    /// Forgets the lease of a key the key vault has reported spent: it makes no more
+    /// encryptions, leased or not.
+    fn drop_lease_if_spent(&mut self) {
+        if envelope::encrypting_secret(&self.key).is_ok_and(|s| s.is_exhausted()) {
+            self.reserved = 0;
+        }
+    }
+
     /// Gives back what the lease holds.
     fn settle(&mut self) {
         if self.reserved > 0 {
@@ -782,6 +862,19 @@ fn usage_lease(per_document: u64) -> u64 {
     (per_document * LEASE_DOCUMENTS)
         .min(MAX_LEASE)
         .max(per_document)
+}
+
+/// The index in `primaries` of `alias`'s primary key, looked up in `keyring` when not there.
+fn primary_in(primaries: &mut Vec<Primary>, keyring: &dyn Keyring, alias: &str) -> Result<usize> {
+    if let Some(i) = primaries.iter().position(|p| p.key.alias() == alias) {
+        return Ok(i);
+    }
+    primaries.push(Primary {
+        key: keyring.primary(alias)?,
+        reserved: 0,
+        leased: false,
+    });
+    Ok(primaries.len() - 1)
 }
 
 thread_local! {
@@ -823,40 +916,27 @@ impl<'c> Walker<'c> {
     /// This thread's entry of the cryptor's key cache, locked, with the walk's generation; `None`
     /// when the keyring reports no generation, or when the entry is busy (another thread is
     /// dropping stale keys, or this is a walk inside a walk).
-    fn own_cache(&self) -> Option<(u64, MutexGuard<'c, KeyCache>)> {
+    fn own_cache(&self) -> Option<(u64, TryMutexGuard<'c, KeyCache>)> {
         let generation = self.generation?;
-        let cache = self.cryptor.keys.get_or_default().try_lock().ok()?;
+        let cache = self.cryptor.keys.get_or_default().try_lock()?;
         Some((generation, cache))
     }
 
     /// Takes the keys the last walk on this thread left, if the keyring has not changed since;
     /// otherwise drops every thread's stale keys.
     fn take_cached_keys(&mut self) {
-        let Some((generation, mut cache)) = self.own_cache() else {
+        let Some(mut cache) = self.cryptor.thread_keys(self.generation) else {
             return;
         };
-        if cache.generation == generation {
+        if !cache.primaries.is_empty() {
             std::mem::swap(&mut self.primaries, &mut cache.primaries);
-            self.last_key = cache.last.take();
-            // A key the key vault has since reported spent makes no more encryptions, leased
-            // or not (a walk in flight finishes its document).
-            for p in &mut self.primaries {
-                if envelope::encrypting_secret(&p.key).is_ok_and(|s| s.is_exhausted()) {
-                    p.reserved = 0;
-                }
-            }
-            return;
         }
-        cache.clear();
-        cache.generation = generation;
-        drop(cache);
-        for other in self.cryptor.keys.iter() {
-            if let Ok(mut c) = other.try_lock() {
-                if c.generation != generation {
-                    c.clear();
-                }
-            }
-        }
+        self.last_key = cache.last.take();
+        // A key the key vault has since reported spent makes no more encryptions, leased or
+        // not (a walk in flight finishes its document).
+        self.primaries
+            .iter_mut()
+            .for_each(Primary::drop_lease_if_spent);
     }
 
     /// Gives the walk's keys and their leases back to the cryptor's cache for this thread, when
@@ -878,38 +958,14 @@ impl<'c> Walker<'c> {
 
     /// The index in `self.primaries` of `alias`'s primary key.
     fn primary(&mut self, alias: &str) -> Result<usize> {
-        if let Some(i) = self.primaries.iter().position(|p| p.key.alias() == alias) {
-            return Ok(i);
-        }
-        let key = self.cryptor.keyring.primary(alias)?;
-        self.primaries.push(Primary {
-            key,
-            reserved: 0,
-            leased: false,
-        });
-        Ok(self.primaries.len() - 1)
+        primary_in(&mut self.primaries, &*self.cryptor.keyring, alias)
     }
 
-    /// Counts one random-nonce encryption with primary `i` against `limit`, leasing when the
-    /// lease is used up (see [`Primary`]; near the limit, for the schema's fields under the
-    /// alias, or as many as the limit still allows).
+    /// Counts one random-nonce encryption with primary `i` against `limit` (see
+    /// [`Primary::reserve`]), leasing for the schema's fields under the alias.
     fn reserve(&mut self, i: usize, limit: u64) -> Result<()> {
-        let p = &mut self.primaries[i];
-        if p.reserved == 0 {
-            let secret = envelope::encrypting_secret(&p.key)?;
-            let want = self.cryptor.schema.random_nonce_fields(p.key.alias());
-            let lease = usage_lease(want);
-            p.reserved =
-                secret
-                    .reserve_lease(want, lease, limit)
-                    .map_err(|limit| Error::KeyUsageLimit {
-                        key: p.key.id(),
-                        limit,
-                    })?;
-            p.leased = p.reserved >= lease;
-        }
-        p.reserved -= 1;
-        Ok(())
+        let schema = &self.cryptor.schema;
+        self.primaries[i].reserve(|alias| schema.random_nonce_fields(alias), limit)
     }
 
     /// The key `id`, through a one-entry cache (documents mostly use one key). A function of
@@ -1350,5 +1406,27 @@ mod tests {
         assert!(matches!(err, Error::KeyUsageLimit { .. }), "{err:?}");
         c.settle_usage();
         assert_eq!(key.encryptions(), RANDOM_NONCE_LIMIT);
+    }
+
+    /// The same for explicit values, which keep their lease in the thread's cache in place.
+    #[test]
+    fn an_exhausted_key_refuses_the_next_explicit_value_whatever_the_lease_holds() {
+        let keys = Arc::new(InMemoryKeyring::new());
+        keys.generate("pii");
+        let schema = Schema::builder()
+            .field("x", Field::randomized("pii"))
+            .build()
+            .unwrap();
+        let c = Cryptor::with_shared(keys.clone(), Arc::new(schema));
+        let ctx = Context::none();
+        let v = Bson::Int32(1);
+        c.encrypt_value("x", &v, &ctx, None, None).unwrap();
+        let key = keys.primary("pii").unwrap();
+        assert_eq!(key.encryptions(), usage_lease(1), "a lease is held");
+        envelope::encrypting_secret(&key)
+            .unwrap()
+            .exhaust(RANDOM_NONCE_LIMIT);
+        let err = c.encrypt_value("x", &v, &ctx, None, None).unwrap_err();
+        assert!(matches!(err, Error::KeyUsageLimit { .. }), "{err:?}");
     }
 }

@@ -398,6 +398,52 @@ fn usage_counts_are_exact_once_leases_are_settled_and_never_below_what_was_made(
 }
 
 #[test]
+fn explicit_values_count_usage_through_the_threads_lease_and_follow_rotation() {
+    let schema = Schema::builder()
+        .field("x", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let (keys, id) = worn_key(0);
+    let c = Cryptor::new(keys.clone(), schema.clone());
+    let ctx = Context::none();
+    let used = || keys.key(&id).unwrap().encryptions();
+    let value = Bson::String("secret".into());
+
+    // A value leases 64 encryptions for this thread; values and documents share the lease.
+    c.encrypt_value("x", &value, &ctx, None, None).unwrap();
+    assert_eq!(used(), 64);
+    for _ in 0..99 {
+        c.encrypt_value("x", &value, &ctx, None, None).unwrap();
+    }
+    c.encrypt_document(&doc! { "x": 1 }, &ctx).unwrap();
+    assert!((101..101 + 64).contains(&used()), "{}", used());
+    c.settle_usage();
+    assert_eq!(used(), 101);
+
+    // A rotation is seen by the next value: sealed under the new primary, readable by both.
+    let new = keys.rotate("pii");
+    let sealed = c.encrypt_value("x", &value, &ctx, None, None).unwrap();
+    assert_eq!(&sealed.bytes[4..20], new.as_bytes());
+    assert_eq!(
+        c.decrypt_value("x", &sealed, &ctx, None, None).unwrap(),
+        value
+    );
+    c.settle_usage();
+    assert_eq!(used(), 101, "the old key makes no more");
+
+    // Near the limit a value gets one encryption and no lease, and then none.
+    let (keys, id) = worn_key(fieldcrypt::RANDOM_NONCE_LIMIT - 2);
+    let c = Cryptor::new(keys.clone(), schema);
+    let used = || keys.key(&id).unwrap().encryptions();
+    c.encrypt_value("x", &value, &ctx, None, None).unwrap();
+    assert_eq!(used(), fieldcrypt::RANDOM_NONCE_LIMIT - 1);
+    c.encrypt_value("x", &value, &ctx, None, None).unwrap();
+    let err = c.encrypt_value("x", &value, &ctx, None, None).unwrap_err();
+    assert!(matches!(err, Error::KeyUsageLimit { .. }), "{err:?}");
+    assert_eq!(used(), fieldcrypt::RANDOM_NONCE_LIMIT);
+}
+
+#[test]
 fn fail_usage_limit_asks_for_rotation() {
     let (keys, id) = worn_key(fieldcrypt::RANDOM_NONCE_LIMIT - 1);
     let schema = Schema::builder()
