@@ -117,8 +117,8 @@ struct KeyCache {
     /// Primary keys by alias, with their usage leases.
     primaries: Vec<Primary>,
     last: Option<Arc<Key>>,
-    /// Associated data of the explicit values sealed on this thread (field paths, namespaces
-    /// and bound values, stored in the clear beside the ciphertexts).
+    /// Associated data of the explicit values sealed or opened on this thread (field paths,
+    /// namespaces and bound values, stored in the clear beside the ciphertexts).
     ad: Vec<u8>,
 }
 
@@ -527,11 +527,19 @@ impl Cryptor {
                     id: as_raw(&id),
                     owner: as_raw(&owner),
                 };
-                let key = self.keyring.key(&env.key_id)?;
                 let mut plain = Zeroizing::new(Vec::with_capacity(env.ciphertext.len()));
-                let mut ad = scratch_ad();
-                let opened = env.open_into(&key, &binding, &mut ad, &mut plain);
-                return_scratch_ad(ad);
+                // The key and associated-data buffer of this thread's cache, as for encryption.
+                let opened = if let Some(mut cache) = self.thread_keys(self.keyring.generation()) {
+                    let KeyCache { last, ad, .. } = &mut *cache;
+                    let key = cached_key(last, &*self.keyring, env.key_id)?;
+                    env.open_into(key, &binding, ad, &mut plain)
+                } else {
+                    let key = self.keyring.key(&env.key_id)?;
+                    let mut ad = scratch_ad();
+                    let opened = env.open_into(&key, &binding, &mut ad, &mut plain);
+                    return_scratch_ad(ad);
+                    opened
+                };
                 rawbson::decode_value(opened?, &plain)
             }
             CSFLE_SUBTYPE if matches!(bytes.first(), Some(1 | 2)) => {

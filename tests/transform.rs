@@ -443,6 +443,64 @@ fn explicit_values_count_usage_through_the_threads_lease_and_follow_rotation() {
     assert_eq!(used(), fieldcrypt::RANDOM_NONCE_LIMIT);
 }
 
+/// Explicit values use the per-thread key cache too: its handles follow keyring changes, on
+/// every thread, as a walk's do, and a destroyed key decrypts no more.
+#[test]
+fn keys_cached_for_explicit_values_follow_keyring_changes_on_every_thread() {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    let c = Cryptor::new(keys.clone(), schema);
+    let ctx = Context::namespace("app.users");
+    let v = Bson::String("x".into());
+    let old_key = keys.primary("pii").unwrap().id();
+    let held = keys.key(&old_key).unwrap();
+    let sealed = std::thread::scope(|s| {
+        s.spawn(|| {
+            let sealed = c.encrypt_value("ssn", &v, &ctx, None, None).unwrap();
+            assert_eq!(
+                c.decrypt_value("ssn", &sealed, &ctx, None, None).unwrap(),
+                v
+            );
+            sealed
+        })
+        .join()
+        .unwrap()
+    });
+    // The keyring's handle, ours, and the two the finished thread's cache keeps (its primary
+    // and its last key looked up by id).
+    assert_eq!(Arc::strong_count(&held), 4);
+    keys.rotate("pii"); // the keyring now holds an `active` copy
+    assert_eq!(Arc::strong_count(&held), 3);
+    // A value on this thread drops the other thread's stale handles.
+    let new = c.encrypt_value("ssn", &v, &ctx, None, None).unwrap();
+    assert_ne!(new.bytes[4..20], sealed.bytes[4..20]);
+    assert_eq!(Arc::strong_count(&held), 1, "only our own handle is left");
+    assert_eq!(
+        c.decrypt_value("ssn", &sealed, &ctx, None, None).unwrap(),
+        v
+    );
+    let active = keys.key(&old_key).unwrap();
+    assert_eq!(
+        Arc::strong_count(&active),
+        3,
+        "the keyring's, ours and this thread's"
+    );
+    keys.destroy(&old_key).unwrap();
+    let err = c
+        .decrypt_value("ssn", &sealed, &ctx, None, None)
+        .unwrap_err();
+    assert!(!matches!(err, Error::Decrypt), "{err:?}");
+    assert_eq!(
+        Arc::strong_count(&active),
+        1,
+        "the cache let go of the destroyed key"
+    );
+    assert_eq!(c.decrypt_value("ssn", &new, &ctx, None, None).unwrap(), v);
+}
+
 #[test]
 fn fail_usage_limit_asks_for_rotation() {
     let (keys, id) = worn_key(fieldcrypt::RANDOM_NONCE_LIMIT - 1);
