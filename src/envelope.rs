@@ -273,40 +273,37 @@ pub(crate) fn count_encryption(key: &Key, suite: Suite) -> Result<()> {
     Ok(())
 }
 
-/// Encrypts `value` under `key` and appends the envelope bytes to `out`, for a caller that
-/// has counted the encryption against the key's usage limit ([`count_encryption`], or a
-/// lease). The common scalars are encoded straight into `out` and sealed there: no plaintext
-/// copy is made beside it.
-pub(crate) fn seal_value_into(
+/// The envelope bytes of `value` under `key`, in a buffer of exactly their size, for a caller
+/// that has counted the encryption against the key's usage limit ([`count_encryption`], or a
+/// lease). The common scalars are encoded straight into the envelope and sealed there: no
+/// plaintext copy is made beside it.
+pub(crate) fn seal_value(
     key: &Key,
     params: SealParams,
     value: &bson::Bson,
     binding: &Binding<'_>,
     ad: &mut Vec<u8>,
-    out: &mut Vec<u8>,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     if let Some(scalar) = rawbson::Scalar::of(value) {
         let plain = Plain {
             ty: scalar.ty,
             len: scalar.len(),
             write: |out: &mut Vec<u8>| scalar.write(out),
         };
-        return seal_with(key, params, plain, binding, ad, out);
+        let mut out = Vec::with_capacity(sealed_len(params, plain.len));
+        seal_with(key, params, plain, binding, ad, &mut out)?;
+        return Ok(out);
     }
     let (ty, bytes) = rawbson::encode_value(value)?;
-    seal_reserved_into(
-        key,
-        params,
-        RawValue { ty, bytes: &bytes },
-        binding,
-        ad,
-        out,
-    )
+    let mut out = Vec::with_capacity(sealed_len(params, bytes.len()));
+    let value = RawValue { ty, bytes: &bytes };
+    seal_reserved_into(key, params, value, binding, ad, &mut out)?;
+    Ok(out)
 }
 
-/// [`seal_into`] for value bytes already encoded, and for a caller that has already counted
-/// this encryption against the key's usage limit (a document walk reserves for all its values
-/// at once).
+/// Appends the envelope of value bytes already encoded to `out`, for a caller that has
+/// already counted this encryption against the key's usage limit (a document walk leases for
+/// many values at once).
 pub(crate) fn seal_reserved_into(
     key: &Key,
     params: SealParams,
@@ -345,28 +342,18 @@ fn seal_with(
     let secret = encrypting_secret(key)?;
     let suite = params.suite;
     let mut fl = binding.flags();
-    let body_len = match params.pad_to {
-        Some(bucket) => {
-            fl |= flags::PADDED;
-            padded_len(plain.len, bucket as usize)
-        }
-        None => plain.len,
-    };
+    if params.pad_to.is_some() {
+        fl |= flags::PADDED;
+    }
     let mut header = [0; HEADER_LEN];
     header[..4].copy_from_slice(&[FORMAT_VERSION, suite.id(), fl, plain.ty]);
     header[4..].copy_from_slice(key.id().as_bytes());
     binding.write_ad(&header, ad)?;
     let start = out.len();
-    let len = HEADER_LEN + suite.nonce_len() + body_len + suite.tag_len();
-    if out.capacity() == 0 {
-        // An explicit value's own buffer: one allocation of exactly its size.
-        *out = Vec::with_capacity(len);
-    } else {
-        out.reserve(len);
-    }
+    out.reserve(sealed_len(params, plain.len));
     out.extend_from_slice(&header);
     let nonce_at = out.len();
-    put_zeros(out, suite.nonce_len());
+    out.resize(nonce_at + suite.nonce_len(), 0);
     let pt_at = out.len();
     (plain.write)(out);
     debug_assert_eq!(
@@ -378,7 +365,7 @@ fn seal_with(
         pad(out, pt_at, bucket as usize);
     }
     let tag_at = out.len();
-    put_zeros(out, suite.tag_len());
+    out.resize(tag_at + suite.tag_len(), 0);
     let (head, tail) = out[nonce_at..].split_at_mut(pt_at - nonce_at);
     let (body, tag) = tail.split_at_mut(tag_at - pt_at);
     let sealed = secret
@@ -391,16 +378,13 @@ fn seal_with(
     sealed
 }
 
-/// Appends `n` zero bytes: a nonce's or tag's room, of the suites' sizes written as
-/// constants (a couple of stores rather than a call to `memset`).
-#[inline]
-fn put_zeros(out: &mut Vec<u8>, n: usize) {
-    match n {
-        12 => out.extend_from_slice(&[0; 12]),
-        16 => out.extend_from_slice(&[0; 16]),
-        24 => out.extend_from_slice(&[0; 24]),
-        _ => out.resize(out.len() + n, 0),
-    }
+/// The length of the envelope of a `len`-byte value.
+fn sealed_len(params: SealParams, len: usize) -> usize {
+    let body = match params.pad_to {
+        Some(bucket) => padded_len(len, bucket as usize),
+        None => len,
+    };
+    HEADER_LEN + params.suite.nonce_len() + body + params.suite.tag_len()
 }
 
 /// The length of `len` bytes padded by [`pad`] to a multiple of `bucket`.

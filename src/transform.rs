@@ -715,9 +715,7 @@ impl<'r> ValueSealer<'r> {
             suite,
             pad_to: self.rule.field.pad_to,
         };
-        // `seal_value_into` makes the envelope's buffer at its exact size.
-        let mut payload = Vec::new();
-        envelope::seal_value_into(key, params, self.value, &binding, ad, &mut payload)?;
+        let payload = envelope::seal_value(key, params, self.value, &binding, ad)?;
         Ok(binary(ENVELOPE_SUBTYPE, payload))
     }
 }
