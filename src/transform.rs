@@ -302,8 +302,8 @@ impl Cryptor {
     ///
     /// Walks lease encryptions for many documents at once and keep the lease between
     /// documents (explicit values draw on it too), so that threads encrypting under one key do
-    /// not update its counter for every document; a counter therefore runs ahead of the encryptions made by at most
-    /// 64 documents' worth (and at most 4,096 encryptions, or one document's if more) per
+    /// not update its counter for every document; a counter therefore runs ahead of the
+    /// encryptions made by at most 64 documents' worth (and at most 4,096 encryptions, or one document's if more) per
     /// thread and key. Leases also go back when the keyring changes and when the cryptor is
     /// dropped, and [`Cryptor::encrypt_many`] settles at the end of every batch. Near a key's
     /// limit nothing is leased beyond the document being encrypted.
@@ -919,24 +919,13 @@ impl<'c> Walker<'c> {
         w
     }
 
-    /// This thread's entry of the cryptor's key cache, locked, with the walk's generation; `None`
-    /// when the keyring reports no generation, or when the entry is busy (another thread is
-    /// dropping stale keys, or this is a walk inside a walk).
-    fn own_cache(&self) -> Option<(u64, TryMutexGuard<'c, KeyCache>)> {
-        let generation = self.generation?;
-        let cache = self.cryptor.keys.get_or_default().try_lock()?;
-        Some((generation, cache))
-    }
-
     /// Takes the keys the last walk on this thread left, if the keyring has not changed since;
     /// otherwise drops every thread's stale keys.
     fn take_cached_keys(&mut self) {
         let Some(mut cache) = self.cryptor.thread_keys(self.generation) else {
             return;
         };
-        if !cache.primaries.is_empty() {
-            std::mem::swap(&mut self.primaries, &mut cache.primaries);
-        }
+        std::mem::swap(&mut self.primaries, &mut cache.primaries);
         self.last_key = cache.last.take();
         // A key the key vault has since reported spent makes no more encryptions, leased or
         // not (a walk in flight finishes its document).
@@ -949,7 +938,12 @@ impl<'c> Walker<'c> {
     /// the cache is free and the keyring is still at the walk's generation: keys of a walk that
     /// a keyring change overtook are dropped here (their leases given back) rather than kept.
     fn return_cached_keys(&mut self) {
-        let Some((generation, mut cache)) = self.own_cache() else {
+        // Without a generation nothing was cached; a busy entry (another thread dropping
+        // stale keys, or a walk inside a walk) is left alone.
+        let Some(generation) = self.generation else {
+            return;
+        };
+        let Some(mut cache) = self.cryptor.keys.get_or_default().try_lock() else {
             return;
         };
         if cache.generation == generation
