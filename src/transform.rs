@@ -1382,17 +1382,22 @@ mod tests {
     use crate::schema::Field;
     use crate::suite::RANDOM_NONCE_LIMIT;
 
-    /// A thread's lease does not outlive the key vault's word that the key is spent: the next
-    /// document is refused although the lease still holds encryptions.
-    #[test]
-    fn an_exhausted_key_refuses_the_next_document_whatever_the_lease_holds() {
+    /// A cryptor that encrypts `x` under `pii` (randomized), and its keyring.
+    fn x_cryptor() -> (Arc<InMemoryKeyring>, Cryptor) {
         let keys = Arc::new(InMemoryKeyring::new());
         keys.generate("pii");
         let schema = Schema::builder()
             .field("x", Field::randomized("pii"))
             .build()
             .unwrap();
-        let c = Cryptor::with_shared(keys.clone(), Arc::new(schema));
+        (keys.clone(), Cryptor::with_shared(keys, Arc::new(schema)))
+    }
+
+    /// A thread's lease does not outlive the key vault's word that the key is spent: the next
+    /// document is refused although the lease still holds encryptions.
+    #[test]
+    fn an_exhausted_key_refuses_the_next_document_whatever_the_lease_holds() {
+        let (keys, c) = x_cryptor();
         let ctx = Context::none();
         c.encrypt_document(&bson::doc! { "x": 1 }, &ctx).unwrap();
         let key = keys.primary("pii").unwrap();
@@ -1411,13 +1416,7 @@ mod tests {
     /// The same for explicit values, which keep their lease in the thread's cache in place.
     #[test]
     fn an_exhausted_key_refuses_the_next_explicit_value_whatever_the_lease_holds() {
-        let keys = Arc::new(InMemoryKeyring::new());
-        keys.generate("pii");
-        let schema = Schema::builder()
-            .field("x", Field::randomized("pii"))
-            .build()
-            .unwrap();
-        let c = Cryptor::with_shared(keys.clone(), Arc::new(schema));
+        let (keys, c) = x_cryptor();
         let ctx = Context::none();
         let v = Bson::Int32(1);
         c.encrypt_value("x", &v, &ctx, None, None).unwrap();

@@ -55,6 +55,16 @@ fn ring() -> Arc<InMemoryKeyring> {
     Arc::new(r)
 }
 
+/// A cryptor that encrypts `ssn` under `pii` (randomized), and its keyring.
+fn ssn_cryptor() -> (Arc<InMemoryKeyring>, Cryptor) {
+    let keys = ring();
+    let schema = Schema::builder()
+        .field("ssn", Field::randomized("pii"))
+        .build()
+        .unwrap();
+    (keys.clone(), Cryptor::new(keys, schema))
+}
+
 fn is_envelope(v: &Bson) -> bool {
     matches!(v, Bson::Binary(b) if b.subtype == BinarySubtype::UserDefined(ENVELOPE_SUBTYPE))
 }
@@ -251,12 +261,7 @@ fn fail_every_bit_flip_and_truncation_is_rejected() {
 
 #[test]
 fn rotation_keeps_old_data_readable_and_new_writes_use_the_new_key() {
-    let keys = ring();
-    let schema = Schema::builder()
-        .field("ssn", Field::randomized("pii"))
-        .build()
-        .unwrap();
-    let c = Cryptor::new(keys.clone(), schema);
+    let (keys, c) = ssn_cryptor();
     let ctx = Context::none();
     let old_key = keys.primary("pii").unwrap().id();
     let before = c.encrypt_document(&doc! { "ssn": "old" }, &ctx).unwrap();
@@ -447,12 +452,7 @@ fn explicit_values_count_usage_through_the_threads_lease_and_follow_rotation() {
 /// every thread, as a walk's do, and a destroyed key decrypts no more.
 #[test]
 fn keys_cached_for_explicit_values_follow_keyring_changes_on_every_thread() {
-    let keys = ring();
-    let schema = Schema::builder()
-        .field("ssn", Field::randomized("pii"))
-        .build()
-        .unwrap();
-    let c = Cryptor::new(keys.clone(), schema);
+    let (keys, c) = ssn_cryptor();
     let ctx = Context::namespace("app.users");
     let v = Bson::String("x".into());
     let old_key = keys.primary("pii").unwrap().id();
@@ -1054,12 +1054,7 @@ fn fail_documents_nested_too_deep() {
 /// and the next walk anywhere drops every thread's stale handles.
 #[test]
 fn keys_cached_per_thread_follow_keyring_changes_and_go_at_the_next_walk() {
-    let keys = ring();
-    let schema = Schema::builder()
-        .field("ssn", Field::randomized("pii"))
-        .build()
-        .unwrap();
-    let c = Cryptor::new(keys.clone(), schema);
+    let (keys, c) = ssn_cryptor();
     let ctx = Context::none();
     let id_of = |d: &Document| {
         Cryptor::referenced_keys(&RawDocumentBuf::from_document(d).unwrap()).unwrap()
