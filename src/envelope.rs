@@ -83,7 +83,7 @@ impl Binding<'_> {
     fn write_ad(&self, header: &[u8; HEADER_LEN], ad: &mut Vec<u8>) -> Result<()> {
         ad.clear();
         let f = header[2];
-        ad.extend_from_slice(header);
+        put_header(ad, header);
         put_bytes(ad, self.path)?;
         if f & flags::NAMESPACE != 0 {
             // Errors built lazily (see lib.rs): this runs once per value sealed or opened.
@@ -112,6 +112,14 @@ impl Binding<'_> {
         }
         Ok(())
     }
+}
+
+/// Appends `header` in the two pieces [`seal_with`] writes it in (the first four bytes, then the
+/// key id): one 16-byte copy spanning both stores could not be forwarded from the store buffer
+/// and would wait for them to reach the cache (a few nanoseconds per value, measured).
+fn put_header(v: &mut Vec<u8>, header: &[u8; HEADER_LEN]) {
+    v.extend_from_slice(&header[..4]);
+    v.extend_from_slice(&header[4..]);
 }
 
 fn put_bytes(ad: &mut Vec<u8>, b: &[u8]) -> Result<()> {
@@ -346,12 +354,17 @@ fn seal_with(
         fl |= flags::PADDED;
     }
     let mut header = [0; HEADER_LEN];
-    header[..4].copy_from_slice(&[FORMAT_VERSION, suite.id(), fl, plain.ty]);
+    // One 4-byte store, not four byte stores: see put_header.
+    let prefix = u32::from(FORMAT_VERSION)
+        | u32::from(suite.id()) << 8
+        | u32::from(fl) << 16
+        | u32::from(plain.ty) << 24;
+    header[..4].copy_from_slice(&prefix.to_le_bytes());
     header[4..].copy_from_slice(key.id().as_bytes());
     binding.write_ad(&header, ad)?;
     let start = out.len();
     out.reserve(sealed_len(params, plain.len));
-    out.extend_from_slice(&header);
+    put_header(out, &header);
     let nonce_at = out.len();
     out.resize(nonce_at + suite.nonce_len(), 0);
     let pt_at = out.len();
