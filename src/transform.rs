@@ -509,7 +509,7 @@ impl Cryptor {
         match u8::from(value.subtype) {
             ENVELOPE_SUBTYPE => {
                 let env = Envelope::parse(bytes)?;
-                check_minimum_bindings(self, ctx, path.as_bytes(), &env)?;
+                check_minimum_bindings(self, ctx, path.as_bytes(), env.flags)?;
                 // Encoded only when the envelope binds them. As in a document walk, the owner
                 // counts only where there is an owner field.
                 let bound = |flag: u8, v: Option<&Bson>| {
@@ -1133,7 +1133,7 @@ impl<'c> Walker<'c> {
     /// Opens the envelope `payload` of the element `name`, whose path is `path`.
     fn open(&mut self, name: &[u8], path: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
         let env = Envelope::parse(payload)?;
-        check_minimum_bindings(self.cryptor, self.ctx, path, &env)?;
+        check_minimum_bindings(self.cryptor, self.ctx, path, env.flags)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
         if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
             if let Some((doc, owner_field)) = self.unresolved.take() {
@@ -1341,12 +1341,7 @@ fn normalized(path: &str) -> std::borrow::Cow<'_, str> {
 /// when the reader knows it, to the owner in owner-scoped collections, and to `_id` where the
 /// schema binds the field (`path`, normalized). Otherwise a value written without those
 /// bindings (or planted by someone with write access) could be moved here and decrypt.
-fn check_minimum_bindings(
-    cryptor: &Cryptor,
-    ctx: &Context,
-    path: &[u8],
-    env: &Envelope<'_>,
-) -> Result<()> {
+fn check_minimum_bindings(cryptor: &Cryptor, ctx: &Context, path: &[u8], bound: u8) -> Result<()> {
     use envelope::flags;
     let missing = |what| {
         Err(Error::UnboundCiphertext {
@@ -1354,15 +1349,15 @@ fn check_minimum_bindings(
             missing: what,
         })
     };
-    if ctx.namespace.is_some() && env.flags & flags::NAMESPACE == 0 {
+    if ctx.namespace.is_some() && bound & flags::NAMESPACE == 0 {
         return missing("namespace");
     }
     let owner_scoped = ctx.owner_field.is_some() || cryptor.schema.owner_field().is_some();
-    if owner_scoped && env.flags & flags::OWNER == 0 {
+    if owner_scoped && bound & flags::OWNER == 0 {
         return missing("owner");
     }
     if cryptor.schema.needs_id()
-        && env.flags & flags::ID == 0
+        && bound & flags::ID == 0
         && core::str::from_utf8(path)
             .ok()
             .and_then(|p| cryptor.schema.rule_at(p))
