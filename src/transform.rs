@@ -769,10 +769,6 @@ struct Walker<'c> {
     /// The keyring's generation when the walk began, if it has one: the keys above may then
     /// come from, and go back to, the cryptor's [`KeyCache`].
     generation: Option<u64>,
-    /// This thread's entry of that cache, held locked from the walk's start to its end (it is
-    /// empty meanwhile: its keys are in `primaries` and `last_key`), so that a walk takes one
-    /// locked instruction rather than one to take the keys and one to give them back.
-    cache: Option<TryMutexGuard<'c, KeyCache>>,
 }
 
 /// A walk's buffers, kept per thread between walks so that a document costs no allocation
@@ -918,7 +914,6 @@ impl<'c> Walker<'c> {
             last_key: None,
             primaries,
             generation: cryptor.keyring.generation(),
-            cache: None,
         };
         w.take_cached_keys();
         w
@@ -932,7 +927,6 @@ impl<'c> Walker<'c> {
         };
         std::mem::swap(&mut self.primaries, &mut cache.primaries);
         self.last_key = cache.last.take();
-        self.cache = Some(cache);
         // A key the key vault has since reported spent makes no more encryptions, leased or
         // not (a walk in flight finishes its document).
         self.primaries
@@ -944,9 +938,12 @@ impl<'c> Walker<'c> {
     /// the cache is free and the keyring is still at the walk's generation: keys of a walk that
     /// a keyring change overtook are dropped here (their leases given back) rather than kept.
     fn return_cached_keys(&mut self) {
-        // Without a generation nothing was cached; an entry that was busy when the walk began
-        // (another thread dropping stale keys, or a walk inside a walk) is left alone.
-        let (Some(generation), Some(mut cache)) = (self.generation, self.cache.take()) else {
+        // Without a generation nothing was cached; a busy entry (another thread dropping
+        // stale keys, or a walk inside a walk) is left alone.
+        let Some(generation) = self.generation else {
+            return;
+        };
+        let Some(mut cache) = self.cryptor.keys.get_or_default().try_lock() else {
             return;
         };
         if cache.generation == generation
