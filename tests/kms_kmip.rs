@@ -334,13 +334,18 @@ fn fail_tampered_material_and_other_associated_data() {
             }
             if !ad.is_empty() {
                 for other in [&b"key B"[..], b"", b"key A\0"] {
-                    assert!(
-                        matches!(
-                            block_on(kek.unwrap_with_ad(&stored_mk, &wrapped, other)),
-                            Err(Error::Decrypt)
-                        ),
-                        "{stored_mk}"
-                    );
+                    match block_on(kek.unwrap_with_ad(&stored_mk, &wrapped, other)) {
+                        Err(Error::Decrypt) => {}
+                        // Delegated, empty associated data reads the material as a CSFLE
+                        // key: libmongocrypt's unauthenticated AES-CBC, whose padding alone
+                        // the server checks. About one time in 256 the padding of what is
+                        // not a CSFLE key passes, and the result is other bytes: never the
+                        // data key (which the tag binds to "key A").
+                        Ok(k) if stored_mk.contains_key("delegated") && other.is_empty() => {
+                            assert_ne!(k.expose_secret(), dek.expose_secret(), "{stored_mk}");
+                        }
+                        r => panic!("{stored_mk} under {other:?}: {r:?}"),
+                    }
                 }
             }
         }
