@@ -303,10 +303,10 @@ impl Cryptor {
     /// Walks lease encryptions for many documents at once and keep the lease between
     /// documents (explicit values draw on it too), so that threads encrypting under one key do
     /// not update its counter for every document; a counter therefore runs ahead of the
-    /// encryptions made by at most 64 documents' worth (and at most 4,096 encryptions, or one document's if more) per
-    /// thread and key. Leases also go back when the keyring changes and when the cryptor is
-    /// dropped, and [`Cryptor::encrypt_many`] settles at the end of every batch. Near a key's
-    /// limit nothing is leased beyond the document being encrypted.
+    /// encryptions made by at most 64 documents' worth (and at most 4,096 encryptions, or one
+    /// document's if more) per thread and key. Leases also go back when the keyring changes
+    /// and when the cryptor is dropped, and [`Cryptor::encrypt_many`] settles at the end of
+    /// every batch. Near a key's limit nothing is leased beyond the document being encrypted.
     pub fn settle_usage(&self) {
         for cache in self.keys.iter() {
             if let Some(mut c) = cache.try_lock() {
