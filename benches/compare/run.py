@@ -43,7 +43,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-PEERS = ("pymongocrypt", "pymongo", "cryptography")
 SUITES = ("AES-256-GCM", "ChaCha20-Poly1305", "XChaCha20-Poly1305", "AES-256-SIV-deterministic")
 W1_FIELDS = 1500
 # W1's formats in `fieldcrypt bench w1`: MongoDB's two, then the fieldcrypt suites.
@@ -57,25 +56,57 @@ NATIVE_LIBMONGOCRYPT_W1 = {"documents_per_second": 127.0, "version": "1.18.2", "
 # environment
 
 
-def ensure_peers(args) -> None:
-    """Re-runs this script inside a virtualenv that has the peers, creating it if needed."""
+def pinned() -> dict[str, str]:
+    """The `name==version` pins of requirements.txt."""
+    pins = {}
+    for line in (HERE / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+# Run by an interpreter to say whether it has every pinned distribution at its pinned version;
+# prints what differs.
+CHECK_PINS = """
+import json, sys
+from importlib.metadata import version, PackageNotFoundError
+bad = []
+for name, want in json.loads(sys.argv[1]).items():
     try:
-        for m in PEERS:
-            __import__(m)
+        have = version(name)
+    except PackageNotFoundError:
+        have = None
+    if have != want:
+        bad.append(f"{name} {have or 'missing'} (pinned {want})")
+print("; ".join(bad))
+sys.exit(1 if bad else 0)
+"""
+
+
+def ensure_peers(args) -> None:
+    """Re-runs this script inside a virtualenv whose peers are the versions requirements.txt
+    pins, creating or updating target/compare-venv if none is: a peer of another version (the
+    dev server's environment installs cryptography unpinned) would be measured as if it were the
+    pinned one (cryptography 51's Fernet is 2.6-6x its 50's)."""
+    pins = json.dumps(pinned())
+    here = subprocess.run([sys.executable, "-c", CHECK_PINS, pins], capture_output=True, text=True)
+    if here.returncode == 0:
         return
-    except ImportError:
-        pass
     candidates = [Path(args.venv)] if args.venv else []
     candidates += [REPO / "target/compare-venv", REPO / "target/fieldcrypt-devserver/venv"]
     for venv in candidates:
         py = venv / "bin/python"
-        if py.exists() and subprocess.run(
-            [str(py), "-c", "import " + ",".join(PEERS)], capture_output=True
-        ).returncode == 0:
-            os.execv(str(py), [str(py), *sys.argv])
+        if py.exists():
+            check = subprocess.run([str(py), "-c", CHECK_PINS, pins], capture_output=True,
+                                   text=True)
+            if check.returncode == 0:
+                os.execv(str(py), [str(py), *sys.argv])
+            print(f"not using {venv}: {check.stdout.strip()}", file=sys.stderr)
     venv = candidates[0]
     print(f"setting up {venv} (pip install -r benches/compare/requirements.txt)", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    if not (venv / "bin/python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run(
         [str(venv / "bin/pip"), "install", "-q", "-r", str(HERE / "requirements.txt")], check=True
     )
