@@ -508,12 +508,21 @@ impl Cryptor {
         let bytes = value.bytes.as_slice();
         match u8::from(value.subtype) {
             ENVELOPE_SUBTYPE => {
-                let env = Envelope::parse(bytes)?;
-                check_minimum_bindings(self, ctx, path.as_bytes(), env.flags)?;
+                // The envelope is read where `parse` wrote it, and its flags byte where the
+                // input holds it: moving the envelope out of the `Result`, or reading
+                // `env.flags` back, loaded bytes just stored narrower with one wider load,
+                // which waits for those stores (a stalled store-forward per value).
+                let parsed = Envelope::parse(bytes);
+                let env = match parsed {
+                    Ok(ref env) => env,
+                    Err(e) => return Err(e),
+                };
+                let flags = env.header[2];
+                check_minimum_bindings(self, ctx, path.as_bytes(), flags)?;
                 // Encoded only when the envelope binds them. As in a document walk, the owner
                 // counts only where there is an owner field.
                 let bound = |flag: u8, v: Option<&Bson>| {
-                    v.filter(|_| env.flags & flag != 0)
+                    v.filter(|_| flags & flag != 0)
                         .map(rawbson::encode_value)
                         .transpose()
                 };
@@ -1129,10 +1138,16 @@ impl<'c> Walker<'c> {
 
     /// Opens the envelope `payload` of the element `name`, whose path is `path`.
     fn open(&mut self, name: &[u8], path: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        let env = Envelope::parse(payload)?;
-        check_minimum_bindings(self.cryptor, self.ctx, path, env.flags)?;
+        // Read in place, the flags from the input, as in `Cryptor::decrypt_value`.
+        let parsed = Envelope::parse(payload);
+        let env = match parsed {
+            Ok(ref env) => env,
+            Err(e) => return Err(e),
+        };
+        let flags = env.header[2];
+        check_minimum_bindings(self.cryptor, self.ctx, path, flags)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
-        if env.flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
+        if flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {
             if let Some((doc, owner_field)) = self.unresolved.take() {
                 self.id = rawbson::find(doc, "_id")?.map(|e| e.raw_value());
                 if let Some(f) = owner_field {
