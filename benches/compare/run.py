@@ -57,12 +57,17 @@ NATIVE_LIBMONGOCRYPT_W1 = {"documents_per_second": 127.0, "version": "1.18.2", "
 
 
 def pinned() -> dict[str, str]:
-    """The `name==version` pins of requirements.txt."""
+    """The `name==version` pins of requirements.txt (each peer is pinned exactly; a line with any
+    other specifier is refused rather than left unchecked)."""
     pins = {}
     for line in (HERE / "requirements.txt").read_text().splitlines():
-        name, sep, version = line.split("#")[0].strip().partition("==")
-        if sep:
-            pins[name.strip().lower()] = version.strip()
+        req = line.split("#")[0].strip()
+        if not req:
+            continue
+        name, sep, version = req.partition("==")
+        if not sep or any(c in req for c in "<>~!;[ "):
+            sys.exit(f"benches/compare/requirements.txt: pin every peer as name==version: {req!r}")
+        pins[name.strip().lower()] = version.strip()
     return pins
 
 
@@ -83,34 +88,58 @@ print("; ".join(bad))
 sys.exit(1 if bad else 0)
 """
 
+# Set when this script re-runs itself in a virtualenv it has just set up: if the peers are
+# still not the pinned versions there, it stops instead of setting up again.
+SET_UP = "FIELDCRYPT_COMPARE_VENV_SET_UP"
+
+
+def pins_differ(python: str, pins: str) -> str | None:
+    """None when `python` has every pin; otherwise what differs."""
+    check = subprocess.run([python, "-c", CHECK_PINS, pins], capture_output=True, text=True)
+    if check.returncode == 0:
+        return None
+    return check.stdout.strip() or check.stderr.strip() or f"exit status {check.returncode}"
+
 
 def ensure_peers(args) -> None:
     """Re-runs this script inside a virtualenv whose peers are the versions requirements.txt
-    pins, creating or updating target/compare-venv if none is: a peer of another version (the
-    dev server's environment installs cryptography unpinned) would be measured as if it were the
-    pinned one (cryptography 51's Fernet is 2.6-6x its 50's)."""
+    pins: a peer of another version (the dev server's environment installs cryptography
+    unpinned) would be measured as if it were the pinned one (cryptography 51's Fernet is
+    2.6-6x its 50's). With --venv, that environment only, set up or updated if it differs;
+    otherwise this interpreter, target/compare-venv or the dev server's environment, and
+    target/compare-venv set up or updated if none has the pins."""
     pins = json.dumps(pinned())
-    here = subprocess.run([sys.executable, "-c", CHECK_PINS, pins], capture_output=True, text=True)
-    if here.returncode == 0:
+    differs = pins_differ(sys.executable, pins)
+    here = not args.venv or Path(sys.prefix).resolve() == Path(args.venv).resolve()
+    if differs is None and here:
         return
-    candidates = [Path(args.venv)] if args.venv else []
-    candidates += [REPO / "target/compare-venv", REPO / "target/fieldcrypt-devserver/venv"]
+    if os.environ.get(SET_UP):
+        sys.exit(f"{sys.executable}: the peers are still not the pinned versions after "
+                 f"pip install -r benches/compare/requirements.txt: {differs}")
+    if args.venv:
+        candidates = [Path(args.venv)]
+    else:
+        print(f"not using {sys.executable}: {differs}", file=sys.stderr)
+        candidates = [REPO / "target/compare-venv", REPO / "target/fieldcrypt-devserver/venv"]
     for venv in candidates:
         py = venv / "bin/python"
         if py.exists():
-            check = subprocess.run([str(py), "-c", CHECK_PINS, pins], capture_output=True,
-                                   text=True)
-            if check.returncode == 0:
+            differs = pins_differ(str(py), pins)
+            if differs is None:
                 os.execv(str(py), [str(py), *sys.argv])
-            print(f"not using {venv}: {check.stdout.strip()}", file=sys.stderr)
+            print(f"not using {venv}: {differs}", file=sys.stderr)
     venv = candidates[0]
+    py = venv / "bin/python"
     print(f"setting up {venv} (pip install -r benches/compare/requirements.txt)", file=sys.stderr)
-    if not (venv / "bin/python").exists():
+    if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    if subprocess.run([str(py), "-m", "pip", "--version"], capture_output=True).returncode != 0:
+        sys.exit(f"{venv} has no pip: remove it, or give another --venv")
     subprocess.run(
-        [str(venv / "bin/pip"), "install", "-q", "-r", str(HERE / "requirements.txt")], check=True
+        [str(py), "-m", "pip", "install", "-q", "-r", str(HERE / "requirements.txt")], check=True
     )
-    os.execv(str(venv / "bin/python"), [str(venv / "bin/python"), *sys.argv])
+    os.environ[SET_UP] = "1"
+    os.execv(str(py), [str(py), *sys.argv])
 
 
 # The CPU features the AEAD code paths are chosen by, recorded with every run.
