@@ -74,7 +74,7 @@ forward_keyring!(Arc<K>, &K);
 
 /// The keyring's maps hash with foldhash (seeded per process) rather than SipHash: a lookup
 /// runs once per document encrypted or decrypted, and SipHash was most of its cost (see
-/// docs/BENCHMARKS.md, "Profile").
+/// docs/BENCHMARKS.md, "Round two (Zen 5): what was cut, and what each cut bought").
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Default)]

@@ -519,8 +519,8 @@ fn machine() -> Value {
 
 /// The `aes` crate this workspace builds with: its `Cargo.lock` holds it at 0.9.2, whose x86
 /// backend is AES-NI (0.9.3 and 0.9.4 pick VAES-512 where AVX-512 is present, which is slower for
-/// field-sized values: docs/BENCHMARKS.md, "The `aes` crate's VAES backends"). Checked against the
-/// lock file by a test.
+/// field-sized values: docs/BENCHMARKS.md, "The `aes` crate's VAES/AVX-512 backends"). Checked
+/// against the lock file by a test.
 const AES_CRATE_VERSION: &str = "0.9.2";
 
 /// The backend `aes` 0.9.2 picks at run time on this CPU: AES-NI, else its software code.
