@@ -129,13 +129,14 @@ fn put_bytes(ad: &mut Vec<u8>, b: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A parsed (not yet authenticated) envelope, borrowing its bytes.
+/// A parsed (not yet authenticated) envelope, borrowing its bytes. The flags and the BSON type
+/// are read from the header where the input holds them, not kept as copies: a copy stored by
+/// `parse` byte by byte and read back with a wider load waits for those stores to reach the
+/// cache (a stalled store-forward per value opened; docs/BENCHMARKS.md, "Store forwarding").
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Envelope<'a> {
     pub header: &'a [u8; HEADER_LEN],
     pub suite: Suite,
-    pub flags: u8,
-    pub bson_type: u8,
     pub key_id: KeyId,
     pub nonce: &'a [u8],
     pub ciphertext: &'a [u8],
@@ -154,12 +155,10 @@ impl<'a> Envelope<'a> {
             return Err(Error::MalformedCiphertext("unsupported envelope version"));
         }
         let suite = Suite::from_id(header[1])?;
-        let flags = header[2];
-        if flags & !flags::ALL != 0 {
+        if header[2] & !flags::ALL != 0 {
             return Err(Error::MalformedCiphertext("unknown envelope flags"));
         }
-        let bson_type = header[3];
-        if !rawbson::is_value_type(bson_type) {
+        if !rawbson::is_value_type(header[3]) {
             return Err(Error::MalformedCiphertext("invalid BSON type in envelope"));
         }
         let mut id = [0; 16];
@@ -174,8 +173,6 @@ impl<'a> Envelope<'a> {
         Ok(Envelope {
             header,
             suite,
-            flags,
-            bson_type,
             key_id,
             nonce,
             ciphertext,
@@ -219,7 +216,7 @@ impl<'a> Envelope<'a> {
             return Err(e);
         }
         let mut end = out.len();
-        if self.flags & flags::PADDED != 0 {
+        if self.flags() & flags::PADDED != 0 {
             match unpad(&out[start..]) {
                 Some(len) => end = start + len,
                 None => {
@@ -232,14 +229,24 @@ impl<'a> Envelope<'a> {
             }
         }
         out.truncate(end);
-        if !rawbson::value_is_well_formed(self.bson_type, &out[start..]) {
+        if !rawbson::value_is_well_formed(self.bson_type(), &out[start..]) {
             out[start..].zeroize();
             out.truncate(start);
             return Err(Error::MalformedCiphertext(
                 "decrypted value is not well-formed BSON for its type",
             ));
         }
-        Ok(self.bson_type)
+        Ok(self.bson_type())
+    }
+
+    /// The binding and padding flags ([`flags`]), checked by `parse`.
+    pub(crate) fn flags(&self) -> u8 {
+        self.header[2]
+    }
+
+    /// The BSON type of the sealed value, checked by `parse`.
+    pub(crate) fn bson_type(&self) -> u8 {
+        self.header[3]
     }
 }
 

@@ -508,16 +508,15 @@ impl Cryptor {
         let bytes = value.bytes.as_slice();
         match u8::from(value.subtype) {
             ENVELOPE_SUBTYPE => {
-                // The envelope is read where `parse` wrote it, and its flags byte where the
-                // input holds it: moving the envelope out of the `Result`, or reading
-                // `env.flags` back, loaded bytes just stored narrower with one wider load,
-                // which waits for those stores (a stalled store-forward per value).
+                // Read where `parse` wrote it: moving the envelope out of the `Result` loaded
+                // bytes just stored narrower with wider loads, which wait for those stores (a
+                // stalled store-forward per value; see `Envelope`).
                 let parsed = Envelope::parse(bytes);
                 let env = match parsed {
                     Ok(ref env) => env,
                     Err(e) => return Err(e),
                 };
-                let flags = env.header[2];
+                let flags = env.flags();
                 check_minimum_bindings(self, ctx, path.as_bytes(), flags)?;
                 // Encoded only when the envelope binds them. As in a document walk, the owner
                 // counts only where there is an owner field.
@@ -1138,13 +1137,13 @@ impl<'c> Walker<'c> {
 
     /// Opens the envelope `payload` of the element `name`, whose path is `path`.
     fn open(&mut self, name: &[u8], path: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Result<()> {
-        // Read in place, the flags from the input, as in `Cryptor::decrypt_value`.
+        // Read in place, as in `Cryptor::decrypt_value`.
         let parsed = Envelope::parse(payload);
         let env = match parsed {
             Ok(ref env) => env,
             Err(e) => return Err(e),
         };
-        let flags = env.header[2];
+        let flags = env.flags();
         check_minimum_bindings(self.cryptor, self.ctx, path, flags)?;
         let key = Self::key_by_id(&mut self.last_key, &*self.cryptor.keyring, env.key_id)?;
         if flags & (envelope::flags::ID | envelope::flags::OWNER) != 0 {

@@ -315,13 +315,13 @@ impl<'a> Inspector<'a> {
                 if env.suite != enc.suite {
                     out.suite = true;
                 }
-                let want = |flag: u8, on: bool| (env.flags & flag != 0) != on;
+                let want = |flag: u8, on: bool| (env.flags() & flag != 0) != on;
                 if want(flags::ID, rule.field.bind_id)
                     || want(flags::PADDED, rule.field.pad_to.is_some())
                     || want(flags::NAMESPACE, self.ctx.namespace.is_some())
                     || want(flags::OWNER, self.schema.owner_field().is_some())
                     // An array sealed whole where each element should be sealed alone.
-                    || (each == Each::WholeField && env.bson_type == ty::ARRAY)
+                    || (each == Each::WholeField && env.bson_type() == ty::ARRAY)
                 {
                     out.mode = true;
                 }
