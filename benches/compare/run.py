@@ -65,9 +65,9 @@ def pinned() -> dict[str, str]:
         if not req:
             continue
         name, sep, version = req.partition("==")
-        if not sep or any(c in req for c in "<>~!;[ "):
+        if not sep or any(c in req for c in "<>~!;[ ") or "=" in version:
             sys.exit(f"benches/compare/requirements.txt: pin every peer as name==version: {req!r}")
-        pins[name.strip().lower()] = version.strip()
+        pins[name.lower()] = version
     return pins
 
 
